@@ -1,0 +1,1 @@
+//! Sharded, memory-mapped image datasets and the SwAV multi-crop loader.

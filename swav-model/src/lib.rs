@@ -1,0 +1,1 @@
+//! ResNet family, SwAV projection head and prototypes, safetensors checkpoints with torchvision names.

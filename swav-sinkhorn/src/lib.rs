@@ -1,0 +1,1 @@
+//! Standalone Sinkhorn-Knopp for SwAV cluster assignment, on CPU and CUDA.

@@ -1,0 +1,1 @@
+//! SwAV training loop, loss, queue, LARS, checkpoints and evaluation.

@@ -1,0 +1,48 @@
+//! `cargo xtask`: the swav-rs command line. Each subcommand lives in its own module, parses its
+//! arguments, calls the library crates and prints; no training or data logic lives here.
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod preprocess;
+mod verify_reference;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", version, about = "SwAV self-supervised training, from image folders to ONNX")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Turn an image folder or IDX files into a sharded, checksummed dataset.
+    Preprocess(preprocess::Args),
+    /// Check the numerics against PyTorch reference cases (safetensors files).
+    VerifyReference(verify_reference::Args),
+    /// Benchmarks: data loading, training step, Sinkhorn.
+    Bench(bench::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Preprocess(args) => preprocess::run(args),
+        Command::VerifyReference(args) => verify_reference::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+}
