@@ -1,1 +1,28 @@
-//! The swav-rs compute engine: devices, tensors and neural-network ops with forward and backward.
+//! swav-tensor: the compute engine of swav-rs.
+//!
+//! A [`Device`], a [`Tensor`] (shape + storage) and explicit ops, each with a forward and a backward
+//! function in its own module (`ops/conv.rs`, `ops/batchnorm.rs`, ...), in the style of llm.c: there is
+//! no tape; the caller keeps what a backward needs and calls it in reverse order.
+//!
+//! Conventions that hold for every op:
+//! - 4-D activations are NHWC (`[batch, height, width, channels]`), the layout tensor cores want;
+//!   2-D activations are `[rows, features]`. Convolution weights are OHWI (`[out, kh, kw, in]`);
+//!   checkpoints keep torchvision's OIHW and convert at load/save (see `swav-model`).
+//! - Activation gradients are returned as new tensors; parameter gradients are ACCUMULATED (`+=`) into
+//!   the gradient tensors the caller passes, so a parameter used twice (one backbone run per crop
+//!   resolution) sums its gradients naturally.
+//! - Reductions are computed in fixed-size chunks combined in a fixed order, so results do not depend
+//!   on thread scheduling: the same inputs give bit-identical outputs run after run.
+
+pub mod device;
+pub mod error;
+pub mod matmul;
+pub mod ops;
+mod parallel;
+pub mod tensor;
+
+pub use device::Device;
+pub use error::TensorError;
+pub use tensor::Tensor;
+
+pub type Result<T, E = TensorError> = std::result::Result<T, E>;

@@ -1,0 +1,165 @@
+//! Matrix multiplication on the CPU through the `gemm` crate, behind safe strided views.
+//!
+//! `matmul(c, a, b, accumulate)` computes `c = a b` (or `c += a b`). Views carry row and column
+//! strides, so transposes are free (`.t()`): a weight stored `[out, in]` is used as `[in, out]` without
+//! a copy. Bounds are checked once per call, which makes the unsafe call into `gemm` sound.
+
+use gemm::Parallelism;
+
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    rs: isize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A dense row-major `rows x cols` matrix.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols as isize, 1)
+    }
+
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: isize, cs: isize) -> Self {
+        let view = MatRef { data, rows, cols, rs, cs };
+        assert!(view.fits(), "matrix view {rows}x{cols} (strides {rs},{cs}) exceeds its buffer of {}", data.len());
+        view
+    }
+
+    /// The transposed view.
+    pub fn t(self) -> Self {
+        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+
+    fn fits(&self) -> bool {
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        self.rs >= 0
+            && self.cs >= 0
+            && (self.rows - 1) * (self.rs as usize) + (self.cols - 1) * (self.cs as usize) < self.data.len()
+    }
+}
+
+impl<'a> MatMut<'a> {
+    /// A row-major `rows x cols` destination whose rows are `rs` values apart (`rs >= cols`).
+    pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        assert!(rs >= cols, "row stride {rs} shorter than the row {cols}");
+        assert!(rows == 0 || cols == 0 || (rows - 1) * rs + cols <= data.len(), "destination {rows}x{cols} exceeds its buffer");
+        MatMut { data, rows, cols, rs: rs as isize }
+    }
+
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols)
+    }
+}
+
+/// Whether a product is worth spreading over the thread pool (inside parallel loops, use `Serial`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    Serial,
+    Pool,
+}
+
+/// `c = a b`, or `c += a b` when `accumulate`.
+pub fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, threads: Threads) {
+    assert_eq!(a.rows, c.rows, "matmul: rows of a and c");
+    assert_eq!(b.cols, c.cols, "matmul: cols of b and c");
+    assert_eq!(a.cols, b.rows, "matmul: inner dimensions");
+    let (m, n, k) = (c.rows, c.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                let start = r * c.rs as usize;
+                c.data[start..start + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let parallelism = match threads {
+        Threads::Pool if m * n * k >= 1 << 18 => Parallelism::Rayon(rayon::current_num_threads()),
+        _ => Parallelism::None,
+    };
+    // SAFETY: the constructors checked that every index reached through the strides lies inside the
+    // borrowed buffers; `c` is borrowed mutably and cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.data.as_mut_ptr(),
+            1,
+            c.rs,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs,
+            a.rs,
+            b.data.as_ptr(),
+            b.cs,
+            b.rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum::<f64>() as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matches_naive_product_with_transposes_and_accumulation() {
+        let (m, n, k) = (37, 19, 53);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
+        let want = naive(&a, &b, m, n, k);
+        let mut c = vec![0.0; m * n];
+        matmul(MatMut::new(&mut c, m, n), MatRef::new(&a, m, k), MatRef::new(&b, k, n), false, Threads::Pool);
+        for (x, y) in c.iter().zip(&want) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+        // b stored transposed ([n, k]) and used through .t(); accumulate doubles the result.
+        let mut bt = vec![0.0; n * k];
+        for p in 0..k {
+            for j in 0..n {
+                bt[j * k + p] = b[p * n + j];
+            }
+        }
+        matmul(MatMut::new(&mut c, m, n), MatRef::new(&a, m, k), MatRef::new(&bt, n, k).t(), true, Threads::Serial);
+        for (x, y) in c.iter().zip(&want) {
+            assert!((x - 2.0 * y).abs() < 2e-4, "{x} vs {}", 2.0 * y);
+        }
+    }
+
+    #[test]
+    #[should_panic]
+    fn rejects_views_larger_than_their_buffer() {
+        let a = vec![0.0; 10];
+        let _ = MatRef::new(&a, 3, 4);
+    }
+}

@@ -1,0 +1,295 @@
+//! 2-D convolution without bias: NHWC input `[n, h, w, cin]`, OHWI weight `[cout, kh, kw, cin]`,
+//! NHWC output `[n, oh, ow, cout]`, `oh = (h + 2 pad - kh) / stride + 1`.
+//!
+//! CPU strategy: every pass is a GEMM over tiles of pixels, with the tile's im2col (or gather) matrix
+//! built in a per-thread scratch buffer that stays in cache; tiles run in parallel, each GEMM serially.
+//! - forward:   y[tile]   = col(x)[tile] (m x kh*kw*cin) . w^T
+//! - weight:    dw       += dy[tile]^T . col(x)[tile], partial sums per fixed chunk of rows, added in
+//!              chunk order (deterministic whatever the thread count)
+//! - data:      dx[pixel] = sum over the taps that reach it of dy[tap's output pixel] . w[tap].
+//!   With stride s the input pixels split into s*s classes by `(i + pad) mod s`; in a class every pixel
+//!   is reached by the same taps, so each class is one dense GEMM with no multiplications by zero
+//!   (stride 1: one class, all taps; a 1x1 stride-2 conv: one class with one tap, three with none).
+//! 1x1 stride-1 convolutions need no im2col: they are a single GEMM on the activations.
+
+use rayon::prelude::*;
+
+use super::scratch::{with_scratch, SharedMut};
+use crate::error::shape_err;
+use crate::matmul::{matmul, MatMut, MatRef, Threads};
+use crate::{Result, Tensor};
+
+/// Sizes of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvGeom {
+    pub fn new(x_shape: &[usize], w_shape: &[usize], stride: usize, pad: usize) -> Result<ConvGeom> {
+        let (&[n, h, w, cin], &[cout, kh, kw, wcin]) = (x_shape, w_shape) else {
+            return Err(shape_err("conv2d", format!("input {x_shape:?} must be NHWC and weight {w_shape:?} OHWI")));
+        };
+        if cin != wcin {
+            return Err(shape_err("conv2d", format!("input has {cin} channels, weight expects {wcin}")));
+        }
+        if stride == 0 || h + 2 * pad < kh || w + 2 * pad < kw {
+            return Err(shape_err("conv2d", format!("kernel {kh}x{kw} stride {stride} pad {pad} on a {h}x{w} input")));
+        }
+        let oh = (h + 2 * pad - kh) / stride + 1;
+        let ow = (w + 2 * pad - kw) / stride + 1;
+        Ok(ConvGeom { n, h, w, cin, cout, kh, kw, stride, pad, oh, ow })
+    }
+
+    /// Columns of the im2col matrix.
+    pub fn k(&self) -> usize {
+        self.kh * self.kw * self.cin
+    }
+
+    pub fn out_pixels(&self) -> usize {
+        self.n * self.oh * self.ow
+    }
+
+    pub fn out_shape(&self) -> [usize; 4] {
+        [self.n, self.oh, self.ow, self.cout]
+    }
+
+    /// Multiply-accumulates of the forward pass.
+    pub fn macs(&self) -> usize {
+        self.out_pixels() * self.k() * self.cout
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+}
+
+/// Rows of a tile whose im2col matrix is `k` wide: large enough to amortise packing the weights in
+/// the GEMM, small enough to stay in cache.
+fn tile_rows(k: usize, total: usize) -> usize {
+    let rows = ((1usize << 18) / k.max(1)).clamp(64, 1024);
+    // Keep enough tiles to feed every thread.
+    let per_thread = total.div_ceil(4 * rayon::current_num_threads()).max(16);
+    rows.min(per_thread)
+}
+
+pub fn conv2d_forward(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    let g = ConvGeom::new(x.shape(), weight.shape(), stride, pad)?;
+    let mut y = Tensor::zeros(&g.out_shape(), x.device());
+    let (xs, ws) = (x.as_slice(), weight.as_slice());
+    let (m_total, k) = (g.out_pixels(), g.k());
+    if g.is_pointwise() {
+        let out = MatMut::new(y.as_mut_slice(), m_total, g.cout);
+        matmul(out, MatRef::new(xs, m_total, k), MatRef::new(ws, g.cout, k).t(), false, Threads::Pool);
+        return Ok(y);
+    }
+    let tile = tile_rows(k, m_total);
+    y.as_mut_slice().par_chunks_mut(tile * g.cout).enumerate().for_each(|(t, out)| {
+        let rows = out.len() / g.cout;
+        with_scratch(rows * k, 0, |col, _| {
+            im2col(xs, &g, t * tile, rows, col);
+            let out = MatMut::new(out, rows, g.cout);
+            matmul(out, MatRef::new(col, rows, k), MatRef::new(ws, g.cout, k).t(), false, Threads::Serial);
+        });
+    });
+    Ok(y)
+}
+
+/// Backward of [`conv2d_forward`]: accumulates the weight gradient into `dweight` and returns the
+/// input gradient when `want_dx` (the first layer of a network does not need it).
+pub fn conv2d_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    stride: usize,
+    pad: usize,
+    dweight: &mut Tensor,
+    want_dx: bool,
+) -> Result<Option<Tensor>> {
+    let g = ConvGeom::new(x.shape(), weight.shape(), stride, pad)?;
+    if dy.shape() != g.out_shape() {
+        return Err(shape_err("conv2d_backward", format!("dy {:?} but output is {:?}", dy.shape(), g.out_shape())));
+    }
+    weight.check_same_shape("conv2d_backward (dweight)", dweight)?;
+    weight_grad(x.as_slice(), dy.as_slice(), &g, dweight.as_mut_slice());
+    if !want_dx {
+        return Ok(None);
+    }
+    let mut dx = Tensor::zeros(x.shape(), x.device());
+    if g.is_pointwise() {
+        let out = MatMut::new(dx.as_mut_slice(), g.out_pixels(), g.cin);
+        let w = MatRef::new(weight.as_slice(), g.cout, g.cin);
+        matmul(out, MatRef::new(dy.as_slice(), g.out_pixels(), g.cout), w, false, Threads::Pool);
+    } else {
+        data_grad(dy.as_slice(), weight.as_slice(), &g, dx.as_mut_slice());
+    }
+    Ok(Some(dx))
+}
+
+/// Rows `[r0, r0 + rows)` of the im2col matrix of `x`: row = output pixel, columns = (ky, kx, ci).
+fn im2col(x: &[f32], g: &ConvGeom, r0: usize, rows: usize, col: &mut [f32]) {
+    let k = g.k();
+    let run = g.kw * g.cin;
+    for i in 0..rows {
+        let r = r0 + i;
+        let (b, rem) = (r / (g.oh * g.ow), r % (g.oh * g.ow));
+        let (oy, ox) = (rem / g.ow, rem % g.ow);
+        let dst = &mut col[i * k..(i + 1) * k];
+        // Valid kx form one contiguous run of input pixels in the row: copy it in one piece.
+        let ix0 = (ox * g.stride) as isize - g.pad as isize;
+        let kx_lo = (-ix0).max(0) as usize;
+        let kx_hi = ((g.w as isize - ix0).max(0) as usize).min(g.kw);
+        for ky in 0..g.kh {
+            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+            let seg = &mut dst[ky * run..(ky + 1) * run];
+            if iy < 0 || iy >= g.h as isize || kx_lo >= kx_hi {
+                seg.fill(0.0);
+                continue;
+            }
+            seg[..kx_lo * g.cin].fill(0.0);
+            seg[kx_hi * g.cin..].fill(0.0);
+            let src = ((b * g.h + iy as usize) * g.w + (ix0 + kx_lo as isize) as usize) * g.cin;
+            seg[kx_lo * g.cin..kx_hi * g.cin].copy_from_slice(&x[src..src + (kx_hi - kx_lo) * g.cin]);
+        }
+    }
+}
+
+fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
+    let (m_total, k) = (g.out_pixels(), g.k());
+    // Fixed chunking (independent of the thread count) keeps the sum order, and so the bits, stable.
+    let chunks = (m_total / 512).clamp(1, 8);
+    let chunk = m_total.div_ceil(chunks);
+    let tile = tile_rows(k, chunk);
+    let partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = vec![0.0f32; g.cout * k];
+            let (start, end) = (c * chunk, ((c + 1) * chunk).min(m_total));
+            let mut r = start;
+            while r < end {
+                let rows = tile.min(end - r);
+                let dyt = MatRef::new(&dy[r * g.cout..(r + rows) * g.cout], rows, g.cout).t();
+                if g.is_pointwise() {
+                    let xt = MatRef::new(&x[r * k..(r + rows) * k], rows, k);
+                    matmul(MatMut::new(&mut acc, g.cout, k), dyt, xt, true, Threads::Serial);
+                } else {
+                    with_scratch(rows * k, 0, |col, _| {
+                        im2col(x, g, r, rows, col);
+                        matmul(MatMut::new(&mut acc, g.cout, k), dyt, MatRef::new(col, rows, k), true, Threads::Serial);
+                    });
+                }
+                r += rows;
+            }
+            acc
+        })
+        .collect();
+    for p in partials {
+        for (d, v) in dw.iter_mut().zip(p) {
+            *d += v;
+        }
+    }
+}
+
+/// One class of input pixels for the data gradient: the rows/columns `i` with `(i + pad) % s == c`,
+/// and the kernel taps `k % s == c` that reach them (x taps in decreasing order, so that the output
+/// pixels they read are consecutive in memory).
+struct Class {
+    ys: Vec<usize>,
+    xs: Vec<usize>,
+    kys: Vec<usize>,
+    kxs: Vec<usize>,
+}
+
+fn data_grad(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+    let s = g.stride;
+    let dx_ptr = SharedMut(dx.as_mut_ptr());
+    for cy in 0..s {
+        for cx in 0..s {
+            let class = Class {
+                ys: (0..g.h).filter(|i| (i + g.pad) % s == cy).collect(),
+                xs: (0..g.w).filter(|i| (i + g.pad) % s == cx).collect(),
+                kys: (0..g.kh).filter(|k| k % s == cy).collect(),
+                kxs: (0..g.kw).rev().filter(|k| k % s == cx).collect(),
+            };
+            if class.ys.is_empty() || class.xs.is_empty() || class.kys.is_empty() || class.kxs.is_empty() {
+                continue; // no tap reaches these pixels: their gradient stays zero
+            }
+            data_grad_class(dy, w, g, &class, dx_ptr);
+        }
+    }
+}
+
+fn data_grad_class(dy: &[f32], w: &[f32], g: &ConvGeom, c: &Class, dx: SharedMut) {
+    let kc = c.kys.len() * c.kxs.len() * g.cout;
+    // The class's weight matrix, rows (tap, co), columns ci.
+    let mut wc = Vec::with_capacity(kc * g.cin);
+    for &ky in &c.kys {
+        for &kx in &c.kxs {
+            for co in 0..g.cout {
+                let src = ((co * g.kh + ky) * g.kw + kx) * g.cin;
+                wc.extend_from_slice(&w[src..src + g.cin]);
+            }
+        }
+    }
+    let per_image = c.ys.len() * c.xs.len();
+    let pixels = g.n * per_image;
+    let tile = tile_rows(kc, pixels);
+    let tiles = pixels.div_ceil(tile);
+    (0..tiles).into_par_iter().for_each(|t| {
+        let p0 = t * tile;
+        let rows = tile.min(pixels - p0);
+        with_scratch(rows * kc, rows * g.cin, |gather, out| {
+            for i in 0..rows {
+                gather_row(dy, g, c, p0 + i, &mut gather[i * kc..(i + 1) * kc]);
+            }
+            matmul(MatMut::new(out, rows, g.cin), MatRef::new(gather, rows, kc), MatRef::new(&wc, kc, g.cin), false, Threads::Serial);
+            for i in 0..rows {
+                let p = p0 + i;
+                let (b, rem) = (p / per_image, p % per_image);
+                let (iy, ix) = (c.ys[rem / c.xs.len()], c.xs[rem % c.xs.len()]);
+                let dst = ((b * g.h + iy) * g.w + ix) * g.cin;
+                // SAFETY: every input pixel belongs to exactly one class and one tile, so no two
+                // writers touch the same `cin` values, and `dst + cin <= dx.len()` by construction.
+                unsafe { std::ptr::copy_nonoverlapping(out[i * g.cin..].as_ptr(), dx.get().add(dst), g.cin) };
+            }
+        });
+    });
+}
+
+/// The gather row of input pixel `p` of a class: for each tap, the `cout` gradients of the output
+/// pixel that tap connects it to (zeros where that output pixel does not exist).
+fn gather_row(dy: &[f32], g: &ConvGeom, c: &Class, p: usize, row: &mut [f32]) {
+    let per_image = c.ys.len() * c.xs.len();
+    let (b, rem) = (p / per_image, p % per_image);
+    let (iy, ix) = (c.ys[rem / c.xs.len()], c.xs[rem % c.xs.len()]);
+    let run = c.kxs.len() * g.cout;
+    // Taps are ordered by decreasing kx, so output columns increase by one along the run.
+    let ox_first = (ix + g.pad) as isize - c.kxs[0] as isize; // numerator for the largest kx
+    let ox0 = ox_first.div_euclid(g.stride as isize);
+    // For tap j the output column is ox0 + j (exact division: the class guarantees divisibility).
+    let j_lo = (-ox0).max(0) as usize;
+    let j_hi = ((g.ow as isize - ox0).max(0) as usize).min(c.kxs.len());
+    for (ty, &ky) in c.kys.iter().enumerate() {
+        let seg = &mut row[ty * run..(ty + 1) * run];
+        let num = (iy + g.pad) as isize - ky as isize;
+        let oy = num / g.stride as isize;
+        if num < 0 || oy >= g.oh as isize || j_lo >= j_hi {
+            seg.fill(0.0);
+            continue;
+        }
+        seg[..j_lo * g.cout].fill(0.0);
+        seg[j_hi * g.cout..].fill(0.0);
+        let src = ((b * g.oh + oy as usize) * g.ow + (ox0 + j_lo as isize) as usize) * g.cout;
+        seg[j_lo * g.cout..j_hi * g.cout].copy_from_slice(&dy[src..src + (j_hi - j_lo) * g.cout]);
+    }
+}

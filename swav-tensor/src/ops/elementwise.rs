@@ -1,0 +1,40 @@
+//! Elementwise ops: ReLU and the residual add. In the ResNets both are fused into the batch norm
+//! that precedes them (see `batchnorm.rs`); these standalone forms serve other networks and tests.
+
+use rayon::prelude::*;
+
+use crate::{Result, Tensor};
+
+const CHUNK: usize = 1 << 15;
+
+pub fn relu_forward(x: &Tensor) -> Tensor {
+    let mut y = x.clone();
+    y.as_mut_slice().par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+    y
+}
+
+/// `dx = dy * [y > 0]`, where `y` is the forward's output.
+pub fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    y.check_same_shape("relu_backward", dy)?;
+    let mut dx = dy.clone();
+    dx.as_mut_slice().par_chunks_mut(CHUNK).zip(y.as_slice().par_chunks(CHUNK)).for_each(|(d, y)| {
+        for (d, &y) in d.iter_mut().zip(y) {
+            if y <= 0.0 {
+                *d = 0.0;
+            }
+        }
+    });
+    Ok(dx)
+}
+
+/// `a + b`; its backward passes `dy` to both inputs unchanged.
+pub fn add_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.check_same_shape("add", b)?;
+    let mut y = a.clone();
+    y.as_mut_slice().par_chunks_mut(CHUNK).zip(b.as_slice().par_chunks(CHUNK)).for_each(|(y, b)| {
+        for (y, &b) in y.iter_mut().zip(b) {
+            *y += b;
+        }
+    });
+    Ok(y)
+}

@@ -1,0 +1,141 @@
+//! Pooling on NHWC tensors: max-pool (any window and stride; padding never wins, as in PyTorch) and
+//! global average pooling `[n, h, w, c] -> [n, c]`.
+//!
+//! The max-pool forward records, for each output value, the flat input index of its maximum (the
+//! first one in window order on ties, as PyTorch); the backward adds each gradient there. Images are
+//! independent, so both run in parallel over the batch.
+
+use rayon::prelude::*;
+
+use crate::error::shape_err;
+use crate::{Result, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolGeom {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl PoolGeom {
+    pub fn new(x_shape: &[usize], k: usize, stride: usize, pad: usize) -> Result<PoolGeom> {
+        let &[n, h, w, c] = x_shape else {
+            return Err(shape_err("max_pool", format!("input {x_shape:?} must be NHWC")));
+        };
+        if stride == 0 || k == 0 || 2 * pad > k || h + 2 * pad < k || w + 2 * pad < k {
+            return Err(shape_err("max_pool", format!("window {k} stride {stride} pad {pad} on {h}x{w}")));
+        }
+        let oh = (h + 2 * pad - k) / stride + 1;
+        let ow = (w + 2 * pad - k) / stride + 1;
+        Ok(PoolGeom { n, h, w, c, k, stride, pad, oh, ow })
+    }
+}
+
+/// Returns the pooled tensor and the argmax indices (into the input) for the backward.
+pub fn max_pool_forward(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<(Tensor, Vec<u32>)> {
+    let g = PoolGeom::new(x.shape(), k, stride, pad)?;
+    if x.len() > u32::MAX as usize {
+        return Err(shape_err("max_pool", "input larger than 2^32 values"));
+    }
+    let mut y = Tensor::zeros(&[g.n, g.oh, g.ow, g.c], x.device());
+    let mut idx = vec![0u32; y.len()];
+    let xs = x.as_slice();
+    let per_out = g.oh * g.ow * g.c;
+    y.as_mut_slice().par_chunks_mut(per_out).zip(idx.par_chunks_mut(per_out)).enumerate().for_each(|(b, (yo, io))| {
+        yo.fill(f32::NEG_INFINITY);
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let o = (oy * g.ow + ox) * g.c;
+                for ky in 0..g.k {
+                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    for kx in 0..g.k {
+                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                        if ix < 0 || ix >= g.w as isize {
+                            continue;
+                        }
+                        let src = ((b * g.h + iy as usize) * g.w + ix as usize) * g.c;
+                        for ch in 0..g.c {
+                            let v = xs[src + ch];
+                            // `>` keeps the first maximum; NaN propagates like PyTorch's max-pool.
+                            if v > yo[o + ch] || v.is_nan() {
+                                yo[o + ch] = v;
+                                io[o + ch] = (src + ch) as u32;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok((y, idx))
+}
+
+pub fn max_pool_backward(x_shape: &[usize], idx: &[u32], dy: &Tensor) -> Result<Tensor> {
+    if idx.len() != dy.len() {
+        return Err(shape_err("max_pool_backward", format!("{} indices for {} gradients", idx.len(), dy.len())));
+    }
+    let n = x_shape[0];
+    let mut dx = Tensor::zeros(x_shape, dy.device());
+    let per_in = dx.len() / n.max(1);
+    let per_out = dy.len() / n.max(1);
+    let dys = dy.as_slice();
+    dx.as_mut_slice().par_chunks_mut(per_in).enumerate().for_each(|(b, dxb)| {
+        let base = b * per_in;
+        for o in b * per_out..(b + 1) * per_out {
+            dxb[idx[o] as usize - base] += dys[o];
+        }
+    });
+    Ok(dx)
+}
+
+/// `[n, h, w, c] -> [n, c]`, the mean over the pixels of each image.
+pub fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
+    let &[n, h, w, c] = x.shape() else {
+        return Err(shape_err("global_avg_pool", format!("input {:?} must be NHWC", x.shape())));
+    };
+    let mut y = Tensor::zeros(&[n, c], x.device());
+    let xs = x.as_slice();
+    let inv = 1.0 / (h * w) as f32;
+    y.as_mut_slice().par_chunks_mut(c.max(1)).enumerate().for_each(|(b, yb)| {
+        let mut acc = vec![0.0f64; c];
+        for px in xs[b * h * w * c..(b + 1) * h * w * c].chunks_exact(c) {
+            for (a, &v) in acc.iter_mut().zip(px) {
+                *a += v as f64;
+            }
+        }
+        for (o, a) in yb.iter_mut().zip(acc) {
+            *o = a as f32 * inv;
+        }
+    });
+    Ok(y)
+}
+
+pub fn global_avg_pool_backward(x_shape: &[usize], dy: &Tensor) -> Result<Tensor> {
+    let &[n, h, w, c] = x_shape else {
+        return Err(shape_err("global_avg_pool_backward", format!("input shape {x_shape:?} must be NHWC")));
+    };
+    if dy.shape() != [n, c] {
+        return Err(shape_err("global_avg_pool_backward", format!("dy {:?} for input {x_shape:?}", dy.shape())));
+    }
+    let mut dx = Tensor::zeros(x_shape, dy.device());
+    let inv = 1.0 / (h * w) as f32;
+    let dys = dy.as_slice();
+    dx.as_mut_slice().par_chunks_mut((h * w * c).max(1)).enumerate().for_each(|(b, dxb)| {
+        let g = &dys[b * c..(b + 1) * c];
+        for px in dxb.chunks_exact_mut(c) {
+            for (d, &v) in px.iter_mut().zip(g) {
+                *d = v * inv;
+            }
+        }
+    });
+    Ok(dx)
+}
