@@ -1,1 +1,33 @@
 //! Sharded, memory-mapped image datasets and the SwAV multi-crop loader.
+//!
+//! - [`preprocess()`] turns an image folder or IDX files into a dataset directory: `manifest.json` plus
+//!   `shard-NNNNN.bin` files of checksummed records (see [`shard`](crate::shard) for the format).
+//! - [`Dataset`] opens one for random access (memory-mapped, every record verified when read).
+//! - [`MultiCropLoader`] produces SwAV training batches (crops grouped by resolution, crop-major, f32,
+//!   NHWC or NCHW) from a [`MultiCropConfig`]; [`EvalLoader`] produces evaluation batches.
+//!
+//! Grayscale images are stored with one channel; loaders output the dataset's channel count unless asked
+//! for 1 or 3 ([`LoaderConfig::channels`]).
+
+pub mod augment;
+mod codec;
+mod config;
+mod dataset;
+mod error;
+mod image;
+mod loader;
+mod manifest;
+pub mod preprocess;
+pub mod rng;
+pub mod shard;
+
+pub use augment::{CropBox, CropDecision, EvalTransform, GroupShape, Layout, MultiCropTransform};
+pub use codec::{Codec, RecordDecoder};
+pub use config::{AugmentConfig, CropGroup, EvalConfig, MultiCropConfig, IMAGENET_MEAN, IMAGENET_STD};
+pub use dataset::{Dataset, VerifyReport};
+pub use error::{DataError, Result};
+pub use image::{Image, ImageView};
+pub use loader::{epoch_order, Batch, CropTensor, Epoch, EvalLoader, LoaderConfig, MultiCropLoader};
+pub use manifest::{Manifest, Parameters, ShardEntry, Skipped, FORMAT_VERSION};
+pub use preprocess::{preprocess, PreprocessOptions, PreprocessReport, Progress};
+pub use rng::SampleRng;

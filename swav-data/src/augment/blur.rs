@@ -1,0 +1,118 @@
+//! Gaussian blur as PIL's `ImageFilter.GaussianBlur(radius)` computes it (the official SwAV pipeline draws
+//! `radius ~ U(0.1, 2.0)` and calls that filter): not a sampled Gaussian but three passes of an *extended
+//! box* filter per axis (Gwosdek et al. 2011, "Theoretical foundations of Gaussian convolution by extended
+//! box filtering"), edges replicated. The box of radius `r = l + a` has weight `1 / (2r + 1)` on the
+//! `2l + 1` central taps and `a / (2r + 1)` on the two taps at distance `l + 1`; `r` is chosen so that one
+//! pass has variance `radius^2 / 3`, hence three passes have variance `radius^2`. We compute in f32
+//! (PIL rounds to 8 bits after each pass).
+
+/// PIL's `_gaussian_blur_radius(radius, passes = 3)`: the extended box radius `l + a`.
+pub fn extended_box_radius(sigma: f32) -> f32 {
+    let sigma2 = sigma as f64 * sigma as f64 / 3.0;
+    let big_l = (12.0 * sigma2 + 1.0).sqrt();
+    let l = ((big_l - 1.0) / 2.0).floor();
+    let a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
+    (l + a) as f32
+}
+
+/// The taps of one extended-box pass: `(l, centre weight, edge weight)`.
+pub fn box_taps(radius: f32) -> (usize, f32, f32) {
+    let l = radius.floor().max(0.0) as usize;
+    let ww = 1.0 / (2.0 * radius + 1.0);
+    let fw = (1.0 - (2 * l + 1) as f32 * ww) / 2.0;
+    (l, ww, fw)
+}
+
+/// The 1-D kernel of three passes (length `2 * 3 * (l + 1) + 1`, centred), for tests and documentation.
+pub fn composed_kernel(sigma: f32) -> Vec<f64> {
+    let (l, ww, fw) = box_taps(extended_box_radius(sigma));
+    let mut one = vec![ww as f64; 2 * l + 3];
+    one[0] = fw as f64;
+    one[2 * l + 2] = fw as f64;
+    let mut k = vec![1.0f64];
+    for _ in 0..3 {
+        let mut next = vec![0.0; k.len() + one.len() - 1];
+        for (i, &a) in k.iter().enumerate() {
+            for (j, &b) in one.iter().enumerate() {
+                next[i + j] += a * b;
+            }
+        }
+        k = next;
+    }
+    k
+}
+
+/// Reusable buffers of the blur.
+#[derive(Default)]
+pub struct BlurScratch {
+    line: Vec<f32>,
+    plane: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+/// Blurs an f32 HWC image in place like PIL's `GaussianBlur(sigma)`.
+pub fn gaussian_blur(img: &mut [f32], height: usize, width: usize, channels: usize, sigma: f32, scratch: &mut BlurScratch) {
+    if sigma <= 0.0 || height == 0 || width == 0 {
+        return;
+    }
+    let (l, ww, fw) = box_taps(extended_box_radius(sigma));
+    let c = channels;
+    let row_len = width * c;
+    // Horizontal: three passes per row, ping-pong between the row and a line buffer.
+    scratch.line.resize(row_len, 0.0);
+    for row in img.chunks_exact_mut(row_len) {
+        box_line(row, &mut scratch.line, width, c, l, ww, fw);
+        box_line(&scratch.line, row, width, c, l, ww, fw);
+        box_line(row, &mut scratch.line, width, c, l, ww, fw);
+        row.copy_from_slice(&scratch.line);
+    }
+    // Vertical: three passes over whole rows with a running row sum (cache friendly).
+    scratch.plane.resize(img.len(), 0.0);
+    scratch.acc.resize(row_len, 0.0);
+    box_columns(img, &mut scratch.plane, &mut scratch.acc, height, row_len, l, ww, fw);
+    box_columns(&scratch.plane, img, &mut scratch.acc, height, row_len, l, ww, fw);
+    box_columns(img, &mut scratch.plane, &mut scratch.acc, height, row_len, l, ww, fw);
+    img.copy_from_slice(&scratch.plane);
+}
+
+/// One extended-box pass along a row of `width` pixels of `c` interleaved channels, edges replicated.
+fn box_line(src: &[f32], dst: &mut [f32], width: usize, c: usize, l: usize, ww: f32, fw: f32) {
+    let last = width as isize - 1;
+    let at = |p: isize, ch: usize| src[p.clamp(0, last) as usize * c + ch];
+    let l = l as isize;
+    for ch in 0..c {
+        let mut acc = 0.0f32;
+        for k in -l..=l {
+            acc += at(k, ch);
+        }
+        for x in 0..width as isize {
+            dst[x as usize * c + ch] = acc * ww + (at(x - l - 1, ch) + at(x + l + 1, ch)) * fw;
+            acc += at(x + l + 1, ch) - at(x - l, ch);
+        }
+    }
+}
+
+/// One extended-box pass along the columns (rows of `row_len` floats), edges replicated.
+#[allow(clippy::too_many_arguments)]
+fn box_columns(src: &[f32], dst: &mut [f32], acc: &mut [f32], height: usize, row_len: usize, l: usize, ww: f32, fw: f32) {
+    let last = height as isize - 1;
+    let row = |y: isize| &src[y.clamp(0, last) as usize * row_len..][..row_len];
+    let l = l as isize;
+    acc.fill(0.0);
+    for k in -l..=l {
+        for (a, &v) in acc.iter_mut().zip(row(k)) {
+            *a += v;
+        }
+    }
+    for y in 0..height as isize {
+        let (far0, far1) = (row(y - l - 1), row(y + l + 1));
+        let out = &mut dst[y as usize * row_len..][..row_len];
+        for i in 0..row_len {
+            out[i] = acc[i] * ww + (far0[i] + far1[i]) * fw;
+        }
+        let (add, sub) = (row(y + l + 1), row(y - l));
+        for i in 0..row_len {
+            acc[i] += add[i] - sub[i];
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! A preprocessed dataset opened for random access: the manifest, and every shard memory-mapped.
+//! Cheap to clone and to share between threads (an `Arc` inside).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::codec::RecordDecoder;
+use crate::error::{DataError, Result};
+use crate::image::Image;
+use crate::manifest::{Manifest, FORMAT_VERSION};
+use crate::shard::ShardReader;
+
+/// A dataset written by `preprocess`: `len()` images, optional labels, random access by index.
+#[derive(Clone)]
+pub struct Dataset {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    manifest: Manifest,
+    shards: Vec<ShardReader>,
+    /// `starts[s]` is the index of the first image of shard `s`; one extra entry holds the total.
+    starts: Vec<usize>,
+}
+
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataset")
+            .field("dir", &self.inner.dir)
+            .field("len", &self.len())
+            .field("classes", &self.inner.manifest.classes.len())
+            .finish()
+    }
+}
+
+/// What `Dataset::verify` checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub shards: usize,
+    pub images: usize,
+    pub bytes: u64,
+}
+
+impl Dataset {
+    /// Opens the dataset in `dir`: reads `manifest.json`, maps every shard and checks each shard's size,
+    /// footer and index checksum (records are checked each time they are read).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Dataset> {
+        let dir = dir.as_ref().to_path_buf();
+        let manifest_path = dir.join("manifest.json");
+        if !dir.is_dir() {
+            return Err(DataError::NotADataset { path: dir, reason: "no such directory".into() });
+        }
+        let text = match std::fs::read(&manifest_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DataError::NotADataset { path: dir, reason: "manifest.json is missing".into() })
+            }
+            Err(e) => return Err(DataError::io(manifest_path, e)),
+        };
+        // Look at the version first, so that a future format gives a clear message.
+        let version: Option<u32> = serde_json::from_slice::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("format_version").and_then(|v| v.as_u64()))
+            .map(|v| v as u32);
+        match version {
+            Some(FORMAT_VERSION) => {}
+            Some(found) => return Err(DataError::UnsupportedVersion { path: manifest_path, found, supported: FORMAT_VERSION }),
+            None => {
+                return Err(DataError::NotADataset { path: dir, reason: "manifest.json has no format_version".into() });
+            }
+        }
+        let manifest: Manifest = serde_json::from_slice(&text)
+            .map_err(|e| DataError::NotADataset { path: dir.clone(), reason: format!("manifest.json is invalid: {e}") })?;
+        let mut shards = Vec::with_capacity(manifest.shards.len());
+        let mut starts = vec![0usize];
+        for entry in &manifest.shards {
+            if entry.file.contains('/') || entry.file.contains('\\') || entry.file.starts_with('.') {
+                return Err(DataError::NotADataset { path: dir, reason: format!("bad shard file name `{}` in the manifest", entry.file) });
+            }
+            let reader = ShardReader::open(&dir.join(&entry.file), entry.bytes, entry.records)?;
+            starts.push(starts.last().copied().unwrap_or(0) + reader.records());
+            shards.push(reader);
+        }
+        let total = *starts.last().expect("starts is never empty");
+        if total != manifest.num_images {
+            return Err(DataError::NotADataset {
+                path: dir,
+                reason: format!("the shards hold {total} images but the manifest says {}", manifest.num_images),
+            });
+        }
+        Ok(Dataset { inner: Arc::new(Inner { dir, manifest, shards, starts }) })
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.inner.manifest.num_images
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Class names (empty for an unlabelled dataset); label `i` is `classes()[i]`.
+    pub fn classes(&self) -> &[String] {
+        &self.inner.manifest.classes
+    }
+
+    /// 3 if any image is RGB, 1 if all are grayscale.
+    pub fn channels(&self) -> u8 {
+        self.inner.manifest.channels
+    }
+
+    /// The manifest (parameters, statistics, skipped inputs).
+    pub fn manifest(&self) -> &Manifest {
+        &self.inner.manifest
+    }
+
+    /// The dataset directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    fn locate(&self, index: usize) -> Result<(usize, usize)> {
+        if index >= self.len() {
+            return Err(DataError::IndexOutOfRange { index, len: self.len() });
+        }
+        // The last start <= index.
+        let s = self.inner.starts.partition_point(|&start| start <= index) - 1;
+        Ok((s, index - self.inner.starts[s]))
+    }
+
+    /// The label of image `index` (from the shard index, no record read); `None` for unlabelled images
+    /// and for indices out of range.
+    pub fn label(&self, index: usize) -> Option<u32> {
+        let (s, r) = self.locate(index).ok()?;
+        self.inner.shards[s].label(r)
+    }
+
+    /// Decodes image `index`, verifying its checksum.
+    pub fn image(&self, index: usize) -> Result<Image> {
+        let mut out = Image::default();
+        self.read_into(index, &mut RecordDecoder::new(), &mut out)?;
+        Ok(out)
+    }
+
+    /// Decodes image `index` into `out`, reusing its pixel buffer and the decoder's state (the loader's
+    /// allocation-free path).
+    pub fn read_into(&self, index: usize, decoder: &mut RecordDecoder, out: &mut Image) -> Result<()> {
+        let (s, r) = self.locate(index)?;
+        let shard = &self.inner.shards[s];
+        let rec = shard.record(r, index)?;
+        decoder
+            .decode(rec.codec, rec.payload, rec.height, rec.width, rec.channels, out)
+            .map_err(|problem| DataError::CorruptRecord { shard: shard.path.clone(), record: r, index, problem })
+    }
+
+    /// Checks everything: each shard file's checksum against the manifest and every record's checksum
+    /// and payload. Reads the whole dataset.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        let mut bytes = 0;
+        for (entry, shard) in self.inner.manifest.shards.iter().zip(&self.inner.shards) {
+            let computed = format!("crc32:{:08x}", shard.file_crc32());
+            if computed != entry.checksum {
+                return Err(DataError::CorruptShard {
+                    shard: shard.path.clone(),
+                    problem: format!("file checksum mismatch (manifest {}, computed {computed})", entry.checksum),
+                });
+            }
+            bytes += entry.bytes;
+        }
+        let mut decoder = RecordDecoder::new();
+        let mut img = Image::default();
+        for i in 0..self.len() {
+            self.read_into(i, &mut decoder, &mut img)?;
+        }
+        Ok(VerifyReport { shards: self.inner.shards.len(), images: self.len(), bytes })
+    }
+}

@@ -1,0 +1,37 @@
+//! Decoded images: 8-bit pixels, height x width x channels (HWC), 1 (grayscale) or 3 (RGB) channels.
+
+/// An owned 8-bit image, pixels in HWC order (row after row, channels interleaved).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Image {
+    pub height: u32,
+    pub width: u32,
+    /// 1 (grayscale) or 3 (RGB).
+    pub channels: u8,
+    /// `height * width * channels` bytes.
+    pub pixels: Vec<u8>,
+}
+
+impl Image {
+    /// A borrowed view of this image.
+    pub fn view(&self) -> ImageView<'_> {
+        ImageView { height: self.height as usize, width: self.width as usize, channels: self.channels as usize, pixels: &self.pixels }
+    }
+
+    /// Builds an image, checking that the pixel count matches the shape.
+    pub fn new(height: u32, width: u32, channels: u8, pixels: Vec<u8>) -> Option<Image> {
+        let ok = (channels == 1 || channels == 3)
+            && height > 0
+            && width > 0
+            && pixels.len() as u64 == height as u64 * width as u64 * channels as u64;
+        ok.then_some(Image { height, width, channels, pixels })
+    }
+}
+
+/// A borrowed 8-bit HWC image.
+#[derive(Clone, Copy, Debug)]
+pub struct ImageView<'a> {
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+    pub pixels: &'a [u8],
+}
