@@ -2,6 +2,8 @@
 
 use clap::Subcommand;
 
+mod data;
+
 #[derive(clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -9,8 +11,13 @@ pub struct Args {
 }
 
 #[derive(Subcommand)]
-enum Bench {}
+enum Bench {
+    /// Multi-crop loader throughput (images/s), optionally beside the Python/torchvision baseline.
+    Data(data::Args),
+}
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    match args.what {}
+    match args.what {
+        Bench::Data(a) => data::run(a),
+    }
 }
