@@ -3,12 +3,14 @@
 //!
 //! * pass 0, `colstats`: per tile of `TILE_ROWS` rows, the column maximum and
 //!   `sum_rows exp((x - tile max) / eps)`; the tiles are combined (max, rescaled sums in f64).
-//! * passes 1..=iterations, `rows`: per row `a = x - m_k`, its maximum `A_b` (first pass only, stored),
-//!   `e = exp((a - A_b) / eps)`, `c_b = sum_k e u_k`; then either the tile's column sums `sum_b e v_b` with
-//!   `v_b = 1 / (B c_b)` (sweep), or the output row `q = e u / c_b` (last pass).
+//! * passes 1..=iterations, `rows`: per row `a = x - m_k`, its maximum `A_b` and
+//!   `e = exp((a - A_b) / eps)` (first pass), `c_b = sum_k e u_k`; then either the tile's column sums
+//!   `sum_b e v_b` with `v_b = 1 / (B c_b)` (sweep), or the output row `q = e u / c_b` (last pass).
 //!
-//! The matrix is never written until the output: scaling lives in the vectors `u` (from the column sums)
-//! and `v` (per row, used at once). Each pass reads the scores once; `exp` is recomputed rather than stored.
+//! Scaling lives in the vectors `u` (from the column sums) and `v` (per row, used at once); the matrix is
+//! never rescaled. One difference from the GPU, where memory is the bottleneck and `exp` is nearly free:
+//! here `exp` dominates, so the first row pass stores `e` in the output buffer and later passes read it
+//! back instead of recomputing it from the scores (same values, same reductions).
 //! Tiles have a fixed size, so the result is bit-identical whatever the number of threads.
 
 use crate::math::{clamp_scale, exp, not_finite, sanitize};
@@ -50,7 +52,7 @@ pub(crate) fn sinkhorn_into(
             .zip(part_sum.chunks_mut(k))
             .zip(bad.iter_mut())
             .collect();
-        parallel(threads, items, 0, |(((s, mx), sm), b), _| *b = !(kern.colstats)(s, k, p.inv_eps, mx, sm));
+        parallel(threads, items, |(((s, mx), sm), b)| *b = !(kern.colstats)(s, k, p.inv_eps, mx, sm));
     }
     // Combine the tiles: m_k = max over tiles, r_k = sum_j s_jk exp((M_jk - m_k) / eps). colmax[k] is the
     // "some score was not finite" flag, all-reduced (max) with the maxima so that every rank sees it.
@@ -84,22 +86,18 @@ pub(crate) fn sinkhorn_into(
         return Err(SinkhornError::NonFinite { this_rank: true });
     }
 
-    // Row passes.
-    let mut rowmax = vec![0f32; rows];
+    // Row passes. `q` holds e from the first pass on, and Q after the last.
     let mut u = vec![0f32; k];
     for pass in 1..=p.iterations {
         for (u, &r) in u.iter_mut().zip(&colsum) {
             *u = clamp_scale(p.inv_k / r);
         }
         let args = RowArgs { k, inv_eps: p.inv_eps, inv_b: p.inv_b, colmax: &colmax[..k], u: &u, first: pass == 1 };
-        if pass == p.iterations {
-            let items: Vec<_> =
-                scores.chunks(TILE_ROWS * k).zip(rowmax.chunks_mut(TILE_ROWS)).zip(q.chunks_mut(TILE_ROWS * k)).collect();
-            parallel(threads, items, k, |((s, rm), qt), e| (kern.rows)(&args, s, rm, RowOut::Output(qt), e));
-        } else {
-            let items: Vec<_> =
-                scores.chunks(TILE_ROWS * k).zip(rowmax.chunks_mut(TILE_ROWS)).zip(part_sum.chunks_mut(k)).collect();
-            parallel(threads, items, k, |((s, rm), ps), e| (kern.rows)(&args, s, rm, RowOut::Sweep(ps), e));
+        let output = pass == p.iterations;
+        let items: Vec<_> =
+            scores.chunks(TILE_ROWS * k).zip(q.chunks_mut(TILE_ROWS * k)).zip(part_sum.chunks_mut(k)).collect();
+        parallel(threads, items, |((s, qt), ps)| (kern.rows)(&args, s, qt, if output { None } else { Some(ps) }));
+        if !output {
             acc.iter_mut().for_each(|a| *a = 0.0);
             for tile in part_sum.chunks(k) {
                 for (a, &t) in acc.iter_mut().zip(tile) {
@@ -128,13 +126,12 @@ fn choose_threads(requested: usize, elements: usize, tiles: usize) -> usize {
     wanted.clamp(1, tiles.max(1))
 }
 
-/// Runs `f(item, scratch)` on every item, on `threads` threads (contiguous runs of items per thread, the
-/// calling thread taking the first run). Each thread has its own zeroed scratch of `scratch_len` floats.
-fn parallel<T: Send, F: Fn(T, &mut [f32]) + Sync>(threads: usize, items: Vec<T>, scratch_len: usize, f: F) {
+/// Runs `f` on every item, on `threads` threads (contiguous runs of items per thread, the calling thread
+/// taking the first run).
+fn parallel<T: Send, F: Fn(T) + Sync>(threads: usize, items: Vec<T>, f: F) {
     let n = items.len();
     if threads <= 1 || n <= 1 {
-        let mut scratch = vec![0f32; scratch_len];
-        items.into_iter().for_each(|it| f(it, &mut scratch));
+        items.into_iter().for_each(f);
         return;
     }
     let threads = threads.min(n);
@@ -147,13 +144,9 @@ fn parallel<T: Send, F: Fn(T, &mut [f32]) + Sync>(threads: usize, items: Vec<T>,
         let mut runs = runs.into_iter();
         let mine = runs.next().unwrap_or_default();
         for run in runs {
-            scope.spawn(move || {
-                let mut scratch = vec![0f32; scratch_len];
-                run.into_iter().for_each(|it| f(it, &mut scratch));
-            });
+            scope.spawn(move || run.into_iter().for_each(f));
         }
-        let mut scratch = vec![0f32; scratch_len];
-        mine.into_iter().for_each(|it| f(it, &mut scratch));
+        mine.into_iter().for_each(f);
     });
 }
 
@@ -166,15 +159,8 @@ pub(crate) struct RowArgs<'a> {
     first: bool,
 }
 
-pub(crate) enum RowOut<'a> {
-    /// This tile's column sums `sum_b e_bk v_b` (length k).
-    Sweep(&'a mut [f32]),
-    /// The tile's output rows (`rows x k`).
-    Output(&'a mut [f32]),
-}
-
 type ColstatsFn = fn(&[f32], usize, f32, &mut [f32], &mut [f32]) -> bool;
-type RowsFn = fn(&RowArgs, &[f32], &mut [f32], RowOut, &mut [f32]);
+type RowsFn = fn(&RowArgs, &[f32], &mut [f32], Option<&mut [f32]>);
 
 /// The two tile kernels, compiled twice: for the baseline target and, on x86-64, for AVX2 (chosen at run
 /// time). Both give bit-identical results (same operations, no fused multiply-add).
@@ -205,16 +191,16 @@ mod avx2 {
         colstats_tile(s, k, inv_eps, tmax, tsum)
     }
     #[target_feature(enable = "avx2")]
-    unsafe fn rows_avx2(a: &RowArgs, s: &[f32], rowmax: &mut [f32], out: RowOut, e: &mut [f32]) {
-        rows_tile(a, s, rowmax, out, e)
+    unsafe fn rows_avx2(a: &RowArgs, s: &[f32], qt: &mut [f32], part: Option<&mut [f32]>) {
+        rows_tile(a, s, qt, part)
     }
     pub(super) fn colstats(s: &[f32], k: usize, inv_eps: f32, tmax: &mut [f32], tsum: &mut [f32]) -> bool {
         // SAFETY: selected only after `is_x86_feature_detected!("avx2")`.
         unsafe { colstats_avx2(s, k, inv_eps, tmax, tsum) }
     }
-    pub(super) fn rows(a: &RowArgs, s: &[f32], rowmax: &mut [f32], out: RowOut, e: &mut [f32]) {
+    pub(super) fn rows(a: &RowArgs, s: &[f32], qt: &mut [f32], part: Option<&mut [f32]>) {
         // SAFETY: selected only after `is_x86_feature_detected!("avx2")`.
-        unsafe { rows_avx2(a, s, rowmax, out, e) }
+        unsafe { rows_avx2(a, s, qt, part) }
     }
 }
 
@@ -247,77 +233,109 @@ fn colstats_tile(s: &[f32], k: usize, inv_eps: f32, tmax: &mut [f32], tsum: &mut
     bad == 0
 }
 
-/// A row pass on one tile. `e` is scratch of at least k floats.
+/// Maximum of `v` (at least -MAX), lane-wise.
 #[inline(always)]
-fn rows_tile(a: &RowArgs, s: &[f32], rowmax: &mut [f32], mut out: RowOut, e: &mut [f32]) {
+fn lanes_max(v: &[f32]) -> f32 {
+    let mut mx = [-f32::MAX; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            mx[l] = mx[l].max(c[l]);
+        }
+    }
+    for (l, &x) in chunks.remainder().iter().enumerate() {
+        mx[l] = mx[l].max(x);
+    }
+    mx.iter().fold(-f32::MAX, |acc, &x| acc.max(x))
+}
+
+/// A row pass on one tile: `s` its scores, `qt` its rows of the output buffer (holding e after the first
+/// pass), `part` its column sums (None on the last pass, which writes Q into `qt`).
+#[inline(always)]
+fn rows_tile(a: &RowArgs, s: &[f32], qt: &mut [f32], mut part: Option<&mut [f32]>) {
     let k = a.k;
-    let e = &mut e[..k];
     let m = &a.colmax[..k];
     let u = &a.u[..k];
-    if let RowOut::Sweep(part) = &mut out {
+    if let Some(part) = part.as_deref_mut() {
         part.fill(0.0);
     }
-    for (r, x) in s.chunks_exact(k).enumerate() {
-        // a = x - m_k (never -inf), and the row maximum A_b.
-        let mut mx = [-f32::MAX; LANES];
-        {
-            let mut ec = e.chunks_exact_mut(LANES);
-            let mut xc = x.chunks_exact(LANES);
-            let mut mc = m.chunks_exact(LANES);
-            for ((ei, xi), mi) in (&mut ec).zip(&mut xc).zip(&mut mc) {
-                for l in 0..LANES {
-                    let v = (sanitize(xi[l]) - mi[l]).max(-f32::MAX);
-                    ei[l] = v;
-                    mx[l] = mx[l].max(v);
-                }
+    for (x, e) in s.chunks_exact(k).zip(qt.chunks_exact_mut(k)) {
+        if a.first {
+            // a = x - m_k (never -inf), its maximum A_b, then e = exp((a - A_b) / eps), 1 at the maximum.
+            // Element-wise loops and separate lane-wise reductions: what the compiler vectorises.
+            for ((ei, &xi), &mi) in e.iter_mut().zip(x).zip(m) {
+                *ei = (sanitize(xi) - mi).max(-f32::MAX);
             }
-            for (l, ((ei, &xi), &mi)) in
-                ec.into_remainder().iter_mut().zip(xc.remainder()).zip(mc.remainder()).enumerate()
-            {
-                let v = (sanitize(xi) - mi).max(-f32::MAX);
-                *ei = v;
-                mx[l] = mx[l].max(v);
+            let amax = lanes_max(e);
+            for ei in e.iter_mut() {
+                *ei = exp((*ei - amax) * a.inv_eps);
             }
         }
-        let amax = if a.first {
-            let v = mx.iter().fold(-f32::MAX, |acc, &x| acc.max(x));
-            rowmax[r] = v;
-            v
-        } else {
-            rowmax[r]
-        };
-        // e = exp((a - A_b) / eps) (1 at the row maximum), c_b = sum_k e u_k >= SCALE_MIN.
+        // c_b = sum_k e u_k >= SCALE_MIN.
         let mut acc = [0f32; LANES];
-        {
-            let mut ec = e.chunks_exact_mut(LANES);
-            let mut uc = u.chunks_exact(LANES);
-            for (ei, ui) in (&mut ec).zip(&mut uc) {
-                for l in 0..LANES {
-                    let v = exp((ei[l] - amax) * a.inv_eps);
-                    ei[l] = v;
-                    acc[l] += v * ui[l];
-                }
+        let mut ec = e.chunks_exact(LANES);
+        let mut uc = u.chunks_exact(LANES);
+        for (ei, ui) in (&mut ec).zip(&mut uc) {
+            for l in 0..LANES {
+                acc[l] += ei[l] * ui[l];
             }
-            for (l, (ei, &ui)) in ec.into_remainder().iter_mut().zip(uc.remainder()).enumerate() {
-                let v = exp((*ei - amax) * a.inv_eps);
-                *ei = v;
-                acc[l] += v * ui;
-            }
+        }
+        for (l, (&ei, &ui)) in ec.remainder().iter().zip(uc.remainder()).enumerate() {
+            acc[l] += ei * ui;
         }
         let c = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        match &mut out {
-            RowOut::Sweep(part) => {
+        match part.as_deref_mut() {
+            Some(part) => {
                 let v = clamp_scale(a.inv_b / c);
                 for (p, &ei) in part.iter_mut().zip(e.iter()) {
                     *p += ei * v;
                 }
             }
-            RowOut::Output(qt) => {
+            None => {
                 let w = 1.0 / c;
-                for ((qi, &ei), &ui) in qt[r * k..(r + 1) * k].iter_mut().zip(e.iter()).zip(u) {
-                    *qi = ei * ui * w;
+                for (ei, &ui) in e.iter_mut().zip(u) {
+                    *ei = *ei * ui * w;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn time_passes() {
+        let (rows, k): (usize, usize) = (256, 3000);
+        let s: Vec<f32> = (0..rows * k).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+        let kern = Kernels::detect();
+        let tiles = rows.div_ceil(TILE_ROWS);
+        let mut pm = vec![0f32; tiles * k];
+        let mut ps = vec![0f32; tiles * k];
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            for ((st, mx), sm) in s.chunks(TILE_ROWS * k).zip(pm.chunks_mut(k)).zip(ps.chunks_mut(k)) {
+                (kern.colstats)(st, k, 20.0, mx, sm);
+            }
+            println!("colstats {:?}", t.elapsed());
+            let u = vec![1.0 / 3000.0; k];
+            let m = vec![1.0f32; k];
+            let mut q = vec![0f32; rows * k];
+            for first in [true, false] {
+                let args = RowArgs { k, inv_eps: 20.0, inv_b: 1.0 / 256.0, colmax: &m, u: &u, first };
+                let t = std::time::Instant::now();
+                for ((st, qt), p) in s.chunks(TILE_ROWS * k).zip(q.chunks_mut(TILE_ROWS * k)).zip(ps.chunks_mut(k)) {
+                    (kern.rows)(&args, st, qt, Some(p));
+                }
+                println!("rows sweep (first {first}) {:?}", t.elapsed());
+            }
+            let args = RowArgs { k, inv_eps: 20.0, inv_b: 1.0 / 256.0, colmax: &m, u: &u, first: false };
+            let t = std::time::Instant::now();
+            for (st, qt) in s.chunks(TILE_ROWS * k).zip(q.chunks_mut(TILE_ROWS * k)) {
+                (kern.rows)(&args, st, qt, None);
+            }
+            println!("rows output {:?}", t.elapsed());
         }
     }
 }

@@ -16,7 +16,9 @@
 //! ```
 
 use crate::{Params, Problem, Reducer, SingleProcess, SinkhornError};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
@@ -239,13 +241,28 @@ fn kernels_for(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>, SinkhornError> {
     Ok(kernels)
 }
 
-/// Scratch buffers for one shape.
+/// Scratch buffers for one shape, and their device addresses.
 struct Scratch {
     shape: (usize, usize, usize),
     buffers: Vec<(Buf, CudaSlice<f32>)>,
+    ptrs: Vec<(Buf, sys::CUdeviceptr)>,
+}
+
+/// A kernel argument, resolved.
+enum Value {
+    Ptr(sys::CUdeviceptr),
+    I32(i32),
+    F32(f32),
 }
 
 impl Scratch {
+    fn ptr(&self, buf: Buf) -> Result<sys::CUdeviceptr, SinkhornError> {
+        self.ptrs
+            .iter()
+            .find(|(b, _)| *b == buf)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| SinkhornError::Cuda(format!("no scratch buffer {buf:?}")))
+    }
     fn get(&self, buf: Buf) -> Result<&CudaSlice<f32>, SinkhornError> {
         self.buffers
             .iter()
@@ -379,37 +396,38 @@ impl CudaSinkhorn {
         let stream = self.stream.clone();
         let kernels = self.kernels.clone();
         let scratch = self.scratch.as_mut().ok_or_else(|| SinkhornError::Cuda("no scratch".into()))?;
+        // Raw pointers, taken once: the guards order our stream after earlier writers of `scores` and
+        // earlier users of `q` (when they ran on other streams), and record our use when dropped at the end.
+        // Launches then push plain pointers, with no per-argument event bookkeeping.
+        let (scores_ptr, _scores_guard) = scores.device_ptr(&stream);
+        let (q_ptr, _q_guard) = q.device_ptr_mut(&stream);
         for step in &plan.steps {
             match step {
                 Step::Launch { kernel, grid, block, args } => {
+                    let values = args
+                        .iter()
+                        .map(|arg| {
+                            Ok(match arg {
+                                Arg::Buf(Buf::Scores) => Value::Ptr(scores_ptr),
+                                Arg::Buf(Buf::Q) => Value::Ptr(q_ptr),
+                                Arg::Buf(buf) => Value::Ptr(scratch.ptr(*buf)?),
+                                Arg::I32(v) => Value::I32(*v),
+                                Arg::F32(v) => Value::F32(*v),
+                            })
+                        })
+                        .collect::<Result<Vec<Value>, SinkhornError>>()?;
                     let function = kernels.get(*kernel)?;
                     let mut launch = stream.launch_builder(function);
-                    let mut q_slot = Some(&mut *q);
-                    for arg in args {
-                        match arg {
-                            Arg::Buf(Buf::Scores) => {
-                                launch.arg(scores);
-                            }
-                            Arg::Buf(Buf::Q) => {
-                                let q = q_slot.take().ok_or_else(|| {
-                                    SinkhornError::Cuda(format!("{} takes Q twice", kernel.name()))
-                                })?;
-                                launch.arg(q);
-                            }
-                            Arg::Buf(buf) => {
-                                launch.arg(scratch.get(*buf)?);
-                            }
-                            Arg::I32(v) => {
-                                launch.arg(v);
-                            }
-                            Arg::F32(v) => {
-                                launch.arg(v);
-                            }
-                        }
+                    for value in &values {
+                        match value {
+                            Value::Ptr(p) => launch.arg(p),
+                            Value::I32(v) => launch.arg(v),
+                            Value::F32(v) => launch.arg(v),
+                        };
                     }
                     let cfg = LaunchConfig { grid_dim: (*grid, 1, 1), block_dim: (*block, 1, 1), shared_mem_bytes: 0 };
-                    // SAFETY: the plan's arguments match the kernels' parameters (checked against
-                    // kernels.cu by the plan tests and run by the emulation tests); every buffer holds at
+                    // SAFETY: the plan's arguments match the kernels' parameters (checked against the
+                    // sources by the plan tests and executed by the emulation tests); every buffer holds at
                     // least the plan's length for it (ensure_scratch, and the checks above).
                     unsafe { launch.launch(cfg) }
                         .map_err(|e| SinkhornError::Cuda(format!("launching {}: {e}", kernel.name())))?;
@@ -428,10 +446,14 @@ impl CudaSinkhorn {
         }
         self.scratch = None;
         let mut buffers = Vec::new();
+        let mut ptrs = Vec::new();
         for buf in Buf::SCRATCH {
-            buffers.push((buf, self.stream.alloc_zeros::<f32>(plan.len(buf)).map_err(driver_error)?));
+            let slice = self.stream.alloc_zeros::<f32>(plan.len(buf)).map_err(driver_error)?;
+            // Scratch is used on this stream only, so stream order is all the synchronisation it needs.
+            ptrs.push((buf, slice.device_ptr(&self.stream).0));
+            buffers.push((buf, slice));
         }
-        self.scratch = Some(Scratch { shape, buffers });
+        self.scratch = Some(Scratch { shape, buffers, ptrs });
         Ok(())
     }
 }

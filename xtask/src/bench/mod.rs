@@ -3,6 +3,7 @@
 use clap::Subcommand;
 
 mod data;
+mod sinkhorn;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -14,10 +15,13 @@ pub struct Args {
 enum Bench {
     /// Multi-crop loader throughput (images/s), optionally beside the Python/torchvision baseline.
     Data(data::Args),
+    /// Sinkhorn-Knopp on CPU and CUDA against the official-order baseline and naive kernels.
+    Sinkhorn(sinkhorn::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         Bench::Data(a) => data::run(a),
+        Bench::Sinkhorn(a) => sinkhorn::run(a),
     }
 }
