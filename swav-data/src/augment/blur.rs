@@ -45,49 +45,51 @@ pub fn composed_kernel(sigma: f32) -> Vec<f64> {
 /// Reusable buffers of the blur.
 #[derive(Default)]
 pub struct BlurScratch {
-    line: Vec<f32>,
-    plane: Vec<f32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
     acc: Vec<f32>,
 }
 
 /// Blurs an f32 HWC image in place like PIL's `GaussianBlur(sigma)`.
+///
+/// Both directions run as whole-row vector loops: three vertical passes with a running row sum, then
+/// the image is transposed so that the three horizontal passes are vertical ones too (PIL also
+/// transposes), and transposed back.
 pub fn gaussian_blur(img: &mut [f32], height: usize, width: usize, channels: usize, sigma: f32, scratch: &mut BlurScratch) {
     if sigma <= 0.0 || height == 0 || width == 0 {
         return;
     }
     let (l, ww, fw) = box_taps(extended_box_radius(sigma));
     let c = channels;
-    let row_len = width * c;
-    // Horizontal: three passes per row, ping-pong between the row and a line buffer.
-    scratch.line.resize(row_len, 0.0);
-    for row in img.chunks_exact_mut(row_len) {
-        box_line(row, &mut scratch.line, width, c, l, ww, fw);
-        box_line(&scratch.line, row, width, c, l, ww, fw);
-        box_line(row, &mut scratch.line, width, c, l, ww, fw);
-        row.copy_from_slice(&scratch.line);
-    }
-    // Vertical: three passes over whole rows with a running row sum (cache friendly).
-    scratch.plane.resize(img.len(), 0.0);
-    scratch.acc.resize(row_len, 0.0);
-    box_columns(img, &mut scratch.plane, &mut scratch.acc, height, row_len, l, ww, fw);
-    box_columns(&scratch.plane, img, &mut scratch.acc, height, row_len, l, ww, fw);
-    box_columns(img, &mut scratch.plane, &mut scratch.acc, height, row_len, l, ww, fw);
-    img.copy_from_slice(&scratch.plane);
+    let BlurScratch { a, b, acc } = scratch;
+    a.resize(img.len(), 0.0);
+    b.resize(img.len(), 0.0);
+    // Vertical: img -> a -> img -> a.
+    acc.resize(width * c, 0.0);
+    box_columns(img, a, acc, height, width * c, l, ww, fw);
+    box_columns(a, img, acc, height, width * c, l, ww, fw);
+    box_columns(img, a, acc, height, width * c, l, ww, fw);
+    // Horizontal, transposed: a (h, w) -> b (w, h) -> a -> b -> a, then back to img (h, w).
+    transpose(a, b, height, width, c);
+    acc.resize(height * c, 0.0);
+    box_columns(b, a, acc, width, height * c, l, ww, fw);
+    box_columns(a, b, acc, width, height * c, l, ww, fw);
+    box_columns(b, a, acc, width, height * c, l, ww, fw);
+    transpose(a, img, width, height, c);
 }
 
-/// One extended-box pass along a row of `width` pixels of `c` interleaved channels, edges replicated.
-fn box_line(src: &[f32], dst: &mut [f32], width: usize, c: usize, l: usize, ww: f32, fw: f32) {
-    let last = width as isize - 1;
-    let at = |p: isize, ch: usize| src[p.clamp(0, last) as usize * c + ch];
-    let l = l as isize;
-    for ch in 0..c {
-        let mut acc = 0.0f32;
-        for k in -l..=l {
-            acc += at(k, ch);
-        }
-        for x in 0..width as isize {
-            dst[x as usize * c + ch] = acc * ww + (at(x - l - 1, ch) + at(x + l + 1, ch)) * fw;
-            acc += at(x + l + 1, ch) - at(x - l, ch);
+/// (rows, cols) of `c`-float pixels -> (cols, rows).
+fn transpose(src: &[f32], dst: &mut [f32], rows: usize, cols: usize, c: usize) {
+    const T: usize = 16;
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for q in c0..(c0 + T).min(cols) {
+                    let s = (r * cols + q) * c;
+                    let d = (q * rows + r) * c;
+                    dst[d..d + c].copy_from_slice(&src[s..s + c]);
+                }
+            }
         }
     }
 }
@@ -104,15 +106,14 @@ fn box_columns(src: &[f32], dst: &mut [f32], acc: &mut [f32], height: usize, row
             *a += v;
         }
     }
-    for y in 0..height as isize {
+    for (y, out) in (0..height as isize).zip(dst.chunks_exact_mut(row_len)) {
         let (far0, far1) = (row(y - l - 1), row(y + l + 1));
-        let out = &mut dst[y as usize * row_len..][..row_len];
-        for i in 0..row_len {
-            out[i] = acc[i] * ww + (far0[i] + far1[i]) * fw;
+        for (((o, &a), &f0), &f1) in out.iter_mut().zip(acc.iter()).zip(far0).zip(far1) {
+            *o = a * ww + (f0 + f1) * fw;
         }
         let (add, sub) = (row(y + l + 1), row(y - l));
-        for i in 0..row_len {
-            acc[i] += add[i] - sub[i];
+        for ((a, &p), &m) in acc.iter_mut().zip(add).zip(sub) {
+            *a += p - m;
         }
     }
 }

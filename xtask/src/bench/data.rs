@@ -67,6 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut it = loader.epoch(epoch);
     it.next().context("no batch")??;
     let start = Instant::now();
+    let cpu0 = process_cpu_seconds();
     let mut images = 0usize;
     'outer: loop {
         for b in it.by_ref() {
@@ -81,8 +82,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(it);
     let secs = start.elapsed().as_secs_f64();
+    let cpu = process_cpu_seconds().zip(cpu0).map(|(b, a)| b - a);
     let rate = images as f64 / secs;
     println!("swav-data: {rate:.1} images/s ({:.0} crops/s) over {secs:.1} s", rate * crops.num_crops() as f64);
+    if let Some(cpu) = cpu {
+        // Robust to other load on the machine: images per second of CPU actually used.
+        println!("swav-data: {:.2} ms of CPU per image ({:.1} images per CPU-second)", cpu * 1e3 / images as f64, images as f64 / cpu);
+    }
     drop(loader);
 
     if let Some(dir) = &args.baseline_images {
@@ -108,4 +114,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("ratio: {:.2}x", rate / base);
     }
     Ok(())
+}
+
+/// User + system CPU time of this process (all threads), from /proc/self/stat (Linux only).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
