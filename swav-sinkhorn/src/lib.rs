@@ -20,21 +20,26 @@
 //! # Ok::<(), swav_sinkhorn::SinkhornError>(())
 //! ```
 //!
-//! # How it is computed (CPU and CUDA alike)
+//! # How it is computed
 //!
 //! Every normalisation only multiplies rows or columns, so `Q = diag(v) E diag(u)` for a fixed matrix `E`
 //! and two scaling vectors; the matrix is never rescaled in memory. Each step sets one vector from the
 //! other: `u_k = 1 / (K sum_b E_bk v_b)` (all-reduced) and `v_b = 1 / (B sum_k E_bk u_k)`. The last column
-//! normalisation and the final `* B` give `q_bk = E_bk u_k / sum_k' E_bk' u_k'`, so rows sum to 1 exactly
-//! up to rounding. With `iterations = T` the scores are read `T + 1` times and `Q` written once:
+//! normalisation and the final `* B` give `q_bk = E_bk u_k / sum_k' E_bk' u_k'`, so rows sum to 1 up to
+//! rounding. The official total-sum normalisation is a scalar that cancels at the first per-prototype
+//! normalisation, so it is skipped. The passes over the matrix:
 //!
-//! 1. pass 0: per-prototype maximum `m_k` and `r_k = sum_b exp((s_bk - m_k) / eps)` (one read, per tile
-//!    of rows, tiles combined with rescaling). The official total-sum normalisation is a scalar that
-//!    cancels at the first per-prototype normalisation, so it is skipped.
-//! 2. `T - 1` sweeps: per row, `c_b = sum_k E_bk u_k`, `v_b = 1 / (B c_b)`, and the column sums
-//!    `sum_b E_bk v_b` for the next `u` - the column normalisation of one iteration fused with the row
-//!    sums of the next.
-//! 3. the last pass writes `q_bk = E_bk u_k / c_b`.
+//! 1. per-prototype maxima `m_k` and the first per-prototype sums `r_k = sum_b exp((s_bk - m_k) / eps)`;
+//! 2. `iterations - 1` sweeps: per row, `c_b = sum_k E_bk u_k`, `v_b = 1 / (B c_b)`, and the column sums
+//!    `sum_b E_bk v_b` for the next `u`: the column normalisation of one iteration fused with the row
+//!    sums of the next;
+//! 3. the output pass, `q_bk = E_bk u_k / c_b`.
+//!
+//! On CUDA (memory-bound) step 1 is one fused read (maxima and sums per tile of rows, combined with
+//! rescaling) and `E` is recomputed from the scores in every pass: the scores are read
+//! `iterations + 1` times and `Q` written once, by the last pass. On the CPU (`exp`-bound) the maxima come
+//! first and `E` is computed once, into the output buffer, and read back by the later passes. Partial
+//! sums are per tile of rows and added in a fixed order: results do not depend on the number of threads.
 //!
 //! # Numerics: shifts that cancel
 //!
@@ -45,12 +50,14 @@
 //! * `m_k`, the maximum of prototype `k`'s scores over all samples of all ranks. It multiplies column `k`
 //!   by a constant, which the first per-prototype normalisation divides out exactly (`u_k` absorbs it).
 //!   It must be the same on every rank: with a per-rank maximum, ranks would add up sums measured in
-//!   different units. Hence [`Reducer::all_reduce_max`]: the maxima are all-reduced (in the slot of the
-//!   official total sum, so the number of collectives is unchanged), and each rank rescales its first
-//!   sums by `exp((local max - global max) / eps)` before they are all-reduced.
+//!   different units. Hence [`Reducer::all_reduce_max`]: the maxima are all-reduced, in the slot of the
+//!   official total sum, so the number of collectives is unchanged (`1 + iterations`). (On CUDA, where
+//!   the first sums are taken in the same pass as the maxima, each rank rescales its sums by
+//!   `exp((local max - global max) / eps)` between the two all-reduces.)
 //! * `A_b = max_k (s_bk - m_k)`, per sample, local. It multiplies row `b` by a constant, which only
 //!   rescales `v_b`, and every `v_b` is recomputed from scratch by each column normalisation; the first
-//!   per-prototype sums use the unshifted rows. With it every row of `E` holds a 1, so no sample's sum can
+//!   per-prototype sums use the unshifted rows (`v = exp(A_b / eps)`, where an underflow to 0 only drops a
+//!   contribution below 1e-38 of the column's best). With it every row of `E` holds a 1, so no sample's sum can
 //!   underflow to 0 even when its scores are far below every prototype's best (eps 0.01, scores near
 //!   +-1), and every column holds a 1 at its best sample, so no prototype's sum can either.
 //!
@@ -91,20 +98,33 @@ pub struct Params {
 impl Default for Params {
     /// SwAV's defaults: epsilon 0.05, 3 iterations, automatic threads.
     fn default() -> Self {
-        Params { epsilon: 0.05, iterations: 3, threads: 0 }
+        Params {
+            epsilon: 0.05,
+            iterations: 3,
+            threads: 0,
+        }
     }
 }
 
 impl Params {
     /// `epsilon` and `iterations`, automatic threads.
     pub fn new(epsilon: f32, iterations: usize) -> Self {
-        Params { epsilon, iterations, threads: 0 }
+        Params {
+            epsilon,
+            iterations,
+            threads: 0,
+        }
     }
 }
 
 /// Soft assignments of one process's scores (`rows x prototypes`, row-major) to prototypes, on the CPU.
 /// Returns `Q`, same shape, rows summing to 1.
-pub fn sinkhorn(scores: &[f32], rows: usize, prototypes: usize, params: &Params) -> Result<Vec<f32>, SinkhornError> {
+pub fn sinkhorn(
+    scores: &[f32],
+    rows: usize,
+    prototypes: usize,
+    params: &Params,
+) -> Result<Vec<f32>, SinkhornError> {
     let mut q = vec![0f32; Problem::new(rows, prototypes, params, 1)?.elements];
     sinkhorn_into(scores, rows, prototypes, params, &SingleProcess, &mut q)?;
     Ok(q)
@@ -151,7 +171,11 @@ pub fn sinkhorn_ranks(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(SinkhornError::Reduce("a rank's thread panicked".into()))))
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(SinkhornError::Reduce("a rank's thread panicked".into()))
+                })
+            })
             .collect()
     })
 }
@@ -200,11 +224,18 @@ impl Problem {
         if rows == 0 || prototypes == 0 {
             return Err(size_err);
         }
-        let elements = rows.checked_mul(prototypes).filter(|&n| n <= isize::MAX as usize / 4).ok_or(size_err)?;
+        let elements = rows
+            .checked_mul(prototypes)
+            .filter(|&n| n <= isize::MAX as usize / 4)
+            .ok_or(size_err)?;
         if world_size == 0 {
-            return Err(SinkhornError::Reduce("the reducer reports a world size of 0".into()));
+            return Err(SinkhornError::Reduce(
+                "the reducer reports a world size of 0".into(),
+            ));
         }
-        let b = rows.checked_mul(world_size).ok_or(SinkhornError::Size { rows, prototypes })?;
+        let b = rows
+            .checked_mul(world_size)
+            .ok_or(SinkhornError::Size { rows, prototypes })?;
         let eps = params.epsilon;
         let inv_eps = (1.0 / eps as f64) as f32;
         if !(eps.is_finite() && eps > 0.0 && inv_eps.is_finite()) {
@@ -226,11 +257,19 @@ impl Problem {
         })
     }
 
-    pub(crate) fn check_len(&self, buffer: &'static str, actual: usize) -> Result<(), SinkhornError> {
+    pub(crate) fn check_len(
+        &self,
+        buffer: &'static str,
+        actual: usize,
+    ) -> Result<(), SinkhornError> {
         if actual == self.elements {
             Ok(())
         } else {
-            Err(SinkhornError::Shape { buffer, expected: self.elements, actual })
+            Err(SinkhornError::Shape {
+                buffer,
+                expected: self.elements,
+                actual,
+            })
         }
     }
 }

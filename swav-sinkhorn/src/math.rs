@@ -8,19 +8,23 @@ pub(crate) const SCALE_MIN: f32 = 1e-30;
 /// See [`SCALE_MIN`].
 pub(crate) const SCALE_MAX: f32 = 1e30;
 
-/// NaN -> -MAX, +-inf -> +-MAX, finite values unchanged. (`f32::max` returns the non-NaN operand.)
+/// NaN -> -MAX, +-inf -> +-MAX, finite values unchanged. (`f32::max` returns the non-NaN operand;
+/// `clamp` would keep NaN.)
 #[inline(always)]
+#[allow(clippy::manual_clamp)]
 pub(crate) fn sanitize(x: f32) -> f32 {
     x.max(-f32::MAX).min(f32::MAX)
 }
 
 #[inline(always)]
+#[allow(clippy::manual_clamp)]
 pub(crate) fn clamp_scale(x: f32) -> f32 {
     x.max(SCALE_MIN).min(SCALE_MAX)
 }
 
 /// `true` for NaN and infinities.
 #[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub(crate) fn not_finite(x: f32) -> bool {
     !(x.abs() <= f32::MAX)
 }
@@ -29,10 +33,11 @@ pub(crate) fn not_finite(x: f32) -> bool {
 /// trick, `2^n` built from the same bits. Returns exactly 1 for 0, 0 below -87 (and for -inf); inputs
 /// above 88 are clamped (we only ever pass `x <= 0`). Never NaN for non-NaN input.
 #[inline(always)]
+#[allow(clippy::manual_clamp)]
 pub(crate) fn exp(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_375; // 355 / 512: n * LN2_HI is exact
+    const LN2_HI: f32 = 355.0 / 512.0; // n * LN2_HI is exact
     const LN2_LO: f32 = -2.121_944_4e-4;
     let xc = x.max(-87.0).min(88.0);
     let t = xc * LOG2E + MAGIC; // MAGIC + round(xc * log2 e), exactly representable
@@ -41,7 +46,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = p * (r * r) + r + 1.0;
     // t's low mantissa bits hold 0x40_0000 + n; (n + 127) << 23 is 2^n (normal since n >= -126).
     let pow2n = f32::from_bits(t.to_bits().wrapping_add(127u32.wrapping_sub(0x4B40_0000)) << 23);

@@ -179,7 +179,15 @@ fn emulator() -> Option<&'static Path> {
         std::fs::write(&src, format!("{SHIM}\n{KERNELS_CU}\n{NAIVE_CU}\n{DRIVER}")).unwrap();
         let bin = dir.join("emulate");
         let out = match Command::new("c++")
-            .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-o"])
+            .args([
+                "-std=c++20",
+                "-O2",
+                "-pthread",
+                "-Wall",
+                "-Wno-unknown-pragmas",
+                "-Werror",
+                "-o",
+            ])
             .arg(&bin)
             .arg(&src)
             .output()
@@ -213,7 +221,10 @@ fn scratch_dir(tag: &str) -> PathBuf {
 }
 
 /// Runs `plan` on the emulator with one score matrix per rank; returns every buffer of every rank.
-fn run_plan(plan: &Plan, scores: &[Vec<f32>]) -> Option<Vec<std::collections::HashMap<String, Vec<f32>>>> {
+fn run_plan(
+    plan: &Plan,
+    scores: &[Vec<f32>],
+) -> Option<Vec<std::collections::HashMap<String, Vec<f32>>>> {
     let bin = emulator()?;
     let dir = scratch_dir("run");
     let mut text = format!("world {}\n", scores.len());
@@ -222,7 +233,12 @@ fn run_plan(plan: &Plan, scores: &[Vec<f32>]) -> Option<Vec<std::collections::Ha
     }
     for step in &plan.steps {
         match step {
-            Step::Launch { kernel, grid, block, args } => {
+            Step::Launch {
+                kernel,
+                grid,
+                block,
+                args,
+            } => {
                 text += &format!("launch {} {grid} {block}", kernel.name());
                 for a in args {
                     text += &match a {
@@ -242,14 +258,25 @@ fn run_plan(plan: &Plan, scores: &[Vec<f32>]) -> Option<Vec<std::collections::Ha
         let bytes: Vec<u8> = s.iter().flat_map(|x| x.to_le_bytes()).collect();
         std::fs::write(dir.join(format!("Scores_{r}.bin")), bytes).unwrap();
     }
-    let out = Command::new(bin).arg(dir.join("plan.txt")).arg(&dir).output().unwrap();
-    assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin)
+        .arg(dir.join("plan.txt"))
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "emulator failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut ranks = Vec::new();
     for r in 0..scores.len() {
         let mut bufs = std::collections::HashMap::new();
         for buf in [Buf::Scores, Buf::Q].iter().chain(Buf::SCRATCH.iter()) {
             let bytes = std::fs::read(dir.join(format!("{buf:?}_{r}.bin"))).unwrap();
-            let v: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let v: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             bufs.insert(format!("{buf:?}"), v);
         }
         ranks.push(bufs);
@@ -281,22 +308,28 @@ fn assert_rows_sum_to_one(q: &[f32], k: usize) {
 fn emulated_kernels_match_the_cpu() {
     // (rows, prototypes, epsilon, iterations, scale of scores, multiprocessors)
     let cases = [
-        (37, 11, 0.05, 3, 0.7, 4),    // odd sizes, one warp
-        (48, 300, 0.05, 3, 1.0, 4),   // several warps, tiles of 6 rows
-        (20, 100, 0.01, 5, 1.0, 3),   // sharp: exp(2/0.01) overflows the official code
-        (9, 5000, 0.05, 2, 1.0, 2),   // the 32-columns-per-thread kernel
-        (3, 1, 0.05, 1, 1.0, 1),      // one prototype, one iteration
-        (1, 64, 0.03, 3, 1.0, 1),     // one row
+        (37, 11, 0.05, 3, 0.7, 4),  // odd sizes, one warp
+        (48, 300, 0.05, 3, 1.0, 4), // several warps, tiles of 6 rows
+        (20, 100, 0.01, 5, 1.0, 3), // sharp: exp(2/0.01) overflows the official code
+        (9, 5000, 0.05, 2, 1.0, 2), // the 32-columns-per-thread kernel
+        (3, 1, 0.05, 1, 1.0, 1),    // one prototype, one iteration
+        (1, 64, 0.03, 3, 1.0, 1),   // one row
     ];
     for (rows, k, eps, iters, scale, sms) in cases {
         let params = Params::new(eps, iters);
         let scores = random_scores(rows * k, (rows * 1000 + k) as u64, scale);
         let p = Problem::new(rows, k, &params, 1).unwrap();
-        let Some(out) = run_plan(&plan::plan(&p, sms).unwrap(), &[scores.clone()]) else { return };
+        let Some(out) = run_plan(&plan::plan(&p, sms).unwrap(), std::slice::from_ref(&scores))
+        else {
+            return;
+        };
         let gpu = &out[0]["Q"];
         let cpu = crate::sinkhorn(&scores, rows, k, &params).unwrap();
         let err = crate::relative_error(gpu, &cpu);
-        assert!(err < 1e-5, "{rows}x{k} eps {eps}: emulated CUDA vs CPU relative error {err}");
+        assert!(
+            err < 1e-5,
+            "{rows}x{k} eps {eps}: emulated CUDA vs CPU relative error {err}"
+        );
         assert_rows_sum_to_one(gpu, k);
         assert_eq!(out[0]["ColMax"][k], 0.0, "no non-finite flag");
     }
@@ -306,9 +339,13 @@ fn emulated_kernels_match_the_cpu() {
 fn emulated_distributed_run_matches_local_group() {
     let (rows, k, world) = (13, 40, 3);
     let params = Params::new(0.05, 3);
-    let scores: Vec<Vec<f32>> = (0..world).map(|r| random_scores(rows * k, 77 + r as u64, 1.0)).collect();
+    let scores: Vec<Vec<f32>> = (0..world)
+        .map(|r| random_scores(rows * k, 77 + r as u64, 1.0))
+        .collect();
     let p = Problem::new(rows, k, &params, world).unwrap();
-    let Some(out) = run_plan(&plan::plan(&p, 2).unwrap(), &scores) else { return };
+    let Some(out) = run_plan(&plan::plan(&p, 2).unwrap(), &scores) else {
+        return;
+    };
     let refs: Vec<&[f32]> = scores.iter().map(|s| s.as_slice()).collect();
     let cpu = crate::sinkhorn_ranks(&refs, rows, k, &params).unwrap();
     for r in 0..world {
@@ -325,7 +362,9 @@ fn emulated_kernels_flag_non_finite_scores_and_stay_finite() {
     scores[230] = f32::INFINITY;
     scores[231] = f32::NEG_INFINITY;
     let p = Problem::new(rows, k, &Params::default(), 1).unwrap();
-    let Some(out) = run_plan(&plan::plan(&p, 2).unwrap(), &[scores]) else { return };
+    let Some(out) = run_plan(&plan::plan(&p, 2).unwrap(), &[scores]) else {
+        return;
+    };
     assert_eq!(out[0]["ColMax"][k], 1.0, "non-finite flag");
     assert!(out[0]["Q"].iter().all(|x| x.is_finite()));
 }
@@ -336,7 +375,12 @@ fn emulated_naive_baseline_matches_the_official_order() {
     let params = Params::new(0.05, 3);
     let scores = random_scores(rows * k, 11, 1.0);
     let p = Problem::new(rows, k, &params, 1).unwrap();
-    let Some(out) = run_plan(&plan::naive_plan(&p, 3).unwrap(), &[scores.clone()]) else { return };
+    let Some(out) = run_plan(
+        &plan::naive_plan(&p, 3).unwrap(),
+        std::slice::from_ref(&scores),
+    ) else {
+        return;
+    };
     let official = crate::baseline::official(&scores, rows, k, 0.05, 3).unwrap();
     let err = crate::relative_error(&out[0]["Q"], &official);
     assert!(err < 1e-5, "naive kernels vs CPU official order: {err}");
