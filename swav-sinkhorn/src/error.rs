@@ -37,6 +37,8 @@ pub enum SinkhornError {
     Cuda(String),
     /// The input is valid but this implementation cannot run it (e.g. too many prototypes for the CUDA kernels).
     Unsupported(String),
+    /// A reference case is malformed (missing metadata or tensors).
+    Reference(String),
 }
 
 impl fmt::Display for SinkhornError {
@@ -72,6 +74,7 @@ impl fmt::Display for SinkhornError {
             SinkhornError::Reduce(msg) => write!(f, "sinkhorn: all-reduce failed: {msg}"),
             SinkhornError::Cuda(msg) => write!(f, "sinkhorn: CUDA: {msg}"),
             SinkhornError::Unsupported(msg) => write!(f, "sinkhorn: unsupported: {msg}"),
+            SinkhornError::Reference(msg) => write!(f, "sinkhorn: malformed reference case: {msg}"),
         }
     }
 }

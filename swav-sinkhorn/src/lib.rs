@@ -80,6 +80,7 @@ mod math;
 mod reduce;
 
 pub mod baseline;
+pub mod reference;
 
 pub use error::SinkhornError;
 pub use reduce::{LocalGroup, LocalRank, Reducer, SingleProcess};

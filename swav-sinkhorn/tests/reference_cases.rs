@@ -78,10 +78,7 @@ fn all_reference_cases_pass() {
 
 #[test]
 fn world_size_three_case_equals_single_process_on_stacked_rows() {
-    let case = common::Case::load(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../reference/sinkhorn_3.safetensors"),
-    );
+    let case = common::Case::load(&common::reference_dir().join("sinkhorn_3.safetensors"));
     let (rows, k): (usize, usize) = (case.param("rows"), case.param("prototypes"));
     let params = Params::new(case.param("epsilon"), case.param("iterations"));
     let stacked: Vec<f32> = (0..3)
@@ -93,4 +90,23 @@ fn world_size_three_case_equals_single_process_on_stacked_rows() {
         let err = relative_error(&single[r * rows * k..(r + 1) * rows * k], want);
         assert!(err < TOLERANCE, "rank {r}: {err:.2e}");
     }
+}
+
+#[test]
+fn verify_case_reports_every_rank() {
+    for case in common::sinkhorn_cases() {
+        let errors = swav_sinkhorn::reference::verify_case(&case.meta, |name| {
+            case.tensors.get(name).map(|(_, data)| data.clone())
+        })
+        .unwrap();
+        let world: usize = case.param("world_size");
+        assert_eq!(errors.len(), world);
+        for (name, err) in errors {
+            assert!(err < TOLERANCE, "{} {name}: {err:.2e}", case.path.display());
+        }
+    }
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("kind".to_string(), "sinkhorn".to_string());
+    let err = swav_sinkhorn::reference::verify_case(&meta, |_| None).unwrap_err();
+    assert!(err.to_string().contains("epsilon"), "{err}");
 }

@@ -61,9 +61,24 @@ impl Case {
     }
 }
 
-/// The reference folder of the repository and, when set, `$SWAV_REFERENCE_DIR`: every `sinkhorn` case.
+/// The repository's reference folder (found from the source tree, else from the working directory, so
+/// that a test binary built elsewhere runs from the repository root) and, when set, `$SWAV_REFERENCE_DIR`.
+pub fn reference_dir() -> PathBuf {
+    let candidates = [
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../reference"),
+        PathBuf::from("reference"),
+        PathBuf::from("../reference"),
+    ];
+    candidates
+        .iter()
+        .find(|d| d.join("README.md").exists())
+        .cloned()
+        .unwrap_or_else(|| panic!("no reference folder in {candidates:?}"))
+}
+
+/// Every case of kind `sinkhorn` in [`reference_dir`] and `$SWAV_REFERENCE_DIR`.
 pub fn sinkhorn_cases() -> Vec<Case> {
-    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../reference")];
+    let mut dirs = vec![reference_dir()];
     if let Some(extra) = std::env::var_os("SWAV_REFERENCE_DIR") {
         dirs.push(PathBuf::from(extra));
     }
