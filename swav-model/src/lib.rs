@@ -1,1 +1,29 @@
-//! ResNet family, SwAV projection head and prototypes, safetensors checkpoints with torchvision names.
+//! swav-model: the networks of SwAV on the swav-tensor engine.
+//!
+//! - [`resnet::ResNet`]: ResNet-18/34/50 and the wide ResNet-50 w2/w4/w5 (torchvision layout), with an
+//!   optional small-image stem (3x3 stride-1 conv, no max-pool) and any base width.
+//! - [`head::ProjectionHead`] (Linear-BN-ReLU-Linear, or a single Linear) and [`head::Prototypes`]
+//!   (one or several bias-free linear heads).
+//! - [`swav::SwavModel`]: backbone + head + prototypes with the multi-crop forward of the official code
+//!   (the backbone runs once per run of crops of equal resolution) and its backward.
+//! - [`checkpoint`]: safetensors with torchvision / official SwAV parameter names.
+//!
+//! Layers keep their parameters and accumulate gradients into them; forward functions return the
+//! activations their backward needs (no tape), in the style of llm.c.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod head;
+pub mod init;
+pub mod layers;
+pub mod param;
+pub mod resnet;
+pub mod swav;
+
+pub use config::{Arch, ModelConfig};
+pub use error::ModelError;
+pub use param::{Param, Slot};
+pub use swav::SwavModel;
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -111,15 +111,15 @@ pub fn batchnorm_eval_forward(
     normalize(x, p, running_mean.as_slice(), &rstd, residual, relu)
 }
 
-/// `y = act((x - mean) rstd gamma + beta [+ residual])` as one pass of `x * scale + shift`.
+/// `y = act((x - mean) rstd gamma + beta [+ residual])` in one pass. The mean is subtracted before
+/// scaling (not folded into a shift) because `x scale - mean scale` loses precision when |mean| >> std.
 fn normalize(x: &Tensor, p: &BnParams<'_>, mean: &[f32], rstd: &[f32], residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
     let (_, c) = channels(x, p)?;
     if let Some(r) = residual {
         x.check_same_shape("batchnorm (residual)", r)?;
     }
-    let (gamma, beta) = (p.gamma.as_slice(), p.beta.as_slice());
+    let (gamma, shift) = (p.gamma.as_slice(), p.beta.as_slice());
     let scale: Vec<f32> = (0..c).map(|i| rstd[i] * gamma[i]).collect();
-    let shift: Vec<f32> = (0..c).map(|i| beta[i] - mean[i] * scale[i]).collect();
     let mut y = Tensor::zeros(x.shape(), x.device());
     let chunk = rows_per_chunk(c, CHUNK_VALUES) * c;
     let xs = x.as_slice();
@@ -128,8 +128,8 @@ fn normalize(x: &Tensor, p: &BnParams<'_>, mean: &[f32], rstd: &[f32], residual:
         let start = i * chunk;
         let xin = &xs[start..start + out.len()];
         for (o_row, x_row) in out.chunks_exact_mut(c).zip(xin.chunks_exact(c)) {
-            for (((o, &v), &a), &b) in o_row.iter_mut().zip(x_row).zip(&scale).zip(&shift) {
-                *o = v * a + b;
+            for ((((o, &v), &m), &a), &b) in o_row.iter_mut().zip(x_row).zip(mean).zip(&scale).zip(shift) {
+                *o = (v - m) * a + b;
             }
         }
         if let Some(res) = res {

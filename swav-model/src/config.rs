@@ -1,0 +1,141 @@
+//! What network to build. Serialisable, so presets and checkpoints carry it (TOML / JSON).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+
+/// The backbones of the paper and torchvision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Resnet18,
+    Resnet34,
+    Resnet50,
+    Resnet50w2,
+    Resnet50w4,
+    Resnet50w5,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockKind {
+    Basic,
+    Bottleneck,
+}
+
+impl Arch {
+    pub fn parse(name: &str) -> Result<Arch, ModelError> {
+        Ok(match name {
+            "resnet18" => Arch::Resnet18,
+            "resnet34" => Arch::Resnet34,
+            "resnet50" => Arch::Resnet50,
+            "resnet50w2" => Arch::Resnet50w2,
+            "resnet50w4" => Arch::Resnet50w4,
+            "resnet50w5" => Arch::Resnet50w5,
+            other => {
+                return Err(ModelError::Config(format!(
+                    "unknown arch `{other}` (expected resnet18, resnet34, resnet50, resnet50w2, resnet50w4, resnet50w5)"
+                )))
+            }
+        })
+    }
+
+    pub fn block(self) -> BlockKind {
+        match self {
+            Arch::Resnet18 | Arch::Resnet34 => BlockKind::Basic,
+            _ => BlockKind::Bottleneck,
+        }
+    }
+
+    pub fn depths(self) -> [usize; 4] {
+        match self {
+            Arch::Resnet18 => [2, 2, 2, 2],
+            _ => [3, 4, 6, 3],
+        }
+    }
+
+    /// Channels of the stem and of the first stage's blocks (64 x the widening factor).
+    pub fn default_width(self) -> usize {
+        match self {
+            Arch::Resnet50w2 => 128,
+            Arch::Resnet50w4 => 256,
+            Arch::Resnet50w5 => 320,
+            _ => 64,
+        }
+    }
+}
+
+fn default_in_channels() -> usize {
+    3
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Backbone, projection head and prototypes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// Channels of the stem and first stage; later stages double it. Defaults to the arch's (64 for
+    /// ResNet-18/34/50); smaller values make narrow networks for CPU budgets.
+    #[serde(default)]
+    pub width: Option<usize>,
+    /// 3x3 stride-1 stem without max-pool, for images of about 32 px.
+    #[serde(default)]
+    pub small_stem: bool,
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    /// Hidden units of the projection head; 0 makes the head a single linear layer.
+    pub hidden_mlp: usize,
+    /// BatchNorm1d between the head's two linear layers (the official head has it).
+    #[serde(default = "default_true")]
+    pub head_bn: bool,
+    /// Dimension of the embedding (the official `feat_dim`, 128).
+    pub feat_dim: usize,
+    /// Number of prototypes of each head (one head: `[3000]`).
+    pub prototypes: Vec<usize>,
+}
+
+impl ModelConfig {
+    /// The official SwAV ResNet-50: head 2048-2048-128, 3000 prototypes.
+    pub fn swav_resnet50() -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Resnet50,
+            width: None,
+            small_stem: false,
+            in_channels: 3,
+            hidden_mlp: 2048,
+            head_bn: true,
+            feat_dim: 128,
+            prototypes: vec![3000],
+        }
+    }
+
+    pub fn width(&self) -> usize {
+        self.width.unwrap_or(self.arch.default_width())
+    }
+
+    /// Channels of the pooled backbone features.
+    pub fn feature_dim(&self) -> usize {
+        let expansion = if self.arch.block() == BlockKind::Bottleneck { 4 } else { 1 };
+        self.width() * 8 * expansion
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |what: &str| Err(ModelError::Config(what.to_string()));
+        if self.width() == 0 {
+            return bad("width must be positive");
+        }
+        if self.in_channels == 0 {
+            return bad("in_channels must be positive");
+        }
+        if self.feat_dim == 0 {
+            return bad("feat_dim must be positive");
+        }
+        if self.prototypes.contains(&0) {
+            return bad("every prototype head needs at least one prototype");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,21 @@
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Tensor(#[from] swav_tensor::TensorError),
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    #[error("input: {0}")]
+    Input(String),
+    #[error("checkpoint {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("checkpoint {path}: not a valid safetensors file: {detail}")]
+    Format { path: String, detail: String },
+    #[error("checkpoint: tensor `{name}` has shape {got:?}, the model expects {want:?}")]
+    TensorShape { name: String, got: Vec<usize>, want: Vec<usize> },
+    #[error("checkpoint: tensor `{name}` has dtype {dtype}, expected a float type")]
+    TensorDtype { name: String, dtype: String },
+    #[error("checkpoint does not fit the model: {0}")]
+    Mismatch(String),
+}

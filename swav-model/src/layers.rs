@@ -1,0 +1,137 @@
+//! The three layers with parameters: convolution, batch norm and linear. Each wraps the engine's op
+//! with its parameters and names; the networks compose them.
+
+use swav_tensor::ops::batchnorm::{batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, BnCache, BnParams, Fused};
+use swav_tensor::ops::conv::{conv2d_backward, conv2d_forward};
+use swav_tensor::ops::linear::{linear_backward, linear_forward};
+use swav_tensor::{Device, Tensor};
+
+use crate::init::InitRng;
+use crate::param::{Layout, Param, Slot, Visit, Visitor};
+use crate::Result;
+
+/// Convolution without bias; weight `[out, kh, kw, in]` (OHWI) in memory.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub weight: Param,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl Conv2d {
+    pub fn new(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, rng: &mut InitRng) -> Conv2d {
+        let values = rng.kaiming_normal_fan_out(cout * k * k * cin, cout * k * k);
+        let weight = Tensor::from_vec(&[cout, k, k, cin], values).expect("shape matches length");
+        Conv2d { weight: Param::new(weight, Layout::Ohwi), stride, pad }
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.weight.value.dim(0)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(conv2d_forward(x, &self.weight.value, self.stride, self.pad)?)
+    }
+
+    pub fn backward(&mut self, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
+        let w = &mut self.weight;
+        Ok(conv2d_backward(x, &w.value, dy, self.stride, self.pad, &mut w.grad, want_dx)?)
+    }
+}
+
+impl Visit for Conv2d {
+    fn visit(&mut self, prefix: &str, f: &mut Visitor<'_>) {
+        f(&format!("{prefix}weight"), Slot::Param(&mut self.weight));
+    }
+}
+
+/// Batch norm over the channel (last) dimension, BatchNorm1d and BatchNorm2d alike.
+#[derive(Clone, Debug)]
+pub struct BatchNorm {
+    pub weight: Param,
+    pub bias: Param,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub num_batches_tracked: i64,
+    pub eps: f32,
+    pub momentum: f32,
+}
+
+impl BatchNorm {
+    pub fn new(c: usize) -> BatchNorm {
+        BatchNorm {
+            weight: Param::new(Tensor::full(&[c], 1.0, Device::Cpu), Layout::Plain),
+            bias: Param::zeros(&[c]),
+            running_mean: Tensor::zeros(&[c], Device::Cpu),
+            running_var: Tensor::full(&[c], 1.0, Device::Cpu),
+            num_batches_tracked: 0,
+            eps: 1e-5,
+            momentum: 0.1,
+        }
+    }
+
+    fn params(&self) -> BnParams<'_> {
+        BnParams { gamma: &self.weight.value, beta: &self.bias.value, eps: self.eps }
+    }
+
+    /// Training mode: batch statistics, running statistics updated.
+    pub fn forward_train(&mut self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<(Tensor, BnCache)> {
+        let p = BnParams { gamma: &self.weight.value, beta: &self.bias.value, eps: self.eps };
+        let out = batchnorm_train_forward(x, &p, &mut self.running_mean, &mut self.running_var, self.momentum, residual, relu)?;
+        self.num_batches_tracked += 1;
+        Ok(out)
+    }
+
+    pub fn forward_eval(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+        Ok(batchnorm_eval_forward(x, &self.params(), &self.running_mean, &self.running_var, residual, relu)?)
+    }
+
+    /// Returns `dx` and, when fused with a residual, the residual's gradient.
+    pub fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, cache: &BnCache, fused: Fused) -> Result<(Tensor, Option<Tensor>)> {
+        let p = BnParams { gamma: &self.weight.value, beta: &self.bias.value, eps: self.eps };
+        Ok(batchnorm_backward(x, y, dy, &p, cache, fused, &mut self.weight.grad, &mut self.bias.grad)?)
+    }
+}
+
+impl Visit for BatchNorm {
+    fn visit(&mut self, prefix: &str, f: &mut Visitor<'_>) {
+        f(&format!("{prefix}weight"), Slot::Param(&mut self.weight));
+        f(&format!("{prefix}bias"), Slot::Param(&mut self.bias));
+        f(&format!("{prefix}running_mean"), Slot::Buffer(&mut self.running_mean));
+        f(&format!("{prefix}running_var"), Slot::Buffer(&mut self.running_var));
+        f(&format!("{prefix}num_batches_tracked"), Slot::Counter(&mut self.num_batches_tracked));
+    }
+}
+
+/// `y = x w^T (+ b)`, weight `[out, in]` as in PyTorch.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+}
+
+impl Linear {
+    pub fn new(fin: usize, fout: usize, bias: bool, rng: &mut InitRng) -> Linear {
+        let w = Tensor::from_vec(&[fout, fin], rng.uniform_fan_in(fout * fin, fin)).expect("shape matches length");
+        let b = bias.then(|| Param::new(Tensor::from_vec(&[fout], rng.uniform_fan_in(fout, fin)).expect("shape"), Layout::Plain));
+        Linear { weight: Param::new(w, Layout::Plain), bias: b }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(linear_forward(x, &self.weight.value, self.bias.as_ref().map(|b| &b.value))?)
+    }
+
+    pub fn backward(&mut self, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
+        let db = self.bias.as_mut().map(|b| &mut b.grad);
+        Ok(linear_backward(x, &self.weight.value, dy, &mut self.weight.grad, db, want_dx)?)
+    }
+}
+
+impl Visit for Linear {
+    fn visit(&mut self, prefix: &str, f: &mut Visitor<'_>) {
+        f(&format!("{prefix}weight"), Slot::Param(&mut self.weight));
+        if let Some(b) = &mut self.bias {
+            f(&format!("{prefix}bias"), Slot::Param(b));
+        }
+    }
+}

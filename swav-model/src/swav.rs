@@ -1,0 +1,116 @@
+//! The whole SwAV network and its multi-crop forward, as the official `ResNet.forward`:
+//! crops arrive grouped by resolution (one tensor `[count * batch, h, w, c]` per run of equal size);
+//! the backbone runs once per group (so batch-norm statistics are per group), the pooled features of
+//! all groups are concatenated, and the head, the L2 normalisation and the prototypes run once on all
+//! of them. Returns the embeddings `z` and the scores `z C^T` of each prototype head.
+
+use swav_tensor::ops::normalize::{l2_normalize_backward, l2_normalize_forward};
+use swav_tensor::Tensor;
+
+use crate::config::ModelConfig;
+use crate::head::{HeadActs, Prototypes, ProjectionHead};
+use crate::init::InitRng;
+use crate::param::{Visit, Visitor};
+use crate::resnet::{ResNet, ResNetActs};
+use crate::{ModelError, Result};
+
+#[derive(Clone, Debug)]
+pub struct SwavModel {
+    pub config: ModelConfig,
+    pub backbone: ResNet,
+    pub head: ProjectionHead,
+    pub prototypes: Prototypes,
+}
+
+/// Outputs of one multi-crop forward, rows in crop order (the groups' rows concatenated).
+pub struct SwavOutput {
+    /// L2-normalised embeddings `[rows, feat_dim]`.
+    pub embedding: Tensor,
+    /// `embedding . C_h^T` for each prototype head `h`: `[rows, K_h]`.
+    pub scores: Vec<Tensor>,
+}
+
+/// What [`SwavModel::backward`] needs from [`SwavModel::forward_train`].
+pub struct SwavActs {
+    backbone: Vec<ResNetActs>,
+    group_rows: Vec<usize>,
+    head: HeadActs,
+    norms: Vec<f32>,
+}
+
+impl SwavModel {
+    pub fn new(config: ModelConfig, seed: u64) -> Result<SwavModel> {
+        config.validate()?;
+        let mut rng = InitRng::new(seed);
+        let backbone = ResNet::new(&config, &mut rng)?;
+        let head = ProjectionHead::new(&config, backbone.out_channels(), &mut rng);
+        let prototypes = Prototypes::new(&config, &mut rng);
+        Ok(SwavModel { config, backbone, head, prototypes })
+    }
+
+    /// Training-mode forward of crop groups `[count * batch, h, w, c]` (NHWC), in crop order.
+    pub fn forward_train(&mut self, groups: Vec<Tensor>) -> Result<(SwavOutput, SwavActs)> {
+        if groups.is_empty() {
+            return Err(ModelError::Input("no crops to forward".into()));
+        }
+        let mut features = Vec::with_capacity(groups.len());
+        let mut backbone = Vec::with_capacity(groups.len());
+        let mut group_rows = Vec::with_capacity(groups.len());
+        for g in groups {
+            group_rows.push(g.dim(0));
+            let (f, acts) = self.backbone.forward_train(g)?;
+            features.push(f);
+            backbone.push(acts);
+        }
+        let features = Tensor::cat(&features.iter().collect::<Vec<_>>())?;
+        let (h, head) = self.head.forward_train(features)?;
+        let (embedding, norms) = l2_normalize_forward(&h)?;
+        let scores = self.prototypes.heads.iter().map(|p| p.forward(&embedding)).collect::<Result<Vec<_>>>()?;
+        Ok((SwavOutput { embedding, scores }, SwavActs { backbone, group_rows, head, norms }))
+    }
+
+    /// Accumulates all parameter gradients from the gradients of the scores (one per head).
+    pub fn backward(&mut self, acts: SwavActs, out: &SwavOutput, dscores: &[Tensor]) -> Result<()> {
+        if dscores.len() != self.prototypes.heads.len() {
+            return Err(ModelError::Input(format!("{} score gradients for {} prototype heads", dscores.len(), self.prototypes.heads.len())));
+        }
+        let mut dz = Tensor::zeros(out.embedding.shape(), out.embedding.device());
+        for (head, ds) in self.prototypes.heads.iter_mut().zip(dscores) {
+            dz.add_assign(&head.backward(&out.embedding, ds, true)?.expect("dx requested"))?;
+        }
+        let dh = l2_normalize_backward(&out.embedding, &acts.norms, &dz)?;
+        let dfeatures = self.head.backward(acts.head, &dh)?;
+        let mut start = 0;
+        for (bb_acts, rows) in acts.backbone.into_iter().zip(acts.group_rows) {
+            let d = dfeatures.narrow(start, rows)?;
+            self.backbone.backward(bb_acts, &d)?;
+            start += rows;
+        }
+        Ok(())
+    }
+
+    /// Pooled backbone features in evaluation mode `[n, channels]`.
+    pub fn features(&self, images: &Tensor) -> Result<Tensor> {
+        self.backbone.forward_eval(images)
+    }
+
+    /// Evaluation-mode features, embeddings and scores.
+    pub fn forward_eval(&self, images: &Tensor) -> Result<(Tensor, SwavOutput)> {
+        let features = self.backbone.forward_eval(images)?;
+        let (embedding, _) = l2_normalize_forward(&self.head.forward_eval(&features)?)?;
+        let scores = self.prototypes.heads.iter().map(|p| p.forward(&embedding)).collect::<Result<Vec<_>>>()?;
+        Ok((features, SwavOutput { embedding, scores }))
+    }
+
+    pub fn normalize_prototypes(&mut self) {
+        self.prototypes.normalize();
+    }
+}
+
+impl Visit for SwavModel {
+    fn visit(&mut self, prefix: &str, f: &mut Visitor<'_>) {
+        self.backbone.visit(prefix, f);
+        self.head.visit(prefix, f);
+        self.prototypes.visit(prefix, f);
+    }
+}

@@ -1,0 +1,28 @@
+//! Cluster assignment of one crop: the codes `q` that its swapped prediction targets.
+//!
+//! Official order: `s = concat(queue_scores, crop_scores)` (the queue's stored embeddings scored by
+//! the current prototypes, when the queue is in use), `Q = sinkhorn(s)`, keep the crop's own (last
+//! `batch`) rows. The queue rows only shape the equipartition constraint.
+
+use crate::TrainError;
+
+pub fn codes_for_crop(
+    crop_scores: &[f32],
+    queue_scores: Option<&[f32]>,
+    batch: usize,
+    k: usize,
+    params: &swav_sinkhorn::Params,
+) -> Result<Vec<f32>, TrainError> {
+    let sink = |s: &[f32], rows| swav_sinkhorn::sinkhorn(s, rows, k, params).map_err(|e| TrainError::Sinkhorn(e.to_string()));
+    match queue_scores {
+        None => sink(crop_scores, batch),
+        Some(q) => {
+            let mut all = Vec::with_capacity(q.len() + crop_scores.len());
+            all.extend_from_slice(q);
+            all.extend_from_slice(crop_scores);
+            let rows = all.len() / k;
+            let codes = sink(&all, rows)?;
+            Ok(codes[(rows - batch) * k..].to_vec())
+        }
+    }
+}
