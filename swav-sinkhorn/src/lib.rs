@@ -83,6 +83,11 @@ pub mod baseline;
 pub mod reference;
 
 pub use error::SinkhornError;
+
+/// The README's example, compiled by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeExample;
 pub use reduce::{LocalGroup, LocalRank, Reducer, SingleProcess};
 
 /// Parameters of a Sinkhorn call.
