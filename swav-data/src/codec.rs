@@ -56,7 +56,11 @@ impl std::str::FromStr for Codec {
 pub(crate) const JPEG_MAX_SIDE: usize = 65_535;
 
 pub(crate) fn jpeg_options(channels: u8, strict: bool) -> zune_core::options::DecoderOptions {
-    let space = if channels == 1 { zune_core::colorspace::ColorSpace::Luma } else { zune_core::colorspace::ColorSpace::RGB };
+    let space = if channels == 1 {
+        zune_core::colorspace::ColorSpace::Luma
+    } else {
+        zune_core::colorspace::ColorSpace::RGB
+    };
     zune_core::options::DecoderOptions::default()
         .set_strict_mode(strict)
         .set_max_width(JPEG_MAX_SIDE)
@@ -65,8 +69,16 @@ pub(crate) fn jpeg_options(channels: u8, strict: bool) -> zune_core::options::De
 }
 
 /// Decodes a JPEG into `out` (resized to fit) with `channels` output channels; returns (height, width).
-pub(crate) fn decode_jpeg_into(bytes: &[u8], channels: u8, strict: bool, out: &mut Vec<u8>) -> Result<(u32, u32), String> {
-    let mut dec = zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), jpeg_options(channels, strict));
+pub(crate) fn decode_jpeg_into(
+    bytes: &[u8],
+    channels: u8,
+    strict: bool,
+    out: &mut Vec<u8>,
+) -> Result<(u32, u32), String> {
+    let mut dec = zune_jpeg::JpegDecoder::new_with_options(
+        zune_core::bytestream::ZCursor::new(bytes),
+        jpeg_options(channels, strict),
+    );
     dec.decode_headers().map_err(|e| format!("{e:?}"))?;
     let (w, h) = dec.dimensions().ok_or("no dimensions in the JPEG header")?;
     let n = dec.output_buffer_size().ok_or("JPEG dimensions overflow")?;
@@ -76,12 +88,21 @@ pub(crate) fn decode_jpeg_into(bytes: &[u8], channels: u8, strict: bool, out: &m
 }
 
 /// Encodes 8-bit pixels for a record.
-pub(crate) fn encode(codec: Codec, img: &Image, zstd_level: i32, jpeg_quality: u8) -> Result<Vec<u8>, String> {
+pub(crate) fn encode(
+    codec: Codec,
+    img: &Image,
+    zstd_level: i32,
+    jpeg_quality: u8,
+) -> Result<Vec<u8>, String> {
     match codec {
         Codec::RawZstd => zstd::bulk::compress(&img.pixels, zstd_level).map_err(|e| e.to_string()),
         Codec::Jpeg => {
             let mut out = Vec::new();
-            let color = if img.channels == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
+            let color = if img.channels == 1 {
+                image::ExtendedColorType::L8
+            } else {
+                image::ExtendedColorType::Rgb8
+            };
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, jpeg_quality)
                 .encode(&img.pixels, img.width, img.height, color)
                 .map_err(|e| e.to_string())?;
@@ -107,7 +128,15 @@ impl RecordDecoder {
     }
 
     /// Decodes `payload` into `out.pixels`, checking that the result has the shape the record declares.
-    pub(crate) fn decode(&mut self, codec: Codec, payload: &[u8], height: u32, width: u32, channels: u8, out: &mut Image) -> Result<(), String> {
+    pub(crate) fn decode(
+        &mut self,
+        codec: Codec,
+        payload: &[u8],
+        height: u32,
+        width: u32,
+        channels: u8,
+        out: &mut Image,
+    ) -> Result<(), String> {
         let expected = height as usize * width as usize * channels as usize;
         match codec {
             Codec::RawZstd => {
@@ -118,15 +147,22 @@ impl RecordDecoder {
                 out.pixels.resize(expected, 0);
                 let n = z
                     .decompress_to_buffer(payload, out.pixels.as_mut_slice())
-                    .map_err(|e| format!("zstd payload does not decode to {expected} bytes: {e}"))?;
+                    .map_err(|e| {
+                        format!("zstd payload does not decode to {expected} bytes: {e}")
+                    })?;
                 if n != expected {
-                    return Err(format!("zstd payload decodes to {n} bytes, expected {expected}"));
+                    return Err(format!(
+                        "zstd payload decodes to {n} bytes, expected {expected}"
+                    ));
                 }
             }
             Codec::Jpeg => {
-                let (h, w) = decode_jpeg_into(payload, channels, true, &mut out.pixels).map_err(|e| format!("JPEG payload does not decode: {e}"))?;
+                let (h, w) = decode_jpeg_into(payload, channels, true, &mut out.pixels)
+                    .map_err(|e| format!("JPEG payload does not decode: {e}"))?;
                 if (h, w) != (height, width) {
-                    return Err(format!("JPEG payload is {w}x{h}, the record says {width}x{height}"));
+                    return Err(format!(
+                        "JPEG payload is {w}x{h}, the record says {width}x{height}"
+                    ));
                 }
             }
         }

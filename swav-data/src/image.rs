@@ -14,7 +14,12 @@ pub struct Image {
 impl Image {
     /// A borrowed view of this image.
     pub fn view(&self) -> ImageView<'_> {
-        ImageView { height: self.height as usize, width: self.width as usize, channels: self.channels as usize, pixels: &self.pixels }
+        ImageView {
+            height: self.height as usize,
+            width: self.width as usize,
+            channels: self.channels as usize,
+            pixels: &self.pixels,
+        }
     }
 
     /// Builds an image, checking that the pixel count matches the shape.
@@ -23,7 +28,12 @@ impl Image {
             && height > 0
             && width > 0
             && pixels.len() as u64 == height as u64 * width as u64 * channels as u64;
-        ok.then_some(Image { height, width, channels, pixels })
+        ok.then_some(Image {
+            height,
+            width,
+            channels,
+            pixels,
+        })
     }
 }
 

@@ -11,7 +11,8 @@ pub fn extended_box_radius(sigma: f32) -> f32 {
     let sigma2 = sigma as f64 * sigma as f64 / 3.0;
     let big_l = (12.0 * sigma2 + 1.0).sqrt();
     let l = ((big_l - 1.0) / 2.0).floor();
-    let a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
+    let a =
+        (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
     (l + a) as f32
 }
 
@@ -55,7 +56,19 @@ pub struct BlurScratch {
 /// Both directions run as whole-row vector loops: three vertical passes with a running row sum, then
 /// the image is transposed so that the three horizontal passes are vertical ones too (PIL also
 /// transposes), and transposed back.
-pub fn gaussian_blur(img: &mut [f32], height: usize, width: usize, channels: usize, sigma: f32, scratch: &mut BlurScratch) {
+pub fn gaussian_blur(
+    img: &mut [f32],
+    height: usize,
+    width: usize,
+    channels: usize,
+    sigma: f32,
+    scratch: &mut BlurScratch,
+) {
+    blur_impl(img, height, width, channels, sigma, scratch)
+}
+
+simd_fn! {
+fn blur_impl(img: &mut [f32], height: usize, width: usize, channels: usize, sigma: f32, scratch: &mut BlurScratch) {
     if sigma <= 0.0 || height == 0 || width == 0 {
         return;
     }
@@ -77,9 +90,37 @@ pub fn gaussian_blur(img: &mut [f32], height: usize, width: usize, channels: usi
     box_columns(b, a, acc, width, height * c, l, ww, fw);
     transpose(a, img, width, height, c);
 }
+}
 
 /// (rows, cols) of `c`-float pixels -> (cols, rows).
+#[inline(always)]
 fn transpose(src: &[f32], dst: &mut [f32], rows: usize, cols: usize, c: usize) {
+    match c {
+        1 => transpose_c::<1>(src, dst, rows, cols),
+        3 => transpose_c::<3>(src, dst, rows, cols),
+        _ => transpose_any(src, dst, rows, cols, c),
+    }
+}
+
+#[inline(always)]
+fn transpose_c<const C: usize>(src: &[f32], dst: &mut [f32], rows: usize, cols: usize) {
+    const T: usize = 16;
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for q in c0..(c0 + T).min(cols) {
+                    let s = (r * cols + q) * C;
+                    let d = (q * rows + r) * C;
+                    let px: [f32; C] = src[s..s + C].try_into().expect("C floats");
+                    dst[d..d + C].copy_from_slice(&px);
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn transpose_any(src: &[f32], dst: &mut [f32], rows: usize, cols: usize, c: usize) {
     const T: usize = 16;
     for r0 in (0..rows).step_by(T) {
         for c0 in (0..cols).step_by(T) {
@@ -96,7 +137,17 @@ fn transpose(src: &[f32], dst: &mut [f32], rows: usize, cols: usize, c: usize) {
 
 /// One extended-box pass along the columns (rows of `row_len` floats), edges replicated.
 #[allow(clippy::too_many_arguments)]
-fn box_columns(src: &[f32], dst: &mut [f32], acc: &mut [f32], height: usize, row_len: usize, l: usize, ww: f32, fw: f32) {
+#[inline(always)]
+fn box_columns(
+    src: &[f32],
+    dst: &mut [f32],
+    acc: &mut [f32],
+    height: usize,
+    row_len: usize,
+    l: usize,
+    ww: f32,
+    fw: f32,
+) {
     let last = height as isize - 1;
     let row = |y: isize| &src[y.clamp(0, last) as usize * row_len..][..row_len];
     let l = l as isize;

@@ -9,21 +9,23 @@
 /// Luma weights of `rgb_to_grayscale` (ITU-R 601-2, as torchvision writes them).
 pub const LUMA: [f32; 3] = [0.2989, 0.587, 0.114];
 
-#[inline]
+#[inline(always)]
 fn clamp01(x: f32) -> f32 {
     x.clamp(0.0, 1.0)
 }
 
-#[inline]
+#[inline(always)]
 fn luma(p: &[f32]) -> f32 {
     LUMA[0] * p[0] + LUMA[1] * p[1] + LUMA[2] * p[2]
 }
 
+simd_fn! {
 /// `x <- clamp(f * x)`.
 pub fn brightness(img: &mut [f32], factor: f32) {
     for v in img {
         *v = clamp01(*v * factor);
     }
+}
 }
 
 /// Mean of the grayscale version of the image (the contrast reference).
@@ -45,6 +47,7 @@ pub fn gray_mean(img: &[f32], channels: usize) -> f32 {
     (sum / n as f64) as f32
 }
 
+simd_fn! {
 /// `x <- clamp(f * x + (1 - f) * m)` where `m` is the mean of the grayscale image.
 pub fn contrast(img: &mut [f32], channels: usize, factor: f32) {
     let m = gray_mean(img, channels);
@@ -53,7 +56,9 @@ pub fn contrast(img: &mut [f32], channels: usize, factor: f32) {
         *v = clamp01(factor * *v + offset);
     }
 }
+}
 
+simd_fn! {
 /// `x <- clamp(f * x + (1 - f) * gray(pixel))` (RGB only).
 pub fn saturation(img: &mut [f32], channels: usize, factor: f32) {
     if channels != 3 {
@@ -66,7 +71,9 @@ pub fn saturation(img: &mut [f32], channels: usize, factor: f32) {
         }
     }
 }
+}
 
+simd_fn! {
 /// Replaces each RGB pixel by its luma on all three channels (RGB only).
 pub fn grayscale(img: &mut [f32], channels: usize) {
     if channels != 3 {
@@ -76,6 +83,7 @@ pub fn grayscale(img: &mut [f32], channels: usize) {
         let g = luma(p);
         p.fill(g);
     }
+}
 }
 
 /// RGB -> HSV of torchvision's `_rgb2hsv` (h, s, v in [0, 1]).
@@ -132,6 +140,11 @@ pub fn hue(img: &mut [f32], channels: usize, shift: f32) {
     if channels != 3 || shift == 0.0 {
         return;
     }
+    hue_rgb(img, shift)
+}
+
+simd_fn! {
+fn hue_rgb(img: &mut [f32], shift: f32) {
     const N: usize = 8;
     let mut chunks = img.chunks_exact_mut(3 * N);
     for chunk in &mut chunks {
@@ -156,6 +169,7 @@ pub fn hue(img: &mut [f32], channels: usize, shift: f32) {
         (p[0], p[1], p[2]) = hue_pixel(p[0], p[1], p[2], shift);
     }
 }
+}
 
 #[inline(always)]
 fn hue_pixel(r: f32, g: f32, b: f32, shift: f32) -> (f32, f32, f32) {
@@ -168,10 +182,24 @@ fn hue_pixel(r: f32, g: f32, b: f32, shift: f32) -> (f32, f32, f32) {
     let hr = (g - b) * inv;
     let hg = 2.0 + (b - r) * inv;
     let hb = 4.0 + (r - g) * inv;
-    let h = if maxc == r { hr } else if maxc == g { hg } else { hb };
-    // h / 6 is in [-1/6, 5/6] and |shift| <= 0.5, so x > 0 and truncation is floor.
+    let h = if maxc == r {
+        hr
+    } else if maxc == g {
+        hg
+    } else {
+        hb
+    };
+    // h / 6 is in [-1/6, 5/6] and |shift| <= 0.5, so x is in (0, 7/3): floor(x) is 0, 1 or 2 (selects
+    // rather than a float -> int conversion, which does not vectorise on baseline x86-64).
     let x = h * (1.0 / 6.0) + 1.0 + shift;
-    let h6 = (x - (x as i32) as f32) * 6.0;
+    let fl = if x >= 2.0 {
+        2.0
+    } else if x >= 1.0 {
+        1.0
+    } else {
+        0.0
+    };
+    let h6 = (x - fl) * 6.0;
     let vs = maxc * s;
     let chan = |n: f32| {
         let k = n + h6;

@@ -10,6 +10,32 @@
 //! Grayscale sources stay 1-channel through the pipeline (every colour operation is then either the same
 //! as on R = G = B or an identity) and are replicated to 3 channels only when written, if asked.
 
+/// Defines `fn NAME(args) -> R` that runs `body` compiled for AVX2 + FMA when the CPU has them, and
+/// for the baseline target otherwise. Rust never fuses a multiply and an add by itself, so both
+/// versions compute bit-identical results: batches do not depend on the machine's CPU.
+/// Helpers called from `body` must be `#[inline(always)]` to be compiled for AVX2 too.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `avx2` is compiled for (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
 pub mod blur;
 pub mod color;
 pub mod resample;
@@ -45,7 +71,13 @@ pub struct CropBox {
 /// torchvision's `RandomResizedCrop.get_params`: up to 10 tries of an area fraction `U(scale)` and a
 /// log-uniform aspect ratio (`round` is Python's, ties to even), then the centre crop fallback.
 /// Draws per try: area, log-ratio, and if the box fits, top then left.
-pub fn random_resized_crop_box(rng: &mut SampleRng, height: usize, width: usize, scale: [f64; 2], ratio: [f64; 2]) -> CropBox {
+pub fn random_resized_crop_box(
+    rng: &mut SampleRng,
+    height: usize,
+    width: usize,
+    scale: [f64; 2],
+    ratio: [f64; 2],
+) -> CropBox {
     let area = (height * width) as f64;
     let (lr0, lr1) = (ratio[0].ln(), ratio[1].ln());
     for _ in 0..10 {
@@ -56,18 +88,34 @@ pub fn random_resized_crop_box(rng: &mut SampleRng, height: usize, width: usize,
         if 0 < w && w <= width && 0 < h && h <= height {
             let top = rng.below((height - h + 1) as u64) as usize;
             let left = rng.below((width - w + 1) as u64) as usize;
-            return CropBox { top, left, height: h, width: w };
+            return CropBox {
+                top,
+                left,
+                height: h,
+                width: w,
+            };
         }
     }
     let in_ratio = width as f64 / height as f64;
     let (w, h) = if in_ratio < ratio[0] {
-        (width, ((width as f64 / ratio[0]).round_ties_even() as usize).clamp(1, height))
+        (
+            width,
+            ((width as f64 / ratio[0]).round_ties_even() as usize).clamp(1, height),
+        )
     } else if in_ratio > ratio[1] {
-        (((height as f64 * ratio[1]).round_ties_even() as usize).clamp(1, width), height)
+        (
+            ((height as f64 * ratio[1]).round_ties_even() as usize).clamp(1, width),
+            height,
+        )
     } else {
         (width, height)
     };
-    CropBox { top: (height - h) / 2, left: (width - w) / 2, height: h, width: w }
+    CropBox {
+        top: (height - h) / 2,
+        left: (width - w) / 2,
+        height: h,
+        width: w,
+    }
 }
 
 /// Everything random about one crop, drawn in this order: crop box, flip, jitter (applied?, then the
@@ -85,13 +133,27 @@ pub struct CropDecision {
 
 impl CropDecision {
     /// Draws the decision for a crop of `scale` range from an image of `height x width`.
-    pub fn draw(rng: &mut SampleRng, a: &AugmentConfig, height: usize, width: usize, scale: [f64; 2]) -> CropDecision {
-        let crop = random_resized_crop_box(rng, height, width, scale, [a.ratio[0] as f64, a.ratio[1] as f64]);
+    pub fn draw(
+        rng: &mut SampleRng,
+        a: &AugmentConfig,
+        height: usize,
+        width: usize,
+        scale: [f64; 2],
+    ) -> CropDecision {
+        let crop = random_resized_crop_box(
+            rng,
+            height,
+            width,
+            scale,
+            [a.ratio[0] as f64, a.ratio[1] as f64],
+        );
         let flip = rng.chance(a.flip_p as f64);
         let jitter = rng.chance(a.jitter_p as f64).then(|| {
             let mut order = [0usize, 1, 2, 3];
             rng.shuffle(&mut order);
-            let f = |rng: &mut SampleRng, x: f32| rng.uniform((1.0 - x as f64).max(0.0), 1.0 + x as f64) as f32;
+            let f = |rng: &mut SampleRng, x: f32| {
+                rng.uniform((1.0 - x as f64).max(0.0), 1.0 + x as f64) as f32
+            };
             let b = f(rng, a.brightness);
             let c = f(rng, a.contrast);
             let s = f(rng, a.saturation);
@@ -102,7 +164,13 @@ impl CropDecision {
         let blur_sigma = rng
             .chance(a.blur_p as f64)
             .then(|| rng.uniform(a.blur_sigma[0] as f64, a.blur_sigma[1] as f64) as f32);
-        CropDecision { crop, flip, jitter, grayscale, blur_sigma }
+        CropDecision {
+            crop,
+            flip,
+            jitter,
+            grayscale,
+            blur_sigma,
+        }
     }
 }
 
@@ -122,10 +190,19 @@ struct Norm {
     inv_std: [f32; 3],
 }
 
-fn resolve_norm(mean: &Option<Vec<f32>>, std: &Option<Vec<f32>>, out_channels: usize, dataset_mean: &[f64], dataset_std: &[f64]) -> Result<Norm> {
+fn resolve_norm(
+    mean: &Option<Vec<f32>>,
+    std: &Option<Vec<f32>>,
+    out_channels: usize,
+    dataset_mean: &[f64],
+    dataset_std: &[f64],
+) -> Result<Norm> {
     let (m, s): (Vec<f32>, Vec<f32>) = match (mean, std) {
         (Some(m), Some(s)) => (m.clone(), s.clone()),
-        _ => (dataset_mean.iter().map(|&v| v as f32).collect(), dataset_std.iter().map(|&v| (v as f32).max(1e-3)).collect()),
+        _ => (
+            dataset_mean.iter().map(|&v| v as f32).collect(),
+            dataset_std.iter().map(|&v| (v as f32).max(1e-3)).collect(),
+        ),
     };
     let pick = |v: &[f32], what: &str| -> Result<[f32; 3]> {
         match (v.len(), out_channels) {
@@ -138,22 +215,39 @@ fn resolve_norm(mean: &Option<Vec<f32>>, std: &Option<Vec<f32>>, out_channels: u
     };
     let mean = pick(&m, "mean")?;
     let std = pick(&s, "std")?;
-    Ok(Norm { mean, inv_std: std.map(|v| 1.0 / v) })
+    Ok(Norm {
+        mean,
+        inv_std: std.map(|v| 1.0 / v),
+    })
 }
 
 /// Converts an RGB view to 8-bit luma (PIL's `convert("L")`: (299 R + 587 G + 114 B) / 1000, rounded).
 fn to_gray<'a>(src: ImageView<'_>, buf: &'a mut Vec<u8>) -> ImageView<'a> {
     buf.clear();
     buf.extend(
-        src.pixels
-            .chunks_exact(3)
-            .map(|p| ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114 + 500) / 1000) as u8),
+        src.pixels.chunks_exact(3).map(|p| {
+            ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114 + 500) / 1000) as u8
+        }),
     );
-    ImageView { height: src.height, width: src.width, channels: 1, pixels: buf }
+    ImageView {
+        height: src.height,
+        width: src.width,
+        channels: 1,
+        pixels: buf,
+    }
 }
 
+simd_fn! {
 /// Normalises an HWC f32 image of `c_in` channels and writes it as `c_out` channels in `layout`.
-fn store(work: &[f32], hw: usize, c_in: usize, c_out: usize, norm: &Norm, layout: Layout, out: &mut [f32]) {
+fn store(
+    work: &[f32],
+    hw: usize,
+    c_in: usize,
+    c_out: usize,
+    norm: &Norm,
+    layout: Layout,
+    out: &mut [f32],
+) {
     debug_assert_eq!(out.len(), hw * c_out);
     match (layout, c_in, c_out) {
         (Layout::Nhwc, 3, 3) => {
@@ -186,6 +280,7 @@ fn store(work: &[f32], hw: usize, c_in: usize, c_out: usize, norm: &Norm, layout
         }
         _ => unreachable!("channel conversion {c_in} -> {c_out} is done before the pipeline"),
     }
+}
 }
 
 /// The shape of one group of crops in a batch: `count` crops of `height x width x channels`.
@@ -220,16 +315,51 @@ pub struct MultiCropTransform {
 impl MultiCropTransform {
     /// `out_channels` is 1 or 3; `dataset_mean`/`dataset_std` (the manifest's) are used when the config
     /// gives no normalisation.
-    pub fn new(cfg: &MultiCropConfig, out_channels: u8, layout: Layout, dataset_mean: &[f64], dataset_std: &[f64]) -> Result<Self> {
+    pub fn new(
+        cfg: &MultiCropConfig,
+        out_channels: u8,
+        layout: Layout,
+        dataset_mean: &[f64],
+        dataset_std: &[f64],
+    ) -> Result<Self> {
         cfg.validate()?;
         if !(out_channels == 1 || out_channels == 3) {
-            return Err(DataError::Config(format!("output channels must be 1 or 3 (got {out_channels})")));
+            return Err(DataError::Config(format!(
+                "output channels must be 1 or 3 (got {out_channels})"
+            )));
         }
         let c = out_channels as usize;
-        let norm = resolve_norm(&cfg.augment.mean, &cfg.augment.std, c, dataset_mean, dataset_std)?;
-        let shapes = cfg.groups.iter().map(|g| GroupShape { count: g.count, height: g.size, width: g.size, channels: c }).collect();
-        let group_of = cfg.groups.iter().enumerate().flat_map(|(i, g)| std::iter::repeat_n(i, g.count)).collect();
-        Ok(MultiCropTransform { cfg: cfg.clone(), out_channels: c, layout, norm, shapes, group_of })
+        let norm = resolve_norm(
+            &cfg.augment.mean,
+            &cfg.augment.std,
+            c,
+            dataset_mean,
+            dataset_std,
+        )?;
+        let shapes = cfg
+            .groups
+            .iter()
+            .map(|g| GroupShape {
+                count: g.count,
+                height: g.size,
+                width: g.size,
+                channels: c,
+            })
+            .collect();
+        let group_of = cfg
+            .groups
+            .iter()
+            .enumerate()
+            .flat_map(|(i, g)| std::iter::repeat_n(i, g.count))
+            .collect();
+        Ok(MultiCropTransform {
+            cfg: cfg.clone(),
+            out_channels: c,
+            layout,
+            norm,
+            shapes,
+            group_of,
+        })
     }
 
     /// One entry per crop group.
@@ -243,16 +373,48 @@ impl MultiCropTransform {
     }
 
     /// The random decision of crop `crop` (numbered across groups) of a `height x width` image.
-    pub fn decide(&self, seed: u64, epoch: u64, index: u64, crop: usize, height: usize, width: usize) -> CropDecision {
+    pub fn decide(
+        &self,
+        seed: u64,
+        epoch: u64,
+        index: u64,
+        crop: usize,
+        height: usize,
+        width: usize,
+    ) -> CropDecision {
         let g = &self.cfg.groups[self.group_of[crop]];
         let mut rng = SampleRng::for_crop(seed, epoch, index, crop as u64);
-        CropDecision::draw(&mut rng, &self.cfg.augment, height, width, [g.min_scale as f64, g.max_scale as f64])
+        CropDecision::draw(
+            &mut rng,
+            &self.cfg.augment,
+            height,
+            width,
+            [g.min_scale as f64, g.max_scale as f64],
+        )
     }
 
     /// Writes crop `crop` of `src` into `out` (`shapes()[group].crop_len()` floats, in the layout).
-    pub fn crop_into(&self, src: ImageView<'_>, seed: u64, epoch: u64, index: u64, crop: usize, scratch: &mut Scratch, out: &mut [f32]) {
-        let Scratch { resampler, work, blur: blur_scratch, gray } = scratch;
-        let src = if self.out_channels == 1 && src.channels == 3 { to_gray(src, gray) } else { src };
+    pub fn crop_into(
+        &self,
+        src: ImageView<'_>,
+        seed: u64,
+        epoch: u64,
+        index: u64,
+        crop: usize,
+        scratch: &mut Scratch,
+        out: &mut [f32],
+    ) {
+        let Scratch {
+            resampler,
+            work,
+            blur: blur_scratch,
+            gray,
+        } = scratch;
+        let src = if self.out_channels == 1 && src.channels == 3 {
+            to_gray(src, gray)
+        } else {
+            src
+        };
         let size = self.shapes[self.group_of[crop]].height;
         let d = self.decide(seed, epoch, index, crop, src.height, src.width);
         let c = src.channels;
@@ -261,7 +423,12 @@ impl MultiCropTransform {
             src,
             (d.crop.top, d.crop.left, d.crop.height, d.crop.width),
             (size, size),
-            Window { y0: 0, x0: 0, h: size, w: size },
+            Window {
+                y0: 0,
+                x0: 0,
+                h: size,
+                w: size,
+            },
             d.flip,
             1.0 / 255.0,
             work,
@@ -284,7 +451,15 @@ impl MultiCropTransform {
         if let Some(sigma) = d.blur_sigma {
             blur::gaussian_blur(work, size, size, c, sigma, blur_scratch);
         }
-        store(work, size * size, c, self.out_channels, &self.norm, self.layout, out);
+        store(
+            work,
+            size * size,
+            c,
+            self.out_channels,
+            &self.norm,
+            self.layout,
+            out,
+        );
     }
 
     /// All crops of one image, allocated (convenient for inspection; the loader uses `crop_into`).
@@ -310,18 +485,36 @@ pub struct EvalTransform {
 }
 
 impl EvalTransform {
-    pub fn new(cfg: &EvalConfig, out_channels: u8, layout: Layout, dataset_mean: &[f64], dataset_std: &[f64]) -> Result<Self> {
+    pub fn new(
+        cfg: &EvalConfig,
+        out_channels: u8,
+        layout: Layout,
+        dataset_mean: &[f64],
+        dataset_std: &[f64],
+    ) -> Result<Self> {
         cfg.validate()?;
         if !(out_channels == 1 || out_channels == 3) {
-            return Err(DataError::Config(format!("output channels must be 1 or 3 (got {out_channels})")));
+            return Err(DataError::Config(format!(
+                "output channels must be 1 or 3 (got {out_channels})"
+            )));
         }
         let c = out_channels as usize;
         let norm = resolve_norm(&cfg.mean, &cfg.std, c, dataset_mean, dataset_std)?;
-        Ok(EvalTransform { cfg: cfg.clone(), out_channels: c, layout, norm })
+        Ok(EvalTransform {
+            cfg: cfg.clone(),
+            out_channels: c,
+            layout,
+            norm,
+        })
     }
 
     pub fn shape(&self) -> GroupShape {
-        GroupShape { count: 1, height: self.cfg.crop, width: self.cfg.crop, channels: self.out_channels }
+        GroupShape {
+            count: 1,
+            height: self.cfg.crop,
+            width: self.cfg.crop,
+            channels: self.out_channels,
+        }
     }
 
     /// torchvision's `Resize(int)` output size: the shorter side becomes `resize`, the longer one
@@ -329,16 +522,31 @@ impl EvalTransform {
     pub fn resized_size(&self, height: usize, width: usize) -> (usize, usize) {
         let r = self.cfg.resize;
         if width <= height {
-            (((r as f64 * height as f64 / width as f64) as usize).max(1), r)
+            (
+                ((r as f64 * height as f64 / width as f64) as usize).max(1),
+                r,
+            )
         } else {
-            (r, ((r as f64 * width as f64 / height as f64) as usize).max(1))
+            (
+                r,
+                ((r as f64 * width as f64 / height as f64) as usize).max(1),
+            )
         }
     }
 
     /// Writes the transformed image into `out` (`shape().crop_len()` floats, in the layout).
     pub fn apply_into(&self, src: ImageView<'_>, scratch: &mut Scratch, out: &mut [f32]) {
-        let Scratch { resampler, work, gray, .. } = scratch;
-        let src = if self.out_channels == 1 && src.channels == 3 { to_gray(src, gray) } else { src };
+        let Scratch {
+            resampler,
+            work,
+            gray,
+            ..
+        } = scratch;
+        let src = if self.out_channels == 1 && src.channels == 3 {
+            to_gray(src, gray)
+        } else {
+            src
+        };
         let (oh, ow) = self.resized_size(src.height, src.width);
         let crop = self.cfg.crop;
         // torchvision CenterCrop: pad (zeros) by (crop - size) // 2 before, or crop at round((size - crop) / 2).
@@ -355,12 +563,25 @@ impl EvalTransform {
             src,
             (0, 0, src.height, src.width),
             (oh, ow),
-            Window { y0: offset(oh), x0: offset(ow), h: crop, w: crop },
+            Window {
+                y0: offset(oh),
+                x0: offset(ow),
+                h: crop,
+                w: crop,
+            },
             false,
             1.0 / 255.0,
             work,
         );
-        store(work, crop * crop, c, self.out_channels, &self.norm, self.layout, out);
+        store(
+            work,
+            crop * crop,
+            c,
+            self.out_channels,
+            &self.norm,
+            self.layout,
+            out,
+        );
     }
 
     /// The transformed image, allocated.

@@ -19,6 +19,8 @@ pub struct Coeffs {
     pub starts: Vec<usize>,
     pub lens: Vec<usize>,
     pub weights: Vec<f32>,
+    /// Every output has exactly `ksize` taps (see `compute`).
+    pub fixed: bool,
 }
 
 #[inline]
@@ -60,10 +62,30 @@ impl Coeffs {
             }
             let row = &mut self.weights[xx * ksize..(xx + 1) * ksize];
             for x in 0..xmax {
-                row[x] = if total != 0.0 { (k[x] / total) as f32 * gain } else { 0.0 };
+                row[x] = if total != 0.0 {
+                    (k[x] / total) as f32 * gain
+                } else {
+                    0.0
+                };
             }
             self.starts.push(xmin as usize);
             self.lens.push(xmax);
+        }
+        // Give every output the same number of taps (`ksize`, zero weights at the ends) inside
+        // [0, in_size), so that the inner loops have a fixed length; needs in_size >= ksize.
+        self.fixed = in_size >= ksize;
+        if self.fixed {
+            for xx in 0..out_size {
+                let (start, len) = (self.starts[xx], self.lens[xx]);
+                let new_start = start.min(in_size - ksize);
+                let shift = start - new_start;
+                let row = &mut self.weights[xx * ksize..(xx + 1) * ksize];
+                row.copy_within(0..len, shift);
+                row[..shift].fill(0.0);
+                row[shift + len..].fill(0.0);
+                self.starts[xx] = new_start;
+                self.lens[xx] = ksize;
+            }
         }
     }
 }
@@ -101,18 +123,18 @@ impl Resampler {
         gain: f32,
         out: &mut [f32],
     ) {
-        assert!(top + h <= src.height && left + w <= src.width && h > 0 && w > 0, "source box inside the image");
+        assert!(
+            top + h <= src.height && left + w <= src.width && h > 0 && w > 0,
+            "source box inside the image"
+        );
         assert_eq!(out.len(), window.h * window.w * src.channels);
         self.hx.compute(w, out_w, gain);
         self.vy.compute(h, out_h, 1.0);
-        match src.channels {
-            1 => self.run::<1>(src, top, left, (out_h, out_w), window, flip, out),
-            3 => self.run::<3>(src, top, left, (out_h, out_w), window, flip, out),
-            c => panic!("unsupported channel count {c}"),
-        }
+        dispatch(self, src, top, left, (out_h, out_w), window, flip, out);
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn run<const C: usize>(
         &mut self,
         src: ImageView<'_>,
@@ -135,31 +157,92 @@ impl Resampler {
         let cols = wx1 - wx0;
         // Source rows needed by the window's output rows.
         let ry0 = self.vy.starts[wy0];
-        let ry1 = (wy0..wy1).map(|y| self.vy.starts[y] + self.vy.lens[y]).max().unwrap_or(ry0);
+        let ry1 = (wy0..wy1)
+            .map(|y| self.vy.starts[y] + self.vy.lens[y])
+            .max()
+            .unwrap_or(ry0);
         let row_len = cols * C;
         self.tmp.clear();
         self.tmp.resize((ry1 - ry0) * row_len, 0.0);
 
         // Horizontal pass: source rows ry0..ry1 of the box -> tmp (window columns only, flipped if asked).
         let ksize = self.hx.ksize;
+        if self.hx.fixed && ksize == 3 {
+            // Enlarging (the common case): three taps, unrolled.
+            self.horizontal_fixed::<C, 3>(src, top, left, ry0, ry1, wx0, wx1, flip);
+        } else if self.hx.fixed && ksize == 5 {
+            self.horizontal_fixed::<C, 5>(src, top, left, ry0, ry1, wx0, wx1, flip);
+        } else {
+            for r in ry0..ry1 {
+                let srow =
+                    &src.pixels[((top + r) * src.width + left) * C..][..(src.width - left) * C];
+                let trow = &mut self.tmp[(r - ry0) * row_len..][..row_len];
+                for xx in wx0..wx1 {
+                    let start = self.hx.starts[xx];
+                    let taps = &self.hx.weights[xx * ksize..][..self.hx.lens[xx]];
+                    let mut acc = [0.0f32; C];
+                    let px = &srow[start * C..][..taps.len() * C];
+                    for (t, &wt) in taps.iter().enumerate() {
+                        for c in 0..C {
+                            acc[c] += px[t * C + c] as f32 * wt;
+                        }
+                    }
+                    let col = if flip { wx1 - 1 - xx } else { xx - wx0 };
+                    trow[col * C..col * C + C].copy_from_slice(&acc);
+                }
+            }
+        }
+
+        self.vertical::<C>(out, win, (wx0, wx1), (wy0, wy1), ry0, flip);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn horizontal_fixed<const C: usize, const K: usize>(
+        &mut self,
+        src: ImageView<'_>,
+        top: usize,
+        left: usize,
+        ry0: usize,
+        ry1: usize,
+        wx0: usize,
+        wx1: usize,
+        flip: bool,
+    ) {
+        let row_len = (wx1 - wx0) * C;
         for r in ry0..ry1 {
             let srow = &src.pixels[((top + r) * src.width + left) * C..][..(src.width - left) * C];
             let trow = &mut self.tmp[(r - ry0) * row_len..][..row_len];
             for xx in wx0..wx1 {
                 let start = self.hx.starts[xx];
-                let taps = &self.hx.weights[xx * ksize..][..self.hx.lens[xx]];
+                let taps: &[f32; K] = self.hx.weights[xx * K..(xx + 1) * K]
+                    .try_into()
+                    .expect("K taps");
+                let px: &[u8] = &srow[start * C..(start + K) * C];
                 let mut acc = [0.0f32; C];
-                let px = &srow[start * C..][..taps.len() * C];
-                for (t, &wt) in taps.iter().enumerate() {
+                for t in 0..K {
                     for c in 0..C {
-                        acc[c] += px[t * C + c] as f32 * wt;
+                        acc[c] += px[t * C + c] as f32 * taps[t];
                     }
                 }
                 let col = if flip { wx1 - 1 - xx } else { xx - wx0 };
                 trow[col * C..col * C + C].copy_from_slice(&acc);
             }
         }
+    }
 
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn vertical<const C: usize>(
+        &self,
+        out: &mut [f32],
+        win: Window,
+        (wx0, wx1): (usize, usize),
+        (wy0, wy1): (usize, usize),
+        ry0: usize,
+        flip: bool,
+    ) {
+        let row_len = (wx1 - wx0) * C;
         // Vertical pass: tmp -> out rows (window coordinates).
         let out_row_len = win.w * C;
         // Where the existing columns land inside the window row (flip mirrors the whole window).
@@ -182,4 +265,15 @@ impl Resampler {
             }
         }
     }
+}
+
+simd_fn! {
+#[allow(clippy::too_many_arguments)]
+fn dispatch(r: &mut Resampler, src: ImageView<'_>, top: usize, left: usize, out_size: (usize, usize), window: Window, flip: bool, out: &mut [f32]) {
+    match src.channels {
+        1 => r.run::<1>(src, top, left, out_size, window, flip, out),
+        3 => r.run::<3>(src, top, left, out_size, window, flip, out),
+        c => panic!("unsupported channel count {c}"),
+    }
+}
 }

@@ -55,7 +55,9 @@ impl Default for PreprocessOptions {
             resize: None,
             codec: Codec::RawZstd,
             shard_size_mib: 256,
-            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             overwrite: false,
             max_pixels: 100_000_000,
             zstd_level: 3,
@@ -101,20 +103,37 @@ enum Source {
 
 /// The result of one input.
 enum Outcome {
-    Record { label: Option<u32>, image_shape: (u32, u32, u8), payload: Vec<u8>, codec: Codec, sums: [u64; 6] },
-    Skip { rel: String, reason: String },
+    Record {
+        label: Option<u32>,
+        image_shape: (u32, u32, u8),
+        payload: Vec<u8>,
+        codec: Codec,
+        sums: [u64; 6],
+    },
+    Skip {
+        rel: String,
+        reason: String,
+    },
 }
 
 /// Runs a preprocessing job; `progress` is called from the writer thread after each input.
-pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)) -> Result<PreprocessReport> {
+pub fn preprocess(
+    opts: &PreprocessOptions,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<PreprocessReport> {
     let start = Instant::now();
     let input = &opts.input;
     if !input.exists() {
-        return Err(DataError::Input { path: input.clone(), problem: "does not exist".into() });
+        return Err(DataError::Input {
+            path: input.clone(),
+            problem: "does not exist".into(),
+        });
     }
     check_output(opts)?;
     if opts.shard_size_mib == 0 || opts.max_pixels == 0 || !(1..=100).contains(&opts.jpeg_quality) {
-        return Err(DataError::Config("shard size and max pixels must be positive, JPEG quality in 1..=100".into()));
+        return Err(DataError::Config(
+            "shard size and max pixels must be positive, JPEG quality in 1..=100".into(),
+        ));
     }
 
     // 1. What to import.
@@ -130,7 +149,13 @@ pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)
         idx_source(&file, opts.max_pixels)?
     } else {
         let s = scan::scan_folder(input)?;
-        (Source::Files(s.entries), s.classes, s.labelled, s.skipped, "folder")
+        (
+            Source::Files(s.entries),
+            s.classes,
+            s.labelled,
+            s.skipped,
+            "folder",
+        )
     };
     let total = match &source {
         Source::Files(f) => f.len(),
@@ -177,11 +202,19 @@ pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)
         let mut next = 0;
         let mut result = Ok(());
         while next < total {
-            let Ok((i, outcome)) = out_rx.recv() else { break };
+            let Ok((i, outcome)) = out_rx.recv() else {
+                break;
+            };
             pending.insert(i, outcome);
             while let Some(outcome) = pending.remove(&next) {
                 match outcome {
-                    Outcome::Record { label, image_shape, payload, codec, sums } => {
+                    Outcome::Record {
+                        label,
+                        image_shape,
+                        payload,
+                        codec,
+                        sums,
+                    } => {
                         if result.is_ok() {
                             result = writer.add(label, image_shape, codec, &payload, &sums);
                         }
@@ -190,7 +223,12 @@ pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)
                 }
                 next += 1;
                 let _ = token_tx.send(());
-                progress(Progress { done: next, total, written: writer.written, skipped: skipped.len() });
+                progress(Progress {
+                    done: next,
+                    total,
+                    written: writer.written,
+                    skipped: skipped.len(),
+                });
             }
             if result.is_err() {
                 break;
@@ -203,14 +241,20 @@ pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)
     })?;
 
     if writer.written == 0 {
-        let mut problem = format!("no image could be imported ({} input(s) skipped)", skipped.len());
+        let mut problem = format!(
+            "no image could be imported ({} input(s) skipped)",
+            skipped.len()
+        );
         for s in skipped.iter().take(5) {
             problem.push_str(&format!("\n  {}: {}", s.path, s.reason));
         }
         if total == 0 {
             problem = "no image found in the input folder".into();
         }
-        return Err(DataError::Input { path: input.clone(), problem });
+        return Err(DataError::Input {
+            path: input.clone(),
+            problem,
+        });
     }
     skipped.sort();
     let shards = writer.finish()?;
@@ -282,30 +326,63 @@ fn single_idx_in(dir: &Path) -> Result<Option<PathBuf>> {
             path: dir.to_owned(),
             problem: format!(
                 "holds several IDX image files ({}): pass one of them with --input",
-                found.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect::<Vec<_>>().join(", ")
+                found
+                    .iter()
+                    .map(|p| p
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }),
     }
 }
 
-fn process_one(source: &Source, i: usize, opts: &PreprocessOptions, resampler: &mut Resampler, bytes: &mut Vec<u8>) -> Outcome {
+fn process_one(
+    source: &Source,
+    i: usize,
+    opts: &PreprocessOptions,
+    resampler: &mut Resampler,
+    bytes: &mut Vec<u8>,
+) -> Outcome {
     let (label, rel, decoded) = match source {
         Source::Files(files) => {
             let f = &files[i];
-            (f.label, f.rel.clone(), decode::decode_file(&f.path, opts.max_pixels, bytes))
+            (
+                f.label,
+                f.rel.clone(),
+                decode::decode_file(&f.path, opts.max_pixels, bytes),
+            )
         }
         Source::Idx(d) => {
             let n = d.rows * d.cols;
-            let image = Image { height: d.rows as u32, width: d.cols as u32, channels: 1, pixels: d.pixels[i * n..(i + 1) * n].to_vec() };
+            let image = Image {
+                height: d.rows as u32,
+                width: d.cols as u32,
+                channels: 1,
+                pixels: d.pixels[i * n..(i + 1) * n].to_vec(),
+            };
             bytes.clear();
-            (Some(d.labels[i] as u32), format!("#{i}"), Ok(decode::Decoded { image, is_jpeg: false }))
+            (
+                Some(d.labels[i] as u32),
+                format!("#{i}"),
+                Ok(decode::Decoded {
+                    image,
+                    is_jpeg: false,
+                }),
+            )
         }
     };
     let decoded = match decoded {
         Ok(d) => d,
         Err(reason) => return Outcome::Skip { rel, reason },
     };
-    let (image, resized) = match opts.resize.and_then(|s| decode::shrink(&decoded.image, s, resampler)) {
+    let (image, resized) = match opts
+        .resize
+        .and_then(|s| decode::shrink(&decoded.image, s, resampler))
+    {
         Some(small) => (small, true),
         None => (decoded.image, false),
     };
@@ -323,7 +400,10 @@ fn process_one(source: &Source, i: usize, opts: &PreprocessOptions, resampler: &
             codec: opts.codec,
             sums: pixel_sums(&image),
         },
-        Err(e) => Outcome::Skip { rel, reason: format!("cannot encode: {e}") },
+        Err(e) => Outcome::Skip {
+            rel,
+            reason: format!("cannot encode: {e}"),
+        },
     }
 }
 
@@ -331,7 +411,9 @@ fn process_one(source: &Source, i: usize, opts: &PreprocessOptions, resampler: &
 fn pixel_sums(img: &Image) -> [u64; 6] {
     let mut s = [0u64; 6];
     if img.channels == 1 {
-        let (a, b) = img.pixels.iter().fold((0u64, 0u64), |(a, b), &v| (a + v as u64, b + (v as u64) * (v as u64)));
+        let (a, b) = img.pixels.iter().fold((0u64, 0u64), |(a, b), &v| {
+            (a + v as u64, b + (v as u64) * (v as u64))
+        });
         s = [a, a, a, b, b, b];
     } else {
         for p in img.pixels.chunks_exact(3) {
@@ -359,10 +441,27 @@ struct Writer {
 
 impl Writer {
     fn new(dir: PathBuf, limit: u64, classes: usize) -> Writer {
-        Writer { dir, limit, current: None, shards: Vec::new(), written: 0, channels: 1, class_counts: vec![0; classes], sums: [0; 6], pixels: 0 }
+        Writer {
+            dir,
+            limit,
+            current: None,
+            shards: Vec::new(),
+            written: 0,
+            channels: 1,
+            class_counts: vec![0; classes],
+            sums: [0; 6],
+            pixels: 0,
+        }
     }
 
-    fn add(&mut self, label: Option<u32>, (h, w, c): (u32, u32, u8), codec: Codec, payload: &[u8], sums: &[u64; 6]) -> Result<()> {
+    fn add(
+        &mut self,
+        label: Option<u32>,
+        (h, w, c): (u32, u32, u8),
+        codec: Codec,
+        payload: &[u8],
+        sums: &[u64; 6],
+    ) -> Result<()> {
         let len = (RECORD_HEADER_LEN + payload.len()) as u64;
         if let Some(cur) = &self.current {
             if cur.records() > 0 && cur.bytes() + len > self.limit {
@@ -373,7 +472,10 @@ impl Writer {
             let name = format!("shard-{:05}.bin", self.shards.len());
             self.current = Some(ShardWriter::create(&self.dir.join(name))?);
         }
-        self.current.as_mut().expect("opened above").append(label, h, w, c, codec, payload)?;
+        self.current
+            .as_mut()
+            .expect("opened above")
+            .append(label, h, w, c, codec, payload)?;
         self.written += 1;
         self.channels = self.channels.max(c);
         if let Some(l) = label {
@@ -412,7 +514,9 @@ impl Writer {
 
     fn mean(&self) -> Vec<f64> {
         let n = self.pixels.max(1) as f64 * 255.0;
-        (0..self.channel_count()).map(|c| self.sums[c] as f64 / n).collect()
+        (0..self.channel_count())
+            .map(|c| self.sums[c] as f64 / n)
+            .collect()
     }
 
     fn std(&self) -> Vec<f64> {
@@ -447,20 +551,30 @@ fn absolute(p: &Path) -> PathBuf {
 
 fn check_output(opts: &PreprocessOptions) -> Result<()> {
     let out = &opts.output;
-    let bad = |problem: String| Err(DataError::Output { path: out.clone(), problem });
+    let bad = |problem: String| {
+        Err(DataError::Output {
+            path: out.clone(),
+            problem,
+        })
+    };
     if out.file_name().is_none() {
         return bad("give a directory name for the output".into());
     }
     let (ai, ao) = (absolute(&opts.input), absolute(out));
     if ao.starts_with(&ai) || ai.starts_with(&ao) {
-        return bad(format!("the output and the input ({}) must not contain each other", opts.input.display()));
+        return bad(format!(
+            "the output and the input ({}) must not contain each other",
+            opts.input.display()
+        ));
     }
     if std::fs::symlink_metadata(out).is_ok() {
         if !opts.overwrite {
             return bad("already exists; pass --overwrite to replace it (the old dataset is replaced only once the new one is complete)".into());
         }
         let is_dataset = out.join("manifest.json").is_file();
-        let is_empty_dir = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
+        let is_empty_dir = std::fs::read_dir(out)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
         if !(out.is_dir() && (is_dataset || is_empty_dir)) {
             return bad("exists and is not a swav-data dataset (no manifest.json); refusing to replace it: choose another --output or remove it yourself".into());
         }
@@ -487,14 +601,19 @@ impl TempDir {
             std::fs::remove_dir_all(&path).map_err(|e| DataError::io(&path, e))?;
         }
         std::fs::create_dir(&path).map_err(|e| DataError::io(&path, e))?;
-        Ok(TempDir { path, committed: false })
+        Ok(TempDir {
+            path,
+            committed: false,
+        })
     }
 
     /// Moves the finished directory to `output` (replacing an old dataset there).
     fn commit(mut self, output: &Path) -> Result<()> {
         let old = if std::fs::symlink_metadata(output).is_ok() {
             let name = output.file_name().expect("checked").to_string_lossy();
-            let old = self.path.with_file_name(format!(".{name}.old-{}", std::process::id()));
+            let old = self
+                .path
+                .with_file_name(format!(".{name}.old-{}", std::process::id()));
             std::fs::rename(output, &old).map_err(|e| DataError::io(output, e))?;
             Some(old)
         } else {
