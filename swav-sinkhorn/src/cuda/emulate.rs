@@ -169,15 +169,23 @@ int main(int argc, char** argv) {
 }
 "#;
 
-/// The compiled emulator, built once per test run; None (with the reason printed) when there is no
-/// C++ compiler.
+/// The compiled emulator, cached in the temp folder under a hash of its source (so edits to the kernels
+/// rebuild it); None (with the reason printed) when there is no C++ compiler.
 fn emulator() -> Option<&'static Path> {
     static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
     BIN.get_or_init(|| {
+        let source = format!("{SHIM}\n{KERNELS_CU}\n{NAIVE_CU}\n{DRIVER}");
+        let hash = source.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let bin = std::env::temp_dir().join(format!("swav-sinkhorn-emulator-{hash:016x}"));
+        if bin.exists() {
+            return Some(bin);
+        }
         let dir = scratch_dir("build");
         let src = dir.join("emulate.cpp");
-        std::fs::write(&src, format!("{SHIM}\n{KERNELS_CU}\n{NAIVE_CU}\n{DRIVER}")).unwrap();
-        let bin = dir.join("emulate");
+        std::fs::write(&src, &source).unwrap();
+        let built = dir.join("emulate");
         let out = match Command::new("c++")
             .args([
                 "-std=c++20",
@@ -188,7 +196,7 @@ fn emulator() -> Option<&'static Path> {
                 "-Werror",
                 "-o",
             ])
-            .arg(&bin)
+            .arg(&built)
             .arg(&src)
             .output()
         {
@@ -203,6 +211,9 @@ fn emulator() -> Option<&'static Path> {
             "the CUDA kernels do not compile as C++:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // Atomic publish: concurrent test processes may build the same emulator.
+        std::fs::rename(&built, &bin).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
         Some(bin)
     })
     .as_deref()
