@@ -1,5 +1,6 @@
 //! CUDA against the CPU on fresh random inputs. Runs where a GPU exists; elsewhere each test prints
-//! "SKIPPED: no CUDA device (reason)" and passes (after checking that the failure is an error, not a panic).
+//! "SKIPPED: no CUDA device (reason)" and passes (after checking that the failure is an error, not a
+//! panic), unless `SWAV_REQUIRE_CUDA=1`.
 
 mod common;
 
@@ -10,14 +11,25 @@ use swav_sinkhorn::{
     relative_error, sinkhorn, sinkhorn_ranks, LocalGroup, Params, SingleProcess, SinkhornError,
 };
 
+/// The device's stream, or None (printing why) when there is no usable CUDA device. With
+/// `SWAV_REQUIRE_CUDA=1` (the GPU check script) a missing device is a failure. A device whose kernels do
+/// not compile or load always is.
 fn device() -> Option<Arc<cuda::cudarc::driver::CudaStream>> {
-    match cuda::open_stream(0).and_then(|s| CudaSinkhorn::new(&s).map(|_| s)) {
-        Ok(stream) => Some(stream),
+    match cuda::open_stream(0) {
+        Ok(stream) => {
+            if let Err(e) = CudaSinkhorn::new(&stream) {
+                panic!("a CUDA device is present but the Sinkhorn kernels do not load: {e}");
+            }
+            Some(stream)
+        }
         Err(e) => {
             assert!(
                 matches!(e, SinkhornError::Cuda(_)),
                 "unexpected error kind: {e:?}"
             );
+            if std::env::var("SWAV_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+                panic!("SWAV_REQUIRE_CUDA=1 but there is no CUDA device: {e}");
+            }
             eprintln!("SKIPPED: no CUDA device ({e})");
             None
         }
