@@ -26,7 +26,10 @@ macro_rules! simd_fn {
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     imp($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                if $crate::augment::simd_enabled()
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
                     // SAFETY: the CPU supports the features `avx2` is compiled for (checked just above).
                     return unsafe { avx2($($arg),*) };
                 }
@@ -39,6 +42,20 @@ macro_rules! simd_fn {
 pub mod blur;
 pub mod color;
 pub mod resample;
+
+static SIMD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Allows (the default) or forbids the AVX2 versions of the kernels, process-wide. Results are the
+/// same either way; this exists to check that, and to measure the difference.
+pub fn set_simd_enabled(enabled: bool) {
+    SIMD.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[doc(hidden)]
+#[inline(always)]
+pub fn simd_enabled() -> bool {
+    SIMD.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 use serde::{Deserialize, Serialize};
 

@@ -48,7 +48,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         workers,
         prefetch: args.prefetch,
         layout: if args.nchw { Layout::Nchw } else { Layout::Nhwc },
-        channels: Some(3),
+        // Three-value (ImageNet) normalisation needs RGB output; otherwise keep the dataset's channels.
+        channels: crops.augment.mean.as_ref().filter(|m| m.len() == 3).map(|_| 3),
         ..LoaderConfig::default()
     };
     let mut loader = MultiCropLoader::new(&ds, &crops, &cfg)?;
