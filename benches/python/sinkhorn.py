@@ -37,6 +37,9 @@ def main():
     parser.add_argument("--iterations", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("PyTorch on cuda: not measured (no CUDA device)")
+        return
     gen = torch.Generator().manual_seed(0)
     print(f"PyTorch {torch.__version__}, device {args.device}, {torch.get_num_threads()} CPU threads")
     for shape in args.shapes.split(","):

@@ -18,11 +18,15 @@
 
 use crate::math::{clamp_scale, exp, not_finite, sanitize};
 use crate::{Params, Problem, Reducer, SinkhornError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Rows per tile (the unit of work and of partial column sums).
 pub(crate) const TILE_ROWS: usize = 16;
-/// Below this many elements one thread is faster than starting more.
-const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
+/// Below this many elements (4M; 256 x 3000 takes ~1.5 ms on one core) one thread is used: starting
+/// threads for every pass costs little on an idle machine, but on a busy one (data loader threads)
+/// each pass can wait milliseconds for a time slice.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 22;
 /// Independent accumulators in row reductions (fixed, so results do not depend on the SIMD width).
 const LANES: usize = 8;
 
@@ -133,29 +137,33 @@ fn choose_threads(requested: usize, elements: usize, tiles: usize) -> usize {
     wanted.clamp(1, tiles.max(1))
 }
 
-/// Runs `f` on every item, on `threads` threads (contiguous runs of items per thread, the calling thread
-/// taking the first run).
+/// Runs `f` on every item, on up to `threads` threads including the calling one. Items are claimed one at
+/// a time, so a thread that the OS starts late (a busy machine) simply gets fewer; which thread runs an
+/// item never changes the result.
 fn parallel<T: Send, F: Fn(T) + Sync>(threads: usize, items: Vec<T>, f: F) {
     let n = items.len();
     if threads <= 1 || n <= 1 {
         items.into_iter().for_each(f);
         return;
     }
-    let threads = threads.min(n);
-    let mut runs: Vec<Vec<T>> = (0..threads)
-        .map(|_| Vec::with_capacity(n / threads + 1))
-        .collect();
-    for (i, it) in items.into_iter().enumerate() {
-        runs[i * threads / n].push(it);
-    }
-    let f = &f;
-    std::thread::scope(|scope| {
-        let mut runs = runs.into_iter();
-        let mine = runs.next().unwrap_or_default();
-        for run in runs {
-            scope.spawn(move || run.into_iter().for_each(f));
+    let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|it| Mutex::new(Some(it))).collect();
+    let next = AtomicUsize::new(0);
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(slot) = slots.get(i) else { break };
+        let item = slot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(item) = item {
+            f(item);
         }
-        mine.into_iter().for_each(f);
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads.min(n) {
+            scope.spawn(work);
+        }
+        work();
     });
 }
 
