@@ -62,6 +62,19 @@ class MultiCrop(torch.utils.data.Dataset):
         return [t(img) for t in self.transforms]
 
 
+def cpu_seconds(pids):
+    """User + system CPU time of these processes (Linux /proc), or None."""
+    total = 0.0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+    return total
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("images")
@@ -79,11 +92,16 @@ def main():
                                          persistent_workers=args.workers > 0)
     it = iter(loader)
     next(it)
+    pids = [os.getpid()] + [w.pid for w in getattr(it, "_workers", [])]
+    cpu0 = cpu_seconds(pids)
     n, t0 = 0, time.time()
     while time.time() - t0 < args.seconds:
         n += next(it)[0].shape[0]
     rate = n / (time.time() - t0)
+    cpu1 = cpu_seconds(pids)
     print(f"{rate:.1f} images/s (torchvision {__import__('torchvision').__version__} + PIL, {args.workers} workers)")
+    if cpu0 is not None and cpu1 is not None:
+        print(f"{(cpu1 - cpu0) * 1e3 / n:.2f} ms of CPU per image (all processes)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,29 @@
 //! Sharded, memory-mapped image datasets and the SwAV multi-crop loader.
 //!
 //! - [`preprocess()`] turns an image folder or IDX files into a dataset directory: `manifest.json` plus
-//!   `shard-NNNNN.bin` files of checksummed records (see [`shard`](crate::shard) for the format).
+//!   `shard-NNNNN.bin` files of checksummed records (see [`shard`] for the format).
 //! - [`Dataset`] opens one for random access (memory-mapped, every record verified when read).
 //! - [`MultiCropLoader`] produces SwAV training batches (crops grouped by resolution, crop-major, f32,
 //!   NHWC or NCHW) from a [`MultiCropConfig`]; [`EvalLoader`] produces evaluation batches.
 //!
 //! Grayscale images are stored with one channel; loaders output the dataset's channel count unless asked
 //! for 1 or 3 ([`LoaderConfig::channels`]).
+//!
+//! ```no_run
+//! use swav_data::{preprocess, Dataset, LoaderConfig, MultiCropConfig, MultiCropLoader, PreprocessOptions};
+//!
+//! let opts = PreprocessOptions { input: "photos/".into(), output: "data/photos".into(), ..Default::default() };
+//! preprocess(&opts, &|_progress| {})?;
+//! let ds = Dataset::open("data/photos")?;
+//! let cfg = LoaderConfig { batch_size: 64, seed: 31, ..Default::default() };
+//! let mut loader = MultiCropLoader::new(&ds, &MultiCropConfig::official(), &cfg)?;
+//! for batch in loader.epoch(0) {
+//!     let batch = batch?;
+//!     assert_eq!(batch.group(0).shape, [2 * 64, 224, 224, 3]); // crop-major: all crop 0, then all crop 1
+//!     assert_eq!(batch.group(1).shape, [6 * 64, 96, 96, 3]);
+//! }
+//! # Ok::<(), swav_data::DataError>(())
+//! ```
 
 pub mod augment;
 mod codec;

@@ -112,7 +112,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .find_map(|l| l.split_whitespace().next().filter(|_| l.contains("images/s")).and_then(|v| v.parse().ok()))
             .with_context(|| format!("no images/s figure in the baseline's output: {text}"))?;
         println!("torchvision+PIL baseline: {base:.1} images/s ({workers} worker processes)");
-        println!("ratio: {:.2}x", rate / base);
+        println!("ratio: {:.2}x (images/s)", rate / base);
+        let base_cpu: Option<f64> = text
+            .lines()
+            .find(|l| l.contains("ms of CPU per image"))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok());
+        if let (Some(b), Some(ours)) = (base_cpu, cpu) {
+            let ours_ms = ours * 1e3 / images as f64;
+            println!("baseline: {b:.2} ms of CPU per image; CPU ratio {:.2}x (robust to other load on the machine)", b / ours_ms);
+        }
     }
     Ok(())
 }
