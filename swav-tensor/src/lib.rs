@@ -26,3 +26,11 @@ pub use error::TensorError;
 pub use tensor::Tensor;
 
 pub type Result<T, E = TensorError> = std::result::Result<T, E>;
+
+/// Sets the number of CPU compute threads (once, before the first op runs).
+pub fn set_threads(n: usize) -> Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| TensorError::Device(format!("cannot set {n} compute threads: {e}")))
+}

@@ -16,4 +16,10 @@ pub enum TrainError {
     Io { path: String, source: std::io::Error },
     #[error("reference case {path}: {detail}")]
     Reference { path: String, detail: String },
+    #[error(transparent)]
+    Data(#[from] swav_data::DataError),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("the loss became {loss} at step {step}: training stopped; the last good checkpoint is {checkpoint}. Lower the learning rate (train.base_lr) or check the data")]
+    NonFinite { step: usize, loss: f64, checkpoint: String },
 }

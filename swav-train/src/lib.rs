@@ -8,8 +8,16 @@ pub use swav_sinkhorn as sinkhorn;
 pub use swav_tensor as tensor;
 
 pub mod assign;
+pub mod checkpoint;
+pub mod config;
 pub mod error;
+pub mod lars;
 pub mod loss;
+pub mod metrics;
+pub mod queue;
 pub mod reference;
+pub mod schedule;
+pub mod step;
+pub mod trainer;
 
 pub use error::TrainError;

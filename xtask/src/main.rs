@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod preprocess;
+mod train;
 mod verify_reference;
 
 #[derive(Parser)]
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Turn an image folder or IDX files into a sharded, checksummed dataset.
     Preprocess(preprocess::Args),
+    /// Pretrain with SwAV on a preprocessed dataset (resumes an existing run directory).
+    Train(train::Args),
     /// Check the numerics against PyTorch reference cases (safetensors files).
     VerifyReference(verify_reference::Args),
     /// Benchmarks: data loading, training step, Sinkhorn.
@@ -29,6 +32,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Preprocess(args) => preprocess::run(args),
+        Command::Train(args) => train::run(args),
         Command::VerifyReference(args) => verify_reference::run(args),
         Command::Bench(args) => bench::run(args),
     };

@@ -1,5 +1,8 @@
 //! `cargo xtask verify-reference <file.safetensors>...`: run PyTorch reference cases, print relative errors.
 
+use anyhow::bail;
+use swav_train::reference::verify_case;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Reference case files (safetensors with a `kind` in their metadata).
@@ -7,6 +10,33 @@ pub struct Args {
     files: Vec<std::path::PathBuf>,
 }
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("verify-reference is not built yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for file in &args.files {
+        let report = match verify_case(file) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("{}: ERROR {e}", file.display());
+                failed += 1;
+                continue;
+            }
+        };
+        println!("{} ({})", file.display(), report.kind);
+        for c in &report.checks {
+            let verdict = if !c.pass() {
+                "FAIL".to_string()
+            } else if c.by_baseline() {
+                format!("PASS (float32 conditioning: PyTorch float32 error {:.2e})", c.float32_baseline.unwrap_or(f64::NAN))
+            } else {
+                "PASS".to_string()
+            };
+            println!("  {:<56} {:>10.3e}  tol {:.0e}  {verdict}", c.name, c.rel_err, c.tol);
+        }
+        failed += report.checks.iter().filter(|c| !c.pass()).count();
+    }
+    if failed > 0 {
+        bail!("{failed} tensor(s) out of tolerance");
+    }
+    println!("all reference checks pass");
+    Ok(())
 }

@@ -1,0 +1,115 @@
+//! `cargo xtask train`: SwAV pretraining on a preprocessed dataset (swav-train).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use swav_train::config::{self, PRESETS};
+use swav_train::tensor::Device;
+use swav_train::trainer::{train, TrainOptions};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Dataset directory written by `cargo xtask preprocess`.
+    #[arg(long, required_unless_present = "list_presets")]
+    data: Option<PathBuf>,
+    /// Where the configuration, metrics and checkpoints go; an existing run resumes.
+    #[arg(long, required_unless_present = "list_presets")]
+    run_dir: Option<PathBuf>,
+    /// A built-in configuration (see --list-presets).
+    #[arg(long, conflicts_with = "config")]
+    preset: Option<String>,
+    /// A TOML configuration file with [model], [crops] and [train] tables.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a configuration value by its dotted path, e.g. --set train.base_lr=0.3 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Number of epochs (same as --set train.epochs=N).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Stop after this many iterations in total (a checkpoint is saved; run again to continue).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the built-in presets and exit.
+    #[arg(long)]
+    list_presets: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.list_presets {
+        for p in PRESETS {
+            println!("{:<28} {}", p.name, p.about);
+        }
+        return Ok(());
+    }
+    let (data, run_dir) = (args.data.expect("required by clap"), args.run_dir.expect("required by clap"));
+    Device::parse(&args.device)?;
+    if let Some(n) = args.threads {
+        rayon_threads(n)?;
+    }
+    let mut overrides = args.set.clone();
+    if let Some(e) = args.epochs {
+        overrides.push(format!("train.epochs={e}"));
+    }
+    let stored = run_dir.join("config.toml");
+    let (source, origin) = match (&args.config, &args.preset) {
+        (Some(path), _) => (std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?, path.display().to_string()),
+        (None, Some(name)) => (config::preset(name)?.toml.to_string(), format!("preset {name}")),
+        (None, None) if stored.exists() => (std::fs::read_to_string(&stored).with_context(|| format!("reading {}", stored.display()))?, stored.display().to_string()),
+        (None, None) => bail!("choose a configuration with --preset <name> (see --list-presets) or --config <file.toml>"),
+    };
+    let config = config::load(&source, &overrides).with_context(|| format!("configuration from {origin}"))?;
+    if !data.exists() {
+        bail!("dataset directory {} does not exist (make one with `cargo xtask preprocess`)", data.display());
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving a checkpoint after this step (press Ctrl-C again to quit at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+
+    let m = &config.model;
+    tracing::info!(
+        "training {:?} (width {}, {} stem) on {} with {} crops, batch {}, {} epochs",
+        m.arch,
+        m.width(),
+        if m.small_stem { "small" } else { "standard" },
+        data.display(),
+        config.crops.groups.iter().map(|g| format!("{}x{}", g.count, g.size)).collect::<Vec<_>>().join("+"),
+        config.train.batch_size,
+        config.train.epochs
+    );
+    let opts = TrainOptions { run_dir: run_dir.clone(), data_dir: data, max_steps: args.max_steps, stop, progress: true };
+    let out = train(&config, &opts)?;
+    let loss = out.last_loss.map_or("-".into(), |l| format!("{l:.4}"));
+    if out.interrupted {
+        println!("interrupted at step {}; checkpoint {}; run the same command to resume", out.steps, out.checkpoint.display());
+    } else {
+        println!(
+            "{} steps ({} epochs) done, last loss {loss}, {:.1} images/s; checkpoint {}",
+            out.steps,
+            out.epochs_completed,
+            out.images_per_s,
+            out.checkpoint.display()
+        );
+    }
+    Ok(())
+}
+
+fn rayon_threads(n: usize) -> anyhow::Result<()> {
+    swav_train::tensor::set_threads(n).context("setting the number of compute threads")
+}
