@@ -1,7 +1,8 @@
 //! Sinkhorn-Knopp on CUDA, on the caller's stream and device buffers (no host round trip).
 //!
 //! The kernels (`kernels.cu`) are compiled with NVRTC the first time a context uses them and cached for
-//! the life of the process; the launches follow the same passes as the CPU code (see `plan.rs` and the
+//! the life of the process. They compute the same quantities as the CPU code with passes suited to a
+//! memory-bound device: `iterations + 1` reads of the scores, one write of `Q` (see `plan.rs` and the
 //! crate documentation). Everything is loaded at run time (cudarc `dynamic-loading`): on a machine without
 //! a driver or a GPU, [`open_stream`] and [`CudaSinkhorn::new`] return [`SinkhornError::Cuda`] saying why.
 //!
@@ -338,7 +339,7 @@ pub struct CudaSinkhorn {
 }
 
 impl CudaSinkhorn {
-    /// Kernels for `stream`'s context (compiled at the first use in that context, about 0.1 s).
+    /// Kernels for `stream`'s context (compiled with NVRTC at the first use in that context).
     pub fn new(stream: &Arc<CudaStream>) -> Result<CudaSinkhorn, SinkhornError> {
         let ctx = stream.context();
         let kernels = kernels_for(ctx)?;
