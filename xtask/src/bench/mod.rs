@@ -4,6 +4,7 @@ use clap::Subcommand;
 
 mod data;
 mod sinkhorn;
+mod step;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,11 +18,14 @@ enum Bench {
     Data(data::Args),
     /// Sinkhorn-Knopp on CPU and CUDA against the official-order baseline and naive kernels.
     Sinkhorn(sinkhorn::Args),
+    /// Milliseconds per SwAV training step, optionally beside PyTorch (same model, crops, batch, threads).
+    Step(step::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         Bench::Data(a) => data::run(a),
         Bench::Sinkhorn(a) => sinkhorn::run(a),
+        Bench::Step(a) => step::run(a),
     }
 }

@@ -1,0 +1,183 @@
+//! `cargo xtask bench step`: milliseconds per SwAV training step (multi-crop forward, Sinkhorn codes,
+//! swapped loss, backward, SGD step) on random crops, and, with `--python`, the same step in PyTorch
+//! (`benches/python/step.py`) on the same machine with the same threads, with the ratio.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use swav_train::config::TrainConfig;
+use swav_train::lars::Lars;
+use swav_train::model::{Arch, ModelConfig, SwavModel};
+use swav_train::step::{swav_step, SwavState};
+use swav_train::tensor::{Device, Tensor};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// rn18-small (ResNet-18 small stem, 2x28+4x16, batch 64) or rn50 (ResNet-50, 2x224+6x96, batch 8);
+    /// the options below override its fields.
+    #[arg(long, default_value = "rn18-small")]
+    preset: String,
+    #[arg(long)]
+    arch: Option<String>,
+    #[arg(long)]
+    crops: Option<String>,
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Measured steps (after the warm-up steps).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// A Python with torch and torchvision: also run the PyTorch step and print the ratio.
+    #[arg(long)]
+    python: Option<PathBuf>,
+}
+
+struct Setup {
+    arch: String,
+    small_stem: bool,
+    crops: Vec<(usize, usize)>,
+    batch: usize,
+}
+
+fn setup(a: &Args) -> anyhow::Result<Setup> {
+    let mut s = match a.preset.as_str() {
+        "rn18-small" => Setup { arch: "resnet18".into(), small_stem: true, crops: vec![(2, 28), (4, 16)], batch: 64 },
+        "rn50" => Setup { arch: "resnet50".into(), small_stem: false, crops: vec![(2, 224), (6, 96)], batch: 8 },
+        other => bail!("unknown step preset `{other}` (rn18-small or rn50)"),
+    };
+    if let Some(arch) = &a.arch {
+        s.arch = arch.clone();
+    }
+    if let Some(b) = a.batch {
+        s.batch = b;
+    }
+    if let Some(c) = &a.crops {
+        s.crops = c
+            .split(',')
+            .map(|p| {
+                let (n, size) = p.split_once('x').context("crops look like 2x28,4x16")?;
+                Ok((n.parse()?, size.parse()?))
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    Ok(s)
+}
+
+/// Peak resident memory of this process (Linux), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    Device::parse(&a.device)?;
+    let s = setup(&a)?;
+    let cfg = ModelConfig {
+        arch: Arch::parse(&s.arch)?,
+        width: None,
+        small_stem: s.small_stem,
+        in_channels: 3,
+        hidden_mlp: 2048,
+        head_bn: true,
+        feat_dim: 128,
+        prototypes: vec![3000],
+    };
+    let train = TrainConfig {
+        epochs: 1,
+        batch_size: s.batch,
+        base_lr: 0.1,
+        final_lr: 0.1,
+        warmup_epochs: 0,
+        start_warmup: 0.0,
+        weight_decay: 1e-6,
+        momentum: 0.9,
+        lars: false,
+        trust_coefficient: 0.001,
+        temperature: 0.1,
+        epsilon: 0.05,
+        sinkhorn_iterations: 3,
+        crops_for_assign: vec![0, 1],
+        freeze_prototypes_niters: 0,
+        queue_length: 0,
+        epoch_queue_starts: 0,
+        seed: 0,
+        workers: 0,
+        prefetch: 1,
+        checkpoint_every_epochs: 1,
+        keep_checkpoints: 1,
+    };
+    let crops_text = s.crops.iter().map(|(n, sz)| format!("{n}x{sz}")).collect::<Vec<_>>().join(",");
+    let threads = rayon_threads();
+    println!("SwAV step: {} {}stem, crops {crops_text}, batch {}, {threads} threads, cpu", s.arch, if s.small_stem { "small " } else { "" }, s.batch);
+    let mut state = SwavState { model: SwavModel::new(cfg, 0)?, optimizer: Lars::new(0.9, 1e-6, 0.001, false), queue: None };
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut times = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        let groups: Vec<Tensor> = s
+            .crops
+            .iter()
+            .map(|&(n, size)| {
+                let len = n * s.batch * size * size * 3;
+                let data = (0..len)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                    })
+                    .collect();
+                Tensor::from_vec(&[n * s.batch, size, size, 3], data)
+            })
+            .collect::<Result<_, _>>()?;
+        let t0 = Instant::now();
+        let stats = swav_step(&mut state, &train, groups, s.batch, i, 0.1)?;
+        let dt = t0.elapsed().as_secs_f64();
+        if i >= a.warmup {
+            times.push(dt);
+        }
+        eprintln!("  step {i}: {:.1} ms (loss {:.3}){}", dt * 1e3, stats.loss, if i < a.warmup { " warm-up" } else { "" });
+    }
+    times.sort_by(f64::total_cmp);
+    let ours = times[times.len() / 2] * 1e3;
+    let rss = peak_rss_mib();
+    println!(
+        "swav-rs: {ours:.1} ms/step, {:.1} images/s, peak RSS {}",
+        s.batch as f64 / ours * 1e3,
+        rss.map_or("?".into(), |r| format!("{r:.0} MiB"))
+    );
+    if let Some(py) = &a.python {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../benches/python/step.py");
+        let mut cmd = Command::new(py);
+        cmd.arg(&script)
+            .args(["--arch", &s.arch, "--crops", &crops_text, "--batch", &s.batch.to_string()])
+            .args(["--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string(), "--threads", &threads.to_string()]);
+        if s.small_stem {
+            cmd.arg("--small-stem");
+        }
+        let out = cmd.output().with_context(|| format!("running {}", py.display()))?;
+        if !out.status.success() {
+            bail!("the PyTorch baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let line = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or("")).context("reading the baseline's JSON")?;
+        let theirs = v["step_ms"].as_f64().context("step_ms")?;
+        println!(
+            "PyTorch {}: {theirs:.1} ms/step, peak RSS {:.0} MiB",
+            v["torch"].as_str().unwrap_or("?"),
+            v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
+        );
+        println!("ratio (PyTorch time / swav-rs time): {:.2}x", theirs / ours);
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    swav_train::tensor::Device::Cpu.threads()
+}
