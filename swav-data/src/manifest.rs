@@ -62,6 +62,9 @@ pub struct Parameters {
     pub jpeg_quality: u8,
     pub shard_size_mib: u64,
     pub max_pixels: u64,
+    /// The input positions imported (`[start, end)`), when only a part was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select: Option<[usize; 2]>,
     /// How grayscale inputs are stored.
     pub grayscale: String,
     /// The writer: `swav-data <version>`.

@@ -45,6 +45,9 @@ pub struct PreprocessOptions {
     pub zstd_level: i32,
     /// Quality of re-encoded JPEGs.
     pub jpeg_quality: u8,
+    /// Import only the inputs at these positions of the input order (sorted file paths, or the
+    /// records of an IDX file), e.g. `0..8000` and `8000..10000` to split one source in two.
+    pub select: Option<std::ops::Range<usize>>,
 }
 
 impl Default for PreprocessOptions {
@@ -62,6 +65,7 @@ impl Default for PreprocessOptions {
             max_pixels: 100_000_000,
             zstd_level: 3,
             jpeg_quality: 95,
+            select: None,
         }
     }
 }
@@ -157,10 +161,22 @@ pub fn preprocess(
             "folder",
         )
     };
-    let total = match &source {
+    let available = match &source {
         Source::Files(f) => f.len(),
         Source::Idx(d) => d.count,
     };
+    let selected = match &opts.select {
+        Some(r) if r.start >= r.end || r.end > available => {
+            return Err(DataError::Config(format!(
+                "selection {}..{} is not within the {available} inputs",
+                r.start, r.end
+            )))
+        }
+        Some(r) => r.clone(),
+        None => 0..available,
+    };
+    let first = selected.start;
+    let total = selected.len();
 
     // 2. Temporary output directory (removed on failure).
     let tmp = TempDir::create(&opts.output)?;
@@ -190,7 +206,7 @@ pub fn preprocess(
                 let mut resampler = Resampler::default();
                 let mut bytes = Vec::new();
                 while let Ok(i) = rx.recv() {
-                    let outcome = process_one(source, i, opts, &mut resampler, &mut bytes);
+                    let outcome = process_one(source, first + i, opts, &mut resampler, &mut bytes);
                     if tx.send((i, outcome)).is_err() {
                         break;
                     }
@@ -277,6 +293,7 @@ pub fn preprocess(
             jpeg_quality: opts.jpeg_quality,
             shard_size_mib: opts.shard_size_mib,
             max_pixels: opts.max_pixels,
+            select: opts.select.as_ref().map(|r| [r.start, r.end]),
             grayscale: "stored with 1 channel".into(),
             created_by: format!("swav-data {}", env!("CARGO_PKG_VERSION")),
         },
