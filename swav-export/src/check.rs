@@ -45,7 +45,11 @@ pub fn random_images(n: usize, channels: usize, size: usize, seed: u64) -> Named
         data.push((r * t.sin()) as f32);
     }
     data.truncate(len);
-    NamedArray { name: INPUT_NAME.into(), shape: vec![n, channels, size, size], data }
+    NamedArray {
+        name: INPUT_NAME.into(),
+        shape: vec![n, channels, size, size],
+        data,
+    }
 }
 
 /// NCHW -> NHWC.
@@ -65,25 +69,52 @@ pub fn nchw_to_nhwc(shape: &[usize], data: &[f32]) -> Vec<f32> {
 }
 
 /// swav-model's evaluation-mode outputs for NCHW `images`, named as the ONNX graph's outputs.
-pub fn reference_outputs(model: &SwavModel, images: &NamedArray, with_head: bool) -> Result<Vec<NamedArray>> {
+pub fn reference_outputs(
+    model: &SwavModel,
+    images: &NamedArray,
+    with_head: bool,
+) -> Result<Vec<NamedArray>> {
     let &[n, c, h, w] = images.shape.as_slice() else {
-        return Err(ExportError::Options(format!("images must be NCHW, got shape {:?}", images.shape)));
+        return Err(ExportError::Options(format!(
+            "images must be NCHW, got shape {:?}",
+            images.shape
+        )));
     };
-    let x = Tensor::from_vec(&[n, h, w, c], nchw_to_nhwc(&images.shape, &images.data)).map_err(swav_model::ModelError::from)?;
+    let x = Tensor::from_vec(&[n, h, w, c], nchw_to_nhwc(&images.shape, &images.data))
+        .map_err(swav_model::ModelError::from)?;
     let names = output_names(model, with_head);
-    let arr = |name: &str, t: Tensor| NamedArray { name: name.into(), shape: t.shape().to_vec(), data: t.into_vec() };
+    let arr = |name: &str, t: Tensor| NamedArray {
+        name: name.into(),
+        shape: t.shape().to_vec(),
+        data: t.into_vec(),
+    };
     if !with_head {
         return Ok(vec![arr(&names[0], model.features(&x)?)]);
     }
     let (features, out) = model.forward_eval(&x)?;
     let mut all = vec![arr(&names[0], features), arr(&names[1], out.embedding)];
-    all.extend(out.scores.into_iter().zip(&names[2..]).map(|(t, name)| arr(name, t)));
+    all.extend(
+        out.scores
+            .into_iter()
+            .zip(&names[2..])
+            .map(|(t, name)| arr(name, t)),
+    );
     Ok(all)
 }
 
 /// Writes `images.npy` and one `.npy` per output into `dir` (created if needed); returns the paths.
-pub fn write_check_data(dir: &Path, model: &SwavModel, with_head: bool, batch: usize, size: usize, seed: u64) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|source| ExportError::Write { path: dir.display().to_string(), source })?;
+pub fn write_check_data(
+    dir: &Path,
+    model: &SwavModel,
+    with_head: bool,
+    batch: usize,
+    size: usize,
+    seed: u64,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|source| ExportError::Write {
+        path: dir.display().to_string(),
+        source,
+    })?;
     let images = random_images(batch, model.config.in_channels, size, seed);
     let outputs = reference_outputs(model, &images, with_head)?;
     let mut paths = Vec::new();
@@ -99,7 +130,13 @@ pub fn write_check_data(dir: &Path, model: &SwavModel, with_head: bool, batch: u
 pub fn npy_bytes(a: &NamedArray) -> Vec<u8> {
     let shape = match a.shape.as_slice() {
         [d] => format!("({d},)"),
-        dims => format!("({})", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        dims => format!(
+            "({})",
+            dims.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
     // magic (6) + version (2) + header length (2) + header, padded with spaces to a multiple of 64,
@@ -117,17 +154,29 @@ pub fn npy_bytes(a: &NamedArray) -> Vec<u8> {
 
 /// Reads a little-endian float32, C-order `.npy` file (what [`npy_bytes`] writes).
 pub fn read_npy(path: &Path) -> Result<NamedArray> {
-    let bad = |detail: String| ExportError::CheckData { path: path.display().to_string(), detail };
+    let bad = |detail: String| ExportError::CheckData {
+        path: path.display().to_string(),
+        detail,
+    };
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" || bytes[6] != 1 {
         return Err(bad("not a version 1 .npy file".into()));
     }
     let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = bytes.get(10..10 + hlen).and_then(|h| std::str::from_utf8(h).ok()).ok_or_else(|| bad("truncated header".into()))?;
+    let header = bytes
+        .get(10..10 + hlen)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("truncated header".into()))?;
     if !header.contains("'descr': '<f4'") || !header.contains("'fortran_order': False") {
-        return Err(bad(format!("only little-endian float32 in C order is read, header {header:?}")));
+        return Err(bad(format!(
+            "only little-endian float32 in C order is read, header {header:?}"
+        )));
     }
-    let shape_str = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).ok_or_else(|| bad("no shape".into()))?;
+    let shape_str = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad("no shape".into()))?;
     let shape = shape_str
         .split(',')
         .map(str::trim)
@@ -136,9 +185,18 @@ pub fn read_npy(path: &Path) -> Result<NamedArray> {
         .collect::<Result<Vec<_>>>()?;
     let body = &bytes[10 + hlen..];
     if body.len() != 4 * shape.iter().product::<usize>() {
-        return Err(bad(format!("{} data bytes for shape {shape:?}", body.len())));
+        return Err(bad(format!(
+            "{} data bytes for shape {shape:?}",
+            body.len()
+        )));
     }
-    let data = body.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let data = body
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Ok(NamedArray { name, shape, data })
 }

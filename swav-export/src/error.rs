@@ -6,7 +6,11 @@ pub enum ExportError {
     #[error(transparent)]
     Model(#[from] swav_model::ModelError),
     #[error("checkpoint metadata `{key}` = {value:?}: {detail}")]
-    Metadata { key: String, value: String, detail: String },
+    Metadata {
+        key: String,
+        value: String,
+        detail: String,
+    },
     #[error("preprocessing: {0}")]
     Preprocessing(String),
     #[error("export options: {0}")]
@@ -20,7 +24,10 @@ pub enum ExportError {
     #[error("check data {path}: {detail}")]
     CheckData { path: String, detail: String },
     #[error("writing {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = ExportError> = std::result::Result<T, E>;

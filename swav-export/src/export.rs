@@ -65,7 +65,13 @@ pub struct ExportOptions {
 
 impl Default for ExportOptions {
     fn default() -> Self {
-        ExportOptions { with_head: false, opset: DEFAULT_OPSET, batch: BatchDim::Dynamic, fold_batchnorm: true, static_input_size: false }
+        ExportOptions {
+            with_head: false,
+            opset: DEFAULT_OPSET,
+            batch: BatchDim::Dynamic,
+            fold_batchnorm: true,
+            static_input_size: false,
+        }
     }
 }
 
@@ -98,7 +104,11 @@ pub fn output_names(model: &SwavModel, with_head: bool) -> Vec<String> {
     if with_head {
         names.push("embedding".into());
         for i in 0..model.prototypes.heads.len() {
-            names.push(if i == 0 { "scores".into() } else { format!("scores_{i}") });
+            names.push(if i == 0 {
+                "scores".into()
+            } else {
+                format!("scores_{i}")
+            });
         }
     }
     names
@@ -117,14 +127,24 @@ pub fn ir_version(opset: i64) -> i64 {
 /// Encodes the model's evaluation-mode forward as an ONNX model.
 pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> Result<Exported> {
     if !OPSETS.contains(&opts.opset) {
-        return Err(ExportError::Options(format!("opset {} is not supported (use {} to {})", opts.opset, OPSETS.start(), OPSETS.end())));
+        return Err(ExportError::Options(format!(
+            "opset {} is not supported (use {} to {})",
+            opts.opset,
+            OPSETS.start(),
+            OPSETS.end()
+        )));
     }
     if opts.batch == BatchDim::Fixed(0) {
-        return Err(ExportError::Options("a fixed batch size must be positive".into()));
+        return Err(ExportError::Options(
+            "a fixed batch size must be positive".into(),
+        ));
     }
     let cfg = &model.config;
     if pre.mean.len() != cfg.in_channels || pre.std.len() != cfg.in_channels {
-        return Err(ExportError::Preprocessing(format!("mean and std need {} values, one per input channel", cfg.in_channels)));
+        return Err(ExportError::Preprocessing(format!(
+            "mean and std need {} values, one per input channel",
+            cfg.in_channels
+        )));
     }
     let mut g = Graph::new(opts.opset);
     let features = backbone(&mut g, model, INPUT_NAME, opts.fold_batchnorm)?;
@@ -133,26 +153,60 @@ pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> 
         BatchDim::Dynamic => Dim::Named("batch".into()),
         BatchDim::Fixed(n) => Dim::Fixed(n),
     };
-    let mut outputs = vec![(ValueInfo { name: features, dims: vec![batch.clone(), Dim::Fixed(cfg.feature_dim())] }, FEATURES_DOC.to_string())];
+    let mut outputs = vec![(
+        ValueInfo {
+            name: features,
+            dims: vec![batch.clone(), Dim::Fixed(cfg.feature_dim())],
+        },
+        FEATURES_DOC.to_string(),
+    )];
     if opts.with_head {
         let h = head(&mut g, &model.head, &outputs[0].0.name, opts.fold_batchnorm)?;
         let norm = g.reduce_l2_axis1(&h, "embedding.norm");
         let eps = g.init_f32("embedding.eps", &[], &[L2_EPS]);
         let clamped = g.node("Max", &[&norm, &eps], "embedding.norm_clamped", &[]);
         let embedding = g.node("Div", &[&h, &clamped], &names[1], &[]);
-        outputs.push((ValueInfo { name: embedding.clone(), dims: vec![batch.clone(), Dim::Fixed(cfg.feat_dim)] }, EMBEDDING_DOC.into()));
+        outputs.push((
+            ValueInfo {
+                name: embedding.clone(),
+                dims: vec![batch.clone(), Dim::Fixed(cfg.feat_dim)],
+            },
+            EMBEDDING_DOC.into(),
+        ));
         let multi = model.prototypes.heads.len() > 1;
         for (i, proto) in model.prototypes.heads.iter().enumerate() {
-            let pname = if multi { format!("prototypes.prototypes{i}") } else { "prototypes".into() };
+            let pname = if multi {
+                format!("prototypes.prototypes{i}")
+            } else {
+                "prototypes".into()
+            };
             let w = check_linear(&pname, proto)?;
             let k = w.0;
             if proto.bias.is_some() {
-                return Err(ExportError::Tensor { name: format!("{pname}.bias"), detail: "prototypes have no bias".into() });
+                return Err(ExportError::Tensor {
+                    name: format!("{pname}.bias"),
+                    detail: "prototypes have no bias".into(),
+                });
             }
-            let wn = g.init_f32(&format!("{pname}.weight"), &[w.0, w.1], proto.weight.value.as_slice());
-            let scores = g.node("Gemm", &[&embedding, &wn], &names[2 + i], &[Attr::Int("transB", 1)]);
+            let wn = g.init_f32(
+                &format!("{pname}.weight"),
+                &[w.0, w.1],
+                proto.weight.value.as_slice(),
+            );
+            let scores = g.node(
+                "Gemm",
+                &[&embedding, &wn],
+                &names[2 + i],
+                &[Attr::Int("transB", 1)],
+            );
             let doc = format!("{SCORES_DOC} (prototype head {i}, {k} prototypes)");
-            outputs.push((ValueInfo { name: scores, dims: vec![batch.clone(), Dim::Fixed(k)] }, doc));
+            outputs.push((
+                ValueInfo {
+                    name: scores,
+                    dims: vec![batch.clone(), Dim::Fixed(k)],
+                },
+                doc,
+            ));
         }
     }
 
@@ -161,25 +215,56 @@ pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> 
     } else {
         (Dim::Named("height".into()), Dim::Named("width".into()))
     };
-    let input = ValueInfo { name: INPUT_NAME.into(), dims: vec![batch, Dim::Fixed(cfg.in_channels), h, w] };
+    let input = ValueInfo {
+        name: INPUT_NAME.into(),
+        dims: vec![batch, Dim::Fixed(cfg.in_channels), h, w],
+    };
     let metadata = metadata(model, pre, opts, &names)?;
     let ir = ir_version(opts.opset);
     let node_count = g.nodes.len();
     let graph = Msg::new()
         .msgs(f::GRAPH_NODE, std::mem::take(&mut g.nodes))
-        .string(f::GRAPH_NAME, if opts.with_head { "swav" } else { "swav_backbone" })
+        .string(
+            f::GRAPH_NAME,
+            if opts.with_head {
+                "swav"
+            } else {
+                "swav_backbone"
+            },
+        )
         .msgs(f::GRAPH_INITIALIZER, std::mem::take(&mut g.initializers))
         .string(f::GRAPH_DOC_STRING, &graph_doc(model, opts))
-        .msg(f::GRAPH_INPUT, value_info(INPUT_NAME, &input.dims, &input_doc(pre)))
-        .msgs(f::GRAPH_OUTPUT, outputs.iter().map(|(v, doc)| value_info(&v.name, &v.dims, doc)));
+        .msg(
+            f::GRAPH_INPUT,
+            value_info(INPUT_NAME, &input.dims, &input_doc(pre)),
+        )
+        .msgs(
+            f::GRAPH_OUTPUT,
+            outputs
+                .iter()
+                .map(|(v, doc)| value_info(&v.name, &v.dims, doc)),
+        );
     let model_proto = Msg::new()
         .int(f::MODEL_IR_VERSION, ir)
         .string(f::MODEL_PRODUCER_NAME, "swav-rs")
         .string(f::MODEL_PRODUCER_VERSION, env!("CARGO_PKG_VERSION"))
-        .string(f::MODEL_DOC_STRING, "SwAV-pretrained backbone exported by swav-rs; see the metadata for the preprocessing.")
+        .string(
+            f::MODEL_DOC_STRING,
+            "SwAV-pretrained backbone exported by swav-rs; see the metadata for the preprocessing.",
+        )
         .msg(f::MODEL_GRAPH, graph)
-        .msg(f::MODEL_OPSET_IMPORT, Msg::new().string(f::OPSET_DOMAIN, "").int(f::OPSET_VERSION, opts.opset))
-        .msgs(f::MODEL_METADATA_PROPS, metadata.iter().map(|(k, v)| Msg::new().string(f::ENTRY_KEY, k).string(f::ENTRY_VALUE, v)));
+        .msg(
+            f::MODEL_OPSET_IMPORT,
+            Msg::new()
+                .string(f::OPSET_DOMAIN, "")
+                .int(f::OPSET_VERSION, opts.opset),
+        )
+        .msgs(
+            f::MODEL_METADATA_PROPS,
+            metadata
+                .iter()
+                .map(|(k, v)| Msg::new().string(f::ENTRY_KEY, k).string(f::ENTRY_VALUE, v)),
+        );
     let len = model_proto.encoded_len();
     if len > i32::MAX as usize {
         return Err(ExportError::TooLarge { bytes: len });
@@ -212,16 +297,34 @@ fn graph_doc(model: &SwavModel, opts: &ExportOptions) -> String {
     format!(
         "{:?}{} width {}{}, evaluation mode (batch norm running statistics{})",
         c.arch,
-        if c.small_stem { " (small-image stem)" } else { "" },
+        if c.small_stem {
+            " (small-image stem)"
+        } else {
+            ""
+        },
         c.width(),
-        if opts.with_head { " with projection head and prototypes" } else { "" },
-        if opts.fold_batchnorm { ", folded into the preceding layers" } else { "" }
+        if opts.with_head {
+            " with projection head and prototypes"
+        } else {
+            ""
+        },
+        if opts.fold_batchnorm {
+            ", folded into the preceding layers"
+        } else {
+            ""
+        }
     )
 }
 
-fn metadata(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions, outputs: &[String]) -> Result<Vec<(String, String)>> {
+fn metadata(
+    model: &SwavModel,
+    pre: &Preprocessing,
+    opts: &ExportOptions,
+    outputs: &[String],
+) -> Result<Vec<(String, String)>> {
     let json = |v: &[f32]| serde_json::to_string(v).expect("finite floats serialise");
-    let config = serde_json::to_string(&model.config).map_err(|e| ExportError::Options(format!("model configuration: {e}")))?;
+    let config = serde_json::to_string(&model.config)
+        .map_err(|e| ExportError::Options(format!("model configuration: {e}")))?;
     let mut m = vec![
         (META_MEAN.to_string(), json(&pre.mean)),
         (META_STD.to_string(), json(&pre.std)),
@@ -236,7 +339,15 @@ fn metadata(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions, output
         _ => {}
     }
     m.push(("outputs".into(), outputs.join(",")));
-    m.push(("batchnorm".into(), if opts.fold_batchnorm { "folded" } else { "BatchNormalization" }.into()));
+    m.push((
+        "batchnorm".into(),
+        if opts.fold_batchnorm {
+            "folded"
+        } else {
+            "BatchNormalization"
+        }
+        .into(),
+    ));
     m.push(("model_config".into(), config));
     Ok(m)
 }
@@ -251,7 +362,11 @@ fn backbone(g: &mut Graph, model: &SwavModel, input: &str, fold: bool) -> Result
             "MaxPool",
             &[&x],
             "maxpool",
-            &[Attr::Ints("kernel_shape", &[3, 3]), Attr::Ints("strides", &[2, 2]), Attr::Ints("pads", &[1, 1, 1, 1])],
+            &[
+                Attr::Ints("kernel_shape", &[3, 3]),
+                Attr::Ints("strides", &[2, 2]),
+                Attr::Ints("pads", &[1, 1, 1, 1]),
+            ],
         );
     }
     for (s, stage) in r.stages.iter().enumerate() {
@@ -263,20 +378,45 @@ fn backbone(g: &mut Graph, model: &SwavModel, input: &str, fold: bool) -> Result
     Ok(g.node("Flatten", &[&pooled], "features", &[Attr::Int("axis", 1)]))
 }
 
-fn residual_block(g: &mut Graph, p: &str, block: &Block, input: &str, fold: bool) -> Result<String> {
+fn residual_block(
+    g: &mut Graph,
+    p: &str,
+    block: &Block,
+    input: &str,
+    fold: bool,
+) -> Result<String> {
     if block.convs.is_empty() || block.convs.len() != block.bns.len() {
-        return Err(ExportError::Tensor { name: format!("{p}.conv1.weight"), detail: "a block needs one batch norm per convolution".into() });
+        return Err(ExportError::Tensor {
+            name: format!("{p}.conv1.weight"),
+            detail: "a block needs one batch norm per convolution".into(),
+        });
     }
     let last = block.convs.len() - 1;
     let mut x = input.to_string();
     for (i, (conv, bn)) in block.convs.iter().zip(&block.bns).enumerate() {
-        x = conv_bn(g, &format!("{p}.conv{}", i + 1), conv, &format!("{p}.bn{}", i + 1), bn, &x, fold)?;
+        x = conv_bn(
+            g,
+            &format!("{p}.conv{}", i + 1),
+            conv,
+            &format!("{p}.bn{}", i + 1),
+            bn,
+            &x,
+            fold,
+        )?;
         if i < last {
             x = g.node("Relu", &[&x], &format!("{p}.relu{}", i + 1), &[]);
         }
     }
     let shortcut = match &block.downsample {
-        Some(ds) => conv_bn(g, &format!("{p}.downsample.0"), &ds.conv, &format!("{p}.downsample.1"), &ds.bn, input, fold)?,
+        Some(ds) => conv_bn(
+            g,
+            &format!("{p}.downsample.0"),
+            &ds.conv,
+            &format!("{p}.downsample.1"),
+            &ds.bn,
+            input,
+            fold,
+        )?,
         None => input.to_string(),
     };
     let sum = g.node("Add", &[&x, &shortcut], &format!("{p}.add"), &[]);
@@ -285,38 +425,91 @@ fn residual_block(g: &mut Graph, p: &str, block: &Block, input: &str, fold: bool
 
 /// Per-channel `s = gamma / sqrt(var + eps)` and `t = beta - mean s` (f64), after checking the lengths.
 fn bn_affine(name: &str, bn: &BatchNorm, channels: usize) -> Result<(Vec<f64>, Vec<f64>)> {
-    for (suffix, t) in [("weight", &bn.weight.value), ("bias", &bn.bias.value), ("running_mean", &bn.running_mean), ("running_var", &bn.running_var)] {
+    for (suffix, t) in [
+        ("weight", &bn.weight.value),
+        ("bias", &bn.bias.value),
+        ("running_mean", &bn.running_mean),
+        ("running_var", &bn.running_var),
+    ] {
         if t.shape() != [channels] {
             return Err(ExportError::Tensor {
                 name: format!("{name}.{suffix}"),
-                detail: format!("shape {:?}, the layer before it has {channels} output channels", t.shape()),
+                detail: format!(
+                    "shape {:?}, the layer before it has {channels} output channels",
+                    t.shape()
+                ),
             });
         }
     }
     let (gamma, beta) = (bn.weight.value.as_slice(), bn.bias.value.as_slice());
     let (mean, var) = (bn.running_mean.as_slice(), bn.running_var.as_slice());
-    let s: Vec<f64> = (0..channels).map(|c| gamma[c] as f64 / (var[c] as f64 + bn.eps as f64).sqrt()).collect();
-    let t = (0..channels).map(|c| beta[c] as f64 - mean[c] as f64 * s[c]).collect();
+    let s: Vec<f64> = (0..channels)
+        .map(|c| gamma[c] as f64 / (var[c] as f64 + bn.eps as f64).sqrt())
+        .collect();
+    let t = (0..channels)
+        .map(|c| beta[c] as f64 - mean[c] as f64 * s[c])
+        .collect();
     Ok((s, t))
 }
 
 /// `BatchNormalization` with the running statistics (inference form).
-fn batchnorm_node(g: &mut Graph, name: &str, bn: &BatchNorm, channels: usize, input: &str) -> Result<String> {
+fn batchnorm_node(
+    g: &mut Graph,
+    name: &str,
+    bn: &BatchNorm,
+    channels: usize,
+    input: &str,
+) -> Result<String> {
     bn_affine(name, bn, channels)?;
-    let scale = g.init_f32(&format!("{name}.weight"), &[channels], bn.weight.value.as_slice());
-    let bias = g.init_f32(&format!("{name}.bias"), &[channels], bn.bias.value.as_slice());
-    let mean = g.init_f32(&format!("{name}.running_mean"), &[channels], bn.running_mean.as_slice());
-    let var = g.init_f32(&format!("{name}.running_var"), &[channels], bn.running_var.as_slice());
-    Ok(g.node("BatchNormalization", &[input, &scale, &bias, &mean, &var], name, &[Attr::Float("epsilon", bn.eps)]))
+    let scale = g.init_f32(
+        &format!("{name}.weight"),
+        &[channels],
+        bn.weight.value.as_slice(),
+    );
+    let bias = g.init_f32(
+        &format!("{name}.bias"),
+        &[channels],
+        bn.bias.value.as_slice(),
+    );
+    let mean = g.init_f32(
+        &format!("{name}.running_mean"),
+        &[channels],
+        bn.running_mean.as_slice(),
+    );
+    let var = g.init_f32(
+        &format!("{name}.running_var"),
+        &[channels],
+        bn.running_var.as_slice(),
+    );
+    Ok(g.node(
+        "BatchNormalization",
+        &[input, &scale, &bias, &mean, &var],
+        name,
+        &[Attr::Float("epsilon", bn.eps)],
+    ))
 }
 
-fn conv_bn(g: &mut Graph, conv_name: &str, conv: &Conv2d, bn_name: &str, bn: &BatchNorm, input: &str, fold: bool) -> Result<String> {
+fn conv_bn(
+    g: &mut Graph,
+    conv_name: &str,
+    conv: &Conv2d,
+    bn_name: &str,
+    bn: &BatchNorm,
+    input: &str,
+    fold: bool,
+) -> Result<String> {
     let shape = conv.weight.value.shape();
     let &[o, kh, kw, i] = shape else {
-        return Err(ExportError::Tensor { name: format!("{conv_name}.weight"), detail: format!("shape {shape:?} (OHWI) is not 4-D") });
+        return Err(ExportError::Tensor {
+            name: format!("{conv_name}.weight"),
+            detail: format!("shape {shape:?} (OHWI) is not 4-D"),
+        });
     };
     if o == 0 || i == 0 || kh == 0 || kw == 0 {
-        return Err(ExportError::Tensor { name: format!("{conv_name}.weight"), detail: format!("shape {shape:?} (OHWI) has an empty dimension") });
+        return Err(ExportError::Tensor {
+            name: format!("{conv_name}.weight"),
+            detail: format!("shape {shape:?} (OHWI) has an empty dimension"),
+        });
     }
     let (dims, mut w) = swav_model::checkpoint::ohwi_to_oihw(shape, conv.weight.value.as_slice());
     let (s, p) = (conv.stride as i64, conv.pad as i64);
@@ -329,7 +522,8 @@ fn conv_bn(g: &mut Graph, conv_name: &str, conv: &Conv2d, bn_name: &str, bn: &Ba
         let (scale, shift) = bn_affine(bn_name, bn, o)?;
         let per_out = i * kh * kw;
         for (c, row) in w.chunks_exact_mut(per_out).enumerate() {
-            row.iter_mut().for_each(|v| *v = (*v as f64 * scale[c]) as f32);
+            row.iter_mut()
+                .for_each(|v| *v = (*v as f64 * scale[c]) as f32);
         }
         let bias: Vec<f32> = shift.iter().map(|&v| v as f32).collect();
         let wn = g.init_f32(&format!("{conv_name}.weight"), &dims, &w);
@@ -346,18 +540,31 @@ fn conv_bn(g: &mut Graph, conv_name: &str, conv: &Conv2d, bn_name: &str, bn: &Ba
 fn check_linear(name: &str, l: &Linear) -> Result<(usize, usize)> {
     let shape = l.weight.value.shape();
     let &[o, i] = shape else {
-        return Err(ExportError::Tensor { name: format!("{name}.weight"), detail: format!("shape {shape:?} is not 2-D [out, in]") });
+        return Err(ExportError::Tensor {
+            name: format!("{name}.weight"),
+            detail: format!("shape {shape:?} is not 2-D [out, in]"),
+        });
     };
     if let Some(b) = &l.bias {
         if b.value.shape() != [o] {
-            return Err(ExportError::Tensor { name: format!("{name}.bias"), detail: format!("shape {:?}, expected [{o}]", b.value.shape()) });
+            return Err(ExportError::Tensor {
+                name: format!("{name}.bias"),
+                detail: format!("shape {:?}, expected [{o}]", b.value.shape()),
+            });
         }
     }
     Ok((o, i))
 }
 
 /// `Gemm(x, W^T) + b`, with an optional batch norm folded in (`W' = diag(s) W`, `b' = s b + t`).
-fn linear(g: &mut Graph, name: &str, l: &Linear, bn: Option<(&str, &BatchNorm)>, input: &str, fold: bool) -> Result<String> {
+fn linear(
+    g: &mut Graph,
+    name: &str,
+    l: &Linear,
+    bn: Option<(&str, &BatchNorm)>,
+    input: &str,
+    fold: bool,
+) -> Result<String> {
     let (o, i) = check_linear(name, l)?;
     let bias = l.bias.as_ref().map(|b| b.value.as_slice());
     let out = match bn {
@@ -367,13 +574,19 @@ fn linear(g: &mut Graph, name: &str, l: &Linear, bn: Option<(&str, &BatchNorm)>,
             for (row, &sr) in w.chunks_exact_mut(i).zip(&s) {
                 row.iter_mut().for_each(|v| *v = (*v as f64 * sr) as f32);
             }
-            let b: Vec<f32> = (0..o).map(|r| (bias.map_or(0.0, |b| b[r] as f64) * s[r] + t[r]) as f32).collect();
+            let b: Vec<f32> = (0..o)
+                .map(|r| (bias.map_or(0.0, |b| b[r] as f64) * s[r] + t[r]) as f32)
+                .collect();
             let wn = g.init_f32(&format!("{name}.weight"), &[o, i], &w);
             let bn_ = g.init_f32(&format!("{name}.bias"), &[o], &b);
             return Ok(g.node("Gemm", &[input, &wn, &bn_], name, &[Attr::Int("transB", 1)]));
         }
         _ => {
-            let wn = g.init_f32(&format!("{name}.weight"), &[o, i], l.weight.value.as_slice());
+            let wn = g.init_f32(
+                &format!("{name}.weight"),
+                &[o, i],
+                l.weight.value.as_slice(),
+            );
             let mut inputs = vec![input.to_string(), wn];
             if let Some(b) = bias {
                 inputs.push(g.init_f32(&format!("{name}.bias"), &[o], b));
@@ -393,9 +606,20 @@ fn head(g: &mut Graph, head: &ProjectionHead, input: &str, fold: bool) -> Result
     match head {
         ProjectionHead::Linear(fc) => linear(g, "projection_head", fc, None, input, fold),
         ProjectionHead::Mlp { fc1, bn, fc2 } => {
-            let h = linear(g, "projection_head.0", fc1, bn.as_ref().map(|b| ("projection_head.1", b)), input, fold)?;
+            let h = linear(
+                g,
+                "projection_head.0",
+                fc1,
+                bn.as_ref().map(|b| ("projection_head.1", b)),
+                input,
+                fold,
+            )?;
             let a = g.node("Relu", &[&h], "projection_head.relu", &[]);
-            let fc2_name = if bn.is_some() { "projection_head.3" } else { "projection_head.2" };
+            let fc2_name = if bn.is_some() {
+                "projection_head.3"
+            } else {
+                "projection_head.2"
+            };
             linear(g, fc2_name, fc2, None, &a, fold)
         }
     }

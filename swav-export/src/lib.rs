@@ -32,7 +32,9 @@ use swav_model::checkpoint::{load_model_state, LoadOptions, NamedTensors};
 use swav_model::{ModelError, SwavModel};
 
 pub use error::{ExportError, Result};
-pub use export::{output_names, to_onnx, BatchDim, ExportOptions, Exported, ValueInfo, DEFAULT_OPSET, OPSETS};
+pub use export::{
+    output_names, to_onnx, BatchDim, ExportOptions, Exported, ValueInfo, DEFAULT_OPSET, OPSETS,
+};
 pub use graph::Dim;
 pub use preprocess::{Overrides, Preprocessing, Source};
 
@@ -50,7 +52,10 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
     let config = SwavModel::config_of(path, &state)?;
     let mut model = SwavModel::new(config, 0)?;
     load_model_state(&mut model, &state, "", LoadOptions::default())?;
-    Ok(Checkpoint { model, metadata: state.metadata })
+    Ok(Checkpoint {
+        model,
+        metadata: state.metadata,
+    })
 }
 
 /// Writes `bytes` atomically: a crash never leaves a partial file under `path`.
@@ -62,10 +67,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Loads `checkpoint`, resolves the preprocessing, exports and writes `output` atomically.
-pub fn export_checkpoint(checkpoint: &Path, output: &Path, overrides: &Overrides, opts: &ExportOptions) -> Result<(Exported, Preprocessing)> {
+pub fn export_checkpoint(
+    checkpoint: &Path,
+    output: &Path,
+    overrides: &Overrides,
+    opts: &ExportOptions,
+) -> Result<(Exported, Preprocessing)> {
     let ckpt = load_checkpoint(checkpoint)?;
     let pre = Preprocessing::resolve(&ckpt.model.config, &ckpt.metadata, overrides)?;
     let exported = to_onnx(&ckpt.model, &pre, opts)?;
     write_atomic(output, &exported.bytes)?;
     Ok((exported, pre))
 }
+
+/// The README's example, compiled by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

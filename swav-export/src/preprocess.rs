@@ -71,22 +71,59 @@ pub struct Preprocessing {
 impl Preprocessing {
     /// Resolves every value from the overrides, the checkpoint's metadata and the defaults, in that
     /// order, and checks them (finite, positive std and size, one or `in_channels` values).
-    pub fn resolve(config: &ModelConfig, metadata: &BTreeMap<String, String>, overrides: &Overrides) -> Result<Preprocessing> {
+    pub fn resolve(
+        config: &ModelConfig,
+        metadata: &BTreeMap<String, String>,
+        overrides: &Overrides,
+    ) -> Result<Preprocessing> {
         let c = config.in_channels;
-        let (default_mean, default_std) = if c == 3 { (IMAGENET_MEAN.to_vec(), IMAGENET_STD.to_vec()) } else { (vec![0.5; c], vec![0.5; c]) };
-        let (mean, mean_source) = pick(META_MEAN, overrides.mean.clone(), metadata, parse_floats, default_mean)?;
-        let (std, std_source) = pick(META_STD, overrides.std.clone(), metadata, parse_floats, default_std)?;
+        let (default_mean, default_std) = if c == 3 {
+            (IMAGENET_MEAN.to_vec(), IMAGENET_STD.to_vec())
+        } else {
+            (vec![0.5; c], vec![0.5; c])
+        };
+        let (mean, mean_source) = pick(
+            META_MEAN,
+            overrides.mean.clone(),
+            metadata,
+            parse_floats,
+            default_mean,
+        )?;
+        let (std, std_source) = pick(
+            META_STD,
+            overrides.std.clone(),
+            metadata,
+            parse_floats,
+            default_std,
+        )?;
         let default_size = if config.small_stem { 32 } else { 224 };
-        let (input_size, input_size_source) = pick(META_INPUT_SIZE, overrides.input_size, metadata, parse_size, default_size)?;
+        let (input_size, input_size_source) = pick(
+            META_INPUT_SIZE,
+            overrides.input_size,
+            metadata,
+            parse_size,
+            default_size,
+        )?;
         let mean = per_channel(META_MEAN, mean, mean_source, c)?;
         let std = per_channel(META_STD, std, std_source, c)?;
         if let Some(v) = std.iter().find(|v| **v <= 0.0) {
-            return Err(ExportError::Preprocessing(format!("std ({std_source}) must be positive, got {v}")));
+            return Err(ExportError::Preprocessing(format!(
+                "std ({std_source}) must be positive, got {v}"
+            )));
         }
         if input_size == 0 {
-            return Err(ExportError::Preprocessing(format!("input size ({input_size_source}) must be positive")));
+            return Err(ExportError::Preprocessing(format!(
+                "input size ({input_size_source}) must be positive"
+            )));
         }
-        Ok(Preprocessing { mean, std, input_size, mean_source, std_source, input_size_source })
+        Ok(Preprocessing {
+            mean,
+            std,
+            input_size,
+            mean_source,
+            std_source,
+            input_size_source,
+        })
     }
 
     /// `preprocessing_source` as written to the metadata: `{"mean":"checkpoint",...}`.
@@ -115,7 +152,11 @@ fn pick<T>(
     match metadata.get(key) {
         Some(raw) => parse(raw)
             .map(|v| (v, Source::Checkpoint))
-            .map_err(|detail| ExportError::Metadata { key: key.into(), value: raw.clone(), detail }),
+            .map_err(|detail| ExportError::Metadata {
+                key: key.into(),
+                value: raw.clone(),
+                detail,
+            }),
         None => Ok((default, Source::Default)),
     }
 }
@@ -127,16 +168,27 @@ fn parse_floats(raw: &str) -> std::result::Result<Vec<f32>, String> {
         n @ serde_json::Value::Number(_) => vec![n],
         _ => return Err("expected a JSON array of numbers".into()),
     };
-    numbers.iter().map(|n| n.as_f64().map(|f| f as f32).ok_or_else(|| format!("`{n}` is not a number"))).collect()
+    numbers
+        .iter()
+        .map(|n| {
+            n.as_f64()
+                .map(|f| f as f32)
+                .ok_or_else(|| format!("`{n}` is not a number"))
+        })
+        .collect()
 }
 
 fn parse_size(raw: &str) -> std::result::Result<usize, String> {
-    raw.trim().parse::<usize>().map_err(|e| format!("expected a positive integer: {e}"))
+    raw.trim()
+        .parse::<usize>()
+        .map_err(|e| format!("expected a positive integer: {e}"))
 }
 
 fn per_channel(key: &str, values: Vec<f32>, source: Source, channels: usize) -> Result<Vec<f32>> {
     if let Some(v) = values.iter().find(|v| !v.is_finite()) {
-        return Err(ExportError::Preprocessing(format!("{key} ({source}) holds a non-finite value {v}")));
+        return Err(ExportError::Preprocessing(format!(
+            "{key} ({source}) holds a non-finite value {v}"
+        )));
     }
     match values.len() {
         1 => Ok(vec![values[0]; channels]),

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod export;
 mod preprocess;
 mod train;
 mod verify_reference;
@@ -25,6 +26,8 @@ enum Command {
     VerifyReference(verify_reference::Args),
     /// Benchmarks: data loading, training step, Sinkhorn.
     Bench(bench::Args),
+    /// Export a model file to ONNX (backbone features, optionally head and prototype scores).
+    Export(export::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +38,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(args) => train::run(args),
         Command::VerifyReference(args) => verify_reference::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Export(args) => export::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
