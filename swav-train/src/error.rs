@@ -20,6 +20,10 @@ pub enum TrainError {
     Data(#[from] swav_data::DataError),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// Evaluation, embedding or report input that cannot be used (no labels, mismatched classes, bad
+    /// features, unreadable metrics); the message says what to do.
+    #[error("{0}")]
+    Eval(String),
     #[error("the loss became {loss} at step {step}: training stopped; the last good checkpoint is {checkpoint}. Lower the learning rate (train.base_lr) or check the data")]
     NonFinite { step: usize, loss: f64, checkpoint: String },
 }

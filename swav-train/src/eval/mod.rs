@@ -1,0 +1,226 @@
+//! Evaluation of learned features: k-NN and linear-probe top-1 accuracy of the frozen backbone.
+//!
+//! - [`features`]: pooled backbone features of every image (evaluation mode, evaluation transform);
+//! - [`knn`]: weighted k-NN (k = 200, weights `exp(cos / 0.1)`), GEMM in blocks;
+//! - [`probe`]: softmax linear classifier on standardised features, SGD with momentum, cosine lr.
+//!
+//! [`evaluate`] runs all three for a model file on a labelled training and test dataset, optionally
+//! beside a randomly initialised network of the same configuration (the baseline a self-supervised
+//! method must beat), and returns an [`EvalReport`] that serialises to `eval.json`.
+
+pub mod features;
+pub mod knn;
+pub mod probe;
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use swav_data::{Dataset, EvalConfig};
+use swav_model::SwavModel;
+
+pub use features::{extract_features, input_transform, load_model, ExtractOptions, Features, LoadedModel};
+pub use knn::{knn_predict, knn_top1, KnnConfig};
+pub use probe::{linear_probe_top1, train_linear_probe, LinearProbe, ProbeConfig};
+
+use crate::TrainError;
+
+/// Everything [`evaluate`] can be told.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EvalOptions {
+    pub knn: KnnConfig,
+    pub probe: ProbeConfig,
+    pub extract: ExtractOptions,
+    /// Overrides the checkpoint's `input_size` (see [`features`] for the defaults).
+    pub input_size: Option<usize>,
+    /// Also evaluate a randomly initialised network of the same configuration.
+    pub baseline: Option<Baseline>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Baseline {
+    /// `SwavModel::new(config, seed)`: fresh initialisation, batch-norm running statistics 0 / 1.
+    Random { seed: u64 },
+}
+
+/// Accuracies of one network.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scores {
+    pub knn_top1: f64,
+    pub linear_top1: f64,
+    /// Wall time of each stage, in seconds.
+    pub features_s: f64,
+    pub knn_s: f64,
+    pub probe_s: f64,
+}
+
+/// The preprocessing the images went through.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InputReport {
+    pub resize: usize,
+    pub crop: usize,
+    pub channels: usize,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// The baseline's scores.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BaselineReport {
+    #[serde(flatten)]
+    pub baseline: Baseline,
+    #[serde(flatten)]
+    pub scores: Scores,
+}
+
+/// The content of `eval.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub checkpoint: String,
+    pub knn_top1: f64,
+    pub linear_top1: f64,
+    pub baseline: Option<BaselineReport>,
+    pub train_images: usize,
+    pub test_images: usize,
+    pub feature_dim: usize,
+    pub classes: usize,
+    pub train_data: String,
+    pub test_data: String,
+    pub input: InputReport,
+    pub knn: KnnConfig,
+    pub probe: ProbeConfig,
+    /// Scores and stage timings of the checkpoint.
+    pub scores: Scores,
+    /// Wall time of the whole evaluation, in seconds.
+    pub total_s: f64,
+}
+
+impl EvalReport {
+    /// Writes the report as pretty JSON, atomically (temporary file, fsync, rename).
+    pub fn write(&self, path: &Path) -> Result<(), TrainError> {
+        let json = serde_json::to_vec_pretty(self).expect("the report serialises");
+        swav_model::checkpoint::atomic_write(path, &json)?;
+        Ok(())
+    }
+
+    /// Reads a report written by [`EvalReport::write`].
+    pub fn read(path: &Path) -> Result<EvalReport, TrainError> {
+        let bytes = std::fs::read(path).map_err(|source| TrainError::Io { path: path.display().to_string(), source })?;
+        serde_json::from_slice(&bytes).map_err(|e| TrainError::Eval(format!("{}: not an evaluation report ({e})", path.display())))
+    }
+}
+
+/// What [`evaluate`] is doing: `task` names the stage (e.g. `checkpoint: train features`), `done` of
+/// `total` units (images for feature extraction, 0 then 1 for the classifiers).
+#[derive(Clone, Debug)]
+pub struct Progress<'a> {
+    pub task: &'a str,
+    pub done: usize,
+    pub total: usize,
+}
+
+/// Checks that both datasets are labelled with the same classes.
+pub fn check_labelled(train: &Dataset, test: &Dataset) -> Result<(), TrainError> {
+    for (what, d) in [("training", train), ("test", test)] {
+        if !d.manifest().labelled {
+            return Err(TrainError::Eval(format!(
+                "the {what} data in {} has no labels: k-NN and linear evaluation need labelled datasets (preprocess an image folder with one sub-folder per class, or IDX files with their labels file)",
+                d.dir().display()
+            )));
+        }
+    }
+    if train.classes() != test.classes() {
+        let show = |c: &[String]| {
+            let head: Vec<&str> = c.iter().take(6).map(String::as_str).collect();
+            format!("{} classes [{}{}]", c.len(), head.join(", "), if c.len() > 6 { ", ..." } else { "" })
+        };
+        return Err(TrainError::Eval(format!(
+            "the training data ({}) and the test data ({}) have different classes: {} against {}; label i must mean the same class in both",
+            train.dir().display(),
+            test.dir().display(),
+            show(train.classes()),
+            show(test.classes())
+        )));
+    }
+    Ok(())
+}
+
+/// k-NN and linear-probe accuracy of one network (`name` prefixes the progress tasks).
+pub fn evaluate_model(
+    name: &str,
+    model: &SwavModel,
+    train: &Dataset,
+    test: &Dataset,
+    transform: &EvalConfig,
+    opts: &EvalOptions,
+    progress: &dyn Fn(Progress<'_>),
+) -> Result<Scores, TrainError> {
+    let t0 = Instant::now();
+    let extract = |data: &Dataset, split: &str| {
+        let task = format!("{name}: {split} features");
+        extract_features(model, data, transform, &opts.extract, &|done, total| progress(Progress { task: &task, done, total }))
+    };
+    let train_f = extract(train, "train")?;
+    let test_f = extract(test, "test")?;
+    let features_s = t0.elapsed().as_secs_f64();
+
+    let stage = |label: &str, f: &dyn Fn() -> Result<f64, TrainError>| -> Result<(f64, f64), TrainError> {
+        let task = format!("{name}: {label}");
+        progress(Progress { task: &task, done: 0, total: 1 });
+        let t = Instant::now();
+        let acc = f()?;
+        progress(Progress { task: &task, done: 1, total: 1 });
+        Ok((acc, t.elapsed().as_secs_f64()))
+    };
+    let (knn_top1, knn_s) = stage("k-NN", &|| knn_top1(&train_f, &test_f, &opts.knn))?;
+    let (linear_top1, probe_s) = stage("linear probe", &|| linear_probe_top1(&train_f, &test_f, &opts.probe))?;
+    Ok(Scores { knn_top1, linear_top1, features_s, knn_s, probe_s })
+}
+
+/// Evaluates the model file `checkpoint` on `train` (k-NN memory, probe training) and `test`, and the
+/// baseline when asked.
+pub fn evaluate(
+    checkpoint: &Path,
+    train: &Dataset,
+    test: &Dataset,
+    opts: &EvalOptions,
+    progress: &dyn Fn(Progress<'_>),
+) -> Result<EvalReport, TrainError> {
+    let start = Instant::now();
+    check_labelled(train, test)?;
+    let LoadedModel { model, metadata } = load_model(checkpoint)?;
+    let transform = input_transform(&model, &metadata, train, opts.input_size)?;
+    let scores = evaluate_model("checkpoint", &model, train, test, &transform, opts, progress)?;
+    let baseline = match opts.baseline {
+        None => None,
+        Some(b @ Baseline::Random { seed }) => {
+            let random = SwavModel::new(model.config.clone(), seed)?;
+            let scores = evaluate_model("random init", &random, train, test, &transform, opts, progress)?;
+            Some(BaselineReport { baseline: b, scores })
+        }
+    };
+    Ok(EvalReport {
+        checkpoint: checkpoint.display().to_string(),
+        knn_top1: scores.knn_top1,
+        linear_top1: scores.linear_top1,
+        baseline,
+        train_images: train.len(),
+        test_images: test.len(),
+        feature_dim: model.config.feature_dim(),
+        classes: train.classes().len(),
+        train_data: train.dir().display().to_string(),
+        test_data: test.dir().display().to_string(),
+        input: InputReport {
+            resize: transform.resize,
+            crop: transform.crop,
+            channels: model.config.in_channels,
+            mean: transform.mean.clone().unwrap_or_default(),
+            std: transform.std.clone().unwrap_or_default(),
+        },
+        knn: opts.knn.clone(),
+        probe: opts.probe.clone(),
+        scores,
+        total_s: start.elapsed().as_secs_f64(),
+    })
+}

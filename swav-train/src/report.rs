@@ -1,0 +1,262 @@
+//! A training run at a glance: `<run-dir>/report.png` (loss, learning rate, cluster usage and
+//! throughput against the step) and `<run-dir>/report.txt` (a short summary, with the accuracies of
+//! `<run-dir>/eval.json` when it exists).
+//!
+//! Reading `metrics.jsonl` is lenient: unknown keys are ignored, fields other than `step` may be
+//! missing or `null` (a non-finite loss is written as `null`), and lines that do not parse (a line
+//! cut short by a crash) are skipped and counted. The plot is drawn by plotters into a memory bitmap
+//! with an embedded font (Noto Sans), so it needs no system fonts nor fontconfig, and is encoded as
+//! PNG; both files are written atomically.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use plotters::prelude::*;
+use serde::Deserialize;
+
+use crate::eval::EvalReport;
+use crate::TrainError;
+
+/// One line of `metrics.jsonl` (see `metrics::StepMetrics`), every field but `step` optional.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct MetricsRow {
+    pub step: u64,
+    #[serde(default)]
+    pub epoch: Option<u32>,
+    #[serde(default)]
+    pub loss: Option<f64>,
+    #[serde(default)]
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub images_per_s: Option<f64>,
+    #[serde(default)]
+    pub data_wait: Option<f64>,
+    #[serde(default)]
+    pub cluster_entropy: Option<f64>,
+    #[serde(default)]
+    pub clusters_used: Option<u32>,
+    #[serde(default)]
+    pub elapsed_s: Option<f64>,
+}
+
+/// The parsed metrics file.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Metrics {
+    pub rows: Vec<MetricsRow>,
+    /// Non-empty lines that did not parse.
+    pub skipped_lines: usize,
+}
+
+/// Reads a metrics file (see the module docs for what is tolerated).
+pub fn read_metrics(path: &Path) -> Result<Metrics, TrainError> {
+    let text = std::fs::read(path).map_err(|source| TrainError::Io { path: path.display().to_string(), source })?;
+    let text = String::from_utf8_lossy(&text);
+    let mut m = Metrics::default();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match serde_json::from_str::<MetricsRow>(line) {
+            Ok(row) => m.rows.push(row),
+            Err(_) => m.skipped_lines += 1,
+        }
+    }
+    Ok(m)
+}
+
+/// The numbers of `report.txt`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub steps: usize,
+    pub first_step: u64,
+    pub last_step: u64,
+    /// Distinct epochs seen.
+    pub epochs: usize,
+    pub final_loss: Option<f64>,
+    /// The smallest loss and its step.
+    pub min_loss: Option<(f64, u64)>,
+    pub final_lr: Option<f64>,
+    pub mean_images_per_s: Option<f64>,
+    pub mean_data_wait: Option<f64>,
+    pub final_cluster_entropy: Option<f64>,
+    pub final_clusters_used: Option<u32>,
+    pub elapsed_s: Option<f64>,
+    /// Steps whose loss is missing or not finite.
+    pub bad_losses: usize,
+    pub skipped_lines: usize,
+    pub eval: Option<EvalReport>,
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.filter(|v| v.is_finite()).fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+fn last<T: Copy>(rows: &[MetricsRow], f: impl Fn(&MetricsRow) -> Option<T>) -> Option<T> {
+    rows.iter().rev().find_map(f)
+}
+
+/// Summarises metrics (and an evaluation, if any).
+pub fn summarize(metrics: &Metrics, eval: Option<EvalReport>) -> Summary {
+    let rows = &metrics.rows;
+    let finite = |v: Option<f64>| v.filter(|x| x.is_finite());
+    let mut epochs: Vec<u32> = rows.iter().filter_map(|r| r.epoch).collect();
+    epochs.sort_unstable();
+    epochs.dedup();
+    let min_loss = rows.iter().filter_map(|r| finite(r.loss).map(|l| (l, r.step))).fold(None, |best: Option<(f64, u64)>, (l, s)| match best {
+        Some((b, _)) if b <= l => best,
+        _ => Some((l, s)),
+    });
+    Summary {
+        steps: rows.len(),
+        first_step: rows.first().map_or(0, |r| r.step),
+        last_step: rows.last().map_or(0, |r| r.step),
+        epochs: epochs.len(),
+        final_loss: last(rows, |r| finite(r.loss)),
+        min_loss,
+        final_lr: last(rows, |r| finite(r.lr)),
+        mean_images_per_s: mean(rows.iter().filter_map(|r| r.images_per_s)),
+        mean_data_wait: mean(rows.iter().filter_map(|r| r.data_wait)),
+        final_cluster_entropy: last(rows, |r| finite(r.cluster_entropy)),
+        final_clusters_used: last(rows, |r| r.clusters_used),
+        elapsed_s: last(rows, |r| finite(r.elapsed_s)),
+        bad_losses: rows.iter().filter(|r| finite(r.loss).is_none()).count(),
+        skipped_lines: metrics.skipped_lines,
+        eval,
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |x| format!("{x:.digits$}"));
+        writeln!(f, "steps            {} (step {} to {}), {} epoch(s)", self.steps, self.first_step, self.last_step, self.epochs)?;
+        writeln!(f, "loss             final {}, min {}", opt(self.final_loss, 4), self.min_loss.map_or("-".into(), |(l, s)| format!("{l:.4} at step {s}")))?;
+        writeln!(f, "learning rate    final {}", self.final_lr.map_or("-".into(), |v| format!("{v:.3e}")))?;
+        writeln!(f, "throughput       {} images/s (mean over steps)", opt(self.mean_images_per_s, 1))?;
+        writeln!(f, "data wait        {} of step time (mean)", self.mean_data_wait.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)))?;
+        writeln!(
+            f,
+            "clusters         entropy {} nats, {} used (last step)",
+            opt(self.final_cluster_entropy, 3),
+            self.final_clusters_used.map_or("-".into(), |v| v.to_string())
+        )?;
+        writeln!(f, "elapsed          {}", self.elapsed_s.map_or("-".into(), |s| format!("{s:.1} s")))?;
+        if self.bad_losses > 0 {
+            writeln!(f, "warning          {} step(s) without a finite loss", self.bad_losses)?;
+        }
+        if self.skipped_lines > 0 {
+            writeln!(f, "warning          {} unreadable line(s) in metrics.jsonl skipped", self.skipped_lines)?;
+        }
+        if let Some(e) = &self.eval {
+            let pct = |v: f64| format!("{:.2}%", 100.0 * v);
+            writeln!(f, "eval             k-NN top-1 {}, linear top-1 {} ({} train / {} test images)", pct(e.knn_top1), pct(e.linear_top1), e.train_images, e.test_images)?;
+            if let Some(b) = &e.baseline {
+                writeln!(f, "eval baseline    random init: k-NN top-1 {}, linear top-1 {}", pct(b.scores.knn_top1), pct(b.scores.linear_top1))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where [`write_report`] wrote.
+#[derive(Clone, Debug)]
+pub struct ReportFiles {
+    pub png: PathBuf,
+    pub txt: PathBuf,
+    pub summary: Summary,
+}
+
+/// Reads `<run_dir>/metrics.jsonl` (and `eval.json` if present), writes `report.png` and `report.txt`.
+pub fn write_report(run_dir: &Path) -> Result<ReportFiles, TrainError> {
+    let metrics_path = run_dir.join("metrics.jsonl");
+    if !metrics_path.is_file() {
+        return Err(TrainError::Eval(format!("{}: no metrics.jsonl: is this the run directory of `cargo xtask train`?", run_dir.display())));
+    }
+    let metrics = read_metrics(&metrics_path)?;
+    if metrics.rows.is_empty() {
+        return Err(TrainError::Eval(format!("{}: no readable step in it yet", metrics_path.display())));
+    }
+    let eval_path = run_dir.join("eval.json");
+    let eval = if eval_path.is_file() { Some(EvalReport::read(&eval_path)?) } else { None };
+    let summary = summarize(&metrics, eval);
+    let png = run_dir.join("report.png");
+    swav_model::checkpoint::atomic_write(&png, &plot_png(&metrics.rows)?)?;
+    let txt = run_dir.join("report.txt");
+    let text = format!("run {}\n{summary}", run_dir.display());
+    swav_model::checkpoint::atomic_write(&txt, text.as_bytes())?;
+    Ok(ReportFiles { png, txt, summary })
+}
+
+const FONT: &str = "sans-serif";
+static FONT_ONCE: Once = Once::new();
+
+/// Plotters draws text with fonts registered by name: register the embedded one once.
+fn register_font() {
+    FONT_ONCE.call_once(|| {
+        // The font is compiled in and known to parse; a failure would only lose the text.
+        let _ = plotters::style::register_font(FONT, FontStyle::Normal, ttf_noto_sans::REGULAR);
+    });
+}
+
+/// Width and height of the report image.
+pub const PNG_SIZE: (u32, u32) = (1200, 800);
+
+/// The 2x2 panel figure (loss, lr, cluster entropy, images/s against the step) as PNG bytes.
+pub fn plot_png(rows: &[MetricsRow]) -> Result<Vec<u8>, TrainError> {
+    register_font();
+    let (w, h) = PNG_SIZE;
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    draw(&mut buf, rows).map_err(|e| TrainError::Eval(format!("drawing the report: {e}")))?;
+    let img = image::RgbImage::from_raw(w, h, buf).expect("the buffer has w * h * 3 bytes");
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).map_err(|e| TrainError::Eval(format!("encoding the report PNG: {e}")))?;
+    Ok(out.into_inner())
+}
+
+type Series = (&'static str, Vec<(f64, f64)>, RGBColor, bool);
+
+fn draw(buf: &mut [u8], rows: &[MetricsRow]) -> Result<(), Box<dyn std::error::Error>> {
+    let root = BitMapBackend::with_buffer(buf, PNG_SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let pick = |f: fn(&MetricsRow) -> Option<f64>| -> Vec<(f64, f64)> {
+        rows.iter().filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v))).collect()
+    };
+    let panels: [Series; 4] = [
+        ("loss", pick(|r| r.loss), RED, false),
+        ("learning rate", pick(|r| r.lr), BLUE, true),
+        ("cluster entropy (nats)", pick(|r| r.cluster_entropy), GREEN, false),
+        ("images / s", pick(|r| r.images_per_s), MAGENTA, false),
+    ];
+    let x_max = rows.iter().map(|r| r.step as f64).fold(1.0, f64::max);
+    let x_min = rows.iter().map(|r| r.step as f64).fold(x_max, f64::min);
+    let x_range = if x_max > x_min { x_min..x_max } else { x_min..x_min + 1.0 };
+    for (area, (title, points, color, from_zero)) in root.split_evenly((2, 2)).iter().zip(panels) {
+        let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &(_, v)| (lo.min(v), hi.max(v)));
+        let (lo, hi) = if points.is_empty() {
+            (0.0, 1.0)
+        } else {
+            let lo = if from_zero { lo.min(0.0) } else { lo };
+            let pad = ((hi - lo) * 0.05).max(hi.abs() * 1e-3).max(1e-12);
+            (lo - if from_zero && lo == 0.0 { 0.0 } else { pad }, hi + pad)
+        };
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, (FONT, 22))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x_range.clone(), lo..hi)?;
+        chart.configure_mesh().x_desc("step").label_style((FONT, 14)).y_label_formatter(&|v| format_tick(*v)).draw()?;
+        if points.is_empty() {
+            continue;
+        }
+        chart.draw_series(LineSeries::new(points, color.stroke_width(2)))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn format_tick(v: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && !(1e-2..1e4).contains(&a) {
+        format!("{v:.1e}")
+    } else {
+        format!("{v:.3}").trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
