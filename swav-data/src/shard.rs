@@ -275,7 +275,7 @@ impl ShardReader {
             problem,
         };
         let (offset, length, label) = self.entry(record);
-        let end = offset.checked_add(length as u64).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(length as u64);
         if offset < HEADER_LEN as u64
             || end > self.index_offset as u64
             || (length as usize) < RECORD_HEADER_LEN

@@ -281,8 +281,8 @@ fn store(
         }
         (Layout::Nhwc, 1, 3) => {
             for (o, &v) in out.chunks_exact_mut(3).zip(work) {
-                for c in 0..3 {
-                    o[c] = (v - norm.mean[c]) * norm.inv_std[c];
+                for ((o, m), s) in o.iter_mut().zip(norm.mean).zip(norm.inv_std) {
+                    *o = (v - m) * s;
                 }
             }
         }
@@ -411,6 +411,7 @@ impl MultiCropTransform {
     }
 
     /// Writes crop `crop` of `src` into `out` (`shapes()[group].crop_len()` floats, in the layout).
+    #[allow(clippy::too_many_arguments)]
     pub fn crop_into(
         &self,
         src: ImageView<'_>,
