@@ -207,6 +207,9 @@ pub fn preprocess(
                 let mut bytes = Vec::new();
                 while let Ok(i) = rx.recv() {
                     let outcome = process_one(source, first + i, opts, &mut resampler, &mut bytes);
+                    if bytes.capacity() > 64 << 20 {
+                        bytes = Vec::new(); // do not keep a huge file's buffer for the rest of the run
+                    }
                     if tx.send((i, outcome)).is_err() {
                         break;
                     }
