@@ -25,10 +25,10 @@ pub struct Args {
     /// Batch dimension: `dynamic` (any batch size at run time) or a fixed size.
     #[arg(long, default_value = "dynamic", value_parser = parse_batch)]
     batch: BatchDim,
-    /// Per-channel mean recorded in the metadata (default: the checkpoint's, else ImageNet's).
+    /// Per-channel mean recorded in the metadata (default: the checkpoint's, else ImageNet's for RGB, 0.5 otherwise).
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     mean: Option<Vec<f32>>,
-    /// Per-channel std recorded in the metadata (default: the checkpoint's, else ImageNet's).
+    /// Per-channel std recorded in the metadata (default: the checkpoint's, else ImageNet's for RGB, 0.5 otherwise).
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     std: Option<Vec<f32>>,
     /// Input side in pixels recorded in the metadata (default: the checkpoint's, else 224, or 32 with the small stem).
@@ -63,10 +63,13 @@ fn parse_batch(s: &str) -> Result<BatchDim, String> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let ckpt = swav_export::load_checkpoint(&args.checkpoint).with_context(|| {
-        format!(
-            "reading the model file {} (pass a step-N.safetensors model file)",
-            args.checkpoint.display()
-        )
+        let sidecar = args.checkpoint.extension().is_some_and(|e| e == "json");
+        let hint = if sidecar {
+            " (a checkpoint sidecar: pass the step-N.safetensors model file beside it)"
+        } else {
+            ""
+        };
+        format!("reading the model file {}{hint}", args.checkpoint.display())
     })?;
     let overrides = Overrides {
         mean: args.mean.clone(),
@@ -74,7 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         input_size: args.input_size,
     };
     let pre = Preprocessing::resolve(&ckpt.model.config, &ckpt.metadata, &overrides)
-        .context("preprocessing to record")?;
+        .with_context(|| format!("model file {}", args.checkpoint.display()))?;
     warn_defaults(&pre);
     let opts = ExportOptions {
         with_head: args.with_head,
