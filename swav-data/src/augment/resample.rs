@@ -21,6 +21,8 @@ pub struct Coeffs {
     pub weights: Vec<f32>,
     /// Every output has exactly `ksize` taps (see `compute`).
     pub fixed: bool,
+    /// Scratch of `compute` (one output's unnormalised weights).
+    k: Vec<f64>,
 }
 
 #[inline]
@@ -47,7 +49,9 @@ impl Coeffs {
         self.weights.clear();
         self.weights.resize(out_size * ksize, 0.0);
         let ss = 1.0 / filterscale;
-        let mut k = vec![0.0f64; ksize];
+        let mut k = std::mem::take(&mut self.k);
+        k.clear();
+        k.resize(ksize, 0.0);
         for xx in 0..out_size {
             let center = (xx as f64 + 0.5) * scale;
             // C casts truncate toward zero, as here.
@@ -71,6 +75,7 @@ impl Coeffs {
             self.starts.push(xmin as usize);
             self.lens.push(xmax);
         }
+        self.k = k;
         // Give every output the same number of taps (`ksize`, zero weights at the ends) inside
         // [0, in_size), so that the inner loops have a fixed length; needs in_size >= ksize.
         self.fixed = in_size >= ksize;
