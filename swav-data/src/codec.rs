@@ -111,7 +111,8 @@ pub(crate) fn encode(
     }
 }
 
-/// Reusable decoding state of one thread (a zstd context).
+/// Reusable decoding state of one thread (a zstd context). Decoded pixels go into the caller's reusable
+/// buffer; the JPEG decoder still allocates its own working buffers for each image.
 pub struct RecordDecoder {
     zstd: Option<zstd::bulk::Decompressor<'static>>,
 }

@@ -2,10 +2,15 @@
 //! transform, on 8-bit HWC images, producing normalised f32 crops.
 //!
 //! One crop is: decide everything from the crop's own generator (`SampleRng::for_crop(seed, epoch, index,
-//! crop)`, draws in the order of [`CropDecision`]) -> crop + resize + flip in one resampling pass ->
-//! colour jitter (the four adjustments in the drawn order) -> grayscale -> blur -> normalise while writing
-//! into the batch buffer in the requested layout. Work happens in one reusable f32 buffer per thread
-//! ([`Scratch`]); nothing is allocated per crop once the buffers have grown.
+//! crop)`, draws in the order of [`CropDecision`]) -> crop + resize + flip in one resampling pass straight
+//! from the decoded image -> colour jitter (the four adjustments in the drawn order) -> grayscale -> blur
+//! -> normalise while writing into the batch buffer in the requested layout (normalisation, channel
+//! expansion and the NHWC/NCHW transpose are one pass). The colour adjustments are separate passes over
+//! the crop, which stays in the L2 cache (at most 224 x 224 x 3 floats): contrast needs the mean of the
+//! image as left by the previous adjustment, and the order is random; brightness, contrast and
+//! saturation together take under 10% of the time (hue 15%, see BENCHMARKS.md), so fusing them would
+//! save little. Work happens in
+//! reusable per-thread buffers ([`Scratch`]); nothing is allocated per crop once they have grown.
 //!
 //! Grayscale sources stay 1-channel through the pipeline (every colour operation is then either the same
 //! as on R = G = B or an identity) and are replicated to 3 channels only when written, if asked.
