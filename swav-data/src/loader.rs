@@ -25,8 +25,9 @@ use crate::error::{DataError, Result};
 use crate::image::Image;
 use crate::rng::{SampleRng, SHUFFLE_STREAM};
 
-/// Batch settings shared by both loaders.
-#[derive(Clone, Debug, PartialEq)]
+/// Batch settings shared by both loaders (serde: every field optional, see `Default`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LoaderConfig {
     /// Images per batch on this rank.
     pub batch_size: usize,

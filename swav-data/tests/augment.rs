@@ -599,3 +599,39 @@ fn configs_round_trip_through_toml_and_validate() {
         .to_string()
         .contains("crop group 1"));
 }
+
+#[test]
+fn degenerate_shapes_give_finite_crops() {
+    let mut cfg = MultiCropConfig::official();
+    cfg.augment.jitter_p = 1.0;
+    cfg.augment.blur_p = 1.0;
+    cfg.augment.grayscale_p = 0.5;
+    let t3 = MultiCropTransform::new(&cfg, 3, Layout::Nchw, &[0.5], &[0.25]).unwrap();
+    let t1 = MultiCropTransform::new(
+        &MultiCropConfig::small(28, 16),
+        1,
+        Layout::Nhwc,
+        &[0.5],
+        &[0.25],
+    )
+    .unwrap();
+    let e = EvalTransform::new(&EvalConfig::imagenet(), 3, Layout::Nhwc, &[0.5], &[0.25]).unwrap();
+    for (h, w) in [(1u32, 1u32), (1, 300), (300, 1), (2, 3), (5, 4000)] {
+        for c in [1u8, 3] {
+            let n = (h * w) as usize * c as usize;
+            let img = Image::new(h, w, c, common::noise(h as u64 * 7 + w as u64, n)).unwrap();
+            for i in 0..4 {
+                for crop in t3
+                    .crops(&img, 1, 0, i)
+                    .iter()
+                    .chain(&t1.crops(&img, 1, 0, i))
+                {
+                    assert!(crop.iter().all(|v| v.is_finite()), "{h}x{w}x{c}");
+                }
+            }
+            let out = e.apply(&img);
+            assert_eq!(out.len(), 224 * 224 * 3);
+            assert!(out.iter().all(|v| v.is_finite()));
+        }
+    }
+}
