@@ -221,7 +221,7 @@ fn draw(buf: &mut [u8], rows: &[MetricsRow]) -> Result<(), Box<dyn std::error::E
     let panels: [Series; 4] = [
         ("loss", pick(|r| r.loss), RED, false),
         ("learning rate", pick(|r| r.lr), BLUE, true),
-        ("cluster entropy (nats)", pick(|r| r.cluster_entropy), GREEN, false),
+        ("entropy of the mean code (nats)", pick(|r| r.cluster_entropy), GREEN, false),
         ("images / s", pick(|r| r.images_per_s), MAGENTA, false),
     ];
     let x_max = rows.iter().map(|r| r.step as f64).fold(1.0, f64::max);
@@ -242,7 +242,7 @@ fn draw(buf: &mut [u8], rows: &[MetricsRow]) -> Result<(), Box<dyn std::error::E
             .x_label_area_size(36)
             .y_label_area_size(70)
             .build_cartesian_2d(x_range.clone(), lo..hi)?;
-        chart.configure_mesh().x_desc("step").label_style((FONT, 14)).y_label_formatter(&|v| format_tick(*v)).draw()?;
+        chart.configure_mesh().x_desc("step").label_style((FONT, 14)).x_label_formatter(&|v| format!("{v:.0}")).y_label_formatter(&|v| format_tick(*v)).draw()?;
         if points.is_empty() {
             continue;
         }

@@ -4,8 +4,11 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod embed;
+mod eval;
 mod export;
 mod preprocess;
+mod report;
 mod train;
 mod verify_reference;
 
@@ -28,6 +31,12 @@ enum Command {
     Bench(bench::Args),
     /// Export a model file to ONNX (backbone features, optionally head and prototype scores).
     Export(export::Args),
+    /// k-NN and linear-probe accuracy of a checkpoint's features (optionally beside a random network).
+    Eval(eval::Args),
+    /// Write a dataset's pooled features (and labels) as NumPy .npy files.
+    Embed(embed::Args),
+    /// Plot and summarise a training run (report.png, report.txt).
+    Report(report::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +48,9 @@ fn main() -> std::process::ExitCode {
         Command::VerifyReference(args) => verify_reference::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Export(args) => export::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Embed(args) => embed::run(args),
+        Command::Report(args) => report::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
