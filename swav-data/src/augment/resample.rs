@@ -223,14 +223,28 @@ impl Resampler {
                 let taps: &[f32; K] = self.hx.weights[xx * K..(xx + 1) * K]
                     .try_into()
                     .expect("K taps");
-                let px: &[u8] = &srow[start * C..(start + K) * C];
+                let col = if flip { wx1 - 1 - xx } else { xx - wx0 };
+                let rest = &srow[start * C..];
+                if C == 3 && rest.len() > K * 3 {
+                    // RGB as a 4-lane vector (the 4th byte belongs to the next pixel and is
+                    // dropped); each lane sees the same operations in the same order as below.
+                    let mut acc = [0.0f32; 4];
+                    for (t, &w) in taps.iter().enumerate() {
+                        let p: &[u8; 4] = rest[t * 3..t * 3 + 4].try_into().expect("4 bytes");
+                        for c in 0..4 {
+                            acc[c] += p[c] as f32 * w;
+                        }
+                    }
+                    trow[col * C..col * C + C].copy_from_slice(&acc[..C]);
+                    continue;
+                }
+                let px: &[u8] = &rest[..K * C];
                 let mut acc = [0.0f32; C];
                 for t in 0..K {
                     for c in 0..C {
                         acc[c] += px[t * C + c] as f32 * taps[t];
                     }
                 }
-                let col = if flip { wx1 - 1 - xx } else { xx - wx0 };
                 trow[col * C..col * C + C].copy_from_slice(&acc);
             }
         }
