@@ -14,11 +14,13 @@
 //! - Reductions are computed in fixed-size chunks combined in a fixed order, so results do not depend
 //!   on thread scheduling: the same inputs give bit-identical outputs run after run.
 
+pub mod alloc;
 pub mod device;
 pub mod error;
 pub mod matmul;
 pub mod ops;
 mod parallel;
+pub mod profile;
 pub mod tensor;
 
 pub use device::Device;

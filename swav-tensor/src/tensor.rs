@@ -4,9 +4,30 @@
 use crate::error::TensorError;
 use crate::{Device, Result};
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug, PartialEq)]
 enum Storage {
+    /// Host memory from the caching allocator (`alloc`), returned to it on drop.
     Cpu(Vec<f32>),
+}
+
+impl Clone for Storage {
+    fn clone(&self) -> Storage {
+        match self {
+            Storage::Cpu(v) => {
+                let mut copy = crate::alloc::take(v.len());
+                copy.copy_from_slice(v);
+                Storage::Cpu(copy)
+            }
+        }
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        match self {
+            Storage::Cpu(v) => crate::alloc::give(std::mem::take(v)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -19,7 +40,16 @@ impl Tensor {
     pub fn zeros(shape: &[usize], device: Device) -> Tensor {
         let n = shape.iter().product();
         match device {
-            Device::Cpu => Tensor { shape: shape.to_vec(), storage: Storage::Cpu(vec![0.0; n]) },
+            Device::Cpu => Tensor { shape: shape.to_vec(), storage: Storage::Cpu(crate::alloc::zeros(n)) },
+        }
+    }
+
+    /// A tensor whose values are unspecified (left over from an earlier tensor): for ops that
+    /// overwrite every value, saving the zero-fill.
+    pub fn for_overwrite(shape: &[usize], device: Device) -> Tensor {
+        let n = shape.iter().product();
+        match device {
+            Device::Cpu => Tensor { shape: shape.to_vec(), storage: Storage::Cpu(crate::alloc::take(n)) },
         }
     }
 
@@ -39,7 +69,13 @@ impl Tensor {
     }
 
     pub fn from_slice(shape: &[usize], data: &[f32]) -> Result<Tensor> {
-        Tensor::from_vec(shape, data.to_vec())
+        let expected: usize = shape.iter().product();
+        if data.len() != expected {
+            return Err(TensorError::Len { shape: shape.to_vec(), expected, got: data.len() });
+        }
+        let mut t = Tensor::for_overwrite(shape, Device::Cpu);
+        t.as_mut_slice().copy_from_slice(data);
+        Ok(t)
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -86,9 +122,9 @@ impl Tensor {
         self.as_slice().to_vec()
     }
 
-    pub fn into_vec(self) -> Vec<f32> {
-        match self.storage {
-            Storage::Cpu(v) => v,
+    pub fn into_vec(mut self) -> Vec<f32> {
+        match &mut self.storage {
+            Storage::Cpu(v) => std::mem::take(v),
         }
     }
 
@@ -144,13 +180,15 @@ impl Tensor {
             }
             rows += p.shape[0];
         }
-        let mut data = Vec::with_capacity(rows * inner.iter().product::<usize>());
-        for p in parts {
-            data.extend_from_slice(p.as_slice());
-        }
         let mut shape = first.shape.clone();
         shape[0] = rows;
-        Tensor::from_vec(&shape, data)
+        let mut out = Tensor::for_overwrite(&shape, first.device());
+        let mut at = 0;
+        for p in parts {
+            out.as_mut_slice()[at..at + p.len()].copy_from_slice(p.as_slice());
+            at += p.len();
+        }
+        Ok(out)
     }
 
     /// Rows `[start, start + count)` of the first dimension, copied.
@@ -161,6 +199,8 @@ impl Tensor {
         let row: usize = self.shape[1..].iter().product();
         let mut shape = self.shape.clone();
         shape[0] = count;
-        Tensor::from_slice(&shape, &self.as_slice()[start * row..(start + count) * row])
+        let mut out = Tensor::for_overwrite(&shape, self.device());
+        out.as_mut_slice().copy_from_slice(&self.as_slice()[start * row..(start + count) * row]);
+        Ok(out)
     }
 }

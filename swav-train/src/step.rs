@@ -12,7 +12,7 @@
 use swav_model::param::Visit;
 use swav_model::SwavModel;
 use swav_tensor::ops::linear::linear_forward;
-use swav_tensor::Tensor;
+use swav_tensor::{profile, Tensor};
 
 use crate::assign::codes_for_crop;
 use crate::config::TrainConfig;
@@ -63,6 +63,7 @@ pub fn swav_step(
     let dim = out.embedding.dim(1);
 
     let sinkhorn = swav_sinkhorn::Params::new(cfg.epsilon, cfg.sinkhorn_iterations);
+    let codes_scope = profile::scope("codes (sinkhorn)");
     let mut codes = Vec::with_capacity(cfg.crops_for_assign.len());
     for (j, &crop) in cfg.crops_for_assign.iter().enumerate() {
         let rows = crop * batch..(crop + 1) * batch;
@@ -77,13 +78,17 @@ pub fn swav_step(
         }
     }
 
+    drop(codes_scope);
+    let loss_scope = profile::scope("loss");
     let loss = swapped_prediction_loss(scores, k, batch, crops, &cfg.crops_for_assign, &codes, cfg.temperature)?;
     if !loss.loss.is_finite() {
         return Ok(StepStats { loss: loss.loss, cluster_entropy: f64::NAN, clusters_used: 0 });
     }
+    drop(loss_scope);
     let dscores = Tensor::from_vec(out.scores[0].shape(), loss.dscores)?;
     model.backward(acts, &out, &[dscores])?;
 
+    let _optimizer_scope = profile::scope("optimizer");
     let frozen = iteration < cfg.freeze_prototypes_niters;
     state.optimizer.step(model, lr, |name| frozen && name.starts_with("prototypes."));
     Ok(cluster_stats(&codes[0], k, loss.loss))

@@ -20,6 +20,20 @@ use crate::{Result, Tensor};
 /// Values per parallel chunk of the elementwise passes.
 const CHUNK_VALUES: usize = 1 << 15;
 
+/// Rows summed in f32 before the partial sums are added to the f64 totals.
+const SUM_BLOCK: usize = 32;
+
+/// Adds two f32 block sums into the f64 accumulator `[first | second]` and clears them.
+fn flush(first: &mut [f32], second: &mut [f32], acc: &mut [f64]) {
+    let c = first.len();
+    for ch in 0..c {
+        acc[ch] += first[ch] as f64;
+        acc[c + ch] += second[ch] as f64;
+        first[ch] = 0.0;
+        second[ch] = 0.0;
+    }
+}
+
 /// What `y = act(bn(x) + residual)` adds after the normalisation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fused {
@@ -66,6 +80,7 @@ pub fn batchnorm_train_forward(
     residual: Option<&Tensor>,
     relu: bool,
 ) -> Result<(Tensor, BnCache)> {
+    let _p = crate::profile::scope("bn forward");
     let (rows, c) = channels(x, p)?;
     if rows < 2 {
         return Err(shape_err("batchnorm", format!("training mode needs more than one value per channel, got {rows}")));
@@ -120,7 +135,7 @@ fn normalize(x: &Tensor, p: &BnParams<'_>, mean: &[f32], rstd: &[f32], residual:
     }
     let (gamma, shift) = (p.gamma.as_slice(), p.beta.as_slice());
     let scale: Vec<f32> = (0..c).map(|i| rstd[i] * gamma[i]).collect();
-    let mut y = Tensor::zeros(x.shape(), x.device());
+    let mut y = Tensor::for_overwrite(x.shape(), x.device());
     let chunk = rows_per_chunk(c, CHUNK_VALUES) * c;
     let xs = x.as_slice();
     let res = residual.map(|r| r.as_slice());
@@ -160,72 +175,119 @@ pub fn batchnorm_backward(
     dgamma: &mut Tensor,
     dbeta: &mut Tensor,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    let _p = crate::profile::scope("bn backward");
     let (rows, c) = channels(x, p)?;
     x.check_same_shape("batchnorm_backward (dy)", dy)?;
     x.check_same_shape("batchnorm_backward (y)", y)?;
-    let (xs, ys) = (x.as_slice(), y.as_slice());
-    let (mean, rstd) = (&cache.mean, &cache.rstd);
-    // g = dy masked by the ReLU. It is materialised only when the residual's gradient needs it.
-    let g: Option<Tensor> = fused.residual.then(|| {
-        let mut g = dy.clone();
-        if fused.relu {
-            g.as_mut_slice().par_iter_mut().zip(ys.par_iter()).for_each(|(d, &yv)| {
-                if yv <= 0.0 {
-                    *d = 0.0;
-                }
-            });
-        }
-        g
-    });
-    let gs: &[f32] = g.as_ref().map_or(dy.as_slice(), |t| t.as_slice());
-    let mask = fused.relu && g.is_none();
-    let grad_row = |start: usize, out: &mut [f32]| {
-        let len = out.len();
-        out.copy_from_slice(&gs[start..start + len]);
-        if mask {
-            for (o, &yv) in out.iter_mut().zip(&ys[start..start + len]) {
-                if yv <= 0.0 {
-                    *o = 0.0;
-                }
-            }
-        }
-    };
+    let (xs, ys, dys) = (x.as_slice(), y.as_slice(), dy.as_slice());
+    let (mean, rstd) = (&cache.mean[..c], &cache.rstd[..c]);
+    // Pass 1: per-channel sums of g and g (x - mean), g = dy masked by the ReLU. Rows are summed in
+    // f32 over short blocks (vectorised), the blocks in f64.
     let chunk = rows_per_chunk(c, CHUNK_VALUES);
     let sums = sum_rows(rows, 2 * c, chunk, |r, acc| {
-        let (sg, sgx) = acc.split_at_mut(c);
-        let mut gv = vec![0.0f32; c];
-        for row in r {
-            grad_row(row * c, &mut gv);
-            let xr = &xs[row * c..(row + 1) * c];
-            for ch in 0..c {
-                let xhat = (xr[ch] - mean[ch]) * rstd[ch];
-                sg[ch] += gv[ch] as f64;
-                sgx[ch] += (gv[ch] * xhat) as f64;
-            }
+        if fused.relu {
+            grad_sums::<true>(xs, ys, dys, mean, c, r, acc)
+        } else {
+            grad_sums::<false>(xs, ys, dys, mean, c, r, acc)
         }
     });
     let gamma = p.gamma.as_slice();
     let (dga, dbe) = (dgamma.as_mut_slice(), dbeta.as_mut_slice());
+    // dx = gamma rstd (g - mean(g) - xhat mean(g xhat)) = a g + b + e (x - mean).
+    let mut coef = Coefficients { a: vec![0.0; c], b: vec![0.0; c], e: vec![0.0; c] };
     for ch in 0..c {
-        dga[ch] += sums[c + ch] as f32;
-        dbe[ch] += sums[ch] as f32;
+        let (r, n) = (rstd[ch] as f64, rows as f64);
+        let (sum_g, sum_gxhat) = (sums[ch], sums[c + ch] * r);
+        dga[ch] += sum_gxhat as f32;
+        dbe[ch] += sum_g as f32;
+        let k = gamma[ch] as f64 * r;
+        coef.a[ch] = k as f32;
+        coef.b[ch] = (-k * sum_g / n) as f32;
+        coef.e[ch] = (-k * r * sum_gxhat / n) as f32;
     }
-    let mean_g: Vec<f32> = (0..c).map(|ch| (sums[ch] / rows as f64) as f32).collect();
-    let mean_gx: Vec<f32> = (0..c).map(|ch| (sums[c + ch] / rows as f64) as f32).collect();
-    let k: Vec<f32> = (0..c).map(|ch| gamma[ch] * rstd[ch]).collect();
-    let mut dx = Tensor::zeros(x.shape(), x.device());
+    // Pass 2: dx, and the residual's gradient (= g) in the same sweep.
+    let mut dx = Tensor::for_overwrite(x.shape(), x.device());
+    let mut g = fused.residual.then(|| Tensor::for_overwrite(x.shape(), x.device()));
     let chunk_vals = chunk * c;
-    dx.as_mut_slice().par_chunks_mut(chunk_vals).enumerate().for_each(|(ci, out)| {
-        let start = ci * chunk_vals;
-        for (r, o_row) in out.chunks_exact_mut(c).enumerate() {
-            let at = start + r * c;
-            grad_row(at, o_row);
-            let xr = &xs[at..at + c];
+    let pass2 = |start: usize, out: &mut [f32], gout: Option<&mut [f32]>| {
+        let src = Rows { xs: &xs[start..start + out.len()], ys: &ys[start..start + out.len()], dys: &dys[start..start + out.len()] };
+        if fused.relu {
+            input_grad::<true>(&src, mean, &coef, out, gout)
+        } else {
+            input_grad::<false>(&src, mean, &coef, out, gout)
+        }
+    };
+    match &mut g {
+        Some(gt) => dx
+            .as_mut_slice()
+            .par_chunks_mut(chunk_vals)
+            .zip(gt.as_mut_slice().par_chunks_mut(chunk_vals))
+            .enumerate()
+            .for_each(|(i, (out, gout))| pass2(i * chunk_vals, out, Some(gout))),
+        None => dx.as_mut_slice().par_chunks_mut(chunk_vals).enumerate().for_each(|(i, out)| pass2(i * chunk_vals, out, None)),
+    }
+    Ok((dx, g))
+}
+
+/// `g = dy` where the forward's output is positive (or everywhere without a ReLU). A compile-time
+/// choice, so that the mask is a vector blend, not a branch mispredicted on half the values.
+#[inline(always)]
+fn masked<const RELU: bool>(y: f32, dy: f32) -> f32 {
+    if RELU && y <= 0.0 {
+        0.0
+    } else {
+        dy
+    }
+}
+
+/// Pass 1 of the backward over rows `r`: adds `[sum g | sum g (x - mean)]` into `acc`.
+fn grad_sums<const RELU: bool>(xs: &[f32], ys: &[f32], dys: &[f32], mean: &[f32], c: usize, r: std::ops::Range<usize>, acc: &mut [f64]) {
+    let mut sg = vec![0.0f32; c];
+    let mut sgx = vec![0.0f32; c];
+    for (b, row) in r.enumerate() {
+        let at = row * c;
+        let (xr, yr, dr) = (&xs[at..at + c], &ys[at..at + c], &dys[at..at + c]);
+        for ch in 0..c {
+            let g = masked::<RELU>(yr[ch], dr[ch]);
+            sg[ch] += g;
+            sgx[ch] += g * (xr[ch] - mean[ch]);
+        }
+        if (b + 1) % SUM_BLOCK == 0 {
+            flush(&mut sg, &mut sgx, acc);
+        }
+    }
+    flush(&mut sg, &mut sgx, acc);
+}
+
+/// Per-channel coefficients of `dx = a g + b + e (x - mean)`.
+struct Coefficients {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    e: Vec<f32>,
+}
+
+/// The same rows of the forward's input, output and the incoming gradient.
+struct Rows<'a> {
+    xs: &'a [f32],
+    ys: &'a [f32],
+    dys: &'a [f32],
+}
+
+/// Pass 2 of the backward: `dx` (and `g`, the residual's gradient) for a run of whole rows.
+fn input_grad<const RELU: bool>(src: &Rows<'_>, mean: &[f32], k: &Coefficients, out: &mut [f32], mut gout: Option<&mut [f32]>) {
+    let c = mean.len();
+    let (a, b, e) = (&k.a[..c], &k.b[..c], &k.e[..c]);
+    for (row, o) in out.chunks_exact_mut(c).enumerate() {
+        let at = row * c;
+        let (xr, yr, dr) = (&src.xs[at..at + c], &src.ys[at..at + c], &src.dys[at..at + c]);
+        for ch in 0..c {
+            o[ch] = a[ch] * masked::<RELU>(yr[ch], dr[ch]) + b[ch] + e[ch] * (xr[ch] - mean[ch]);
+        }
+        if let Some(gout) = gout.as_deref_mut() {
+            let gr = &mut gout[at..at + c];
             for ch in 0..c {
-                let xhat = (xr[ch] - mean[ch]) * rstd[ch];
-                o_row[ch] = k[ch] * (o_row[ch] - mean_g[ch] - xhat * mean_gx[ch]);
+                gr[ch] = masked::<RELU>(yr[ch], dr[ch]);
             }
         }
-    });
-    Ok((dx, g))
+    }
 }

@@ -84,8 +84,9 @@ fn tile_rows(k: usize, total: usize) -> usize {
 }
 
 pub fn conv2d_forward(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    let _p = crate::profile::scope("conv forward");
     let g = ConvGeom::new(x.shape(), weight.shape(), stride, pad)?;
-    let mut y = Tensor::zeros(&g.out_shape(), x.device());
+    let mut y = Tensor::for_overwrite(&g.out_shape(), x.device());
     let (xs, ws) = (x.as_slice(), weight.as_slice());
     let (m_total, k) = (g.out_pixels(), g.k());
     if g.is_pointwise() {
@@ -125,8 +126,10 @@ pub fn conv2d_backward(
     if !want_dx {
         return Ok(None);
     }
-    let mut dx = Tensor::zeros(x.shape(), x.device());
+    let every_class_reached = g.stride <= g.kh && g.stride <= g.kw;
+    let mut dx = if every_class_reached { Tensor::for_overwrite(x.shape(), x.device()) } else { Tensor::zeros(x.shape(), x.device()) };
     if g.is_pointwise() {
+        let _p = crate::profile::scope("conv data grad");
         let out = MatMut::new(dx.as_mut_slice(), g.out_pixels(), g.cin);
         let w = MatRef::new(weight.as_slice(), g.cout, g.cin);
         matmul(out, MatRef::new(dy.as_slice(), g.out_pixels(), g.cout), w, false, Threads::Pool);
@@ -165,6 +168,7 @@ fn im2col(x: &[f32], g: &ConvGeom, r0: usize, rows: usize, col: &mut [f32]) {
 }
 
 fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
+    let _p = crate::profile::scope("conv weight grad");
     let (m_total, k) = (g.out_pixels(), g.k());
     // Fixed chunking (independent of the thread count) keeps the sum order, and so the bits, stable.
     let chunks = (m_total / 512).clamp(1, 8);
@@ -211,6 +215,7 @@ struct Class {
 }
 
 fn data_grad(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+    let _p = crate::profile::scope("conv data grad");
     let s = g.stride;
     let dx_ptr = SharedMut(dx.as_mut_ptr());
     for cy in 0..s {

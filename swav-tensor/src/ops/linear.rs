@@ -16,6 +16,7 @@ fn dims(x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize)> {
 }
 
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let _p = crate::profile::scope("linear");
     let (rows, fin, fout) = dims(x, w)?;
     let mut y = Tensor::zeros(&[rows, fout], x.device());
     if let Some(b) = b {
@@ -40,6 +41,7 @@ pub fn linear_backward(
     db: Option<&mut Tensor>,
     want_dx: bool,
 ) -> Result<Option<Tensor>> {
+    let _p = crate::profile::scope("linear");
     let (rows, fin, fout) = dims(x, w)?;
     if dy.shape() != [rows, fout] {
         return Err(shape_err("linear_backward", format!("dy {:?} for output [{rows}, {fout}]", dy.shape())));
@@ -64,7 +66,7 @@ pub fn linear_backward(
     if !want_dx {
         return Ok(None);
     }
-    let mut dx = Tensor::zeros(&[rows, fin], x.device());
+    let mut dx = Tensor::for_overwrite(&[rows, fin], x.device());
     matmul(MatMut::new(dx.as_mut_slice(), rows, fin), dys, MatRef::new(w.as_slice(), fout, fin), false, Threads::Pool);
     Ok(Some(dx))
 }

@@ -39,11 +39,12 @@ impl PoolGeom {
 
 /// Returns the pooled tensor and the argmax indices (into the input) for the backward.
 pub fn max_pool_forward(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<(Tensor, Vec<u32>)> {
+    let _p = crate::profile::scope("max pool");
     let g = PoolGeom::new(x.shape(), k, stride, pad)?;
     if x.len() > u32::MAX as usize {
         return Err(shape_err("max_pool", "input larger than 2^32 values"));
     }
-    let mut y = Tensor::zeros(&[g.n, g.oh, g.ow, g.c], x.device());
+    let mut y = Tensor::for_overwrite(&[g.n, g.oh, g.ow, g.c], x.device());
     let mut idx = vec![0u32; y.len()];
     let xs = x.as_slice();
     let per_out = g.oh * g.ow * g.c;
@@ -80,6 +81,7 @@ pub fn max_pool_forward(x: &Tensor, k: usize, stride: usize, pad: usize) -> Resu
 }
 
 pub fn max_pool_backward(x_shape: &[usize], idx: &[u32], dy: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope("max pool");
     if idx.len() != dy.len() {
         return Err(shape_err("max_pool_backward", format!("{} indices for {} gradients", idx.len(), dy.len())));
     }
@@ -99,6 +101,7 @@ pub fn max_pool_backward(x_shape: &[usize], idx: &[u32], dy: &Tensor) -> Result<
 
 /// `[n, h, w, c] -> [n, c]`, the mean over the pixels of each image.
 pub fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope("avg pool");
     let &[n, h, w, c] = x.shape() else {
         return Err(shape_err("global_avg_pool", format!("input {:?} must be NHWC", x.shape())));
     };
@@ -120,13 +123,14 @@ pub fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
 }
 
 pub fn global_avg_pool_backward(x_shape: &[usize], dy: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope("avg pool");
     let &[n, h, w, c] = x_shape else {
         return Err(shape_err("global_avg_pool_backward", format!("input shape {x_shape:?} must be NHWC")));
     };
     if dy.shape() != [n, c] {
         return Err(shape_err("global_avg_pool_backward", format!("dy {:?} for input {x_shape:?}", dy.shape())));
     }
-    let mut dx = Tensor::zeros(x_shape, dy.device());
+    let mut dx = Tensor::for_overwrite(x_shape, dy.device());
     let inv = 1.0 / (h * w) as f32;
     let dys = dy.as_slice();
     dx.as_mut_slice().par_chunks_mut((h * w * c).max(1)).enumerate().for_each(|(b, dxb)| {

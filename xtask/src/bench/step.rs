@@ -32,6 +32,19 @@ pub struct Args {
     warmup: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Channels of the stem and first stage (default: the arch's, 64).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Input channels.
+    #[arg(long, default_value_t = 3)]
+    channels: usize,
+    #[arg(long, default_value_t = 2048)]
+    hidden_mlp: usize,
+    #[arg(long, default_value_t = 3000)]
+    prototypes: usize,
+    /// Print the time spent in each op.
+    #[arg(long)]
+    profile: bool,
     /// A Python with torch and torchvision: also run the PyTorch step and print the ratio.
     #[arg(long)]
     python: Option<PathBuf>,
@@ -81,13 +94,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let s = setup(&a)?;
     let cfg = ModelConfig {
         arch: Arch::parse(&s.arch)?,
-        width: None,
+        width: a.width,
         small_stem: s.small_stem,
-        in_channels: 3,
-        hidden_mlp: 2048,
+        in_channels: a.channels,
+        hidden_mlp: a.hidden_mlp,
         head_bn: true,
         feat_dim: 128,
-        prototypes: vec![3000],
+        prototypes: vec![a.prototypes],
     };
     let train = TrainConfig {
         epochs: 1,
@@ -124,7 +137,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .crops
             .iter()
             .map(|&(n, size)| {
-                let len = n * s.batch * size * size * 3;
+                let len = n * s.batch * size * size * a.channels;
                 let data = (0..len)
                     .map(|_| {
                         seed ^= seed << 13;
@@ -133,9 +146,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
                     })
                     .collect();
-                Tensor::from_vec(&[n * s.batch, size, size, 3], data)
+                Tensor::from_vec(&[n * s.batch, size, size, a.channels], data)
             })
             .collect::<Result<_, _>>()?;
+        if a.profile && i == a.warmup {
+            swav_train::tensor::profile::enable();
+        }
         let t0 = Instant::now();
         let stats = swav_step(&mut state, &train, groups, s.batch, i, 0.1)?;
         let dt = t0.elapsed().as_secs_f64();
@@ -144,8 +160,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         eprintln!("  step {i}: {:.1} ms (loss {:.3}){}", dt * 1e3, stats.loss, if i < a.warmup { " warm-up" } else { "" });
     }
+    let total: f64 = times.iter().sum();
     times.sort_by(f64::total_cmp);
     let ours = times[times.len() / 2] * 1e3;
+    if a.profile {
+        println!("time per op over the measured steps (share of step time):");
+        for (op, secs, calls) in swav_train::tensor::profile::report() {
+            println!("  {op:<20} {:>8.1} ms/step {:>5.1}%  ({} calls/step)", secs / a.steps as f64 * 1e3, 100.0 * secs / total, calls / a.steps as u64);
+        }
+    }
     let rss = peak_rss_mib();
     println!(
         "swav-rs: {ours:.1} ms/step, {:.1} images/s, peak RSS {}",
@@ -157,7 +180,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let mut cmd = Command::new(py);
         cmd.arg(&script)
             .args(["--arch", &s.arch, "--crops", &crops_text, "--batch", &s.batch.to_string()])
-            .args(["--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string(), "--threads", &threads.to_string()]);
+            .args(["--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string(), "--threads", &threads.to_string()])
+            .args(["--channels", &a.channels.to_string(), "--hidden", &a.hidden_mlp.to_string(), "--prototypes", &a.prototypes.to_string()]);
+        if a.width.is_some_and(|w| w != 64) {
+            bail!("the PyTorch baseline uses torchvision's widths; --width cannot be compared");
+        }
         if s.small_stem {
             cmd.arg("--small-stem");
         }
