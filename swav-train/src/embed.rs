@@ -10,7 +10,9 @@ use std::path::Path;
 
 use swav_data::Dataset;
 
-use crate::eval::{extract_features, input_transform, load_model, ExtractOptions, Features, LoadedModel};
+use crate::eval::{
+    extract_features, input_transform, load_model, ExtractOptions, Features, LoadedModel,
+};
 use crate::TrainError;
 
 /// A value type `.npy` files can hold here.
@@ -49,18 +51,38 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 /// The bytes of a `.npy` file holding `data` with `shape` (C order).
 pub fn npy_bytes<T: NpyElement>(shape: &[usize], data: &[T]) -> Result<Vec<u8>, TrainError> {
     if shape.iter().product::<usize>() != data.len() {
-        return Err(TrainError::Shape(format!("{} values do not fill an array of shape {shape:?}", data.len())));
+        return Err(TrainError::Shape(format!(
+            "{} values do not fill an array of shape {shape:?}",
+            data.len()
+        )));
     }
     let dims = match shape {
         [one] => format!("({one},)"),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
-    let mut header = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {dims}, }}", T::DESCR);
+    let mut header = format!(
+        "{{'descr': '{}', 'fortran_order': False, 'shape': {dims}, }}",
+        T::DESCR
+    );
     // magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
     let unpadded = MAGIC.len() + 4 + header.len() + 1;
-    header.extend(std::iter::repeat_n(' ', unpadded.next_multiple_of(64) - unpadded));
+    header.extend(std::iter::repeat_n(
+        ' ',
+        unpadded.next_multiple_of(64) - unpadded,
+    ));
     header.push('\n');
-    let len = u16::try_from(header.len()).map_err(|_| TrainError::Shape(format!("shape {shape:?} makes a .npy header too long for version 1.0")))?;
+    let len = u16::try_from(header.len()).map_err(|_| {
+        TrainError::Shape(format!(
+            "shape {shape:?} makes a .npy header too long for version 1.0"
+        ))
+    })?;
     let mut out = Vec::with_capacity(MAGIC.len() + 4 + header.len() + data.len() * T::SIZE);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[1, 0]);
@@ -73,15 +95,27 @@ pub fn npy_bytes<T: NpyElement>(shape: &[usize], data: &[T]) -> Result<Vec<u8>, 
 }
 
 /// Writes a `.npy` file atomically.
-pub fn write_npy<T: NpyElement>(path: &Path, shape: &[usize], data: &[T]) -> Result<(), TrainError> {
+pub fn write_npy<T: NpyElement>(
+    path: &Path,
+    shape: &[usize],
+    data: &[T],
+) -> Result<(), TrainError> {
     swav_model::checkpoint::atomic_write(path, &npy_bytes(shape, data)?)?;
     Ok(())
 }
 
 /// Reads a C-order `.npy` file (version 1.0 to 3.0) of element type `T`; returns its shape and values.
 pub fn read_npy<T: NpyElement>(path: &Path) -> Result<(Vec<usize>, Vec<T>), TrainError> {
-    let bytes = std::fs::read(path).map_err(|source| TrainError::Io { path: path.display().to_string(), source })?;
-    parse_npy(&bytes).map_err(|why| TrainError::Eval(format!("{}: not a readable .npy file: {why}", path.display())))
+    let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_npy(&bytes).map_err(|why| {
+        TrainError::Eval(format!(
+            "{}: not a readable .npy file: {why}",
+            path.display()
+        ))
+    })
 }
 
 /// Parses the bytes of a `.npy` file (see [`read_npy`]).
@@ -91,18 +125,27 @@ pub fn parse_npy<T: NpyElement>(bytes: &[u8]) -> Result<(Vec<usize>, Vec<T>), St
     }
     let (len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         v => return Err(format!("unsupported version {v}")),
     };
     let header = bytes.get(start..start + len).ok_or("truncated header")?;
     let header = std::str::from_utf8(header).map_err(|_| "header is not text")?;
     let field = |key: &str| -> Result<&str, String> {
-        let at = header.find(&format!("'{key}':")).ok_or(format!("no '{key}' in the header"))?;
+        let at = header
+            .find(&format!("'{key}':"))
+            .ok_or(format!("no '{key}' in the header"))?;
         Ok(header[at + key.len() + 3..].trim_start())
     };
     let descr = field("descr")?;
     if !descr.starts_with(&format!("'{}'", T::DESCR)) {
-        return Err(format!("dtype {} expected, header says {}", T::DESCR, descr.split(',').next().unwrap_or("")));
+        return Err(format!(
+            "dtype {} expected, header says {}",
+            T::DESCR,
+            descr.split(',').next().unwrap_or("")
+        ));
     }
     if !field("fortran_order")?.starts_with("False") {
         return Err("Fortran-order arrays are not supported".into());
@@ -113,12 +156,19 @@ pub fn parse_npy<T: NpyElement>(bytes: &[u8]) -> Result<(Vec<usize>, Vec<T>), St
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape entry `{s}`")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("bad shape entry `{s}`"))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let count: usize = shape.iter().product();
     let data = &bytes[start + len..];
     if data.len() != count * T::SIZE {
-        return Err(format!("shape {shape:?} needs {} data bytes, the file has {}", count * T::SIZE, data.len()));
+        return Err(format!(
+            "shape {shape:?} needs {} data bytes, the file has {}",
+            count * T::SIZE,
+            data.len()
+        ));
     }
     Ok((shape, data.chunks_exact(T::SIZE).map(T::read_le).collect()))
 }
@@ -147,15 +197,28 @@ pub fn embed(
     progress: &dyn Fn(usize, usize),
 ) -> Result<EmbedSummary, TrainError> {
     if labels_output.is_some() && !dataset.manifest().labelled {
-        return Err(TrainError::Eval(format!("the data in {} has no labels: leave out the labels output", dataset.dir().display())));
+        return Err(TrainError::Eval(format!(
+            "the data in {} has no labels: leave out the labels output",
+            dataset.dir().display()
+        )));
     }
     let LoadedModel { model, metadata } = load_model(checkpoint)?;
     let transform = input_transform(&model, &metadata, dataset, input_size)?;
     let f: Features = extract_features(&model, dataset, &transform, opts, progress)?;
     write_npy(output, &[f.n, f.dim], &f.data)?;
     if let Some(path) = labels_output {
-        let labels: Vec<i64> = f.labels_for("the labels file")?.iter().map(|&l| l as i64).collect();
+        let labels: Vec<i64> = f
+            .labels_for("the labels file")?
+            .iter()
+            .map(|&l| l as i64)
+            .collect();
         write_npy(path, &[f.n], &labels)?;
     }
-    Ok(EmbedSummary { images: f.n, feature_dim: f.dim, labels: labels_output.is_some(), resize: transform.resize, crop: transform.crop })
+    Ok(EmbedSummary {
+        images: f.n,
+        feature_dim: f.dim,
+        labels: labels_output.is_some(),
+        resize: transform.resize,
+        crop: transform.crop,
+    })
 }

@@ -49,7 +49,10 @@ pub struct Metrics {
 
 /// Reads a metrics file (see the module docs for what is tolerated).
 pub fn read_metrics(path: &Path) -> Result<Metrics, TrainError> {
-    let text = std::fs::read(path).map_err(|source| TrainError::Io { path: path.display().to_string(), source })?;
+    let text = std::fs::read(path).map_err(|source| TrainError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
     let text = String::from_utf8_lossy(&text);
     let mut m = Metrics::default();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -85,7 +88,9 @@ pub struct Summary {
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let (sum, n) = values.filter(|v| v.is_finite()).fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    let (sum, n) = values
+        .filter(|v| v.is_finite())
+        .fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     (n > 0).then(|| sum / n as f64)
 }
 
@@ -100,10 +105,13 @@ pub fn summarize(metrics: &Metrics, eval: Option<EvalReport>) -> Summary {
     let mut epochs: Vec<u32> = rows.iter().filter_map(|r| r.epoch).collect();
     epochs.sort_unstable();
     epochs.dedup();
-    let min_loss = rows.iter().filter_map(|r| finite(r.loss).map(|l| (l, r.step))).fold(None, |best: Option<(f64, u64)>, (l, s)| match best {
-        Some((b, _)) if b <= l => best,
-        _ => Some((l, s)),
-    });
+    let min_loss = rows
+        .iter()
+        .filter_map(|r| finite(r.loss).map(|l| (l, r.step)))
+        .fold(None, |best: Option<(f64, u64)>, (l, s)| match best {
+            Some((b, _)) if b <= l => best,
+            _ => Some((l, s)),
+        });
     Summary {
         steps: rows.len(),
         first_step: rows.first().map_or(0, |r| r.step),
@@ -125,30 +133,79 @@ pub fn summarize(metrics: &Metrics, eval: Option<EvalReport>) -> Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |x| format!("{x:.digits$}"));
-        writeln!(f, "steps            {} (step {} to {}), {} epoch(s)", self.steps, self.first_step, self.last_step, self.epochs)?;
-        writeln!(f, "loss             final {}, min {}", opt(self.final_loss, 4), self.min_loss.map_or("-".into(), |(l, s)| format!("{l:.4} at step {s}")))?;
-        writeln!(f, "learning rate    final {}", self.final_lr.map_or("-".into(), |v| format!("{v:.3e}")))?;
-        writeln!(f, "throughput       {} images/s (mean over steps)", opt(self.mean_images_per_s, 1))?;
-        writeln!(f, "data wait        {} of step time (mean)", self.mean_data_wait.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)))?;
+        let opt =
+            |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |x| format!("{x:.digits$}"));
+        writeln!(
+            f,
+            "steps            {} (step {} to {}), {} epoch(s)",
+            self.steps, self.first_step, self.last_step, self.epochs
+        )?;
+        writeln!(
+            f,
+            "loss             final {}, min {}",
+            opt(self.final_loss, 4),
+            self.min_loss
+                .map_or("-".into(), |(l, s)| format!("{l:.4} at step {s}"))
+        )?;
+        writeln!(
+            f,
+            "learning rate    final {}",
+            self.final_lr.map_or("-".into(), |v| format!("{v:.3e}"))
+        )?;
+        writeln!(
+            f,
+            "throughput       {} images/s (mean over steps)",
+            opt(self.mean_images_per_s, 1)
+        )?;
+        writeln!(
+            f,
+            "data wait        {} of step time (mean)",
+            self.mean_data_wait
+                .map_or("-".into(), |v| format!("{:.1}%", 100.0 * v))
+        )?;
         writeln!(
             f,
             "clusters         entropy {} nats, {} used (last step)",
             opt(self.final_cluster_entropy, 3),
-            self.final_clusters_used.map_or("-".into(), |v| v.to_string())
+            self.final_clusters_used
+                .map_or("-".into(), |v| v.to_string())
         )?;
-        writeln!(f, "elapsed          {}", self.elapsed_s.map_or("-".into(), |s| format!("{s:.1} s")))?;
+        writeln!(
+            f,
+            "elapsed          {}",
+            self.elapsed_s.map_or("-".into(), |s| format!("{s:.1} s"))
+        )?;
         if self.bad_losses > 0 {
-            writeln!(f, "warning          {} step(s) without a finite loss", self.bad_losses)?;
+            writeln!(
+                f,
+                "warning          {} step(s) without a finite loss",
+                self.bad_losses
+            )?;
         }
         if self.skipped_lines > 0 {
-            writeln!(f, "warning          {} unreadable line(s) in metrics.jsonl skipped", self.skipped_lines)?;
+            writeln!(
+                f,
+                "warning          {} unreadable line(s) in metrics.jsonl skipped",
+                self.skipped_lines
+            )?;
         }
         if let Some(e) = &self.eval {
             let pct = |v: f64| format!("{:.2}%", 100.0 * v);
-            writeln!(f, "eval             k-NN top-1 {}, linear top-1 {} ({} train / {} test images)", pct(e.knn_top1), pct(e.linear_top1), e.train_images, e.test_images)?;
+            writeln!(
+                f,
+                "eval             k-NN top-1 {}, linear top-1 {} ({} train / {} test images)",
+                pct(e.knn_top1),
+                pct(e.linear_top1),
+                e.train_images,
+                e.test_images
+            )?;
             if let Some(b) = &e.baseline {
-                writeln!(f, "eval baseline    random init: k-NN top-1 {}, linear top-1 {}", pct(b.scores.knn_top1), pct(b.scores.linear_top1))?;
+                writeln!(
+                    f,
+                    "eval baseline    random init: k-NN top-1 {}, linear top-1 {}",
+                    pct(b.scores.knn_top1),
+                    pct(b.scores.linear_top1)
+                )?;
             }
         }
         Ok(())
@@ -167,14 +224,24 @@ pub struct ReportFiles {
 pub fn write_report(run_dir: &Path) -> Result<ReportFiles, TrainError> {
     let metrics_path = run_dir.join("metrics.jsonl");
     if !metrics_path.is_file() {
-        return Err(TrainError::Eval(format!("{}: no metrics.jsonl: is this the run directory of `cargo xtask train`?", run_dir.display())));
+        return Err(TrainError::Eval(format!(
+            "{}: no metrics.jsonl: is this the run directory of `cargo xtask train`?",
+            run_dir.display()
+        )));
     }
     let metrics = read_metrics(&metrics_path)?;
     if metrics.rows.is_empty() {
-        return Err(TrainError::Eval(format!("{}: no readable step in it yet", metrics_path.display())));
+        return Err(TrainError::Eval(format!(
+            "{}: no readable step in it yet",
+            metrics_path.display()
+        )));
     }
     let eval_path = run_dir.join("eval.json");
-    let eval = if eval_path.is_file() { Some(EvalReport::read(&eval_path)?) } else { None };
+    let eval = if eval_path.is_file() {
+        Some(EvalReport::read(&eval_path)?)
+    } else {
+        None
+    };
     let summary = summarize(&metrics, eval);
     let png = run_dir.join("report.png");
     swav_model::checkpoint::atomic_write(&png, &plot_png(&metrics.rows)?)?;
@@ -206,7 +273,8 @@ pub fn plot_png(rows: &[MetricsRow]) -> Result<Vec<u8>, TrainError> {
     draw(&mut buf, rows).map_err(|e| TrainError::Eval(format!("drawing the report: {e}")))?;
     let img = image::RgbImage::from_raw(w, h, buf).expect("the buffer has w * h * 3 bytes");
     let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).map_err(|e| TrainError::Eval(format!("encoding the report PNG: {e}")))?;
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| TrainError::Eval(format!("encoding the report PNG: {e}")))?;
     Ok(out.into_inner())
 }
 
@@ -216,25 +284,43 @@ fn draw(buf: &mut [u8], rows: &[MetricsRow]) -> Result<(), Box<dyn std::error::E
     let root = BitMapBackend::with_buffer(buf, PNG_SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let pick = |f: fn(&MetricsRow) -> Option<f64>| -> Vec<(f64, f64)> {
-        rows.iter().filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v))).collect()
+        rows.iter()
+            .filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v)))
+            .collect()
     };
     let panels: [Series; 4] = [
         ("loss", pick(|r| r.loss), RED, false),
         ("learning rate", pick(|r| r.lr), BLUE, true),
-        ("entropy of the mean code (nats)", pick(|r| r.cluster_entropy), GREEN, false),
+        (
+            "entropy of the mean code (nats)",
+            pick(|r| r.cluster_entropy),
+            GREEN,
+            false,
+        ),
         ("images / s", pick(|r| r.images_per_s), MAGENTA, false),
     ];
     let x_max = rows.iter().map(|r| r.step as f64).fold(1.0, f64::max);
     let x_min = rows.iter().map(|r| r.step as f64).fold(x_max, f64::min);
-    let x_range = if x_max > x_min { x_min..x_max } else { x_min..x_min + 1.0 };
+    let x_range = if x_max > x_min {
+        x_min..x_max
+    } else {
+        x_min..x_min + 1.0
+    };
     for (area, (title, points, color, from_zero)) in root.split_evenly((2, 2)).iter().zip(panels) {
-        let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &(_, v)| (lo.min(v), hi.max(v)));
+        let (lo, hi) = points
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &(_, v)| {
+                (lo.min(v), hi.max(v))
+            });
         let (lo, hi) = if points.is_empty() {
             (0.0, 1.0)
         } else {
             let lo = if from_zero { lo.min(0.0) } else { lo };
             let pad = ((hi - lo) * 0.05).max(hi.abs() * 1e-3).max(1e-12);
-            (lo - if from_zero && lo == 0.0 { 0.0 } else { pad }, hi + pad)
+            (
+                lo - if from_zero && lo == 0.0 { 0.0 } else { pad },
+                hi + pad,
+            )
         };
         let mut chart = ChartBuilder::on(area)
             .caption(title, (FONT, 22))
@@ -242,7 +328,13 @@ fn draw(buf: &mut [u8], rows: &[MetricsRow]) -> Result<(), Box<dyn std::error::E
             .x_label_area_size(36)
             .y_label_area_size(70)
             .build_cartesian_2d(x_range.clone(), lo..hi)?;
-        chart.configure_mesh().x_desc("step").label_style((FONT, 14)).x_label_formatter(&|v| format!("{v:.0}")).y_label_formatter(&|v| format_tick(*v)).draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .label_style((FONT, 14))
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format_tick(*v))
+            .draw()?;
         if points.is_empty() {
             continue;
         }
@@ -257,6 +349,9 @@ fn format_tick(v: f64) -> String {
     if a != 0.0 && !(1e-2..1e4).contains(&a) {
         format!("{v:.1e}")
     } else {
-        format!("{v:.3}").trim_end_matches('0').trim_end_matches('.').to_string()
+        format!("{v:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
     }
 }

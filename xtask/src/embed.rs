@@ -35,15 +35,32 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let data = Dataset::open(&args.data).context("opening the data")?;
-    let opts = ExtractOptions { batch_size: args.batch, workers: args.workers.unwrap_or(ExtractOptions::default().workers) };
+    let opts = ExtractOptions {
+        batch_size: args.batch,
+        workers: args.workers.unwrap_or(ExtractOptions::default().workers),
+    };
     let bar = crate::eval::progress_bar();
     bar.set_message("features");
-    let summary = embed(&args.checkpoint, &data, &args.output, args.labels.as_deref(), args.input_size, &opts, &|done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    });
+    let summary = embed(
+        &args.checkpoint,
+        &data,
+        &args.output,
+        args.labels.as_deref(),
+        args.input_size,
+        &opts,
+        &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    );
     bar.finish_and_clear();
-    let summary = summary.with_context(|| format!("embedding {} with {}", args.data.display(), args.checkpoint.display()))?;
+    let summary = summary.with_context(|| {
+        format!(
+            "embedding {} with {}",
+            args.data.display(),
+            args.checkpoint.display()
+        )
+    })?;
     println!(
         "wrote {} ({} x {} float32, input {}x{} resize {}){}",
         args.output.display(),
@@ -52,7 +69,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         summary.crop,
         summary.crop,
         summary.resize,
-        args.labels.as_ref().map_or(String::new(), |p| format!(" and {} ({} int64 labels)", p.display(), summary.images))
+        args.labels.as_ref().map_or(String::new(), |p| format!(
+            " and {} ({} int64 labels)",
+            p.display(),
+            summary.images
+        ))
     );
     Ok(())
 }

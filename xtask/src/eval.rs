@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use swav_train::data::Dataset;
-use swav_train::eval::{evaluate, Baseline, EvalOptions, EvalReport, ExtractOptions, KnnConfig, ProbeConfig, Progress};
+use swav_train::eval::{
+    evaluate, Baseline, EvalOptions, EvalReport, ExtractOptions, KnnConfig, ProbeConfig, Progress,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum BaselineKind {
@@ -64,18 +66,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let train = Dataset::open(&args.train_data).context("opening the training data")?;
     let test = Dataset::open(&args.test_data).context("opening the test data")?;
     let opts = EvalOptions {
-        knn: KnnConfig { k: args.k, temperature: args.temperature },
-        probe: ProbeConfig { epochs: args.probe_epochs, lr: args.probe_lr, weight_decay: args.probe_weight_decay, ..ProbeConfig::default() },
-        extract: ExtractOptions { batch_size: args.batch, workers: args.workers.unwrap_or(ExtractOptions::default().workers) },
+        knn: KnnConfig {
+            k: args.k,
+            temperature: args.temperature,
+        },
+        probe: ProbeConfig {
+            epochs: args.probe_epochs,
+            lr: args.probe_lr,
+            weight_decay: args.probe_weight_decay,
+            ..ProbeConfig::default()
+        },
+        extract: ExtractOptions {
+            batch_size: args.batch,
+            workers: args.workers.unwrap_or(ExtractOptions::default().workers),
+        },
         input_size: args.input_size,
-        baseline: args.baseline.map(|BaselineKind::Random| Baseline::Random { seed: args.baseline_seed }),
+        baseline: args.baseline.map(|BaselineKind::Random| Baseline::Random {
+            seed: args.baseline_seed,
+        }),
     };
     let bar = progress_bar();
     let current = RefCell::new(String::new());
-    let report = evaluate(&args.checkpoint, &train, &test, &opts, &|p: Progress<'_>| {
+    let report = evaluate(&args.checkpoint, &train, &test, &opts, &|p: Progress<
+        '_,
+    >| {
         if *current.borrow() != p.task {
             if !current.borrow().is_empty() {
-                bar.println(format!("{} done ({:.1} s)", current.borrow(), bar.elapsed().as_secs_f64()));
+                bar.println(format!(
+                    "{} done ({:.1} s)",
+                    current.borrow(),
+                    bar.elapsed().as_secs_f64()
+                ));
             }
             *current.borrow_mut() = p.task.to_string();
             bar.reset();
@@ -87,7 +108,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let report = report.with_context(|| format!("evaluating {}", args.checkpoint.display()))?;
     print_table(&report);
-    report.write(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
+    report
+        .write(&args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
     println!("wrote {}", args.output.display());
     Ok(())
 }
@@ -97,7 +120,10 @@ fn print_table(r: &EvalReport) {
         "{} train / {} test images, {} classes, {}-d features, input {}x{} (resize {}), k-NN k={} T={}, probe {} epochs",
         r.train_images, r.test_images, r.classes, r.feature_dim, r.input.crop, r.input.crop, r.input.resize, r.knn.k, r.knn.temperature, r.probe.epochs
     );
-    println!("{:<14} {:>11} {:>13} {:>12} {:>8} {:>8}", "network", "k-NN top-1", "linear top-1", "features s", "k-NN s", "probe s");
+    println!(
+        "{:<14} {:>11} {:>13} {:>12} {:>8} {:>8}",
+        "network", "k-NN top-1", "linear top-1", "features s", "k-NN s", "probe s"
+    );
     let row = |name: &str, s: &swav_train::eval::Scores| {
         println!(
             "{:<14} {:>10.2}% {:>12.2}% {:>12.1} {:>8.1} {:>8.1}",
@@ -126,8 +152,10 @@ fn print_table(r: &EvalReport) {
 pub fn progress_bar() -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg:28} {bar:30} {pos}/{len} ({per_sec}, eta {eta})")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {msg:28} {bar:30} {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .expect("valid template"),
     );
     bar
 }

@@ -39,18 +39,37 @@ impl Features {
     /// Features with `data.len() / dim` rows; `classes` is one more than the largest label (0 without
     /// labels). Fails on a ragged matrix, a label count that differs from the row count, or a
     /// non-finite value.
-    pub fn new(data: Vec<f32>, dim: usize, labels: Option<Vec<u32>>) -> Result<Features, TrainError> {
-        if dim == 0 || data.len() % dim != 0 {
-            return Err(TrainError::Eval(format!("{} feature values do not make rows of {dim}", data.len())));
+    pub fn new(
+        data: Vec<f32>,
+        dim: usize,
+        labels: Option<Vec<u32>>,
+    ) -> Result<Features, TrainError> {
+        if dim == 0 || !data.len().is_multiple_of(dim) {
+            return Err(TrainError::Eval(format!(
+                "{} feature values do not make rows of {dim}",
+                data.len()
+            )));
         }
         let n = data.len() / dim;
         if let Some(l) = &labels {
             if l.len() != n {
-                return Err(TrainError::Eval(format!("{} labels for {n} feature rows", l.len())));
+                return Err(TrainError::Eval(format!(
+                    "{} labels for {n} feature rows",
+                    l.len()
+                )));
             }
         }
-        let classes = labels.as_ref().and_then(|l| l.iter().max()).map_or(0, |&m| m as usize + 1);
-        let f = Features { data, n, dim, labels, classes };
+        let classes = labels
+            .as_ref()
+            .and_then(|l| l.iter().max())
+            .map_or(0, |&m| m as usize + 1);
+        let f = Features {
+            data,
+            n,
+            dim,
+            labels,
+            classes,
+        };
         f.check_finite("features")?;
         Ok(f)
     }
@@ -62,7 +81,11 @@ impl Features {
 
     /// The labels, or an error that says what `what` needs them for.
     pub fn labels_for(&self, what: &str) -> Result<&[u32], TrainError> {
-        self.labels.as_deref().ok_or_else(|| TrainError::Eval(format!("{what} needs labelled features, these have no labels")))
+        self.labels.as_deref().ok_or_else(|| {
+            TrainError::Eval(format!(
+                "{what} needs labelled features, these have no labels"
+            ))
+        })
     }
 
     pub(crate) fn check_finite(&self, what: &str) -> Result<(), TrainError> {
@@ -88,7 +111,10 @@ pub struct ExtractOptions {
 
 impl Default for ExtractOptions {
     fn default() -> Self {
-        ExtractOptions { batch_size: 256, workers: std::thread::available_parallelism().map_or(1, |n| n.get()) }
+        ExtractOptions {
+            batch_size: 256,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
     }
 }
 
@@ -111,7 +137,10 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, TrainError> {
     let config = SwavModel::config_of(path, &state)?;
     let mut model = SwavModel::new(config, 0)?;
     load_model_state(&mut model, &state, "", LoadOptions::default())?;
-    Ok(LoadedModel { model, metadata: state.metadata })
+    Ok(LoadedModel {
+        model,
+        metadata: state.metadata,
+    })
 }
 
 /// The side below which images are evaluated whole (resize = crop).
@@ -126,10 +155,15 @@ pub fn input_transform(
     input_size: Option<usize>,
 ) -> Result<EvalConfig, TrainError> {
     let channels = model_channels(model)?;
-    let bad = |key: &str, raw: &str, why: String| TrainError::Eval(format!("checkpoint metadata `{key}` = `{raw}`: {why}"));
+    let bad = |key: &str, raw: &str, why: String| {
+        TrainError::Eval(format!("checkpoint metadata `{key}` = `{raw}`: {why}"))
+    };
     let crop = match (input_size, metadata.get("input_size")) {
         (Some(s), _) => s,
-        (None, Some(raw)) => raw.trim().parse::<usize>().map_err(|e| bad("input_size", raw, e.to_string()))?,
+        (None, Some(raw)) => raw
+            .trim()
+            .parse::<usize>()
+            .map_err(|e| bad("input_size", raw, e.to_string()))?,
         (None, None) => {
             let first = train.image(0)?;
             let short = first.height.min(first.width) as usize;
@@ -141,15 +175,30 @@ pub fn input_transform(
         }
     };
     if crop == 0 {
-        return Err(TrainError::Eval("the evaluation image size must be positive".into()));
+        return Err(TrainError::Eval(
+            "the evaluation image size must be positive".into(),
+        ));
     }
-    let resize = if crop <= SMALL_IMAGE { crop } else { (crop as f64 * 256.0 / 224.0).round() as usize };
+    let resize = if crop <= SMALL_IMAGE {
+        crop
+    } else {
+        (crop as f64 * 256.0 / 224.0).round() as usize
+    };
     let stats = |key: &str, from_data: &[f64]| -> Result<Vec<f32>, TrainError> {
         match metadata.get(key) {
             Some(raw) => {
-                let v: Vec<f32> = serde_json::from_str(raw).map_err(|e| bad(key, raw, format!("expected a JSON array of numbers ({e})")))?;
-                if v.is_empty() || v.iter().any(|x| !x.is_finite()) || (key == "std" && v.iter().any(|&x| x <= 0.0)) {
-                    return Err(bad(key, raw, "expected finite values (and a positive std)".into()));
+                let v: Vec<f32> = serde_json::from_str(raw).map_err(|e| {
+                    bad(key, raw, format!("expected a JSON array of numbers ({e})"))
+                })?;
+                if v.is_empty()
+                    || v.iter().any(|x| !x.is_finite())
+                    || (key == "std" && v.iter().any(|&x| x <= 0.0))
+                {
+                    return Err(bad(
+                        key,
+                        raw,
+                        "expected finite values (and a positive std)".into(),
+                    ));
                 }
                 Ok(v)
             }
@@ -157,7 +206,12 @@ pub fn input_transform(
         }
     };
     let m = train.manifest();
-    let cfg = EvalConfig { resize, crop, mean: Some(stats("mean", &m.pixel_mean)?), std: Some(stats("std", &m.pixel_std)?) };
+    let cfg = EvalConfig {
+        resize,
+        crop,
+        mean: Some(stats("mean", &m.pixel_mean)?),
+        std: Some(stats("std", &m.pixel_std)?),
+    };
     cfg.validate()?;
     Ok(cfg)
 }
@@ -177,7 +231,9 @@ fn model_channels(model: &SwavModel) -> Result<u8, TrainError> {
     match model.config.in_channels {
         1 => Ok(1),
         3 => Ok(3),
-        c => Err(TrainError::Eval(format!("the model takes {c}-channel images: evaluation feeds images of 1 or 3 channels"))),
+        c => Err(TrainError::Eval(format!(
+            "the model takes {c}-channel images: evaluation feeds images of 1 or 3 channels"
+        ))),
     }
 }
 
@@ -210,7 +266,12 @@ pub fn extract_features(
         let images = Tensor::from_slice(&group.shape, group.data)?;
         let f = model.features(&images)?;
         if f.shape() != [batch.len(), dim] {
-            return Err(TrainError::Shape(format!("features of a batch of {}: {:?}, expected [{}, {dim}]", batch.len(), f.shape(), batch.len())));
+            return Err(TrainError::Shape(format!(
+                "features of a batch of {}: {:?}, expected [{}, {dim}]",
+                batch.len(),
+                f.shape(),
+                batch.len()
+            )));
         }
         data.extend_from_slice(f.as_slice());
         for l in batch.labels() {
@@ -222,10 +283,26 @@ pub fn extract_features(
         progress(data.len() / dim, total);
     }
     if data.len() != total * dim {
-        return Err(TrainError::Eval(format!("the loader gave {} images of {total}", data.len() / dim)));
+        return Err(TrainError::Eval(format!(
+            "the loader gave {} images of {total}",
+            data.len() / dim
+        )));
     }
-    let classes = if labelled { dataset.classes().len().max(labels.iter().max().map_or(0, |&m| m as usize + 1)) } else { 0 };
-    let features = Features { data, n: total, dim, labels: labelled.then_some(labels), classes };
+    let classes = if labelled {
+        dataset
+            .classes()
+            .len()
+            .max(labels.iter().max().map_or(0, |&m| m as usize + 1))
+    } else {
+        0
+    };
+    let features = Features {
+        data,
+        n: total,
+        dim,
+        labels: labelled.then_some(labels),
+        classes,
+    };
     features.check_finite(&format!("features of {}", dataset.dir().display()))?;
     Ok(features)
 }

@@ -7,8 +7,9 @@
 //! to the lower training index, ties in votes to the lower class.
 //!
 //! The similarities come from the engine's GEMM, one block of test rows against all training rows at a
-//! time (blocks in parallel, each GEMM single-threaded), so 10,000 x 60,000 x 512 takes seconds; the
-//! k-th largest similarity of a row is found by selection (linear time), not by sorting.
+//! time (blocks of at most 128 rows and 32 MiB of similarities, processed in parallel, each GEMM
+//! single-threaded), so 10,000 x 60,000 x 512 takes seconds; the k-th largest similarity of a row is
+//! found by selection (linear time), not by sorting.
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -27,19 +28,29 @@ pub struct KnnConfig {
 
 impl Default for KnnConfig {
     fn default() -> Self {
-        KnnConfig { k: 200, temperature: 0.1 }
+        KnnConfig {
+            k: 200,
+            temperature: 0.1,
+        }
     }
 }
 
-/// Test rows per GEMM block.
+/// At most this many test rows per GEMM block, and at most `SIMS_PER_BLOCK` similarities (32 MiB) per
+/// block, so that memory stays bounded for large training sets.
 const BLOCK: usize = 128;
+const SIMS_PER_BLOCK: usize = 8 << 20;
 
 /// Rows scaled to unit L2 norm (`x / max(||x||, 1e-12)`, as `torch.nn.functional.normalize`).
 pub fn l2_normalized(f: &Features) -> Vec<f32> {
     let mut out = f.data.clone();
     if f.dim > 0 {
         for row in out.chunks_exact_mut(f.dim) {
-            let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt().max(1e-12);
+            let norm = row
+                .iter()
+                .map(|&v| v as f64 * v as f64)
+                .sum::<f64>()
+                .sqrt()
+                .max(1e-12);
             let inv = (1.0 / norm) as f32;
             row.iter_mut().for_each(|v| *v *= inv);
         }
@@ -48,32 +59,53 @@ pub fn l2_normalized(f: &Features) -> Vec<f32> {
 }
 
 /// The predicted class of every test row.
-pub fn knn_predict(train: &Features, test: &Features, cfg: &KnnConfig) -> Result<Vec<u32>, TrainError> {
+pub fn knn_predict(
+    train: &Features,
+    test: &Features,
+    cfg: &KnnConfig,
+) -> Result<Vec<u32>, TrainError> {
     let labels = train.labels_for("k-NN classification (training set)")?;
     if train.dim != test.dim {
-        return Err(TrainError::Eval(format!("training features have {} dimensions, test features {}", train.dim, test.dim)));
+        return Err(TrainError::Eval(format!(
+            "training features have {} dimensions, test features {}",
+            train.dim, test.dim
+        )));
     }
     if train.n == 0 {
-        return Err(TrainError::Eval("k-NN classification needs at least one training image".into()));
+        return Err(TrainError::Eval(
+            "k-NN classification needs at least one training image".into(),
+        ));
     }
     if cfg.k == 0 || !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
-        return Err(TrainError::Eval(format!("k-NN needs k >= 1 and a positive temperature (got k = {}, temperature = {})", cfg.k, cfg.temperature)));
+        return Err(TrainError::Eval(format!(
+            "k-NN needs k >= 1 and a positive temperature (got k = {}, temperature = {})",
+            cfg.k, cfg.temperature
+        )));
     }
     train.check_finite("training features")?;
     test.check_finite("test features")?;
     let k = cfg.k.min(train.n);
-    let classes = train.classes.max(labels.iter().max().map_or(0, |&m| m as usize + 1));
+    let classes = train
+        .classes
+        .max(labels.iter().max().map_or(0, |&m| m as usize + 1));
     let (n, d) = (train.n, train.dim);
     let train_n = l2_normalized(train);
     let test_n = l2_normalized(test);
     let inv_t = 1.0 / cfg.temperature as f64;
 
+    let block_rows = (SIMS_PER_BLOCK / n).clamp(1, BLOCK);
     let blocks: Vec<Vec<u32>> = test_n
-        .par_chunks(BLOCK * d)
+        .par_chunks(block_rows * d)
         .map(|block| {
             let rows = block.len() / d;
             let mut sims = vec![0.0f32; rows * n];
-            matmul(MatMut::new(&mut sims, rows, n), MatRef::new(block, rows, d), MatRef::new(&train_n, n, d).t(), false, Threads::Serial);
+            matmul(
+                MatMut::new(&mut sims, rows, n),
+                MatRef::new(block, rows, d),
+                MatRef::new(&train_n, n, d).t(),
+                false,
+                Threads::Serial,
+            );
             let mut scratch = vec![0.0f32; n];
             let mut votes = vec![0.0f64; classes];
             sims.chunks_exact(n)

@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use swav_data::{Dataset, EvalConfig};
 use swav_model::SwavModel;
 
-pub use features::{extract_features, input_transform, load_model, ExtractOptions, Features, LoadedModel};
+pub use features::{
+    extract_features, input_transform, load_model, ExtractOptions, Features, LoadedModel,
+};
 pub use knn::{knn_predict, knn_top1, KnnConfig};
 pub use probe::{linear_probe_top1, train_linear_probe, LinearProbe, ProbeConfig};
 
@@ -106,8 +108,16 @@ impl EvalReport {
 
     /// Reads a report written by [`EvalReport::write`].
     pub fn read(path: &Path) -> Result<EvalReport, TrainError> {
-        let bytes = std::fs::read(path).map_err(|source| TrainError::Io { path: path.display().to_string(), source })?;
-        serde_json::from_slice(&bytes).map_err(|e| TrainError::Eval(format!("{}: not an evaluation report ({e})", path.display())))
+        let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            TrainError::Eval(format!(
+                "{}: not an evaluation report ({e})",
+                path.display()
+            ))
+        })
     }
 }
 
@@ -133,7 +143,12 @@ pub fn check_labelled(train: &Dataset, test: &Dataset) -> Result<(), TrainError>
     if train.classes() != test.classes() {
         let show = |c: &[String]| {
             let head: Vec<&str> = c.iter().take(6).map(String::as_str).collect();
-            format!("{} classes [{}{}]", c.len(), head.join(", "), if c.len() > 6 { ", ..." } else { "" })
+            format!(
+                "{} classes [{}{}]",
+                c.len(),
+                head.join(", "),
+                if c.len() > 6 { ", ..." } else { "" }
+            )
         };
         return Err(TrainError::Eval(format!(
             "the training data ({}) and the test data ({}) have different classes: {} against {}; label i must mean the same class in both",
@@ -159,23 +174,46 @@ pub fn evaluate_model(
     let t0 = Instant::now();
     let extract = |data: &Dataset, split: &str| {
         let task = format!("{name}: {split} features");
-        extract_features(model, data, transform, &opts.extract, &|done, total| progress(Progress { task: &task, done, total }))
+        extract_features(model, data, transform, &opts.extract, &|done, total| {
+            progress(Progress {
+                task: &task,
+                done,
+                total,
+            })
+        })
     };
     let train_f = extract(train, "train")?;
     let test_f = extract(test, "test")?;
     let features_s = t0.elapsed().as_secs_f64();
 
-    let stage = |label: &str, f: &dyn Fn() -> Result<f64, TrainError>| -> Result<(f64, f64), TrainError> {
-        let task = format!("{name}: {label}");
-        progress(Progress { task: &task, done: 0, total: 1 });
-        let t = Instant::now();
-        let acc = f()?;
-        progress(Progress { task: &task, done: 1, total: 1 });
-        Ok((acc, t.elapsed().as_secs_f64()))
-    };
+    let stage =
+        |label: &str, f: &dyn Fn() -> Result<f64, TrainError>| -> Result<(f64, f64), TrainError> {
+            let task = format!("{name}: {label}");
+            progress(Progress {
+                task: &task,
+                done: 0,
+                total: 1,
+            });
+            let t = Instant::now();
+            let acc = f()?;
+            progress(Progress {
+                task: &task,
+                done: 1,
+                total: 1,
+            });
+            Ok((acc, t.elapsed().as_secs_f64()))
+        };
     let (knn_top1, knn_s) = stage("k-NN", &|| knn_top1(&train_f, &test_f, &opts.knn))?;
-    let (linear_top1, probe_s) = stage("linear probe", &|| linear_probe_top1(&train_f, &test_f, &opts.probe))?;
-    Ok(Scores { knn_top1, linear_top1, features_s, knn_s, probe_s })
+    let (linear_top1, probe_s) = stage("linear probe", &|| {
+        linear_probe_top1(&train_f, &test_f, &opts.probe)
+    })?;
+    Ok(Scores {
+        knn_top1,
+        linear_top1,
+        features_s,
+        knn_s,
+        probe_s,
+    })
 }
 
 /// Evaluates the model file `checkpoint` on `train` (k-NN memory, probe training) and `test`, and the
@@ -191,13 +229,43 @@ pub fn evaluate(
     check_labelled(train, test)?;
     let LoadedModel { model, metadata } = load_model(checkpoint)?;
     let transform = input_transform(&model, &metadata, train, opts.input_size)?;
-    let scores = evaluate_model("checkpoint", &model, train, test, &transform, opts, progress)?;
+    tracing::info!(
+        "evaluating {} ({}-d features) on {} training and {} test images: resize {}, centre crop {}, mean {:?}, std {:?}",
+        checkpoint.display(),
+        model.config.feature_dim(),
+        train.len(),
+        test.len(),
+        transform.resize,
+        transform.crop,
+        transform.mean.as_deref().unwrap_or_default(),
+        transform.std.as_deref().unwrap_or_default()
+    );
+    let scores = evaluate_model(
+        "checkpoint",
+        &model,
+        train,
+        test,
+        &transform,
+        opts,
+        progress,
+    )?;
     let baseline = match opts.baseline {
         None => None,
         Some(b @ Baseline::Random { seed }) => {
             let random = SwavModel::new(model.config.clone(), seed)?;
-            let scores = evaluate_model("random init", &random, train, test, &transform, opts, progress)?;
-            Some(BaselineReport { baseline: b, scores })
+            let scores = evaluate_model(
+                "random init",
+                &random,
+                train,
+                test,
+                &transform,
+                opts,
+                progress,
+            )?;
+            Some(BaselineReport {
+                baseline: b,
+                scores,
+            })
         }
     };
     Ok(EvalReport {

@@ -35,7 +35,14 @@ pub struct ProbeConfig {
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        ProbeConfig { epochs: 30, batch_size: 256, lr: 0.1, momentum: 0.9, weight_decay: 1e-4, seed: 0 }
+        ProbeConfig {
+            epochs: 30,
+            batch_size: 256,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            seed: 0,
+        }
     }
 }
 
@@ -61,13 +68,19 @@ impl LinearProbe {
     /// The predicted class of every row.
     pub fn predict(&self, f: &Features) -> Result<Vec<u32>, TrainError> {
         if f.dim != self.dim {
-            return Err(TrainError::Eval(format!("the probe takes {} dimensions, these features have {}", self.dim, f.dim)));
+            return Err(TrainError::Eval(format!(
+                "the probe takes {} dimensions, these features have {}",
+                self.dim, f.dim
+            )));
         }
         f.check_finite("features")?;
         let x = self.standardize(f);
         let mut logits = vec![0.0f32; f.n * self.classes];
         self.logits(&x, f.n, &mut logits);
-        Ok(logits.chunks_exact(self.classes).map(|row| super::knn::argmax(&row.iter().map(|&v| v as f64).collect::<Vec<_>>())).collect())
+        Ok(logits
+            .chunks_exact(self.classes)
+            .map(|row| super::knn::argmax(&row.iter().map(|&v| v as f64).collect::<Vec<_>>()))
+            .collect())
     }
 
     fn logits(&self, x: &[f32], rows: usize, out: &mut [f32]) {
@@ -75,7 +88,13 @@ impl LinearProbe {
         for row in out.chunks_exact_mut(c) {
             row.copy_from_slice(&self.bias);
         }
-        matmul(MatMut::new(out, rows, c), MatRef::new(x, rows, self.dim), MatRef::new(&self.weight, c, self.dim).t(), true, Threads::Serial);
+        matmul(
+            MatMut::new(out, rows, c),
+            MatRef::new(x, rows, self.dim),
+            MatRef::new(&self.weight, c, self.dim).t(),
+            true,
+            Threads::Serial,
+        );
     }
 }
 
@@ -88,20 +107,33 @@ fn standardize(mut x: Vec<f32>, dim: usize, mean: &[f32], scale: &[f32]) -> Vec<
     x
 }
 
+/// Stream tag of the probe's shuffles ("PROBE" in ASCII).
+const PROBE_STREAM: u64 = 0x0050_524F_4245;
+
 /// Trains a probe on labelled features (see the module docs).
 pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearProbe, TrainError> {
     let labels = train.labels_for("the linear probe (training set)")?;
     if train.n == 0 || train.dim == 0 {
-        return Err(TrainError::Eval("the linear probe needs at least one training image".into()));
+        return Err(TrainError::Eval(
+            "the linear probe needs at least one training image".into(),
+        ));
     }
-    if cfg.epochs == 0 || cfg.batch_size == 0 || !(cfg.lr.is_finite() && cfg.lr > 0.0) || !(0.0..1.0).contains(&cfg.momentum) || !(cfg.weight_decay >= 0.0) {
+    if cfg.epochs == 0
+        || cfg.batch_size == 0
+        || !(cfg.lr.is_finite() && cfg.lr > 0.0)
+        || !(0.0..1.0).contains(&cfg.momentum)
+        || !(cfg.weight_decay.is_finite() && cfg.weight_decay >= 0.0)
+    {
         return Err(TrainError::Eval(format!(
             "linear probe settings: need epochs >= 1, batch_size >= 1, lr > 0, 0 <= momentum < 1, weight_decay >= 0 (got {cfg:?})"
         )));
     }
     train.check_finite("training features")?;
     let (n, d) = (train.n, train.dim);
-    let c = train.classes.max(labels.iter().max().map_or(0, |&m| m as usize + 1)).max(1);
+    let c = train
+        .classes
+        .max(labels.iter().max().map_or(0, |&m| m as usize + 1))
+        .max(1);
 
     // Standardisation constants of the L2-normalised training rows (f64 sums).
     let x = l2_normalized(train);
@@ -117,13 +149,24 @@ pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearP
     let scale: Vec<f32> = (0..d)
         .map(|j| {
             let m = sum[j] / n as f64;
-            let var = if n > 1 { ((sq[j] - n as f64 * m * m) / (n - 1) as f64).max(0.0) } else { 0.0 };
+            let var = if n > 1 {
+                ((sq[j] - n as f64 * m * m) / (n - 1) as f64).max(0.0)
+            } else {
+                0.0
+            };
             (var.sqrt() + 1e-6) as f32
         })
         .collect();
     let x = standardize(x, d, &mean, &scale);
 
-    let mut probe = LinearProbe { weight: vec![0.0; c * d], bias: vec![0.0; c], classes: c, dim: d, mean, scale };
+    let mut probe = LinearProbe {
+        weight: vec![0.0; c * d],
+        bias: vec![0.0; c],
+        classes: c,
+        dim: d,
+        mean,
+        scale,
+    };
     let mut v_w = vec![0.0f32; c * d];
     let mut v_b = vec![0.0f32; c];
     let b = cfg.batch_size.min(n);
@@ -137,7 +180,7 @@ pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearP
     let mut step = 0usize;
     for epoch in 0..cfg.epochs {
         order.iter_mut().enumerate().for_each(|(i, o)| *o = i);
-        SampleRng::from_key(&[cfg.seed, epoch as u64, 0x5052_4F42_45]).shuffle(&mut order);
+        SampleRng::from_key(&[cfg.seed, epoch as u64, PROBE_STREAM]).shuffle(&mut order);
         for chunk in order.chunks(b) {
             let rows = chunk.len();
             for (r, &i) in chunk.iter().enumerate() {
@@ -158,12 +201,20 @@ pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearP
                 z[labels[i] as usize] -= 1.0 / rows as f32;
             }
             // g_w = dlogits^T xb, g_b = column sums of dlogits.
-            matmul(MatMut::new(&mut g_w, c, d), MatRef::new(logits, rows, c).t(), MatRef::new(xb, rows, d), false, Threads::Serial);
+            matmul(
+                MatMut::new(&mut g_w, c, d),
+                MatRef::new(logits, rows, c).t(),
+                MatRef::new(xb, rows, d),
+                false,
+                Threads::Serial,
+            );
             g_b.iter_mut().for_each(|g| *g = 0.0);
             for row in logits.chunks_exact(c) {
                 g_b.iter_mut().zip(row).for_each(|(g, v)| *g += v);
             }
-            let lr = (0.5 * cfg.lr as f64 * (1.0 + (std::f64::consts::PI * step as f64 / total).cos())) as f32;
+            let lr =
+                (0.5 * cfg.lr as f64 * (1.0 + (std::f64::consts::PI * step as f64 / total).cos()))
+                    as f32;
             for ((w, v), g) in probe.weight.iter_mut().zip(&mut v_w).zip(&g_w) {
                 *v = cfg.momentum * *v + g + cfg.weight_decay * *w;
                 *w -= lr * *v;
@@ -175,14 +226,26 @@ pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearP
             step += 1;
         }
     }
-    if probe.weight.iter().chain(&probe.bias).any(|v| !v.is_finite()) {
-        return Err(TrainError::Eval(format!("the linear probe diverged (lr {}): lower --probe-lr", cfg.lr)));
+    if probe
+        .weight
+        .iter()
+        .chain(&probe.bias)
+        .any(|v| !v.is_finite())
+    {
+        return Err(TrainError::Eval(format!(
+            "the linear probe diverged (lr {}): lower --probe-lr",
+            cfg.lr
+        )));
     }
     Ok(probe)
 }
 
 /// Trains a probe on `train` and returns its accuracy on `test`.
-pub fn linear_probe_top1(train: &Features, test: &Features, cfg: &ProbeConfig) -> Result<f64, TrainError> {
+pub fn linear_probe_top1(
+    train: &Features,
+    test: &Features,
+    cfg: &ProbeConfig,
+) -> Result<f64, TrainError> {
     let truth = test.labels_for("linear probe accuracy (test set)")?;
     let probe = train_linear_probe(train, cfg)?;
     Ok(accuracy(&probe.predict(test)?, truth))
