@@ -199,7 +199,19 @@ fn nchw_to_nhwc(shape: &[usize], data: &[f32]) -> Tensor {
     Tensor::from_vec(&[n, h, w, c], out).expect("same length")
 }
 
+/// The model cases check the network's arithmetic against PyTorch's float32 semantics, so they run
+/// with direct (im2col) convolutions; Winograd's own accuracy is tested op by op against float64
+/// direct loops (swav-tensor's tests). Restores the previous setting when done.
 fn model_case(case: &mut Case<'_>) -> Result<(), TrainError> {
+    use swav_tensor::ops::winograd::{algorithm, set_algorithm, ConvAlgorithm};
+    let previous = algorithm();
+    set_algorithm(ConvAlgorithm::Direct);
+    let result = model_case_direct(case);
+    set_algorithm(previous);
+    result
+}
+
+fn model_case_direct(case: &mut Case<'_>) -> Result<(), TrainError> {
     let batch: usize = case.meta("batch")?;
     let crops: String = case.meta("crops")?;
     let assign = case.meta_list("crops_for_assign")?;

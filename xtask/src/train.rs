@@ -35,6 +35,11 @@ pub struct Args {
     /// cpu, or cuda[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Convolution algorithms: auto (Winograd where it needs fewer multiplications), winograd2 (only
+    /// the more accurate F(2,3)), direct (im2col GEMM only). A resumed run should keep the same choice
+    /// to stay bit-identical.
+    #[arg(long, default_value = "auto")]
+    conv: String,
     /// Compute threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -52,6 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let (data, run_dir) = (args.data.expect("required by clap"), args.run_dir.expect("required by clap"));
     Device::parse(&args.device)?;
+    swav_train::tensor::ops::winograd::set_algorithm(args.conv.parse().map_err(anyhow::Error::msg)?);
     if let Some(n) = args.threads {
         rayon_threads(n)?;
     }

@@ -11,10 +11,13 @@
 //!   is reached by the same taps, so each class is one dense GEMM with no multiplications by zero
 //!   (stride 1: one class, all taps; a 1x1 stride-2 conv: one class with one tap, three with none).
 //! 1x1 stride-1 convolutions need no im2col: they are a single GEMM on the activations.
+//! 3x3 stride-1 convolutions with enough channels use Winograd's algorithm instead (`winograd.rs`),
+//! which needs 2.25x to 4x fewer multiplications.
 
 use rayon::prelude::*;
 
 use super::scratch::{with_scratch, SharedMut};
+use super::winograd;
 use crate::error::shape_err;
 use crate::matmul::{matmul, MatMut, MatRef, Threads};
 use crate::{Result, Tensor};
@@ -88,6 +91,10 @@ pub fn conv2d_forward(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) ->
     let g = ConvGeom::new(x.shape(), weight.shape(), stride, pad)?;
     let mut y = Tensor::for_overwrite(&g.out_shape(), x.device());
     let (xs, ws) = (x.as_slice(), weight.as_slice());
+    if let Some(v) = winograd::choose(&g) {
+        winograd::forward(xs, ws, &g, y.as_mut_slice(), v);
+        return Ok(y);
+    }
     let (m_total, k) = (g.out_pixels(), g.k());
     if g.is_pointwise() {
         let out = MatMut::new(y.as_mut_slice(), m_total, g.cout);
@@ -122,13 +129,23 @@ pub fn conv2d_backward(
         return Err(shape_err("conv2d_backward", format!("dy {:?} but output is {:?}", dy.shape(), g.out_shape())));
     }
     weight.check_same_shape("conv2d_backward (dweight)", dweight)?;
-    weight_grad(x.as_slice(), dy.as_slice(), &g, dweight.as_mut_slice());
+    let wino = winograd::choose(&g);
+    match wino {
+        Some(v) => {
+            let _p = crate::profile::scope("conv weight grad");
+            winograd::weight_grad(x.as_slice(), dy.as_slice(), &g, dweight.as_mut_slice(), v)
+        }
+        None => weight_grad(x.as_slice(), dy.as_slice(), &g, dweight.as_mut_slice()),
+    }
     if !want_dx {
         return Ok(None);
     }
     let every_class_reached = g.stride <= g.kh && g.stride <= g.kw;
     let mut dx = if every_class_reached { Tensor::for_overwrite(x.shape(), x.device()) } else { Tensor::zeros(x.shape(), x.device()) };
-    if g.is_pointwise() {
+    if let Some(v) = wino {
+        let _p = crate::profile::scope("conv data grad");
+        winograd::data_grad(dy.as_slice(), weight.as_slice(), &g, dx.as_mut_slice(), v);
+    } else if g.is_pointwise() {
         let _p = crate::profile::scope("conv data grad");
         let out = MatMut::new(dx.as_mut_slice(), g.out_pixels(), g.cin);
         let w = MatRef::new(weight.as_slice(), g.cout, g.cin);

@@ -7,3 +7,4 @@ pub mod linear;
 pub mod normalize;
 pub mod pool;
 mod scratch;
+pub mod winograd;

@@ -42,6 +42,9 @@ pub struct Args {
     hidden_mlp: usize,
     #[arg(long, default_value_t = 3000)]
     prototypes: usize,
+    /// Convolution algorithms: auto (Winograd where cheaper), winograd2, direct.
+    #[arg(long, default_value = "auto")]
+    conv: String,
     /// Print the time spent in each op.
     #[arg(long)]
     profile: bool,
@@ -91,6 +94,7 @@ fn peak_rss_mib() -> Option<f64> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     Device::parse(&a.device)?;
+    swav_train::tensor::ops::winograd::set_algorithm(a.conv.parse().map_err(anyhow::Error::msg)?);
     let s = setup(&a)?;
     let cfg = ModelConfig {
         arch: Arch::parse(&s.arch)?,
@@ -128,7 +132,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let crops_text = s.crops.iter().map(|(n, sz)| format!("{n}x{sz}")).collect::<Vec<_>>().join(",");
     let threads = rayon_threads();
-    println!("SwAV step: {} {}stem, crops {crops_text}, batch {}, {threads} threads, cpu", s.arch, if s.small_stem { "small " } else { "" }, s.batch);
+    println!(
+        "SwAV step: {} {}stem, crops {crops_text}, batch {}, {threads} threads, cpu, convolutions {}",
+        s.arch,
+        if s.small_stem { "small " } else { "" },
+        s.batch,
+        a.conv
+    );
     let mut state = SwavState { model: SwavModel::new(cfg, 0)?, optimizer: Lars::new(0.9, 1e-6, 0.001, false), queue: None };
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut times = Vec::new();

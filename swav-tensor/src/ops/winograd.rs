@@ -1,0 +1,529 @@
+//! Winograd convolution (Lavin & Gray 2016) for 3x3, stride-1, padding-1 layers, which hold most of a
+//! ResNet's multiplications. An output tile of `m x m` pixels comes from an `a x a` input tile
+//! (`a = m + 2`):  `Y = A^T [ (G g G^T) . (B^T d B) ] A`,  so each of the `a^2` positions of the
+//! transformed tile is one GEMM over channels, and a tile costs `a^2` instead of `9 m^2`
+//! multiplications per channel pair: 2.25x fewer with F(2x2, 3x3), 4x with F(4x4, 3x3).
+//!
+//! All three passes use it:
+//! - forward: `V = B^T d B` per input tile, `M[p] = V[p] . U[p]` (U = transformed weights, one
+//!   `cin x cout` matrix per position p), `Y = A^T M A`;
+//! - data gradient: the forward with the kernel flipped and in/out swapped (stride 1, padding 1);
+//! - weight gradient: `dU[p] += V[p]^T . dM[p]` with `dM = A dY A^T` per output tile, then
+//!   `dg = G^T dU G`.
+//! Tiles are processed in blocks whose transformed matrices stay in cache; blocks run in parallel and
+//! weight-gradient partial sums are combined in a fixed order (deterministic).
+//! Accuracy: F(2,3) is within float32 rounding of direct convolution; F(4,3) loses about one more
+//! decimal digit (its transforms have coefficients up to 8), still well within the reference
+//! tolerances.
+
+use rayon::prelude::*;
+
+use super::conv::ConvGeom;
+use super::scratch::{with_scratch, SharedMut};
+use crate::matmul::{matmul, MatMut, MatRef, Threads};
+
+/// Transform matrices of one F(m x m, 3 x 3) variant (row-major).
+pub struct Variant {
+    /// Output tile size.
+    pub m: usize,
+    /// Input tile size, m + 2.
+    pub a: usize,
+    /// `a x a`
+    bt: &'static [f64],
+    /// `a x 3`
+    g: &'static [f64],
+    /// `m x a`
+    at: &'static [f64],
+}
+
+pub static F2: Variant = Variant {
+    m: 2,
+    a: 4,
+    bt: &[1.0, 0.0, -1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 1.0, 0.0, -1.0],
+    g: &[1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, -0.5, 0.5, 0.0, 0.0, 1.0],
+    at: &[1.0, 1.0, 1.0, 0.0, 0.0, 1.0, -1.0, -1.0],
+};
+
+pub static F4: Variant = Variant {
+    m: 4,
+    a: 6,
+    bt: &[
+        4.0, 0.0, -5.0, 0.0, 1.0, 0.0, //
+        0.0, -4.0, -4.0, 1.0, 1.0, 0.0, //
+        0.0, 4.0, -4.0, -1.0, 1.0, 0.0, //
+        0.0, -2.0, -1.0, 2.0, 1.0, 0.0, //
+        0.0, 2.0, -1.0, -2.0, 1.0, 0.0, //
+        0.0, 4.0, 0.0, -5.0, 0.0, 1.0,
+    ],
+    g: &[
+        1.0 / 4.0, 0.0, 0.0, //
+        -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0, //
+        -1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0, //
+        1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0, //
+        1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0, //
+        0.0, 0.0, 1.0,
+    ],
+    at: &[
+        1.0, 1.0, 1.0, 1.0, 1.0, 0.0, //
+        0.0, 1.0, -1.0, 2.0, -2.0, 0.0, //
+        0.0, 1.0, 1.0, 4.0, 4.0, 0.0, //
+        0.0, 1.0, -1.0, 8.0, -8.0, 1.0,
+    ],
+};
+
+/// Fewest input and output channels for which Winograd is used.
+pub const MIN_CHANNELS: usize = 32;
+
+/// Which convolution algorithms the engine may use (process-wide).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvAlgorithm {
+    /// Winograd F(4,3) or F(2,3) where it needs fewer multiplications, im2col GEMM elsewhere.
+    Auto,
+    /// Only Winograd F(2,3) (more accurate than F(4,3)), im2col GEMM elsewhere.
+    Winograd2,
+    /// im2col GEMM everywhere: the float32 arithmetic of a direct convolution.
+    Direct,
+}
+
+static ALGORITHM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+pub fn set_algorithm(a: ConvAlgorithm) {
+    ALGORITHM.store(a as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn algorithm() -> ConvAlgorithm {
+    match ALGORITHM.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => ConvAlgorithm::Auto,
+        1 => ConvAlgorithm::Winograd2,
+        _ => ConvAlgorithm::Direct,
+    }
+}
+
+impl std::str::FromStr for ConvAlgorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ConvAlgorithm::Auto),
+            "winograd2" => Ok(ConvAlgorithm::Winograd2),
+            "direct" => Ok(ConvAlgorithm::Direct),
+            other => Err(format!("unknown convolution algorithm `{other}` (auto, winograd2, direct)")),
+        }
+    }
+}
+
+/// The cheapest way to compute a convolution under the current [`algorithm`]: Winograd F(2,3) or
+/// F(4,3), or `None` (im2col GEMM). Counts the multiplications of each, with a margin for
+/// Winograd's transforms, and requires enough channels for its per-position GEMMs to be efficient.
+pub fn choose(g: &ConvGeom) -> Option<&'static Variant> {
+    // Below 32 channels the per-position GEMMs are too thin and the transforms dominate (measured:
+    // slower than im2col on 16-channel layers).
+    if g.kh != 3 || g.kw != 3 || g.stride != 1 || g.pad != 1 || g.cin < MIN_CHANNELS || g.cout < MIN_CHANNELS {
+        return None;
+    }
+    let variants: &[&'static Variant] = match algorithm() {
+        ConvAlgorithm::Auto => &[&F4, &F2],
+        ConvAlgorithm::Winograd2 => &[&F2],
+        ConvAlgorithm::Direct => return None,
+    };
+    let direct = (g.oh * g.ow * 9) as f64;
+    let cost = |v: &Variant| (g.oh.div_ceil(v.m) * g.ow.div_ceil(v.m) * v.a * v.a) as f64 * 1.3;
+    variants.iter().map(|&v| (cost(v), v)).filter(|(c, _)| *c < direct).min_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, v)| v)
+}
+
+struct Tiles {
+    th: usize,
+    tw: usize,
+    total: usize,
+}
+
+fn tiles(g: &ConvGeom, v: &Variant) -> Tiles {
+    let (th, tw) = (g.oh.div_ceil(v.m), g.ow.div_ceil(v.m));
+    Tiles { th, tw, total: g.n * th * tw }
+}
+
+/// Tiles per block: the block's transformed input and output (`a^2 x tiles x channels` each) should
+/// stay in cache, but the per-position GEMMs need enough rows to amortise packing their weights.
+fn block_tiles(v: &Variant, cin: usize, cout: usize, total: usize) -> usize {
+    let per_tile = v.a * v.a * (cin + cout);
+    let rows = ((1usize << 19) / per_tile).clamp(64, 512);
+    rows.min(total.div_ceil(2 * rayon::current_num_threads()).max(16))
+}
+
+/// `U[p] = (G g G^T)[p]` for every (row, column) channel pair at once: `planes` holds the nine
+/// kernel taps `g[ky][kx]` as `rows x cols` matrices; the result is `a^2` such matrices. Both
+/// stages are multiply-adds of whole planes (vectorised).
+fn transform_weights(planes: &[f32], plane: usize, v: &Variant) -> Vec<f32> {
+    let a = v.a;
+    // t[i][kx] = sum_ky G[i][ky] g[ky][kx], then U[i][j] = sum_kx G[j][kx] t[i][kx].
+    let mut t = crate::alloc::zeros(a * 3 * plane);
+    for i in 0..a {
+        for kx in 0..3 {
+            let out = &mut t[(i * 3 + kx) * plane..(i * 3 + kx + 1) * plane];
+            for ky in 0..3 {
+                let coef = v.g[i * 3 + ky] as f32;
+                if coef != 0.0 {
+                    axpy(out, coef, &planes[(ky * 3 + kx) * plane..(ky * 3 + kx + 1) * plane]);
+                }
+            }
+        }
+    }
+    let mut u = crate::alloc::zeros(a * a * plane);
+    for i in 0..a {
+        for j in 0..a {
+            let out = &mut u[(i * a + j) * plane..(i * a + j + 1) * plane];
+            for kx in 0..3 {
+                let coef = v.g[j * 3 + kx] as f32;
+                if coef != 0.0 {
+                    axpy(out, coef, &t[(i * 3 + kx) * plane..(i * 3 + kx + 1) * plane]);
+                }
+            }
+        }
+    }
+    crate::alloc::give(t);
+    u
+}
+
+/// The nine taps of an OHWI 3x3 weight as `cin x cout` matrices (forward), or, rotated by 180 degrees,
+/// as `cout x cin` matrices (the data gradient's convolution).
+fn weight_planes(w: &[f32], cin: usize, cout: usize, rotated: bool) -> Vec<f32> {
+    let plane = cin * cout;
+    let mut out = crate::alloc::take(9 * plane);
+    for co in 0..cout {
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let src = &w[((co * 3 + ky) * 3 + kx) * cin..((co * 3 + ky) * 3 + kx + 1) * cin];
+                if rotated {
+                    let tap = (2 - ky) * 3 + (2 - kx);
+                    out[tap * plane + co * cin..tap * plane + (co + 1) * cin].copy_from_slice(src);
+                } else {
+                    let tap = ky * 3 + kx;
+                    for (ci, &val) in src.iter().enumerate() {
+                        out[tap * plane + ci * cout + co] = val;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Writes `V[p][slot][:] = (B^T d B)[p]` for the input tile `tile`: `v` is `a^2` planes of `plane` values.
+#[allow(clippy::too_many_arguments)]
+fn input_tile(x: &[f32], g: &ConvGeom, v: &Variant, t: &Tiles, tile: usize, d: &mut [f32], tmp: &mut [f32], out: &mut [f32], plane: usize, slot: usize) {
+    let (a, c) = (v.a, g.cin);
+    let (b, rem) = (tile / (t.th * t.tw), tile % (t.th * t.tw));
+    let (y0, x0) = ((rem / t.tw * v.m) as isize - 1, (rem % t.tw * v.m) as isize - 1);
+    // d: the a x a input pixels (zero outside the image).
+    for i in 0..a {
+        let iy = y0 + i as isize;
+        for j in 0..a {
+            let ix = x0 + j as isize;
+            let dst = &mut d[(i * a + j) * c..(i * a + j + 1) * c];
+            if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                dst.fill(0.0);
+            } else {
+                let src = ((b * g.h + iy as usize) * g.w + ix as usize) * c;
+                dst.copy_from_slice(&x[src..src + c]);
+            }
+        }
+    }
+    // tmp = B^T d, then V = tmp B.
+    for i in 0..a {
+        for j in 0..a {
+            let acc = &mut tmp[(i * a + j) * c..(i * a + j + 1) * c];
+            acc.fill(0.0);
+            for k in 0..a {
+                let coef = v.bt[i * a + k] as f32;
+                if coef != 0.0 {
+                    axpy(acc, coef, &d[(k * a + j) * c..(k * a + j + 1) * c]);
+                }
+            }
+        }
+    }
+    for i in 0..a {
+        for j in 0..a {
+            let p = i * a + j;
+            let acc = &mut out[p * plane + slot * c..p * plane + (slot + 1) * c];
+            acc.fill(0.0);
+            for k in 0..a {
+                let coef = v.bt[j * a + k] as f32;
+                if coef != 0.0 {
+                    axpy(acc, coef, &tmp[(i * a + k) * c..(i * a + k + 1) * c]);
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn axpy(acc: &mut [f32], coef: f32, x: &[f32]) {
+    for (o, &v) in acc.iter_mut().zip(x) {
+        *o += coef * v;
+    }
+}
+
+/// `y = conv3x3(x, w)` (stride 1, padding 1, OHWI weight) by Winograd; `y` is fully overwritten.
+pub fn forward(x: &[f32], w: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant) {
+    let planes = weight_planes(w, g.cin, g.cout, false);
+    let u = transform_weights(&planes, g.cin * g.cout, v);
+    crate::alloc::give(planes);
+    forward_transformed(x, &u, g, y, v);
+    crate::alloc::give(u);
+}
+
+/// The forward with the weights already transformed (`u`: `a^2` matrices `cin x cout`).
+fn forward_transformed(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant) {
+    let t = tiles(g, v);
+    let (a2, cin, cout) = (v.a * v.a, g.cin, g.cout);
+    let tb = block_tiles(v, cin, cout, t.total);
+    let y_ptr = SharedMut(y.as_mut_ptr());
+    let blocks = t.total.div_ceil(tb);
+    (0..blocks).into_par_iter().for_each(|blk| {
+        let first = blk * tb;
+        let n = tb.min(t.total - first);
+        with_scratch(a2 * n * cin + 2 * a2 * cin.max(cout), a2 * n * cout, |s1, mbuf| {
+            let (vbuf, rest) = s1.split_at_mut(a2 * n * cin);
+            let (d, tmp) = rest.split_at_mut(a2 * cin.max(cout));
+            for i in 0..n {
+                input_tile(x, g, v, &t, first + i, d, tmp, vbuf, n * cin, i);
+            }
+            for p in 0..a2 {
+                let vm = MatRef::new(&vbuf[p * n * cin..(p + 1) * n * cin], n, cin);
+                let um = MatRef::new(&u[p * cin * cout..(p + 1) * cin * cout], cin, cout);
+                matmul(MatMut::new(&mut mbuf[p * n * cout..(p + 1) * n * cout], n, cout), vm, um, false, Threads::Serial);
+            }
+            for i in 0..n {
+                // SAFETY: output tiles do not overlap and each belongs to exactly one block, so the
+                // pixels written here are written by no other thread.
+                unsafe { output_tile(mbuf, n * cout, i, g, v, &t, first + i, d, tmp, y_ptr) };
+            }
+        });
+    });
+}
+
+/// `Y = A^T M A` for one tile, written to the output pixels inside the image.
+///
+/// # Safety
+/// `y` must point to the `n * oh * ow * cout` output, and no other thread may write this tile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_tile(mbuf: &[f32], plane: usize, slot: usize, g: &ConvGeom, v: &Variant, t: &Tiles, tile: usize, tmp: &mut [f32], res: &mut [f32], y: SharedMut) {
+    let (a, m, c) = (v.a, v.m, g.cout);
+    let at_ = |p: usize| &mbuf[p * plane + slot * c..p * plane + (slot + 1) * c];
+    // tmp = A^T M  (m x a), res = tmp A (m x m).
+    for i in 0..m {
+        for j in 0..a {
+            let acc = &mut tmp[(i * a + j) * c..(i * a + j + 1) * c];
+            acc.fill(0.0);
+            for k in 0..a {
+                let coef = v.at[i * a + k] as f32;
+                if coef != 0.0 {
+                    axpy(acc, coef, at_(k * a + j));
+                }
+            }
+        }
+    }
+    let (b, rem) = (tile / (t.th * t.tw), tile % (t.th * t.tw));
+    let (y0, x0) = (rem / t.tw * m, rem % t.tw * m);
+    for i in 0..m {
+        for j in 0..m {
+            if y0 + i >= g.oh || x0 + j >= g.ow {
+                continue;
+            }
+            let acc = &mut res[..c];
+            acc.fill(0.0);
+            for k in 0..a {
+                let coef = v.at[j * a + k] as f32;
+                if coef != 0.0 {
+                    axpy(acc, coef, &tmp[(i * a + k) * c..(i * a + k + 1) * c]);
+                }
+            }
+            let dst = ((b * g.oh + y0 + i) * g.ow + x0 + j) * c;
+            std::ptr::copy_nonoverlapping(acc.as_ptr(), y.get().add(dst), c);
+        }
+    }
+}
+
+/// `dx` of a 3x3 stride-1 padding-1 convolution: the forward convolution of `dy` with the kernel
+/// rotated by 180 degrees and its channels swapped. `dx` is fully overwritten.
+pub fn data_grad(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32], v: &Variant) {
+    let planes = weight_planes(w, g.cin, g.cout, true);
+    let u = transform_weights(&planes, g.cin * g.cout, v);
+    crate::alloc::give(planes);
+    let back = ConvGeom { h: g.oh, w: g.ow, cin: g.cout, cout: g.cin, oh: g.h, ow: g.w, ..*g };
+    forward_transformed(dy, &u, &back, dx, v);
+    crate::alloc::give(u);
+}
+
+/// Accumulates the weight gradient (OHWI) of a 3x3 stride-1 padding-1 convolution into `dw`.
+pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], v: &Variant) {
+    let t = tiles(g, v);
+    let (a, a2, cin, cout) = (v.a, v.a * v.a, g.cin, g.cout);
+    let tb = block_tiles(v, cin, cout, t.total);
+    let blocks = t.total.div_ceil(tb);
+    // Fixed chunking (partial dU per chunk, added in order): deterministic whatever the thread count,
+    // with the partials' memory bounded.
+    let per_partial = a2 * cin * cout;
+    let chunks = blocks.min(8).min(((1usize << 26) / per_partial).max(1));
+    let per_chunk = blocks.div_ceil(chunks);
+    let partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|ch| {
+            let mut du = crate::alloc::zeros(per_partial);
+            for blk in ch * per_chunk..((ch + 1) * per_chunk).min(blocks) {
+                let first = blk * tb;
+                let n = tb.min(t.total - first);
+                with_scratch(a2 * n * cin + 2 * a2 * cin.max(cout), a2 * n * cout, |s1, dmbuf| {
+                    let (vbuf, rest) = s1.split_at_mut(a2 * n * cin);
+                    let (d, tmp) = rest.split_at_mut(a2 * cin.max(cout));
+                    for i in 0..n {
+                        input_tile(x, g, v, &t, first + i, d, tmp, vbuf, n * cin, i);
+                        output_grad_tile(dy, g, v, &t, first + i, d, tmp, dmbuf, n * cout, i);
+                    }
+                    for p in 0..a2 {
+                        let vt = MatRef::new(&vbuf[p * n * cin..(p + 1) * n * cin], n, cin).t();
+                        let dm = MatRef::new(&dmbuf[p * n * cout..(p + 1) * n * cout], n, cout);
+                        matmul(MatMut::new(&mut du[p * cin * cout..(p + 1) * cin * cout], cin, cout), vt, dm, true, Threads::Serial);
+                    }
+                });
+            }
+            du
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut du = parts.next().expect("at least one chunk");
+    for p in parts {
+        axpy(&mut du, 1.0, &p);
+        crate::alloc::give(p);
+    }
+    // dg = G^T dU G for every channel pair (planes of cin x cout), then added into the OHWI gradient.
+    let plane = cin * cout;
+    let mut t2 = crate::alloc::zeros(3 * a * plane);
+    for ky in 0..3 {
+        for j in 0..a {
+            let out = &mut t2[(ky * a + j) * plane..(ky * a + j + 1) * plane];
+            for i in 0..a {
+                let coef = v.g[i * 3 + ky] as f32;
+                if coef != 0.0 {
+                    axpy(out, coef, &du[(i * a + j) * plane..(i * a + j + 1) * plane]);
+                }
+            }
+        }
+    }
+    let mut tap = crate::alloc::take(plane);
+    for ky in 0..3 {
+        for kx in 0..3 {
+            tap.fill(0.0);
+            for j in 0..a {
+                let coef = v.g[j * 3 + kx] as f32;
+                if coef != 0.0 {
+                    axpy(&mut tap, coef, &t2[(ky * a + j) * plane..(ky * a + j + 1) * plane]);
+                }
+            }
+            for co in 0..cout {
+                let row = &mut dw[((co * 3 + ky) * 3 + kx) * cin..((co * 3 + ky) * 3 + kx + 1) * cin];
+                for (ci, d) in row.iter_mut().enumerate() {
+                    *d += tap[ci * cout + co];
+                }
+            }
+        }
+    }
+    crate::alloc::give(tap);
+    crate::alloc::give(t2);
+    crate::alloc::give(du);
+}
+
+/// Writes `dM[p][slot][:] = (A dY A^T)[p]` for output tile `tile` (dY is zero outside the output).
+#[allow(clippy::too_many_arguments)]
+fn output_grad_tile(dy: &[f32], g: &ConvGeom, v: &Variant, t: &Tiles, tile: usize, d: &mut [f32], tmp: &mut [f32], out: &mut [f32], plane: usize, slot: usize) {
+    let (a, m, c) = (v.a, v.m, g.cout);
+    let (b, rem) = (tile / (t.th * t.tw), tile % (t.th * t.tw));
+    let (y0, x0) = (rem / t.tw * m, rem % t.tw * m);
+    for i in 0..m {
+        for j in 0..m {
+            let dst = &mut d[(i * m + j) * c..(i * m + j + 1) * c];
+            if y0 + i >= g.oh || x0 + j >= g.ow {
+                dst.fill(0.0);
+            } else {
+                let src = ((b * g.oh + y0 + i) * g.ow + x0 + j) * c;
+                dst.copy_from_slice(&dy[src..src + c]);
+            }
+        }
+    }
+    // tmp = A dY (a x m), then dM = tmp A^T (a x a); A = (A^T)^T, so A[k][i] = at[i][k].
+    for k in 0..a {
+        for j in 0..m {
+            let acc = &mut tmp[(k * m + j) * c..(k * m + j + 1) * c];
+            acc.fill(0.0);
+            for i in 0..m {
+                let coef = v.at[i * a + k] as f32;
+                if coef != 0.0 {
+                    axpy(acc, coef, &d[(i * m + j) * c..(i * m + j + 1) * c]);
+                }
+            }
+        }
+    }
+    for k in 0..a {
+        for l in 0..a {
+            let p = k * a + l;
+            let acc = &mut out[p * plane + slot * c..p * plane + (slot + 1) * c];
+            acc.fill(0.0);
+            for j in 0..m {
+                let coef = v.at[j * a + l] as f32;
+                if coef != 0.0 {
+                    axpy(acc, coef, &tmp[(k * m + j) * c..(k * m + j + 1) * c]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geom(h: usize, w: usize, cin: usize, cout: usize, stride: usize) -> ConvGeom {
+        ConvGeom::new(&[2, h, w, cin], &[cout, 3, 3, cin], stride, 1).unwrap()
+    }
+
+    #[test]
+    fn the_cost_model_picks_the_expected_variant() {
+        assert_eq!(choose(&geom(28, 28, 32, 64, 1)).map(|v| v.m), Some(4));
+        assert!(choose(&geom(28, 28, 16, 16, 1)).is_none(), "too few channels");
+        assert_eq!(choose(&geom(7, 7, 64, 64, 1)).map(|v| v.m), Some(4));
+        assert_eq!(choose(&geom(2, 2, 64, 64, 1)).map(|v| v.m), Some(2));
+        assert!(choose(&geom(1, 1, 64, 64, 1)).is_none(), "one pixel: direct is cheaper");
+        assert!(choose(&geom(28, 28, 64, 64, 2)).is_none(), "strided");
+        assert!(choose(&geom(28, 28, 3, 64, 1)).is_none(), "too few input channels");
+        set_algorithm(ConvAlgorithm::Winograd2);
+        assert_eq!(choose(&geom(28, 28, 64, 64, 1)).map(|v| v.m), Some(2));
+        set_algorithm(ConvAlgorithm::Direct);
+        assert!(choose(&geom(28, 28, 64, 64, 1)).is_none());
+        set_algorithm(ConvAlgorithm::Auto);
+    }
+
+    #[test]
+    fn transforms_reproduce_a_single_tile_convolution() {
+        // One 1-channel tile: Winograd equals the direct sum for every variant.
+        for v in [&F2, &F4] {
+            let g = ConvGeom::new(&[1, v.m, v.m, 1], &[1, 3, 3, 1], 1, 1).unwrap();
+            let x: Vec<f32> = (0..v.m * v.m).map(|i| (i as f32 * 0.37).sin()).collect();
+            let w: Vec<f32> = (0..9).map(|i| (i as f32 * 0.91).cos()).collect();
+            let mut y = vec![0.0; v.m * v.m];
+            forward(&x, &w, &g, &mut y, v);
+            for oy in 0..v.m {
+                for ox in 0..v.m {
+                    let mut want = 0.0f64;
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let (iy, ix) = (oy as isize + ky as isize - 1, ox as isize + kx as isize - 1);
+                            if iy >= 0 && ix >= 0 && (iy as usize) < v.m && (ix as usize) < v.m {
+                                want += x[iy as usize * v.m + ix as usize] as f64 * w[ky * 3 + kx] as f64;
+                            }
+                        }
+                    }
+                    assert!((y[oy * v.m + ox] as f64 - want).abs() < 1e-5, "F({}) at ({oy},{ox})", v.m);
+                }
+            }
+        }
+    }
+}
