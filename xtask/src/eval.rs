@@ -115,7 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(r: &EvalReport) {
+pub(crate) fn print_table(r: &EvalReport) {
     println!(
         "{} train / {} test images, {} classes, {}-d features, input {}x{} (resize {}), k-NN k={} T={}, probe {} epochs",
         r.train_images, r.test_images, r.classes, r.feature_dim, r.input.crop, r.input.crop, r.input.resize, r.knn.k, r.knn.temperature, r.probe.epochs

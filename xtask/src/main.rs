@@ -7,6 +7,7 @@ mod bench;
 mod embed;
 mod eval;
 mod export;
+mod pipeline;
 mod preprocess;
 mod report;
 mod train;
@@ -21,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole job: preprocess -> train -> eval -> export (default: the embedded Fashion-MNIST demo).
+    Pipeline(pipeline::Args),
     /// Turn an image folder or IDX files into a sharded, checksummed dataset.
     Preprocess(preprocess::Args),
     /// Pretrain with SwAV on a preprocessed dataset (resumes an existing run directory).
@@ -43,6 +46,7 @@ fn main() -> std::process::ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Pipeline(args) => pipeline::run(args),
         Command::Preprocess(args) => preprocess::run(args),
         Command::Train(args) => train::run(args),
         Command::VerifyReference(args) => verify_reference::run(args),
