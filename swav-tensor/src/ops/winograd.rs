@@ -155,28 +155,18 @@ fn block_tiles(v: &Variant, cin: usize, cout: usize, total: usize) -> usize {
 fn transform_weights(planes: &[f32], plane: usize, v: &Variant) -> Vec<f32> {
     let a = v.a;
     // t[i][kx] = sum_ky G[i][ky] g[ky][kx], then U[i][j] = sum_kx G[j][kx] t[i][kx].
-    let mut t = crate::alloc::zeros(a * 3 * plane);
+    let mut t = crate::alloc::take(a * 3 * plane);
     for i in 0..a {
         for kx in 0..3 {
             let out = &mut t[(i * 3 + kx) * plane..(i * 3 + kx + 1) * plane];
-            for ky in 0..3 {
-                let coef = v.g[i * 3 + ky] as f32;
-                if coef != 0.0 {
-                    axpy(out, coef, &planes[(ky * 3 + kx) * plane..(ky * 3 + kx + 1) * plane]);
-                }
-            }
+            combine(out, (0..3).map(|ky| (v.g[i * 3 + ky], row(planes, ky * 3 + kx, plane))));
         }
     }
-    let mut u = crate::alloc::zeros(a * a * plane);
+    let mut u = crate::alloc::take(a * a * plane);
     for i in 0..a {
         for j in 0..a {
             let out = &mut u[(i * a + j) * plane..(i * a + j + 1) * plane];
-            for kx in 0..3 {
-                let coef = v.g[j * 3 + kx] as f32;
-                if coef != 0.0 {
-                    axpy(out, coef, &t[(i * 3 + kx) * plane..(i * 3 + kx + 1) * plane]);
-                }
-            }
+            combine(out, (0..3).map(|kx| (v.g[j * 3 + kx], row(&t, i * 3 + kx, plane))));
         }
     }
     crate::alloc::give(t);
@@ -230,27 +220,14 @@ fn input_tile(x: &[f32], g: &ConvGeom, v: &Variant, t: &Tiles, tile: usize, d: &
     // tmp = B^T d, then V = tmp B.
     for i in 0..a {
         for j in 0..a {
-            let acc = &mut tmp[(i * a + j) * c..(i * a + j + 1) * c];
-            acc.fill(0.0);
-            for k in 0..a {
-                let coef = v.bt[i * a + k] as f32;
-                if coef != 0.0 {
-                    axpy(acc, coef, &d[(k * a + j) * c..(k * a + j + 1) * c]);
-                }
-            }
+            combine(&mut tmp[(i * a + j) * c..(i * a + j + 1) * c], (0..a).map(|k| (v.bt[i * a + k], row(d, k * a + j, c))));
         }
     }
     for i in 0..a {
         for j in 0..a {
             let p = i * a + j;
             let acc = &mut out[p * plane + slot * c..p * plane + (slot + 1) * c];
-            acc.fill(0.0);
-            for k in 0..a {
-                let coef = v.bt[j * a + k] as f32;
-                if coef != 0.0 {
-                    axpy(acc, coef, &tmp[(i * a + k) * c..(i * a + k + 1) * c]);
-                }
-            }
+            combine(acc, (0..a).map(|k| (v.bt[j * a + k], row(tmp, i * a + k, c))));
         }
     }
 }
@@ -259,6 +236,25 @@ fn input_tile(x: &[f32], g: &ConvGeom, v: &Variant, t: &Tiles, tile: usize, d: &
 fn axpy(acc: &mut [f32], coef: f32, x: &[f32]) {
     for (o, &v) in acc.iter_mut().zip(x) {
         *o += coef * v;
+    }
+}
+
+/// `out = sum_k coef_k x_k` over vectors (channels, or whole weight planes), skipping zero
+/// coefficients: every stage of every transform is this product of a small constant matrix with a
+/// column of vectors.
+/// Vector `idx` of a buffer of `len`-long vectors.
+#[inline(always)]
+fn row(buf: &[f32], idx: usize, len: usize) -> &[f32] {
+    &buf[idx * len..(idx + 1) * len]
+}
+
+#[inline(always)]
+fn combine<'x>(out: &mut [f32], terms: impl Iterator<Item = (f64, &'x [f32])>) {
+    out.fill(0.0);
+    for (coef, x) in terms {
+        if coef != 0.0 {
+            axpy(out, coef as f32, x);
+        }
     }
 }
 
@@ -312,14 +308,7 @@ unsafe fn output_tile(mbuf: &[f32], plane: usize, slot: usize, g: &ConvGeom, v: 
     // tmp = A^T M  (m x a), res = tmp A (m x m).
     for i in 0..m {
         for j in 0..a {
-            let acc = &mut tmp[(i * a + j) * c..(i * a + j + 1) * c];
-            acc.fill(0.0);
-            for k in 0..a {
-                let coef = v.at[i * a + k] as f32;
-                if coef != 0.0 {
-                    axpy(acc, coef, at_(k * a + j));
-                }
-            }
+            combine(&mut tmp[(i * a + j) * c..(i * a + j + 1) * c], (0..a).map(|k| (v.at[i * a + k], at_(k * a + j))));
         }
     }
     let (b, rem) = (tile / (t.th * t.tw), tile % (t.th * t.tw));
@@ -330,13 +319,7 @@ unsafe fn output_tile(mbuf: &[f32], plane: usize, slot: usize, g: &ConvGeom, v: 
                 continue;
             }
             let acc = &mut res[..c];
-            acc.fill(0.0);
-            for k in 0..a {
-                let coef = v.at[j * a + k] as f32;
-                if coef != 0.0 {
-                    axpy(acc, coef, &tmp[(i * a + k) * c..(i * a + k + 1) * c]);
-                }
-            }
+            combine(acc, (0..a).map(|k| (v.at[j * a + k], &tmp[(i * a + k) * c..(i * a + k + 1) * c])));
             let dst = ((b * g.oh + y0 + i) * g.ow + x0 + j) * c;
             std::ptr::copy_nonoverlapping(acc.as_ptr(), y.get().add(dst), c);
         }
@@ -397,28 +380,17 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], v: &Vari
     }
     // dg = G^T dU G for every channel pair (planes of cin x cout), then added into the OHWI gradient.
     let plane = cin * cout;
-    let mut t2 = crate::alloc::zeros(3 * a * plane);
+    let mut t2 = crate::alloc::take(3 * a * plane);
     for ky in 0..3 {
         for j in 0..a {
             let out = &mut t2[(ky * a + j) * plane..(ky * a + j + 1) * plane];
-            for i in 0..a {
-                let coef = v.g[i * 3 + ky] as f32;
-                if coef != 0.0 {
-                    axpy(out, coef, &du[(i * a + j) * plane..(i * a + j + 1) * plane]);
-                }
-            }
+            combine(out, (0..a).map(|i| (v.g[i * 3 + ky], row(&du, i * a + j, plane))));
         }
     }
     let mut tap = crate::alloc::take(plane);
     for ky in 0..3 {
         for kx in 0..3 {
-            tap.fill(0.0);
-            for j in 0..a {
-                let coef = v.g[j * 3 + kx] as f32;
-                if coef != 0.0 {
-                    axpy(&mut tap, coef, &t2[(ky * a + j) * plane..(ky * a + j + 1) * plane]);
-                }
-            }
+            combine(&mut tap, (0..a).map(|j| (v.g[j * 3 + kx], row(&t2, ky * a + j, plane))));
             for co in 0..cout {
                 let row = &mut dw[((co * 3 + ky) * 3 + kx) * cin..((co * 3 + ky) * 3 + kx + 1) * cin];
                 for (ci, d) in row.iter_mut().enumerate() {
@@ -452,27 +424,14 @@ fn output_grad_tile(dy: &[f32], g: &ConvGeom, v: &Variant, t: &Tiles, tile: usiz
     // tmp = A dY (a x m), then dM = tmp A^T (a x a); A = (A^T)^T, so A[k][i] = at[i][k].
     for k in 0..a {
         for j in 0..m {
-            let acc = &mut tmp[(k * m + j) * c..(k * m + j + 1) * c];
-            acc.fill(0.0);
-            for i in 0..m {
-                let coef = v.at[i * a + k] as f32;
-                if coef != 0.0 {
-                    axpy(acc, coef, &d[(i * m + j) * c..(i * m + j + 1) * c]);
-                }
-            }
+            combine(&mut tmp[(k * m + j) * c..(k * m + j + 1) * c], (0..m).map(|i| (v.at[i * a + k], row(d, i * m + j, c))));
         }
     }
     for k in 0..a {
         for l in 0..a {
             let p = k * a + l;
             let acc = &mut out[p * plane + slot * c..p * plane + (slot + 1) * c];
-            acc.fill(0.0);
-            for j in 0..m {
-                let coef = v.at[j * a + l] as f32;
-                if coef != 0.0 {
-                    axpy(acc, coef, &tmp[(k * m + j) * c..(k * m + j + 1) * c]);
-                }
-            }
+            combine(acc, (0..m).map(|j| (v.at[j * a + l], row(tmp, k * m + j, c))));
         }
     }
 }
