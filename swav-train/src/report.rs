@@ -1,6 +1,6 @@
-//! A training run at a glance: `<run-dir>/report.png` (loss, learning rate, cluster usage and
-//! throughput against the step) and `<run-dir>/report.txt` (a short summary, with the accuracies of
-//! `<run-dir>/eval.json` when it exists).
+//! A training run at a glance: `<run-dir>/report.png` (loss with its moving average, learning rate,
+//! entropy of the mean code and throughput against the step) and `<run-dir>/report.txt` (a short
+//! summary, with the accuracies of `<run-dir>/eval.json` when it exists).
 //!
 //! Reading `metrics.jsonl` is lenient: unknown keys are ignored, fields other than `step` may be
 //! missing or `null` (a non-finite loss is written as `null`), and lines that do not parse (a line
@@ -265,7 +265,8 @@ fn register_font() {
 /// Width and height of the report image.
 pub const PNG_SIZE: (u32, u32) = (1200, 800);
 
-/// The 2x2 panel figure (loss, lr, cluster entropy, images/s against the step) as PNG bytes.
+/// The 2x2 panel figure (loss, lr, entropy of the mean code, images/s against the step) as PNG
+/// bytes. The moving average of the loss spans 1/50 of the steps (drawn from 100 steps on).
 pub fn plot_png(rows: &[MetricsRow]) -> Result<Vec<u8>, TrainError> {
     register_font();
     let (w, h) = PNG_SIZE;
@@ -278,7 +279,8 @@ pub fn plot_png(rows: &[MetricsRow]) -> Result<Vec<u8>, TrainError> {
     Ok(out.into_inner())
 }
 
-type Series = (&'static str, Vec<(f64, f64)>, RGBColor, bool);
+/// Title, points, colour, whether the y axis starts at 0, whether to add a moving average.
+type Series = (&'static str, Vec<(f64, f64)>, RGBColor, bool, bool);
 
 fn draw(buf: &mut [u8], rows: &[MetricsRow]) -> Result<(), Box<dyn std::error::Error>> {
     let root = BitMapBackend::with_buffer(buf, PNG_SIZE).into_drawing_area();
@@ -289,15 +291,28 @@ fn draw(buf: &mut [u8], rows: &[MetricsRow]) -> Result<(), Box<dyn std::error::E
             .collect()
     };
     let panels: [Series; 4] = [
-        ("loss", pick(|r| r.loss), RED, false),
-        ("learning rate", pick(|r| r.lr), BLUE, true),
+        (
+            "loss (black: moving average)",
+            pick(|r| r.loss),
+            RED,
+            false,
+            true,
+        ),
+        ("learning rate", pick(|r| r.lr), BLUE, true, false),
         (
             "entropy of the mean code (nats)",
             pick(|r| r.cluster_entropy),
             GREEN,
             false,
+            false,
         ),
-        ("images / s", pick(|r| r.images_per_s), MAGENTA, false),
+        (
+            "images / s",
+            pick(|r| r.images_per_s),
+            MAGENTA,
+            false,
+            false,
+        ),
     ];
     let x_max = rows.iter().map(|r| r.step as f64).fold(1.0, f64::max);
     let x_min = rows.iter().map(|r| r.step as f64).fold(x_max, f64::min);
@@ -306,7 +321,9 @@ fn draw(buf: &mut [u8], rows: &[MetricsRow]) -> Result<(), Box<dyn std::error::E
     } else {
         x_min..x_min + 1.0
     };
-    for (area, (title, points, color, from_zero)) in root.split_evenly((2, 2)).iter().zip(panels) {
+    for (area, (title, points, color, from_zero, smoothed)) in
+        root.split_evenly((2, 2)).iter().zip(panels)
+    {
         let (lo, hi) = points
             .iter()
             .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &(_, v)| {
@@ -338,10 +355,38 @@ fn draw(buf: &mut [u8], rows: &[MetricsRow]) -> Result<(), Box<dyn std::error::E
         if points.is_empty() {
             continue;
         }
-        chart.draw_series(LineSeries::new(points, color.stroke_width(2)))?;
+        // One pixel wide: plotters joins thicker polylines with mitres, which overshoot as long
+        // spikes at the sharp turns of a noisy curve.
+        let smooth = smoothed && points.len() >= 100;
+        let average = if smooth {
+            moving_average(&points, points.len() / 50)
+        } else {
+            Vec::new()
+        };
+        chart.draw_series(LineSeries::new(points, color.stroke_width(1)))?;
+        if smooth {
+            chart.draw_series(LineSeries::new(average, BLACK.stroke_width(1)))?;
+        }
     }
     root.present()?;
     Ok(())
+}
+
+/// The mean of each point and the `window - 1` before it.
+fn moving_average(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let window = window.max(1);
+    let mut sum = 0.0;
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, y))| {
+            sum += y;
+            if i >= window {
+                sum -= points[i - window].1;
+            }
+            (x, sum / (i + 1).min(window) as f64)
+        })
+        .collect()
 }
 
 fn format_tick(v: f64) -> String {

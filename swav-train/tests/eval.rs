@@ -400,3 +400,52 @@ fn report_needs_metrics() {
     std::fs::write(dir.path().join("metrics.jsonl"), "garbage\n").unwrap();
     assert!(write_report(dir.path()).is_err());
 }
+
+#[test]
+fn report_curves_stay_inside_their_panels() {
+    // One-step spikes, down in the loss (top panel) and up in the throughput (bottom panel): the
+    // sharpest turns a curve can take, where thick polylines overshoot into the neighbouring panel.
+    let mut rng = Rng(17);
+    let rows: Vec<swav_train::report::MetricsRow> = (0..1250u64)
+        .map(|step| swav_train::report::MetricsRow {
+            step,
+            loss: Some(if step % 41 == 20 {
+                1.0
+            } else {
+                9.0 + 0.2 * rng.normal() as f64
+            }),
+            images_per_s: Some(if step % 37 == 18 {
+                1500.0
+            } else {
+                500.0 + 20.0 * rng.normal() as f64
+            }),
+            ..Default::default()
+        })
+        .collect();
+    let png = swav_train::report::plot_png(&rows).unwrap();
+    let img = image::load_from_memory(&png).unwrap().to_rgb8();
+    let (w, h) = img.dimensions();
+    let (mut red, mut magenta) = (0, 0);
+    for (x, y, p) in img.enumerate_pixels() {
+        let is_red = p[0] > 200 && p[1] < 60 && p[2] < 60;
+        let is_magenta = p[0] > 200 && p[1] < 60 && p[2] > 200;
+        if is_red {
+            red += 1;
+            assert!(
+                x < w / 2 && y < h / 2,
+                "loss pixel at ({x}, {y}) outside its panel"
+            );
+        }
+        if is_magenta {
+            magenta += 1;
+            assert!(
+                x >= w / 2 && y >= h / 2,
+                "throughput pixel at ({x}, {y}) outside its panel"
+            );
+        }
+    }
+    assert!(
+        red > 1000 && magenta > 1000,
+        "{red} red, {magenta} magenta pixels"
+    );
+}
