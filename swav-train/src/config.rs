@@ -139,7 +139,7 @@ pub const PRESETS: &[Preset] = &[
     },
     Preset {
         name: "cpu-demo",
-        about: "narrow ResNet-18 on 28-px grayscale images, sized for minutes on a few CPU cores",
+        about: "narrow ResNet-18 on 28-px grayscale images, 2x28 crops, sized for minutes on a few CPU cores",
         toml: include_str!("../presets/cpu-demo.toml"),
     },
     Preset {

@@ -198,7 +198,8 @@ fn idx_count(path: &Path) -> anyhow::Result<usize> {
 
 /// The repository root (relative paths of the embedded description are resolved from it).
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::canonicalize(&root).unwrap_or(root)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
