@@ -3,7 +3,7 @@
 //! Conventions:
 //! - Inputs: each feature row is L2-normalised, then every dimension is standardised with the
 //!   training set's mean and standard deviation (`(x - mean) / (std + 1e-6)`, the same constants for
-//!   the test set), as the PyTorch reference of BASELINES.md does. Standardising makes one learning
+//!   the test set), as the PyTorch Fashion-MNIST reference evaluation does. Standardising makes one learning
 //!   rate fit features of any scale (a random network's and a trained one's).
 //! - Model: `logits = W x + b`, `W` `[classes, dim]` and `b` start at zero; loss: mean softmax
 //!   cross-entropy over the mini-batch.
