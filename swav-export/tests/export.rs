@@ -1,6 +1,9 @@
 //! The exported file's interface (names, dimensions, opset, metadata, operators), the preprocessing
 //! resolution, and bad input: broken checkpoints, bad metadata and options, atomic output.
 
+mod common;
+use common::small;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -13,19 +16,6 @@ use swav_model::checkpoint::{model_state, NamedTensors, Value};
 use swav_model::{Arch, ModelConfig, SwavModel};
 use tract_onnx::pb;
 use tract_onnx::prelude::Framework;
-
-fn small(arch: Arch, small_stem: bool) -> ModelConfig {
-    ModelConfig {
-        arch,
-        width: Some(8),
-        small_stem,
-        in_channels: 3,
-        hidden_mlp: 16,
-        head_bn: true,
-        feat_dim: 8,
-        prototypes: vec![10],
-    }
-}
 
 fn parse(bytes: &[u8]) -> pb::ModelProto {
     tract_onnx::onnx()

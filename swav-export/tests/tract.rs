@@ -2,6 +2,9 @@
 //! forward: ResNet-18, ResNet-50 and the small-image stem, with and without the head, batch norms
 //! folded or not, every supported opset form, several batch sizes from one file.
 
+mod common;
+use common::small;
+
 use std::collections::BTreeMap;
 
 use swav_export::check::{nchw_to_nhwc, random_images, read_npy, write_check_data, NamedArray};
@@ -12,19 +15,6 @@ use swav_tensor::Tensor;
 use tract_onnx::prelude::*;
 
 const TOLERANCE: f32 = 1e-4;
-
-fn small(arch: Arch, small_stem: bool) -> ModelConfig {
-    ModelConfig {
-        arch,
-        width: Some(8),
-        small_stem,
-        in_channels: 3,
-        hidden_mlp: 16,
-        head_bn: true,
-        feat_dim: 8,
-        prototypes: vec![10],
-    }
-}
 
 /// A model whose batch norms are far from the identity, so folding them is really exercised.
 fn model(cfg: ModelConfig, seed: u64) -> SwavModel {

@@ -334,6 +334,16 @@ pub struct MultiCropTransform {
     group_of: Vec<usize>,
 }
 
+/// The number of output channels, which must be 1 or 3.
+fn output_channels(out_channels: u8) -> Result<usize> {
+    if !(out_channels == 1 || out_channels == 3) {
+        return Err(DataError::Config(format!(
+            "output channels must be 1 or 3 (got {out_channels})"
+        )));
+    }
+    Ok(out_channels as usize)
+}
+
 impl MultiCropTransform {
     /// `out_channels` is 1 or 3; `dataset_mean`/`dataset_std` (the manifest's) are used when the config
     /// gives no normalisation.
@@ -345,12 +355,7 @@ impl MultiCropTransform {
         dataset_std: &[f64],
     ) -> Result<Self> {
         cfg.validate()?;
-        if !(out_channels == 1 || out_channels == 3) {
-            return Err(DataError::Config(format!(
-                "output channels must be 1 or 3 (got {out_channels})"
-            )));
-        }
-        let c = out_channels as usize;
+        let c = output_channels(out_channels)?;
         let norm = resolve_norm(
             &cfg.augment.mean,
             &cfg.augment.std,
@@ -516,12 +521,7 @@ impl EvalTransform {
         dataset_std: &[f64],
     ) -> Result<Self> {
         cfg.validate()?;
-        if !(out_channels == 1 || out_channels == 3) {
-            return Err(DataError::Config(format!(
-                "output channels must be 1 or 3 (got {out_channels})"
-            )));
-        }
-        let c = out_channels as usize;
+        let c = output_channels(out_channels)?;
         let norm = resolve_norm(&cfg.mean, &cfg.std, c, dataset_mean, dataset_std)?;
         Ok(EvalTransform {
             cfg: cfg.clone(),
