@@ -20,13 +20,9 @@
 //! ```
 
 use serde::{Deserialize, Serialize};
+use swav_core::imagenet;
 
 use crate::error::{DataError, Result};
-
-/// ImageNet channel means used by the official code.
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-/// ImageNet channel standard deviations used by the official code (0.228, not torchvision's 0.229).
-pub const IMAGENET_STD: [f32; 3] = [0.228, 0.224, 0.225];
 
 /// `count` crops of `size x size` pixels, each a RandomResizedCrop covering a fraction in
 /// `[min_scale, max_scale]` of the image area.
@@ -101,8 +97,8 @@ impl AugmentConfig {
 
     /// ImageNet normalisation (the official constants).
     pub fn with_imagenet_normalisation(mut self) -> Self {
-        self.mean = Some(IMAGENET_MEAN.to_vec());
-        self.std = Some(IMAGENET_STD.to_vec());
+        self.mean = Some(imagenet::MEAN.to_vec());
+        self.std = Some(imagenet::STD.to_vec());
         self
     }
 }
@@ -365,8 +361,8 @@ impl EvalConfig {
         EvalConfig {
             resize: 256,
             crop: 224,
-            mean: Some(IMAGENET_MEAN.to_vec()),
-            std: Some(IMAGENET_STD.to_vec()),
+            mean: Some(imagenet::MEAN.to_vec()),
+            std: Some(imagenet::STD.to_vec()),
         }
     }
 

@@ -36,11 +36,12 @@ mod manifest;
 pub mod preprocess;
 pub mod rng;
 pub mod shard;
+pub mod synthetic;
 
 pub use augment::{CropBox, CropDecision, EvalTransform, GroupShape, Layout, MultiCropTransform};
 pub use codec::{Codec, RecordDecoder};
 pub use config::{
-    AugmentConfig, CropGroup, EvalConfig, MultiCropConfig, IMAGENET_MEAN, IMAGENET_STD,
+    AugmentConfig, CropGroup, EvalConfig, MultiCropConfig,
 };
 pub use dataset::{Dataset, VerifyReport};
 pub use error::{DataError, Result};
@@ -50,4 +51,4 @@ pub use loader::{
 };
 pub use manifest::{Manifest, Parameters, ShardEntry, Skipped, FORMAT_VERSION};
 pub use preprocess::{preprocess, PreprocessOptions, PreprocessReport, Progress};
-pub use rng::SampleRng;
+pub use rng::SplitMix64;

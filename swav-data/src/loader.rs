@@ -23,7 +23,7 @@ use crate::config::{EvalConfig, MultiCropConfig};
 use crate::dataset::Dataset;
 use crate::error::{DataError, Result};
 use crate::image::Image;
-use crate::rng::{SampleRng, SHUFFLE_STREAM};
+use crate::rng::{SplitMix64, SHUFFLE_STREAM};
 
 /// Batch settings shared by both loaders (serde: every field optional, see `Default`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -72,7 +72,7 @@ impl Default for LoaderConfig {
 }
 
 /// The sample order of one epoch on one rank, with `torch.utils.data.DistributedSampler` semantics:
-/// shuffle all indices (Fisher-Yates from `SampleRng::from_key(&[seed, epoch, SHUFFLE_STREAM])`), then
+/// shuffle all indices (Fisher-Yates from `SplitMix64::from_key(&[seed, epoch, SHUFFLE_STREAM])`), then
 /// drop the tail (`drop_last`) or pad by repeating the start so that the length is a multiple of
 /// `world_size`, then take every `world_size`-th index starting at `rank`.
 pub fn epoch_order(
@@ -86,7 +86,7 @@ pub fn epoch_order(
 ) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
     if shuffle {
-        SampleRng::from_key(&[seed, epoch, SHUFFLE_STREAM]).shuffle(&mut order);
+        SplitMix64::from_key(&[seed, epoch, SHUFFLE_STREAM]).shuffle(&mut order);
     }
     if world_size == 0 || len == 0 {
         return Vec::new();

@@ -156,7 +156,7 @@ fn hue_rotation() {
 #[test]
 fn random_resized_crop_boxes_respect_scale_and_ratio() {
     let (h, w) = (256usize, 341usize);
-    let mut rng = SampleRng::from_key(&[42]);
+    let mut rng = SplitMix64::from_key(&[42]);
     let (mut fallback, mut area_sum, mut log_ratio_sum, mut n) = (0, 0.0, 0.0, 0.0);
     for _ in 0..20_000 {
         let b = random_resized_crop_box(&mut rng, h, w, [0.14, 1.0], [0.75, 4.0 / 3.0]);
@@ -235,7 +235,7 @@ fn crop_decisions_follow_the_probabilities() {
     let n = 20_000;
     let (mut flip, mut jit, mut gray, mut blur) = (0, 0, 0, 0);
     for i in 0..n {
-        let mut rng = SampleRng::for_crop(1, 2, i, 0);
+        let mut rng = swav_data::rng::for_crop(1, 2, i, 0);
         let d = CropDecision::draw(&mut rng, &a, 64, 64, [0.14, 1.0]);
         flip += d.flip as usize;
         gray += d.grayscale as usize;

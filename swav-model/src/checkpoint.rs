@@ -7,7 +7,6 @@
 //! unexpected names. Files are written atomically: temporary file, fsync, rename.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -129,28 +128,10 @@ fn decode(name: &str, view: &TensorView<'_>) -> std::result::Result<Value, Strin
     })
 }
 
-/// Writes `bytes` to `path` so that a crash never leaves a partial file under that name: write a
-/// temporary file in the same directory, fsync it, rename it over `path`, fsync the directory.
+/// Writes `bytes` to `path` atomically (swav-core's [`swav_core::fs::atomic_write`]), reporting a
+/// failure as a checkpoint error.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source| ModelError::Io { path: path.display().to_string(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| io(std::io::Error::other("not a file path")))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+    swav_core::fs::atomic_write(path, bytes).map_err(|e| ModelError::Io { path: e.path.display().to_string(), source: e.source })
 }
 
 /// The PyTorch (OIHW) shape of an OHWI weight.

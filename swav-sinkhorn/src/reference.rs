@@ -1,5 +1,5 @@
-//! Checking a reference case of kind `sinkhorn` (PyTorch results, see `reference/README.md` in the
-//! repository) independently of the file format: the caller supplies the case's metadata and a way to
+//! Checking a reference case of kind `sinkhorn` (PyTorch results, see `tests/cases/README.md` in this
+//! crate) independently of the file format: the caller supplies the case's metadata and a way to
 //! fetch its tensors (e.g. from a safetensors file).
 //!
 //! Metadata: `epsilon`, `iterations`, `world_size`, `rows`, `prototypes`. Tensors: `input.scores.rank{r}`

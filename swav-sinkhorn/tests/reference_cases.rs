@@ -1,4 +1,4 @@
-//! Every `sinkhorn` reference case (PyTorch, float64) in `reference/` and `$SWAV_REFERENCE_DIR`.
+//! Every `sinkhorn` reference case (PyTorch, float64) in `tests/cases/` and `$SWAV_REFERENCE_DIR`.
 
 mod common;
 
@@ -11,7 +11,7 @@ fn all_reference_cases_pass() {
     let cases = common::sinkhorn_cases();
     assert!(
         cases.len() >= 4,
-        "expected the 4 sinkhorn cases of reference/, found {}",
+        "expected the 4 sinkhorn cases of tests/cases/, found {}",
         cases.len()
     );
     let mut distributed = 0;

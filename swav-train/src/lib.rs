@@ -1,24 +1,21 @@
-//! SwAV training loop, loss, queue, LARS, checkpoints and evaluation.
+//! swav-train: SwAV pretraining, step by step as the official `main_swav.py`.
 //!
-//! The crates below are re-exported so that the CLI reaches the whole system through this crate.
-
-pub use swav_data as data;
-pub use swav_model as model;
-pub use swav_sinkhorn as sinkhorn;
-pub use swav_tensor as tensor;
+//! - [`step::swav_step`]: one iteration (prototype normalisation, forward, codes by Sinkhorn with the
+//!   queue, swapped-prediction loss, backward, prototype freezing, LARS), in the official order;
+//! - [`loss`], [`assign`], [`queue`], [`lars`], [`schedule`]: the pieces it is made of;
+//! - [`trainer::train`]: epochs over the multi-crop loader with checkpoints, resume, metrics and the
+//!   guards a long run needs; [`config`] the TOML configuration and the presets;
+//! - [`pipeline`]: what `cargo xtask pipeline` needs besides the steps themselves (stamps keyed on
+//!   content, the held-out split, ownership of its run folder, the embedded default data).
 
 pub mod assign;
 pub mod checkpoint;
 pub mod config;
-pub mod embed;
 pub mod error;
-pub mod eval;
 pub mod lars;
 pub mod loss;
 pub mod metrics;
 pub mod queue;
-pub mod reference;
-pub mod report;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

@@ -144,7 +144,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
         None => (SwavState { model: SwavModel::new(config.model.clone(), t.seed)?, optimizer, queue: None }, 0, 0, 0),
     };
     let resumed_from = (iteration > 0).then_some(iteration);
-    let mut metrics = MetricsLog::open(&opts.run_dir, iteration)?;
+    let mut metrics = MetricsLog::open(&opts.run_dir, iteration as u64)?;
     let k = config.model.prototypes[0];
     let mut collapse = CollapseWatch::new(k, steps_per_epoch);
 
@@ -205,20 +205,21 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
             step_in_epoch += 1;
             last_loss = Some(stats.loss);
             let step_time = step_start.elapsed().as_secs_f64() + waited;
+            let images_per_s = bs as f64 / step_time.max(1e-9);
             let m = StepMetrics {
-                step: iteration - 1,
-                epoch,
-                loss: stats.loss,
-                lr,
-                images_per_s: bs as f64 / step_time.max(1e-9),
-                data_wait: waited / step_time.max(1e-9),
-                cluster_entropy: stats.cluster_entropy,
-                clusters_used: stats.clusters_used,
-                elapsed_s: started.elapsed().as_secs_f64(),
+                step: iteration as u64 - 1,
+                epoch: Some(epoch as u64),
+                loss: Some(stats.loss),
+                lr: Some(lr),
+                images_per_s: Some(images_per_s),
+                data_wait: Some(waited / step_time.max(1e-9)),
+                cluster_entropy: Some(stats.cluster_entropy),
+                clusters_used: Some(stats.clusters_used as u64),
+                elapsed_s: Some(started.elapsed().as_secs_f64()),
             };
             metrics.write(&m)?;
             progress.set_position(iteration as u64);
-            progress.set_message(format!("epoch {epoch} loss {:.4} lr {:.4} {:.0} img/s", stats.loss, lr, m.images_per_s));
+            progress.set_message(format!("epoch {epoch} loss {:.4} lr {:.4} {:.0} img/s", stats.loss, lr, images_per_s));
             if !progress.is_hidden() && iteration % 50 == 0 || progress.is_hidden() && iteration % 20 == 0 {
                 tracing::debug!(step = iteration, loss = stats.loss, lr, "progress");
             }

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use swav_train::data::Dataset;
-use swav_train::embed::embed;
-use swav_train::eval::ExtractOptions;
+use swav_data::Dataset;
+use swav_eval::embed::embed;
+use swav_eval::features::ExtractOptions;
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -5,10 +5,11 @@ use std::cell::RefCell;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use swav_train::data::Dataset;
-use swav_train::eval::{
-    evaluate, Baseline, EvalOptions, EvalReport, ExtractOptions, KnnConfig, ProbeConfig, Progress,
-};
+use swav_data::Dataset;
+use swav_eval::features::ExtractOptions;
+use swav_eval::frozen::{evaluate, Baseline, EvalOptions, EvalReport, Progress, Scores};
+use swav_eval::knn::KnnConfig;
+use swav_eval::probe::ProbeConfig;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum BaselineKind {
@@ -124,7 +125,7 @@ pub(crate) fn print_table(r: &EvalReport) {
         "{:<14} {:>11} {:>13} {:>12} {:>8} {:>8}",
         "network", "k-NN top-1", "linear top-1", "features s", "k-NN s", "probe s"
     );
-    let row = |name: &str, s: &swav_train::eval::Scores| {
+    let row = |name: &str, s: &Scores| {
         println!(
             "{:<14} {:>10.2}% {:>12.2}% {:>12.1} {:>8.1} {:>8.1}",
             name,

@@ -10,6 +10,7 @@ mod export;
 mod pipeline;
 mod preprocess;
 mod report;
+mod run_report;
 mod train;
 mod verify_reference;
 

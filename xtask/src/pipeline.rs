@@ -19,8 +19,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use swav_train::config;
-use swav_train::data::{self, Dataset, PreprocessOptions};
-use swav_train::eval::{evaluate, Baseline, EvalOptions, EvalReport};
+use swav_data::{Dataset, PreprocessOptions};
+use swav_eval::frozen::{evaluate, Baseline, EvalOptions, EvalReport};
 use swav_train::trainer::{train, TrainOptions};
 
 const DEFAULT_PIPELINE: &str = include_str!("../pipeline.toml");
@@ -167,7 +167,7 @@ impl Stamps {
     fn write(&self, step: &str, key: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let body = serde_json::json!({ "step": step, "key": key });
-        swav_train::model::checkpoint::atomic_write(&self.path(step), body.to_string().as_bytes())?;
+        swav_model::checkpoint::atomic_write(&self.path(step), body.to_string().as_bytes())?;
         Ok(())
     }
 
@@ -215,7 +215,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let out = if args.out.is_some() { pipe.out_dir.clone() } else { resolve(&pipe.out_dir) };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    swav_train::tensor::ops::winograd::set_algorithm(args.conv.parse().map_err(anyhow::Error::msg)?);
+    swav_tensor::ops::winograd::set_algorithm(args.conv.parse().map_err(anyhow::Error::msg)?);
     let stamps = Stamps { dir: out.join("stamps") };
     if let Some(step) = args.force {
         stamps.clear_from(step);
@@ -242,7 +242,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("[1/4] preprocess: {} -> {}", train_input.display(), out.join("data").display());
         for (input, sel, dir) in [(&train_input, train_sel.clone(), &train_dir), (&test_input, test_sel.clone(), &test_dir)] {
             let opts = PreprocessOptions { input: input.clone(), output: dir.clone(), overwrite: true, select: sel, ..Default::default() };
-            let report = data::preprocess(&opts, &|_| {}).with_context(|| format!("preprocessing {}", input.display()))?;
+            let report = swav_data::preprocess(&opts, &|_| {}).with_context(|| format!("preprocessing {}", input.display()))?;
             println!("      {} images -> {}", report.written, dir.display());
         }
         stamps.write("preprocess", &pre_key)?;
@@ -307,7 +307,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         println!("[3/4] eval: k-NN (k = {}) and linear probe on {} held-out images", pipe.eval.k, Dataset::open(&test_dir)?.len());
         let opts = EvalOptions {
-            knn: swav_train::eval::KnnConfig { k: pipe.eval.k, ..Default::default() },
+            knn: swav_eval::knn::KnnConfig { k: pipe.eval.k, ..Default::default() },
             baseline: pipe.eval.random_baseline.then_some(Baseline::Random { seed: cfg.train.seed + 1 }),
             ..Default::default()
         };

@@ -12,7 +12,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let files = swav_train::report::write_report(&args.run_dir)
+    let files = crate::run_report::write_report(&args.run_dir)
         .with_context(|| format!("reporting on {}", args.run_dir.display()))?;
     print!("{}", files.summary);
     println!("wrote {} and {}", files.png.display(), files.txt.display());

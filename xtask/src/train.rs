@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use swav_train::config::{self, PRESETS};
-use swav_train::tensor::Device;
+use swav_tensor::Device;
 use swav_train::trainer::{train, TrainOptions};
 
 #[derive(clap::Args)]
@@ -57,7 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let (data, run_dir) = (args.data.expect("required by clap"), args.run_dir.expect("required by clap"));
     Device::parse(&args.device)?;
-    swav_train::tensor::ops::winograd::set_algorithm(args.conv.parse().map_err(anyhow::Error::msg)?);
+    swav_tensor::ops::winograd::set_algorithm(args.conv.parse().map_err(anyhow::Error::msg)?);
     if let Some(n) = args.threads {
         rayon_threads(n)?;
     }
@@ -117,5 +117,5 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn rayon_threads(n: usize) -> anyhow::Result<()> {
-    swav_train::tensor::set_threads(n).context("setting the number of compute threads")
+    swav_tensor::set_threads(n).context("setting the number of compute threads")
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask verify-reference <file.safetensors>...`: run PyTorch reference cases, print relative errors.
 
 use anyhow::bail;
-use swav_train::reference::verify_case;
+use swav_reference::verify_case;
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -1,7 +1,7 @@
 //! The per-crop augmentation pipeline of SwAV (torchvision semantics, see SWAV.md) and the evaluation
 //! transform, on 8-bit HWC images, producing normalised f32 crops.
 //!
-//! One crop is: decide everything from the crop's own generator (`SampleRng::for_crop(seed, epoch, index,
+//! One crop is: decide everything from the crop's own generator (`rng::for_crop(seed, epoch, index,
 //! crop)`, draws in the order of [`CropDecision`]) -> crop + resize + flip in one resampling pass straight
 //! from the decoded image -> colour jitter (the four adjustments in the drawn order) -> grayscale -> blur
 //! -> normalise while writing into the batch buffer in the requested layout (normalisation, channel
@@ -67,7 +67,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{AugmentConfig, EvalConfig, MultiCropConfig};
 use crate::error::{DataError, Result};
 use crate::image::{Image, ImageView};
-use crate::rng::SampleRng;
+use crate::rng::{self, SplitMix64};
 use resample::{Resampler, Window};
 
 /// Memory layout of the crops in a batch buffer.
@@ -94,7 +94,7 @@ pub struct CropBox {
 /// log-uniform aspect ratio (`round` is Python's, ties to even), then the centre crop fallback.
 /// Draws per try: area, log-ratio, and if the box fits, top then left.
 pub fn random_resized_crop_box(
-    rng: &mut SampleRng,
+    rng: &mut SplitMix64,
     height: usize,
     width: usize,
     scale: [f64; 2],
@@ -156,7 +156,7 @@ pub struct CropDecision {
 impl CropDecision {
     /// Draws the decision for a crop of `scale` range from an image of `height x width`.
     pub fn draw(
-        rng: &mut SampleRng,
+        rng: &mut SplitMix64,
         a: &AugmentConfig,
         height: usize,
         width: usize,
@@ -173,7 +173,7 @@ impl CropDecision {
         let jitter = rng.chance(a.jitter_p as f64).then(|| {
             let mut order = [0usize, 1, 2, 3];
             rng.shuffle(&mut order);
-            let f = |rng: &mut SampleRng, x: f32| {
+            let f = |rng: &mut SplitMix64, x: f32| {
                 rng.uniform((1.0 - x as f64).max(0.0), 1.0 + x as f64) as f32
             };
             let b = f(rng, a.brightness);
@@ -410,7 +410,7 @@ impl MultiCropTransform {
         width: usize,
     ) -> CropDecision {
         let g = &self.cfg.groups[self.group_of[crop]];
-        let mut rng = SampleRng::for_crop(seed, epoch, index, crop as u64);
+        let mut rng = rng::for_crop(seed, epoch, index, crop as u64);
         CropDecision::draw(
             &mut rng,
             &self.cfg.augment,

@@ -61,19 +61,9 @@ impl Case {
     }
 }
 
-/// The repository's reference folder (found from the source tree, else from the working directory, so
-/// that a test binary built elsewhere runs from the repository root) and, when set, `$SWAV_REFERENCE_DIR`.
+/// The Sinkhorn reference cases shipped with this crate (PyTorch, float64; see `tests/cases/README.md`).
 pub fn reference_dir() -> PathBuf {
-    let candidates = [
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../reference"),
-        PathBuf::from("reference"),
-        PathBuf::from("../reference"),
-    ];
-    candidates
-        .iter()
-        .find(|d| d.join("README.md").exists())
-        .cloned()
-        .unwrap_or_else(|| panic!("no reference folder in {candidates:?}"))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases")
 }
 
 /// Every case of kind `sinkhorn` in [`reference_dir`] and `$SWAV_REFERENCE_DIR`.

@@ -5,7 +5,7 @@
 //! traffic of each and the bandwidth it implies.
 
 use std::time::{Duration, Instant};
-use swav_train::sinkhorn::{self as sk, cuda, Params};
+use swav_sinkhorn::{self as sk, cuda, Params};
 
 #[derive(clap::Args)]
 pub struct Args {

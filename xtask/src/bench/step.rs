@@ -9,9 +9,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use swav_train::config::TrainConfig;
 use swav_train::lars::Lars;
-use swav_train::model::{Arch, ModelConfig, SwavModel};
+use swav_model::{Arch, ModelConfig, SwavModel};
 use swav_train::step::{swav_step, SwavState};
-use swav_train::tensor::{Device, Tensor};
+use swav_tensor::{Device, Tensor};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -94,7 +94,7 @@ fn peak_rss_mib() -> Option<f64> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     Device::parse(&a.device)?;
-    swav_train::tensor::ops::winograd::set_algorithm(a.conv.parse().map_err(anyhow::Error::msg)?);
+    swav_tensor::ops::winograd::set_algorithm(a.conv.parse().map_err(anyhow::Error::msg)?);
     let s = setup(&a)?;
     let cfg = ModelConfig {
         arch: Arch::parse(&s.arch)?,
@@ -160,7 +160,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             })
             .collect::<Result<_, _>>()?;
         if a.profile && i == a.warmup {
-            swav_train::tensor::profile::enable();
+            swav_tensor::profile::enable();
         }
         let t0 = Instant::now();
         let stats = swav_step(&mut state, &train, groups, s.batch, i, 0.1)?;
@@ -175,7 +175,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let ours = times[times.len() / 2] * 1e3;
     if a.profile {
         println!("time per op over the measured steps (share of step time):");
-        for (op, secs, calls) in swav_train::tensor::profile::report() {
+        for (op, secs, calls) in swav_tensor::profile::report() {
             println!("  {op:<20} {:>8.1} ms/step {:>5.1}%  ({} calls/step)", secs / a.steps as f64 * 1e3, 100.0 * secs / total, calls / a.steps as u64);
         }
     }
@@ -216,5 +216,5 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 fn rayon_threads() -> usize {
-    swav_train::tensor::Device::Cpu.threads()
+    swav_tensor::Device::Cpu.threads()
 }

@@ -15,8 +15,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use swav_tensor::matmul::{matmul, MatMut, MatRef, Threads};
 
-use super::features::Features;
-use crate::TrainError;
+use crate::features::Features;
+use crate::EvalError;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KnnConfig {
@@ -63,21 +63,21 @@ pub fn knn_predict(
     train: &Features,
     test: &Features,
     cfg: &KnnConfig,
-) -> Result<Vec<u32>, TrainError> {
+) -> Result<Vec<u32>, EvalError> {
     let labels = train.labels_for("k-NN classification (training set)")?;
     if train.dim != test.dim {
-        return Err(TrainError::Eval(format!(
+        return Err(EvalError::Invalid(format!(
             "training features have {} dimensions, test features {}",
             train.dim, test.dim
         )));
     }
     if train.n == 0 {
-        return Err(TrainError::Eval(
+        return Err(EvalError::Invalid(
             "k-NN classification needs at least one training image".into(),
         ));
     }
     if cfg.k == 0 || !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
-        return Err(TrainError::Eval(format!(
+        return Err(EvalError::Invalid(format!(
             "k-NN needs k >= 1 and a positive temperature (got k = {}, temperature = {})",
             cfg.k, cfg.temperature
         )));
@@ -150,7 +150,7 @@ pub(crate) fn argmax(v: &[f64]) -> u32 {
 }
 
 /// Fraction of test rows whose predicted class is their label.
-pub fn knn_top1(train: &Features, test: &Features, cfg: &KnnConfig) -> Result<f64, TrainError> {
+pub fn knn_top1(train: &Features, test: &Features, cfg: &KnnConfig) -> Result<f64, EvalError> {
     let truth = test.labels_for("k-NN accuracy (test set)")?;
     let predicted = knn_predict(train, test, cfg)?;
     Ok(accuracy(&predicted, truth))

@@ -4,14 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use swav_train::data::{preprocess, Dataset, PreprocessOptions};
-use swav_train::embed::{embed, read_npy};
-use swav_train::eval::{
-    evaluate, extract_features, input_transform, load_model, Baseline, EvalOptions, EvalReport,
-    ExtractOptions, ProbeConfig,
-};
-use swav_train::model::{Arch, ModelConfig, SwavModel};
-use swav_train::report::write_report;
+use swav_core::npy::read as read_npy;
+use swav_data::{preprocess, Dataset, PreprocessOptions};
+use swav_eval::embed::embed;
+use swav_eval::features::{extract_features, input_transform, load_model, ExtractOptions};
+use swav_eval::frozen::{evaluate, Baseline, EvalOptions, EvalReport};
+use swav_eval::probe::ProbeConfig;
+use swav_model::{Arch, ModelConfig, SwavModel};
 
 fn tiny_config() -> ModelConfig {
     ModelConfig {
@@ -161,7 +160,7 @@ fn evaluate_writes_a_report_with_the_baseline() {
         b.scores.linear_top1
     );
 
-    // eval.json: the documented keys, read back unchanged; the run report picks it up.
+    // eval.json: the documented keys, read back unchanged.
     let run = dir.path().join("run");
     std::fs::create_dir_all(&run).unwrap();
     report.write(&run.join("eval.json")).unwrap();
@@ -181,16 +180,6 @@ fn evaluate_writes_a_report_with_the_baseline() {
     assert_eq!(json["baseline"]["kind"], "random");
     assert!(json["baseline"]["knn_top1"].is_number());
     assert_eq!(EvalReport::read(&run.join("eval.json")).unwrap(), report);
-    std::fs::write(
-        run.join("metrics.jsonl"),
-        "{\"step\": 1, \"epoch\": 0, \"loss\": 8.0, \"lr\": 0.1}\n",
-    )
-    .unwrap();
-    let txt = std::fs::read_to_string(write_report(&run).unwrap().txt).unwrap();
-    assert!(
-        txt.contains("k-NN top-1") && txt.contains("random init"),
-        "{txt}"
-    );
 }
 
 #[test]
@@ -242,7 +231,7 @@ fn features_come_in_index_order_with_defaults_from_the_data() {
     // Row i is image i: the features of image 3 alone equal row 3.
     let one = model
         .features(
-            &swav_train::tensor::Tensor::from_vec(&[1, 14, 14, 1], image3(&data, &t)).unwrap(),
+            &swav_tensor::Tensor::from_vec(&[1, 14, 14, 1], image3(&data, &t)).unwrap(),
         )
         .unwrap();
     for (a, b) in one.as_slice().iter().zip(f4.row(3)) {
@@ -250,12 +239,12 @@ fn features_come_in_index_order_with_defaults_from_the_data() {
     }
 }
 
-fn image3(data: &Dataset, t: &swav_train::data::EvalConfig) -> Vec<f32> {
+fn image3(data: &Dataset, t: &swav_data::EvalConfig) -> Vec<f32> {
     let m = data.manifest();
-    let transform = swav_train::data::EvalTransform::new(
+    let transform = swav_data::EvalTransform::new(
         t,
         1,
-        swav_train::data::Layout::Nhwc,
+        swav_data::Layout::Nhwc,
         &m.pixel_mean,
         &m.pixel_std,
     )
@@ -304,7 +293,7 @@ fn errors_name_the_problem() {
         baseline: None,
         ..options()
     };
-    let err = |r: Result<EvalReport, swav_train::TrainError>| r.unwrap_err().to_string();
+    let err = |r: Result<EvalReport, swav_eval::EvalError>| r.unwrap_err().to_string();
 
     let e = err(evaluate(&ckpt, &unlabelled, &labelled, &opts, &|_| {}));
     assert!(e.contains("no labels"), "{e}");
@@ -320,10 +309,10 @@ fn errors_name_the_problem() {
         "{e}"
     );
     let foreign = dir.path().join("foreign.safetensors");
-    let mut state = swav_train::model::checkpoint::NamedTensors::default();
+    let mut state = swav_model::checkpoint::NamedTensors::default();
     state.tensors.insert(
         "conv1.weight".into(),
-        swav_train::model::checkpoint::Value::F32 {
+        swav_model::checkpoint::Value::F32 {
             shape: vec![1],
             data: vec![0.0],
         },

@@ -2,67 +2,19 @@
 //! entropy of the mean code and throughput against the step) and `<run-dir>/report.txt` (a short
 //! summary, with the accuracies of `<run-dir>/eval.json` when it exists).
 //!
-//! Reading `metrics.jsonl` is lenient: unknown keys are ignored, fields other than `step` may be
-//! missing or `null` (a non-finite loss is written as `null`), and lines that do not parse (a line
-//! cut short by a crash) are skipped and counted. The plot is drawn by plotters into a memory bitmap
+//! `metrics.jsonl` is read leniently with swav-train's own schema (`swav_train::metrics`): a line cut
+//! short by a crash is skipped and counted, missing and `null` values are left out. The plot is drawn by plotters into a memory bitmap
 //! with an embedded font (Noto Sans), so it needs no system fonts nor fontconfig, and is encoded as
 //! PNG; both files are written atomically.
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
+use anyhow::{bail, Context};
 use plotters::prelude::*;
-use serde::Deserialize;
+use swav_train::metrics::{self, MetricsFile, StepMetrics};
 
-use crate::eval::EvalReport;
-use crate::TrainError;
-
-/// One line of `metrics.jsonl` (see `metrics::StepMetrics`), every field but `step` optional.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-pub struct MetricsRow {
-    pub step: u64,
-    #[serde(default)]
-    pub epoch: Option<u32>,
-    #[serde(default)]
-    pub loss: Option<f64>,
-    #[serde(default)]
-    pub lr: Option<f64>,
-    #[serde(default)]
-    pub images_per_s: Option<f64>,
-    #[serde(default)]
-    pub data_wait: Option<f64>,
-    #[serde(default)]
-    pub cluster_entropy: Option<f64>,
-    #[serde(default)]
-    pub clusters_used: Option<u32>,
-    #[serde(default)]
-    pub elapsed_s: Option<f64>,
-}
-
-/// The parsed metrics file.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Metrics {
-    pub rows: Vec<MetricsRow>,
-    /// Non-empty lines that did not parse.
-    pub skipped_lines: usize,
-}
-
-/// Reads a metrics file (see the module docs for what is tolerated).
-pub fn read_metrics(path: &Path) -> Result<Metrics, TrainError> {
-    let text = std::fs::read(path).map_err(|source| TrainError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let text = String::from_utf8_lossy(&text);
-    let mut m = Metrics::default();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        match serde_json::from_str::<MetricsRow>(line) {
-            Ok(row) => m.rows.push(row),
-            Err(_) => m.skipped_lines += 1,
-        }
-    }
-    Ok(m)
-}
+use swav_eval::frozen::EvalReport;
 
 /// The numbers of `report.txt`.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,7 +31,7 @@ pub struct Summary {
     pub mean_images_per_s: Option<f64>,
     pub mean_data_wait: Option<f64>,
     pub final_cluster_entropy: Option<f64>,
-    pub final_clusters_used: Option<u32>,
+    pub final_clusters_used: Option<u64>,
     pub elapsed_s: Option<f64>,
     /// Steps whose loss is missing or not finite.
     pub bad_losses: usize,
@@ -94,15 +46,15 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
-fn last<T: Copy>(rows: &[MetricsRow], f: impl Fn(&MetricsRow) -> Option<T>) -> Option<T> {
+fn last<T: Copy>(rows: &[StepMetrics], f: impl Fn(&StepMetrics) -> Option<T>) -> Option<T> {
     rows.iter().rev().find_map(f)
 }
 
 /// Summarises metrics (and an evaluation, if any).
-pub fn summarize(metrics: &Metrics, eval: Option<EvalReport>) -> Summary {
+pub fn summarize(metrics: &MetricsFile, eval: Option<EvalReport>) -> Summary {
     let rows = &metrics.rows;
     let finite = |v: Option<f64>| v.filter(|x| x.is_finite());
-    let mut epochs: Vec<u32> = rows.iter().filter_map(|r| r.epoch).collect();
+    let mut epochs: Vec<u64> = rows.iter().filter_map(|r| r.epoch).collect();
     epochs.sort_unstable();
     epochs.dedup();
     let min_loss = rows
@@ -221,20 +173,14 @@ pub struct ReportFiles {
 }
 
 /// Reads `<run_dir>/metrics.jsonl` (and `eval.json` if present), writes `report.png` and `report.txt`.
-pub fn write_report(run_dir: &Path) -> Result<ReportFiles, TrainError> {
+pub fn write_report(run_dir: &Path) -> anyhow::Result<ReportFiles> {
     let metrics_path = run_dir.join("metrics.jsonl");
     if !metrics_path.is_file() {
-        return Err(TrainError::Eval(format!(
-            "{}: no metrics.jsonl: is this the run directory of `cargo xtask train`?",
-            run_dir.display()
-        )));
+        bail!("{}: no metrics.jsonl: is this the run directory of `cargo xtask train`?", run_dir.display());
     }
-    let metrics = read_metrics(&metrics_path)?;
+    let metrics = metrics::read(&metrics_path)?;
     if metrics.rows.is_empty() {
-        return Err(TrainError::Eval(format!(
-            "{}: no readable step in it yet",
-            metrics_path.display()
-        )));
+        bail!("{}: no readable step in it yet", metrics_path.display());
     }
     let eval_path = run_dir.join("eval.json");
     let eval = if eval_path.is_file() {
@@ -244,10 +190,10 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles, TrainError> {
     };
     let summary = summarize(&metrics, eval);
     let png = run_dir.join("report.png");
-    swav_model::checkpoint::atomic_write(&png, &plot_png(&metrics.rows)?)?;
+    swav_core::fs::atomic_write(&png, &plot_png(&metrics.rows)?)?;
     let txt = run_dir.join("report.txt");
     let text = format!("run {}\n{summary}", run_dir.display());
-    swav_model::checkpoint::atomic_write(&txt, text.as_bytes())?;
+    swav_core::fs::atomic_write(&txt, text.as_bytes())?;
     Ok(ReportFiles { png, txt, summary })
 }
 
@@ -267,25 +213,25 @@ pub const PNG_SIZE: (u32, u32) = (1200, 800);
 
 /// The 2x2 panel figure (loss, lr, entropy of the mean code, images/s against the step) as PNG
 /// bytes. The moving average of the loss spans 1/50 of the steps (drawn from 100 steps on).
-pub fn plot_png(rows: &[MetricsRow]) -> Result<Vec<u8>, TrainError> {
+pub fn plot_png(rows: &[StepMetrics]) -> anyhow::Result<Vec<u8>> {
     register_font();
     let (w, h) = PNG_SIZE;
     let mut buf = vec![255u8; (w * h * 3) as usize];
-    draw(&mut buf, rows).map_err(|e| TrainError::Eval(format!("drawing the report: {e}")))?;
+    draw(&mut buf, rows).map_err(|e| anyhow::anyhow!("drawing the report: {e}"))?;
     let img = image::RgbImage::from_raw(w, h, buf).expect("the buffer has w * h * 3 bytes");
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png)
-        .map_err(|e| TrainError::Eval(format!("encoding the report PNG: {e}")))?;
+        .context("encoding the report PNG")?;
     Ok(out.into_inner())
 }
 
 /// Title, points, colour, whether the y axis starts at 0, whether to add a moving average.
 type Series = (&'static str, Vec<(f64, f64)>, RGBColor, bool, bool);
 
-fn draw(buf: &mut [u8], rows: &[MetricsRow]) -> Result<(), Box<dyn std::error::Error>> {
+fn draw(buf: &mut [u8], rows: &[StepMetrics]) -> Result<(), Box<dyn std::error::Error>> {
     let root = BitMapBackend::with_buffer(buf, PNG_SIZE).into_drawing_area();
     root.fill(&WHITE)?;
-    let pick = |f: fn(&MetricsRow) -> Option<f64>| -> Vec<(f64, f64)> {
+    let pick = |f: fn(&StepMetrics) -> Option<f64>| -> Vec<(f64, f64)> {
         rows.iter()
             .filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v)))
             .collect()
@@ -398,5 +344,134 @@ fn format_tick(v: f64) -> String {
             .trim_end_matches('0')
             .trim_end_matches('.')
             .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics_line(step: u64, loss: &str) -> String {
+        format!(
+            r#"{{"step": {step}, "epoch": {}, "loss": {loss}, "lr": {}, "images_per_s": {}, "data_wait": 0.25, "cluster_entropy": {}, "clusters_used": {}, "elapsed_s": {}, "future_key": [1, 2]}}"#,
+            step / 20,
+            0.6 * (1.0 - step as f64 / 100.0),
+            100.0 + (step % 7) as f64,
+            4.0 + (step as f64 / 50.0),
+            20 + step,
+            step as f64 * 0.5
+        )
+    }
+
+    #[test]
+    fn report_writes_a_plot_and_a_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = String::new();
+        for step in 1..=60u64 {
+            let loss = if step == 30 {
+                "null".to_string()
+            } else {
+                format!("{}", 8.0 - step as f64 * 0.05)
+            };
+            text += &metrics_line(step, &loss);
+            text.push('\n');
+        }
+        // A line cut short by a crash.
+        text += r#"{"step": 61, "epoch": 3, "loss": 4.9"#;
+        std::fs::write(dir.path().join("metrics.jsonl"), &text).unwrap();
+
+        let m = metrics::read(&dir.path().join("metrics.jsonl")).unwrap();
+        assert_eq!((m.rows.len(), m.skipped_lines), (60, 1));
+        assert_eq!(m.rows[29].loss, None);
+
+        let files = write_report(dir.path()).unwrap();
+        let s = &files.summary;
+        assert_eq!(
+            (s.steps, s.first_step, s.last_step, s.epochs),
+            (60, 1, 60, 4)
+        );
+        assert!((s.final_loss.unwrap() - 5.0).abs() < 1e-9);
+        assert_eq!(s.min_loss.unwrap().1, 60);
+        assert!((s.mean_data_wait.unwrap() - 0.25).abs() < 1e-12);
+        assert_eq!(s.bad_losses, 1);
+
+        let png = std::fs::read(&files.png).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+        let img = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), PNG_SIZE);
+        // The loss curve is drawn in red, and there is text and axes in black.
+        let red = img
+            .pixels()
+            .filter(|p| p[0] > 200 && p[1] < 60 && p[2] < 60)
+            .count();
+        let dark = img
+            .pixels()
+            .filter(|p| p[0] < 60 && p[1] < 60 && p[2] < 60)
+            .count();
+        assert!(red > 200, "{red} red pixels");
+        assert!(dark > 1000, "{dark} dark pixels");
+
+        let txt = std::fs::read_to_string(&files.txt).unwrap();
+        assert!(txt.contains("60 (step 1 to 60)"), "{txt}");
+        assert!(txt.contains("unreadable line"), "{txt}");
+        assert!(!txt.contains("k-NN"), "no eval.json yet: {txt}");
+    }
+
+    #[test]
+    fn report_needs_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = write_report(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("metrics.jsonl"), "{err}");
+        std::fs::write(dir.path().join("metrics.jsonl"), "garbage\n").unwrap();
+        assert!(write_report(dir.path()).is_err());
+    }
+
+    #[test]
+    fn report_curves_stay_inside_their_panels() {
+        // One-step spikes, down in the loss (top panel) and up in the throughput (bottom panel): the
+        // sharpest turns a curve can take, where thick polylines overshoot into the neighbouring panel.
+        let mut rng = swav_core::rng::SplitMix64::new(17);
+        let rows: Vec<StepMetrics> = (0..1250u64)
+            .map(|step| StepMetrics {
+                step,
+                loss: Some(if step % 41 == 20 {
+                    1.0
+                } else {
+                    9.0 + 0.2 * rng.normal()
+                }),
+                images_per_s: Some(if step % 37 == 18 {
+                    1500.0
+                } else {
+                    500.0 + 20.0 * rng.normal()
+                }),
+                ..Default::default()
+            })
+            .collect();
+        let png = plot_png(&rows).unwrap();
+        let img = image::load_from_memory(&png).unwrap().to_rgb8();
+        let (w, h) = img.dimensions();
+        let (mut red, mut magenta) = (0, 0);
+        for (x, y, p) in img.enumerate_pixels() {
+            let is_red = p[0] > 200 && p[1] < 60 && p[2] < 60;
+            let is_magenta = p[0] > 200 && p[1] < 60 && p[2] > 200;
+            if is_red {
+                red += 1;
+                assert!(
+                    x < w / 2 && y < h / 2,
+                    "loss pixel at ({x}, {y}) outside its panel"
+                );
+            }
+            if is_magenta {
+                magenta += 1;
+                assert!(
+                    x >= w / 2 && y >= h / 2,
+                    "throughput pixel at ({x}, {y}) outside its panel"
+                );
+            }
+        }
+        assert!(
+            red > 1000 && magenta > 1000,
+            "{red} red, {magenta} magenta pixels"
+        );
     }
 }

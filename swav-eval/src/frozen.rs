@@ -1,31 +1,23 @@
-//! Evaluation of learned features: k-NN and linear-probe top-1 accuracy of the frozen backbone.
+//! The frozen-feature evaluation of a model file: k-NN and linear-probe top-1 accuracy of its backbone,
+//! optionally beside a randomly initialised network of the same configuration.
 //!
-//! - [`features`]: pooled backbone features of every image (evaluation mode, evaluation transform);
-//! - [`knn`]: weighted k-NN (k = 200, weights `exp(cos / 0.1)`), GEMM in blocks;
-//! - [`probe`]: softmax linear classifier on standardised features, SGD with momentum, cosine lr.
-//!
-//! [`evaluate`] runs all three for a model file on a labelled training and test dataset, optionally
-//! beside a randomly initialised network of the same configuration (the baseline a self-supervised
-//! method must beat), and returns an [`EvalReport`] that serialises to `eval.json`.
-
-pub mod features;
-pub mod knn;
-pub mod probe;
+//! [`evaluate`] extracts the features of a labelled training and test dataset ([`crate::features`]),
+//! runs the weighted k-NN ([`crate::knn`]) and the linear probe ([`crate::probe`]), and returns an
+//! [`EvalReport`] that serialises to `eval.json`. The random baseline is the number a self-supervised
+//! method must beat.
 
 use std::path::Path;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use swav_core::fs::FsError;
 use swav_data::{Dataset, EvalConfig};
 use swav_model::SwavModel;
 
-pub use features::{
-    extract_features, input_transform, load_model, ExtractOptions, Features, LoadedModel,
-};
-pub use knn::{knn_predict, knn_top1, KnnConfig};
-pub use probe::{linear_probe_top1, train_linear_probe, LinearProbe, ProbeConfig};
-
-use crate::TrainError;
+use crate::features::{extract_features, input_transform, load_model, ExtractOptions, LoadedModel};
+use crate::knn::{knn_top1, KnnConfig};
+use crate::probe::{linear_probe_top1, ProbeConfig};
+use crate::EvalError;
 
 /// Everything [`evaluate`] can be told.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -100,20 +92,17 @@ pub struct EvalReport {
 
 impl EvalReport {
     /// Writes the report as pretty JSON, atomically (temporary file, fsync, rename).
-    pub fn write(&self, path: &Path) -> Result<(), TrainError> {
+    pub fn write(&self, path: &Path) -> Result<(), EvalError> {
         let json = serde_json::to_vec_pretty(self).expect("the report serialises");
-        swav_model::checkpoint::atomic_write(path, &json)?;
+        swav_core::fs::atomic_write(path, &json)?;
         Ok(())
     }
 
     /// Reads a report written by [`EvalReport::write`].
-    pub fn read(path: &Path) -> Result<EvalReport, TrainError> {
-        let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+    pub fn read(path: &Path) -> Result<EvalReport, EvalError> {
+        let bytes = std::fs::read(path).map_err(|e| FsError::new(path, e))?;
         serde_json::from_slice(&bytes).map_err(|e| {
-            TrainError::Eval(format!(
+            EvalError::Invalid(format!(
                 "{}: not an evaluation report ({e})",
                 path.display()
             ))
@@ -131,10 +120,10 @@ pub struct Progress<'a> {
 }
 
 /// Checks that both datasets are labelled with the same classes.
-pub fn check_labelled(train: &Dataset, test: &Dataset) -> Result<(), TrainError> {
+pub fn check_labelled(train: &Dataset, test: &Dataset) -> Result<(), EvalError> {
     for (what, d) in [("training", train), ("test", test)] {
         if !d.manifest().labelled {
-            return Err(TrainError::Eval(format!(
+            return Err(EvalError::Invalid(format!(
                 "the {what} data in {} has no labels: k-NN and linear evaluation need labelled datasets (preprocess an image folder with one sub-folder per class, or IDX files with their labels file)",
                 d.dir().display()
             )));
@@ -150,7 +139,7 @@ pub fn check_labelled(train: &Dataset, test: &Dataset) -> Result<(), TrainError>
                 if c.len() > 6 { ", ..." } else { "" }
             )
         };
-        return Err(TrainError::Eval(format!(
+        return Err(EvalError::Invalid(format!(
             "the training data ({}) and the test data ({}) have different classes: {} against {}; label i must mean the same class in both",
             train.dir().display(),
             test.dir().display(),
@@ -170,7 +159,7 @@ pub fn evaluate_model(
     transform: &EvalConfig,
     opts: &EvalOptions,
     progress: &dyn Fn(Progress<'_>),
-) -> Result<Scores, TrainError> {
+) -> Result<Scores, EvalError> {
     let t0 = Instant::now();
     let extract = |data: &Dataset, split: &str| {
         let task = format!("{name}: {split} features");
@@ -187,7 +176,7 @@ pub fn evaluate_model(
     let features_s = t0.elapsed().as_secs_f64();
 
     let stage =
-        |label: &str, f: &dyn Fn() -> Result<f64, TrainError>| -> Result<(f64, f64), TrainError> {
+        |label: &str, f: &dyn Fn() -> Result<f64, EvalError>| -> Result<(f64, f64), EvalError> {
             let task = format!("{name}: {label}");
             progress(Progress {
                 task: &task,
@@ -224,7 +213,7 @@ pub fn evaluate(
     test: &Dataset,
     opts: &EvalOptions,
     progress: &dyn Fn(Progress<'_>),
-) -> Result<EvalReport, TrainError> {
+) -> Result<EvalReport, EvalError> {
     let start = Instant::now();
     check_labelled(train, test)?;
     let LoadedModel { model, metadata } = load_model(checkpoint)?;

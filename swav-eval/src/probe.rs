@@ -15,12 +15,12 @@
 //!   classifier bit for bit.
 
 use serde::{Deserialize, Serialize};
-use swav_data::SampleRng;
+use swav_core::rng::SplitMix64;
 use swav_tensor::matmul::{matmul, MatMut, MatRef, Threads};
 
-use super::features::Features;
-use super::knn::{accuracy, l2_normalized};
-use crate::TrainError;
+use crate::features::Features;
+use crate::knn::{accuracy, l2_normalized};
+use crate::EvalError;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProbeConfig {
@@ -66,9 +66,9 @@ impl LinearProbe {
     }
 
     /// The predicted class of every row.
-    pub fn predict(&self, f: &Features) -> Result<Vec<u32>, TrainError> {
+    pub fn predict(&self, f: &Features) -> Result<Vec<u32>, EvalError> {
         if f.dim != self.dim {
-            return Err(TrainError::Eval(format!(
+            return Err(EvalError::Invalid(format!(
                 "the probe takes {} dimensions, these features have {}",
                 self.dim, f.dim
             )));
@@ -111,10 +111,10 @@ fn standardize(mut x: Vec<f32>, dim: usize, mean: &[f32], scale: &[f32]) -> Vec<
 const PROBE_STREAM: u64 = 0x0050_524F_4245;
 
 /// Trains a probe on labelled features (see the module docs).
-pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearProbe, TrainError> {
+pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearProbe, EvalError> {
     let labels = train.labels_for("the linear probe (training set)")?;
     if train.n == 0 || train.dim == 0 {
-        return Err(TrainError::Eval(
+        return Err(EvalError::Invalid(
             "the linear probe needs at least one training image".into(),
         ));
     }
@@ -124,7 +124,7 @@ pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearP
         || !(0.0..1.0).contains(&cfg.momentum)
         || !(cfg.weight_decay.is_finite() && cfg.weight_decay >= 0.0)
     {
-        return Err(TrainError::Eval(format!(
+        return Err(EvalError::Invalid(format!(
             "linear probe settings: need epochs >= 1, batch_size >= 1, lr > 0, 0 <= momentum < 1, weight_decay >= 0 (got {cfg:?})"
         )));
     }
@@ -180,7 +180,7 @@ pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearP
     let mut step = 0usize;
     for epoch in 0..cfg.epochs {
         order.iter_mut().enumerate().for_each(|(i, o)| *o = i);
-        SampleRng::from_key(&[cfg.seed, epoch as u64, PROBE_STREAM]).shuffle(&mut order);
+        SplitMix64::from_key(&[cfg.seed, epoch as u64, PROBE_STREAM]).shuffle(&mut order);
         for chunk in order.chunks(b) {
             let rows = chunk.len();
             for (r, &i) in chunk.iter().enumerate() {
@@ -232,7 +232,7 @@ pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearP
         .chain(&probe.bias)
         .any(|v| !v.is_finite())
     {
-        return Err(TrainError::Eval(format!(
+        return Err(EvalError::Invalid(format!(
             "the linear probe diverged (lr {}): lower --probe-lr",
             cfg.lr
         )));
@@ -245,7 +245,7 @@ pub fn linear_probe_top1(
     train: &Features,
     test: &Features,
     cfg: &ProbeConfig,
-) -> Result<f64, TrainError> {
+) -> Result<f64, EvalError> {
     let truth = test.labels_for("linear probe accuracy (test set)")?;
     let probe = train_linear_probe(train, cfg)?;
     Ok(accuracy(&probe.predict(test)?, truth))

@@ -20,7 +20,7 @@ use swav_model::checkpoint::{load_model_state, LoadOptions, NamedTensors};
 use swav_model::SwavModel;
 use swav_tensor::Tensor;
 
-use crate::TrainError;
+use crate::EvalError;
 
 /// A matrix of features, one row per image, with the images' labels when the data has them.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,9 +43,9 @@ impl Features {
         data: Vec<f32>,
         dim: usize,
         labels: Option<Vec<u32>>,
-    ) -> Result<Features, TrainError> {
+    ) -> Result<Features, EvalError> {
         if dim == 0 || !data.len().is_multiple_of(dim) {
-            return Err(TrainError::Eval(format!(
+            return Err(EvalError::Invalid(format!(
                 "{} feature values do not make rows of {dim}",
                 data.len()
             )));
@@ -53,7 +53,7 @@ impl Features {
         let n = data.len() / dim;
         if let Some(l) = &labels {
             if l.len() != n {
-                return Err(TrainError::Eval(format!(
+                return Err(EvalError::Invalid(format!(
                     "{} labels for {n} feature rows",
                     l.len()
                 )));
@@ -80,18 +80,18 @@ impl Features {
     }
 
     /// The labels, or an error that says what `what` needs them for.
-    pub fn labels_for(&self, what: &str) -> Result<&[u32], TrainError> {
+    pub fn labels_for(&self, what: &str) -> Result<&[u32], EvalError> {
         self.labels.as_deref().ok_or_else(|| {
-            TrainError::Eval(format!(
+            EvalError::Invalid(format!(
                 "{what} needs labelled features, these have no labels"
             ))
         })
     }
 
-    pub(crate) fn check_finite(&self, what: &str) -> Result<(), TrainError> {
+    pub(crate) fn check_finite(&self, what: &str) -> Result<(), EvalError> {
         match self.data.iter().position(|v| !v.is_finite()) {
             None => Ok(()),
-            Some(p) => Err(TrainError::Eval(format!(
+            Some(p) => Err(EvalError::Invalid(format!(
                 "{what}: image {} has a non-finite feature ({}): the model's weights or batch-norm statistics are broken (a diverged run?)",
                 p / self.dim,
                 self.data[p]
@@ -126,9 +126,9 @@ pub struct LoadedModel {
 
 /// Loads a swav-rs model file (`SwavModel::save`, e.g. `<run>/checkpoints/step-N.safetensors`),
 /// keeping its metadata (`mean`, `std`, `input_size`, ...).
-pub fn load_model(path: &Path) -> Result<LoadedModel, TrainError> {
+pub fn load_model(path: &Path) -> Result<LoadedModel, EvalError> {
     if path.is_dir() {
-        return Err(TrainError::Eval(format!(
+        return Err(EvalError::Invalid(format!(
             "{} is a directory: pass a model file, e.g. <run-dir>/checkpoints/step-NNNNNNNN.safetensors",
             path.display()
         )));
@@ -153,10 +153,10 @@ pub fn input_transform(
     metadata: &BTreeMap<String, String>,
     train: &Dataset,
     input_size: Option<usize>,
-) -> Result<EvalConfig, TrainError> {
+) -> Result<EvalConfig, EvalError> {
     let channels = model_channels(model)?;
     let bad = |key: &str, raw: &str, why: String| {
-        TrainError::Eval(format!("checkpoint metadata `{key}` = `{raw}`: {why}"))
+        EvalError::Invalid(format!("checkpoint metadata `{key}` = `{raw}`: {why}"))
     };
     let crop = match (input_size, metadata.get("input_size")) {
         (Some(s), _) => s,
@@ -175,7 +175,7 @@ pub fn input_transform(
         }
     };
     if crop == 0 {
-        return Err(TrainError::Eval(
+        return Err(EvalError::Invalid(
             "the evaluation image size must be positive".into(),
         ));
     }
@@ -184,7 +184,7 @@ pub fn input_transform(
     } else {
         (crop as f64 * 256.0 / 224.0).round() as usize
     };
-    let stats = |key: &str, from_data: &[f64]| -> Result<Vec<f32>, TrainError> {
+    let stats = |key: &str, from_data: &[f64]| -> Result<Vec<f32>, EvalError> {
         match metadata.get(key) {
             Some(raw) => {
                 let v: Vec<f32> = serde_json::from_str(raw).map_err(|e| {
@@ -227,11 +227,11 @@ fn dataset_stats(values: &[f64], channels: u8, is_std: bool) -> Vec<f32> {
     }
 }
 
-fn model_channels(model: &SwavModel) -> Result<u8, TrainError> {
+fn model_channels(model: &SwavModel) -> Result<u8, EvalError> {
     match model.config.in_channels {
         1 => Ok(1),
         3 => Ok(3),
-        c => Err(TrainError::Eval(format!(
+        c => Err(EvalError::Invalid(format!(
             "the model takes {c}-channel images: evaluation feeds images of 1 or 3 channels"
         ))),
     }
@@ -245,7 +245,7 @@ pub fn extract_features(
     transform: &EvalConfig,
     opts: &ExtractOptions,
     progress: &dyn Fn(usize, usize),
-) -> Result<Features, TrainError> {
+) -> Result<Features, EvalError> {
     let channels = model_channels(model)?;
     let cfg = LoaderConfig {
         batch_size: opts.batch_size,
@@ -266,7 +266,7 @@ pub fn extract_features(
         let images = Tensor::from_slice(&group.shape, group.data)?;
         let f = model.features(&images)?;
         if f.shape() != [batch.len(), dim] {
-            return Err(TrainError::Shape(format!(
+            return Err(EvalError::Invalid(format!(
                 "features of a batch of {}: {:?}, expected [{}, {dim}]",
                 batch.len(),
                 f.shape(),
@@ -283,7 +283,7 @@ pub fn extract_features(
         progress(data.len() / dim, total);
     }
     if data.len() != total * dim {
-        return Err(TrainError::Eval(format!(
+        return Err(EvalError::Invalid(format!(
             "the loader gave {} images of {total}",
             data.len() / dim
         )));

@@ -1,12 +1,10 @@
 //! k-NN against an independent brute-force implementation, planted clusters, the linear probe on
-//! separable and on shuffled labels, the .npy format and the run report.
+//! separable and on shuffled labels.
 
-use swav_train::embed::{npy_bytes, parse_npy, read_npy, write_npy};
-use swav_train::eval::{
-    knn_predict, knn_top1, linear_probe_top1, train_linear_probe, Features, KnnConfig, ProbeConfig,
-};
-use swav_train::report::{read_metrics, write_report};
-use swav_train::TrainError;
+use swav_eval::features::Features;
+use swav_eval::knn::{knn_predict, knn_top1, KnnConfig};
+use swav_eval::probe::{linear_probe_top1, train_linear_probe, ProbeConfig};
+use swav_eval::EvalError;
 
 /// Deterministic generator for the test data (SplitMix64 + Box-Muller).
 struct Rng(u64);
@@ -171,7 +169,7 @@ fn knn_rejects_bad_input() {
     let cfg = KnnConfig::default();
     assert!(matches!(
         knn_top1(&train, &other_dim, &cfg),
-        Err(TrainError::Eval(_))
+        Err(EvalError::Invalid(_))
     ));
     let err = knn_top1(&unlabelled, &train, &cfg).unwrap_err().to_string();
     assert!(err.contains("labels"), "{err}");
@@ -274,178 +272,8 @@ fn linear_probe_rejects_bad_settings() {
         },
     ] {
         assert!(
-            matches!(linear_probe_top1(&f, &f, &cfg), Err(TrainError::Eval(_))),
+            matches!(linear_probe_top1(&f, &f, &cfg), Err(EvalError::Invalid(_))),
             "{cfg:?}"
         );
     }
-}
-
-#[test]
-fn npy_header_is_numpys() {
-    let bytes = npy_bytes(&[2, 3], &[0.0f32, 1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
-    // What `np.save` writes for `np.arange(6, dtype="<f4").reshape(2, 3)`: a 128-byte header.
-    let dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
-    let mut want = b"\x93NUMPY\x01\x00v\x00".to_vec();
-    want.extend_from_slice(dict.as_bytes());
-    want.resize(127, b' ');
-    want.push(b'\n');
-    assert_eq!(&bytes[..128], &want[..]);
-    assert_eq!(bytes.len(), 128 + 6 * 4);
-    assert_eq!(&bytes[128 + 4..128 + 8], &1.0f32.to_le_bytes());
-}
-
-#[test]
-fn npy_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("f.npy");
-    let data: Vec<f32> = (0..3 * 70).map(|i| i as f32 * 0.5 - 7.0).collect();
-    write_npy(&f, &[3, 70], &data).unwrap();
-    let bytes = std::fs::read(&f).unwrap();
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    assert_eq!((10 + header_len) % 64, 0, "data is 64-byte aligned");
-    assert_eq!(bytes[10 + header_len - 1], b'\n');
-    assert_eq!(read_npy::<f32>(&f).unwrap(), (vec![3, 70], data));
-
-    let l = dir.path().join("l.npy");
-    let labels: Vec<i64> = vec![0, 9, 3, -1, i64::MAX, 2, 2];
-    write_npy(&l, &[7], &labels).unwrap();
-    let text = String::from_utf8_lossy(&std::fs::read(&l).unwrap()[..64]).into_owned();
-    assert!(
-        text.contains("'descr': '<i8'") && text.contains("'shape': (7,)"),
-        "{text}"
-    );
-    assert_eq!(read_npy::<i64>(&l).unwrap(), (vec![7], labels));
-
-    // Wrong dtype, bad magic, truncated data and a shape that does not fit are errors.
-    assert!(read_npy::<i64>(&f).is_err());
-    assert!(parse_npy::<f32>(b"not numpy at all").is_err());
-    let bytes = std::fs::read(&f).unwrap();
-    assert!(parse_npy::<f32>(&bytes[..bytes.len() - 4]).is_err());
-    assert!(write_npy(&f, &[4, 70], &[0.0f32; 10]).is_err());
-    // No temporary file is left behind.
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
-}
-
-fn metrics_line(step: u64, loss: &str) -> String {
-    format!(
-        r#"{{"step": {step}, "epoch": {}, "loss": {loss}, "lr": {}, "images_per_s": {}, "data_wait": 0.25, "cluster_entropy": {}, "clusters_used": {}, "elapsed_s": {}, "future_key": [1, 2]}}"#,
-        step / 20,
-        0.6 * (1.0 - step as f64 / 100.0),
-        100.0 + (step % 7) as f64,
-        4.0 + (step as f64 / 50.0),
-        20 + step,
-        step as f64 * 0.5
-    )
-}
-
-#[test]
-fn report_writes_a_plot_and_a_summary() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut text = String::new();
-    for step in 1..=60u64 {
-        let loss = if step == 30 {
-            "null".to_string()
-        } else {
-            format!("{}", 8.0 - step as f64 * 0.05)
-        };
-        text += &metrics_line(step, &loss);
-        text.push('\n');
-    }
-    // A line cut short by a crash.
-    text += r#"{"step": 61, "epoch": 3, "loss": 4.9"#;
-    std::fs::write(dir.path().join("metrics.jsonl"), &text).unwrap();
-
-    let m = read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
-    assert_eq!((m.rows.len(), m.skipped_lines), (60, 1));
-    assert_eq!(m.rows[29].loss, None);
-
-    let files = write_report(dir.path()).unwrap();
-    let s = &files.summary;
-    assert_eq!(
-        (s.steps, s.first_step, s.last_step, s.epochs),
-        (60, 1, 60, 4)
-    );
-    assert!((s.final_loss.unwrap() - 5.0).abs() < 1e-9);
-    assert_eq!(s.min_loss.unwrap().1, 60);
-    assert!((s.mean_data_wait.unwrap() - 0.25).abs() < 1e-12);
-    assert_eq!(s.bad_losses, 1);
-
-    let png = std::fs::read(&files.png).unwrap();
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
-    let img = image::load_from_memory(&png).unwrap().to_rgb8();
-    assert_eq!(img.dimensions(), swav_train::report::PNG_SIZE);
-    // The loss curve is drawn in red, and there is text and axes in black.
-    let red = img
-        .pixels()
-        .filter(|p| p[0] > 200 && p[1] < 60 && p[2] < 60)
-        .count();
-    let dark = img
-        .pixels()
-        .filter(|p| p[0] < 60 && p[1] < 60 && p[2] < 60)
-        .count();
-    assert!(red > 200, "{red} red pixels");
-    assert!(dark > 1000, "{dark} dark pixels");
-
-    let txt = std::fs::read_to_string(&files.txt).unwrap();
-    assert!(txt.contains("60 (step 1 to 60)"), "{txt}");
-    assert!(txt.contains("unreadable line"), "{txt}");
-    assert!(!txt.contains("k-NN"), "no eval.json yet: {txt}");
-}
-
-#[test]
-fn report_needs_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    let err = write_report(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("metrics.jsonl"), "{err}");
-    std::fs::write(dir.path().join("metrics.jsonl"), "garbage\n").unwrap();
-    assert!(write_report(dir.path()).is_err());
-}
-
-#[test]
-fn report_curves_stay_inside_their_panels() {
-    // One-step spikes, down in the loss (top panel) and up in the throughput (bottom panel): the
-    // sharpest turns a curve can take, where thick polylines overshoot into the neighbouring panel.
-    let mut rng = Rng(17);
-    let rows: Vec<swav_train::report::MetricsRow> = (0..1250u64)
-        .map(|step| swav_train::report::MetricsRow {
-            step,
-            loss: Some(if step % 41 == 20 {
-                1.0
-            } else {
-                9.0 + 0.2 * rng.normal() as f64
-            }),
-            images_per_s: Some(if step % 37 == 18 {
-                1500.0
-            } else {
-                500.0 + 20.0 * rng.normal() as f64
-            }),
-            ..Default::default()
-        })
-        .collect();
-    let png = swav_train::report::plot_png(&rows).unwrap();
-    let img = image::load_from_memory(&png).unwrap().to_rgb8();
-    let (w, h) = img.dimensions();
-    let (mut red, mut magenta) = (0, 0);
-    for (x, y, p) in img.enumerate_pixels() {
-        let is_red = p[0] > 200 && p[1] < 60 && p[2] < 60;
-        let is_magenta = p[0] > 200 && p[1] < 60 && p[2] > 200;
-        if is_red {
-            red += 1;
-            assert!(
-                x < w / 2 && y < h / 2,
-                "loss pixel at ({x}, {y}) outside its panel"
-            );
-        }
-        if is_magenta {
-            magenta += 1;
-            assert!(
-                x >= w / 2 && y >= h / 2,
-                "throughput pixel at ({x}, {y}) outside its panel"
-            );
-        }
-    }
-    assert!(
-        red > 1000 && magenta > 1000,
-        "{red} red, {magenta} magenta pixels"
-    );
 }

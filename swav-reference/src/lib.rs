@@ -4,8 +4,8 @@
 //!
 //! float32 conditioning: on a few tensors PyTorch's own float32 run of a case misses the README's
 //! tolerance (a bias feeding a BatchNorm has a mathematically zero gradient; gradient sums that
-//! cancel in the first layers amplify float32 rounding). `reference/float32_baseline.json`, written by
-//! `scripts/reference/make_cases.py --baseline`, records PyTorch's float32 error on every tensor of a
+//! cancel in the first layers amplify float32 rounding). `cases/float32_baseline.json`, written by
+//! `scripts/make_cases.py --baseline`, records PyTorch's float32 error on every tensor of a
 //! case; a tensor over the tolerance still passes when our error is at most
 //! [`BASELINE_FACTOR`] times PyTorch's, and the report says so.
 
@@ -16,9 +16,12 @@ use swav_model::checkpoint::{load_model_state, model_grads, model_state, LoadOpt
 use swav_model::{Arch, ModelConfig, SwavModel};
 use swav_tensor::Tensor;
 
-use crate::assign::codes_for_crop;
-use crate::loss::swapped_prediction_loss;
-use crate::TrainError;
+use swav_train::assign::codes_for_crop;
+use swav_train::loss::swapped_prediction_loss;
+
+pub use error::ReferenceError;
+
+mod error;
 
 /// Tolerances of the reference README (relative L2 error).
 pub const TOL_SINKHORN: f64 = 1e-5;
@@ -28,7 +31,7 @@ pub const TOL_PARAM_GRADS: f64 = 1e-3;
 /// How much larger than PyTorch's own float32 error ours may be on a tensor over the tolerance.
 pub const BASELINE_FACTOR: f64 = 2.0;
 
-const FLOAT32_BASELINE: &str = include_str!("../../reference/float32_baseline.json");
+const FLOAT32_BASELINE: &str = include_str!("../cases/float32_baseline.json");
 
 /// One compared tensor.
 #[derive(Clone, Debug)]
@@ -104,25 +107,25 @@ struct Case<'a> {
 }
 
 impl Case<'_> {
-    fn err(&self, detail: impl Into<String>) -> TrainError {
-        TrainError::Reference { path: self.path.display().to_string(), detail: detail.into() }
+    fn err(&self, detail: impl Into<String>) -> ReferenceError {
+        ReferenceError::Case { path: self.path.display().to_string(), detail: detail.into() }
     }
 
-    fn meta<T: std::str::FromStr>(&self, key: &str) -> Result<T, TrainError> {
+    fn meta<T: std::str::FromStr>(&self, key: &str) -> Result<T, ReferenceError> {
         let raw = self.file.metadata.get(key).ok_or_else(|| self.err(format!("metadata `{key}` missing")))?;
         raw.trim().parse().map_err(|_| self.err(format!("metadata `{key}` = `{raw}` is not valid")))
     }
 
-    fn meta_list(&self, key: &str) -> Result<Vec<usize>, TrainError> {
+    fn meta_list(&self, key: &str) -> Result<Vec<usize>, ReferenceError> {
         let raw: String = self.meta(key)?;
         raw.split(',').map(|s| s.trim().parse().map_err(|_| self.err(format!("metadata `{key}` = `{raw}`")))).collect()
     }
 
-    fn expect(&self, name: &str) -> Result<&[f32], TrainError> {
+    fn expect(&self, name: &str) -> Result<&[f32], ReferenceError> {
         self.file.f32(name).map(|(_, d)| d).map_err(|e| self.err(e.to_string()))
     }
 
-    fn compare(&mut self, name: &str, got: &[f32], tol: f64) -> Result<(), TrainError> {
+    fn compare(&mut self, name: &str, got: &[f32], tol: f64) -> Result<(), ReferenceError> {
         let rel_err = relative_error(got, self.expect(name)?);
         let float32_baseline = self.baseline.get(name).copied();
         self.checks.push(Check { name: name.to_string(), rel_err, tol, float32_baseline });
@@ -131,7 +134,7 @@ impl Case<'_> {
 }
 
 /// Runs one reference case file.
-pub fn verify_case(path: &Path) -> Result<CaseReport, TrainError> {
+pub fn verify_case(path: &Path) -> Result<CaseReport, ReferenceError> {
     let file = NamedTensors::read(path)?;
     let baseline = float32_baseline(path, &file);
     let mut case = Case { path, file, baseline, checks: Vec::new() };
@@ -145,23 +148,23 @@ pub fn verify_case(path: &Path) -> Result<CaseReport, TrainError> {
     Ok(CaseReport { kind, checks: case.checks })
 }
 
-fn sinkhorn_params(case: &Case<'_>) -> Result<swav_sinkhorn::Params, TrainError> {
+fn sinkhorn_params(case: &Case<'_>) -> Result<swav_sinkhorn::Params, ReferenceError> {
     Ok(swav_sinkhorn::Params::new(case.meta("epsilon")?, case.meta("iterations")?))
 }
 
-fn sinkhorn_case(case: &mut Case<'_>) -> Result<(), TrainError> {
-    let (world, rows, k): (usize, usize, usize) = (case.meta("world_size")?, case.meta("rows")?, case.meta("prototypes")?);
-    let params = sinkhorn_params(case)?;
-    let inputs = (0..world).map(|r| case.expect(&format!("input.scores.rank{r}")).map(<[f32]>::to_vec)).collect::<Result<Vec<_>, _>>()?;
-    let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-    let qs = swav_sinkhorn::sinkhorn_ranks(&refs, rows, k, &params).map_err(|e| TrainError::Sinkhorn(e.to_string()))?;
-    for (r, q) in qs.iter().enumerate() {
-        case.compare(&format!("expect.q.rank{r}"), q, TOL_SINKHORN)?;
+fn sinkhorn_case(case: &mut Case<'_>) -> Result<(), ReferenceError> {
+    let metadata: std::collections::HashMap<String, String> = case.file.metadata.clone().into_iter().collect();
+    let file = &case.file;
+    let errors = swav_sinkhorn::reference::verify_case(&metadata, |name| file.f32(name).ok().map(|(_, d)| d.to_vec()))
+        .map_err(|e| case.err(e.to_string()))?;
+    for (name, rel_err) in errors {
+        let float32_baseline = case.baseline.get(&name).copied();
+        case.checks.push(Check { name, rel_err, tol: TOL_SINKHORN, float32_baseline });
     }
     Ok(())
 }
 
-fn loss_case(case: &mut Case<'_>) -> Result<(), TrainError> {
+fn loss_case(case: &mut Case<'_>) -> Result<(), ReferenceError> {
     let (batch, crops, k): (usize, usize, usize) = (case.meta("batch")?, case.meta("crops")?, case.meta("prototypes")?);
     let assign = case.meta_list("crops_for_assign")?;
     let queue: usize = case.meta("queue")?;
@@ -183,26 +186,15 @@ fn loss_case(case: &mut Case<'_>) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// NCHW -> NHWC.
-fn nchw_to_nhwc(shape: &[usize], data: &[f32]) -> Tensor {
-    let [n, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
-    let mut out = vec![0.0; data.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for y in 0..h {
-                for x in 0..w {
-                    out[((b * h + y) * w + x) * c + ch] = data[((b * c + ch) * h + y) * w + x];
-                }
-            }
-        }
-    }
-    Tensor::from_vec(&[n, h, w, c], out).expect("same length")
+fn nchw_to_nhwc(shape: &[usize], data: &[f32]) -> Result<Tensor, ReferenceError> {
+    let &[n, c, h, w] = shape else { return Err(ReferenceError::Input(format!("an input crop of shape {shape:?} is not NCHW"))) };
+    Ok(Tensor::from_vec(&[n, h, w, c], swav_core::layout::nchw_to_nhwc([n, c, h, w], data))?)
 }
 
 /// The model cases check the network's arithmetic against PyTorch's float32 semantics, so they run
 /// with direct (im2col) convolutions; Winograd's own accuracy is tested op by op against float64
 /// direct loops (swav-tensor's tests). Restores the previous setting when done.
-fn model_case(case: &mut Case<'_>) -> Result<(), TrainError> {
+fn model_case(case: &mut Case<'_>) -> Result<(), ReferenceError> {
     use swav_tensor::ops::winograd::{algorithm, set_algorithm, ConvAlgorithm};
     let previous = algorithm();
     set_algorithm(ConvAlgorithm::Direct);
@@ -211,7 +203,7 @@ fn model_case(case: &mut Case<'_>) -> Result<(), TrainError> {
     result
 }
 
-fn model_case_direct(case: &mut Case<'_>) -> Result<(), TrainError> {
+fn model_case_direct(case: &mut Case<'_>) -> Result<(), ReferenceError> {
     let batch: usize = case.meta("batch")?;
     let crops: String = case.meta("crops")?;
     let assign = case.meta_list("crops_for_assign")?;
@@ -245,9 +237,9 @@ fn model_case_direct(case: &mut Case<'_>) -> Result<(), TrainError> {
     let crops: Vec<Tensor> = (0..sizes.len())
         .map(|i| {
             let (shape, data) = case.file.f32(&format!("input.crop{i}")).map_err(|e| case.err(e.to_string()))?;
-            Ok(nchw_to_nhwc(shape, data))
+            nchw_to_nhwc(shape, data)
         })
-        .collect::<Result<_, TrainError>>()?;
+        .collect::<Result<_, ReferenceError>>()?;
     let features = model.features(&crops[0])?;
     case.compare("expect.eval_features", features.as_slice(), TOL_VALUES)?;
 

@@ -1,0 +1,28 @@
+//! The small foundations every swav-rs crate shares, each with exactly one home:
+//!
+//! - [`fs`]: atomic file writes (temporary file, fsync, rename), so a crash never leaves a partial file
+//!   under a real name;
+//! - [`npy`]: NumPy's `.npy` format (read and write), for features, labels and check data;
+//! - [`rng`]: SplitMix64, the reproducible random stream of the loader, the initialisation and the
+//!   evaluation (fully specified, no dependence on any crate's version);
+//! - [`layout`]: NCHW <-> NHWC conversion of image batches;
+//! - [`imagenet`]: the ImageNet normalisation of the official SwAV code.
+//!
+//! ```
+//! use swav_core::{npy, rng::SplitMix64};
+//!
+//! let mut rng = SplitMix64::from_key(&[7, 0]);
+//! let values: Vec<f32> = (0..6).map(|_| rng.normal() as f32).collect();
+//! let bytes = npy::to_bytes(&[2, 3], &values)?;
+//! let (shape, back) = npy::from_bytes::<f32>(&bytes)?;
+//! assert_eq!((shape, back), (vec![2, 3], values));
+//! # Ok::<(), swav_core::npy::NpyError>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod fs;
+pub mod imagenet;
+pub mod layout;
+pub mod npy;
+pub mod rng;
