@@ -8,7 +8,9 @@ use swav_data::Dataset;
 
 use swav_core::npy;
 
-use crate::features::{extract_features, input_transform, load_model, ExtractOptions, Features, LoadedModel};
+use swav_model::{ModelFile, Overrides};
+
+use crate::features::{extract_features, input_transform, ExtractOptions, Features};
 use crate::EvalError;
 
 /// What [`embed`] wrote.
@@ -40,9 +42,9 @@ pub fn embed(
             dataset.dir().display()
         )));
     }
-    let LoadedModel { model, metadata } = load_model(checkpoint)?;
-    let transform = input_transform(&model, &metadata, dataset, input_size)?;
-    let f: Features = extract_features(&model, dataset, &transform, opts, progress)?;
+    let file = ModelFile::read_with(checkpoint, &Overrides { input_size, ..Overrides::default() })?;
+    let (model, transform) = (&file.model, input_transform(&file.preprocessing)?);
+    let f: Features = extract_features(model, dataset, &transform, opts, progress)?;
     npy::write(output, &[f.n, f.dim], &f.data)?;
     if let Some(path) = labels_output {
         let labels: Vec<i64> = f

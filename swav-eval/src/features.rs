@@ -4,20 +4,13 @@
 //! - The backbone runs with its running batch-norm statistics (`SwavModel::features`), on the
 //!   evaluation transform of swav-data (resize the shorter side, centre crop, normalise), one batch
 //!   after another in index order with no image dropped: row `i` of [`Features`] is image `i`.
-//! - Both datasets of an evaluation must be normalised alike, so [`input_transform`] always returns
-//!   explicit `mean` / `std`: the checkpoint's when it records them (the trainer writes `mean`, `std`
-//!   as JSON arrays and `input_size` as an integer), else the training dataset's pixel statistics.
-//! - Image size: `crop = input_size` from the checkpoint (or an override); without one, the shorter
-//!   side of the first training image when it is at most 64 px (whole small images, as for
-//!   Fashion-MNIST or CIFAR), else 224. `resize = crop` for crops of at most 64 px (the image is used
-//!   whole), else `round(crop * 256 / 224)` (the ImageNet protocol: Resize 256, CenterCrop 224).
-
-use std::collections::BTreeMap;
-use std::path::Path;
+//! - The transform is the model file's own preprocessing (`swav_model::Preprocessing`: what the file
+//!   records, else the one set of defaults), the same that export writes into an ONNX model:
+//!   centre crop `input_size`, shorter side resized to `input_size` for images of at most 64 px (used
+//!   whole), else `round(input_size * 256 / 224)` (the ImageNet protocol: Resize 256, CenterCrop 224).
 
 use swav_data::{Dataset, EvalConfig, EvalLoader, Layout, LoaderConfig};
-use swav_model::checkpoint::{load_model_state, LoadOptions, NamedTensors};
-use swav_model::SwavModel;
+use swav_model::{Preprocessing, SwavModel};
 use swav_tensor::Tensor;
 
 use crate::EvalError;
@@ -118,113 +111,12 @@ impl Default for ExtractOptions {
     }
 }
 
-/// A model file and the string metadata stored with it.
-pub struct LoadedModel {
-    pub model: SwavModel,
-    pub metadata: BTreeMap<String, String>,
-}
-
-/// Loads a swav-rs model file (`SwavModel::save`, e.g. `<run>/checkpoints/step-N.safetensors`),
-/// keeping its metadata (`mean`, `std`, `input_size`, ...).
-pub fn load_model(path: &Path) -> Result<LoadedModel, EvalError> {
-    if path.is_dir() {
-        return Err(EvalError::Invalid(format!(
-            "{} is a directory: pass a model file, e.g. <run-dir>/checkpoints/step-NNNNNNNN.safetensors",
-            path.display()
-        )));
-    }
-    let state = NamedTensors::read(path)?;
-    let config = SwavModel::config_of(path, &state)?;
-    let mut model = SwavModel::new(config, 0)?;
-    load_model_state(&mut model, &state, "", LoadOptions::default())?;
-    Ok(LoadedModel {
-        model,
-        metadata: state.metadata,
-    })
-}
-
-/// The side below which images are evaluated whole (resize = crop).
-pub const SMALL_IMAGE: usize = 64;
-
-/// The evaluation transform for a model (see the module docs for where each value comes from).
-/// `input_size` overrides the checkpoint's.
-pub fn input_transform(
-    model: &SwavModel,
-    metadata: &BTreeMap<String, String>,
-    train: &Dataset,
-    input_size: Option<usize>,
-) -> Result<EvalConfig, EvalError> {
-    let channels = model_channels(model)?;
-    let bad = |key: &str, raw: &str, why: String| {
-        EvalError::Invalid(format!("checkpoint metadata `{key}` = `{raw}`: {why}"))
-    };
-    let crop = match (input_size, metadata.get("input_size")) {
-        (Some(s), _) => s,
-        (None, Some(raw)) => raw
-            .trim()
-            .parse::<usize>()
-            .map_err(|e| bad("input_size", raw, e.to_string()))?,
-        (None, None) => {
-            let first = train.image(0)?;
-            let short = first.height.min(first.width) as usize;
-            if short <= SMALL_IMAGE {
-                short
-            } else {
-                224
-            }
-        }
-    };
-    if crop == 0 {
-        return Err(EvalError::Invalid(
-            "the evaluation image size must be positive".into(),
-        ));
-    }
-    let resize = if crop <= SMALL_IMAGE {
-        crop
-    } else {
-        (crop as f64 * 256.0 / 224.0).round() as usize
-    };
-    let stats = |key: &str, from_data: &[f64]| -> Result<Vec<f32>, EvalError> {
-        match metadata.get(key) {
-            Some(raw) => {
-                let v: Vec<f32> = serde_json::from_str(raw).map_err(|e| {
-                    bad(key, raw, format!("expected a JSON array of numbers ({e})"))
-                })?;
-                if v.is_empty()
-                    || v.iter().any(|x| !x.is_finite())
-                    || (key == "std" && v.iter().any(|&x| x <= 0.0))
-                {
-                    return Err(bad(
-                        key,
-                        raw,
-                        "expected finite values (and a positive std)".into(),
-                    ));
-                }
-                Ok(v)
-            }
-            None => Ok(dataset_stats(from_data, channels, key == "std")),
-        }
-    };
-    let m = train.manifest();
-    let cfg = EvalConfig {
-        resize,
-        crop,
-        mean: Some(stats("mean", &m.pixel_mean)?),
-        std: Some(stats("std", &m.pixel_std)?),
-    };
+/// The evaluation transform of a model: shorter side resized to [`Preprocessing::eval_resize`], centre
+/// crop of `input_size`, normalised with the model's mean and std.
+pub fn input_transform(pre: &Preprocessing) -> Result<EvalConfig, EvalError> {
+    let cfg = EvalConfig { resize: pre.eval_resize(), crop: pre.input_size, mean: Some(pre.mean.clone()), std: Some(pre.std.clone()) };
     cfg.validate()?;
     Ok(cfg)
-}
-
-/// The dataset's per-channel statistics for `channels` output channels: an RGB dataset evaluated on
-/// one channel uses the luma-weighted average (the loader converts RGB to luma the same way).
-fn dataset_stats(values: &[f64], channels: u8, is_std: bool) -> Vec<f32> {
-    let floor = |v: f64| if is_std { v.max(1e-3) } else { v };
-    if channels == 1 && values.len() == 3 {
-        vec![floor(0.299 * values[0] + 0.587 * values[1] + 0.114 * values[2]) as f32]
-    } else {
-        values.iter().map(|&v| floor(v) as f32).collect()
-    }
 }
 
 fn model_channels(model: &SwavModel) -> Result<u8, EvalError> {

@@ -14,7 +14,9 @@ use swav_core::fs::FsError;
 use swav_data::{Dataset, EvalConfig};
 use swav_model::SwavModel;
 
-use crate::features::{extract_features, input_transform, load_model, ExtractOptions, LoadedModel};
+use swav_model::{ModelFile, Overrides};
+
+use crate::features::{extract_features, input_transform, ExtractOptions};
 use crate::knn::{knn_top1, KnnConfig};
 use crate::probe::{linear_probe_top1, ProbeConfig};
 use crate::EvalError;
@@ -216,8 +218,8 @@ pub fn evaluate(
 ) -> Result<EvalReport, EvalError> {
     let start = Instant::now();
     check_labelled(train, test)?;
-    let LoadedModel { model, metadata } = load_model(checkpoint)?;
-    let transform = input_transform(&model, &metadata, train, opts.input_size)?;
+    let file = ModelFile::read_with(checkpoint, &Overrides { input_size: opts.input_size, ..Overrides::default() })?;
+    let (model, transform) = (&file.model, input_transform(&file.preprocessing)?);
     tracing::info!(
         "evaluating {} ({}-d features) on {} training and {} test images: resize {}, centre crop {}, mean {:?}, std {:?}",
         checkpoint.display(),

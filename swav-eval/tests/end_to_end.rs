@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use swav_core::npy::read as read_npy;
 use swav_data::{preprocess, Dataset, PreprocessOptions};
 use swav_eval::embed::embed;
-use swav_eval::features::{extract_features, input_transform, load_model, ExtractOptions};
+use swav_eval::features::{extract_features, input_transform, ExtractOptions};
 use swav_eval::frozen::{evaluate, Baseline, EvalOptions, EvalReport};
 use swav_eval::probe::ProbeConfig;
-use swav_model::{Arch, ModelConfig, SwavModel};
+use swav_model::{Arch, ModelConfig, ModelFile, Overrides, Preprocessing, SwavModel};
 
 fn tiny_config() -> ModelConfig {
     ModelConfig {
@@ -84,12 +84,8 @@ fn dataset(root: &Path, name: &str, classes: usize, per_class: usize, labelled: 
 fn model_file(dir: &Path) -> PathBuf {
     let path = dir.join("model.safetensors");
     let mut model = SwavModel::new(tiny_config(), 3).unwrap();
-    let meta = BTreeMap::from([
-        ("mean".to_string(), "[0.45]".to_string()),
-        ("std".to_string(), "[0.35]".to_string()),
-        ("input_size".to_string(), "14".to_string()),
-    ]);
-    model.save(&path, &meta).unwrap();
+    let pre = Preprocessing::recorded(&model.config, vec![0.45], vec![0.35], 14).unwrap();
+    ModelFile::write(&mut model, &pre, &BTreeMap::new(), &path).unwrap();
     path
 }
 
@@ -183,21 +179,21 @@ fn evaluate_writes_a_report_with_the_baseline() {
 }
 
 #[test]
-fn features_come_in_index_order_with_defaults_from_the_data() {
+fn features_come_in_index_order_with_the_models_preprocessing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path(), "data", 2, 9, true);
     let model = SwavModel::new(tiny_config(), 1).unwrap();
-    // No metadata: size from the (small) images, statistics from the dataset.
-    let t = input_transform(&model, &BTreeMap::new(), &data, None).unwrap();
-    assert_eq!((t.crop, t.resize), (14, 14));
-    let m = data.manifest();
-    assert_eq!(
-        (t.mean.clone().unwrap(), t.std.clone().unwrap()),
-        (vec![m.pixel_mean[0] as f32], vec![m.pixel_std[0] as f32])
-    );
+    let none = BTreeMap::new();
+    let resolve = |input_size| Preprocessing::resolve(&model.config, &none, &Overrides { input_size, ..Overrides::default() }).unwrap();
+    // No metadata: swav-model's one set of defaults (small stem: 32 px; one channel: 0.5 / 0.5).
+    let d = input_transform(&resolve(None)).unwrap();
+    assert_eq!((d.crop, d.resize, d.mean.clone().unwrap(), d.std.clone().unwrap()), (32, 32, vec![0.5], vec![0.5]));
     // An override of a large size follows the ImageNet ratio 256 / 224.
-    let big = input_transform(&model, &BTreeMap::new(), &data, Some(224)).unwrap();
+    let big = input_transform(&resolve(Some(224))).unwrap();
     assert_eq!((big.crop, big.resize), (224, 256));
+    // Small images at their own size are used whole.
+    let t = input_transform(&resolve(Some(14))).unwrap();
+    assert_eq!((t.crop, t.resize), (14, 14));
 
     // Batch size does not change the features (batch 4 leaves a last batch of 2).
     let f4 = extract_features(
@@ -274,8 +270,9 @@ fn embed_writes_features_and_labels_that_read_back() {
     .unwrap();
     assert_eq!((s.images, s.feature_dim, s.labels), (15, 64, true));
 
-    let loaded = load_model(&ckpt).unwrap();
-    let t = input_transform(&loaded.model, &loaded.metadata, &data, None).unwrap();
+    let loaded = ModelFile::read(&ckpt).unwrap();
+    let t = input_transform(&loaded.preprocessing).unwrap();
+    assert_eq!((t.crop, t.mean.clone().unwrap(), t.std.clone().unwrap()), (14, vec![0.45], vec![0.35]));
     let want = extract_features(&loaded.model, &data, &t, &opts, &|_, _| {}).unwrap();
     assert_eq!(read_npy::<f32>(&out).unwrap(), (vec![15, 64], want.data));
     let labels: Vec<i64> = (0..15).map(|i| data.label(i).unwrap() as i64).collect();
@@ -319,7 +316,7 @@ fn errors_name_the_problem() {
     );
     state.write(&foreign).unwrap();
     let e = err(evaluate(&foreign, &labelled, &labelled, &opts, &|_| {}));
-    assert!(e.contains("not a swav-rs checkpoint"), "{e}");
+    assert!(e.contains("not a swav-rs model file"), "{e}");
     let e = err(evaluate(dir.path(), &labelled, &labelled, &opts, &|_| {}));
     assert!(e.contains("is a directory"), "{e}");
 

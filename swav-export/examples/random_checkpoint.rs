@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use swav_model::param::{Slot, Visit};
-use swav_model::{Arch, ModelConfig, SwavModel};
+use swav_model::{Arch, ModelConfig, ModelFile, Preprocessing, SwavModel};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,13 +40,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prototypes: vec![50, 20],
     };
     let mut model = SwavModel::new(config, 7)?;
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut uniform = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32
-    };
+    let mut rng = swav_core::rng::SplitMix64::new(0x2545_f491_4f6c_dd1d);
+    let mut uniform = move || rng.next_f64() as f32;
     model.visit("", &mut |name, slot| match slot {
         Slot::Buffer(t) if name.ends_with("running_var") => t
             .as_mut_slice()
@@ -59,12 +54,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => {}
     });
     model.normalize_prototypes();
-    let meta = BTreeMap::from([
-        ("mean".to_string(), "[0.485,0.456,0.406]".to_string()),
-        ("std".to_string(), "[0.228,0.224,0.225]".to_string()),
-        ("input_size".to_string(), input_size.to_string()),
-    ]);
-    model.save(out.as_ref(), &meta)?;
+    let imagenet = (swav_core::imagenet::MEAN.to_vec(), swav_core::imagenet::STD.to_vec());
+    let pre = Preprocessing::recorded(&model.config, imagenet.0, imagenet.1, input_size)?;
+    ModelFile::write(&mut model, &pre, &BTreeMap::new(), out.as_ref())?;
     println!(
         "wrote {out}: {arch:?} width {width}, {} stem, input size {input_size}",
         if small_stem { "small" } else { "standard" }

@@ -5,14 +5,6 @@ pub enum ExportError {
     /// Reading the checkpoint: missing, unexpected or mis-shaped tensors are named here.
     #[error(transparent)]
     Model(#[from] swav_model::ModelError),
-    #[error("checkpoint metadata `{key}` = {value:?}: {detail}")]
-    Metadata {
-        key: String,
-        value: String,
-        detail: String,
-    },
-    #[error("preprocessing: {0}")]
-    Preprocessing(String),
     #[error("export options: {0}")]
     Options(String),
     /// A model built in memory whose tensors do not fit its structure (a loaded checkpoint is checked

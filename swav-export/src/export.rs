@@ -30,7 +30,8 @@ use swav_model::resnet::Block;
 use swav_model::SwavModel;
 
 use crate::graph::{value_info, Attr, Dim, Graph};
-use crate::preprocess::{Preprocessing, META_INPUT_SIZE, META_MEAN, META_STD};
+use swav_model::file::{META_INPUT_SIZE, META_MEAN, META_STD};
+use swav_model::Preprocessing;
 use crate::proto::{field as f, Msg};
 use crate::{ExportError, Result};
 
@@ -141,7 +142,7 @@ pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> 
     }
     let cfg = &model.config;
     if pre.mean.len() != cfg.in_channels || pre.std.len() != cfg.in_channels {
-        return Err(ExportError::Preprocessing(format!(
+        return Err(ExportError::Options(format!(
             "mean and std need {} values, one per input channel",
             cfg.in_channels
         )));

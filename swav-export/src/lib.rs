@@ -4,14 +4,16 @@
 //! `features` (pooled backbone features) and, with the head, `embedding` (L2-normalised) and `scores`
 //! (`scores_1`, ... for further prototype heads). It uses only standard ONNX operators, has a symbolic
 //! batch dimension unless asked otherwise, and records the preprocessing (mean, std, input size) in
-//! its metadata. See [`export`] for the graph and [`preprocess`] for where each value comes from.
+//! its metadata (swav-model's `Preprocessing`: the model file's own values, else its defaults). See
+//! [`export`] for the graph.
 //!
 //! - [`proto`]: the few ONNX protobuf messages, encoded by hand from the specification's field numbers.
 //! - [`export`]: the walk from [`SwavModel`] to an ONNX graph (batch norms folded by default).
 //! - [`check`]: random inputs and swav-model's reference outputs as `.npy`, to check any runtime.
 //!
 //! ```no_run
-//! use swav_export::{export_checkpoint, ExportOptions, Overrides};
+//! use swav_export::{export_checkpoint, ExportOptions};
+//! use swav_model::Overrides;
 //! let opts = ExportOptions { with_head: true, ..ExportOptions::default() };
 //! let (exported, _preprocessing) = export_checkpoint("step-1000.safetensors".as_ref(), "model.onnx".as_ref(), &Overrides::default(), &opts)?;
 //! println!("{} nodes, outputs {:?}", exported.nodes, exported.outputs);
@@ -22,62 +24,29 @@ pub mod check;
 pub mod error;
 pub mod export;
 mod graph;
-pub mod preprocess;
 pub mod proto;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use swav_model::checkpoint::{load_model_state, LoadOptions, NamedTensors};
-use swav_model::{ModelError, SwavModel};
+use swav_model::{ModelFile, Overrides, Preprocessing};
 
 pub use error::{ExportError, Result};
-pub use export::{
-    output_names, to_onnx, BatchDim, ExportOptions, Exported, ValueInfo, DEFAULT_OPSET, OPSETS,
-};
+pub use export::{output_names, to_onnx, BatchDim, ExportOptions, Exported, ValueInfo, DEFAULT_OPSET, OPSETS};
 pub use graph::Dim;
-pub use preprocess::{Overrides, Preprocessing, Source};
-
-/// A model file and its metadata.
-pub struct Checkpoint {
-    pub model: SwavModel,
-    pub metadata: BTreeMap<String, String>,
-}
-
-/// Reads a model file written by `SwavModel::save` (the trainer's `step-N.safetensors`): the
-/// configuration from its metadata, then every tensor. Missing, unexpected and mis-shaped tensors are
-/// errors that name the tensor.
-pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
-    let state = NamedTensors::read(path)?;
-    let config = SwavModel::config_of(path, &state)?;
-    let mut model = SwavModel::new(config, 0)?;
-    load_model_state(&mut model, &state, "", LoadOptions::default())?;
-    Ok(Checkpoint {
-        model,
-        metadata: state.metadata,
-    })
-}
 
 /// Writes `bytes` atomically: a crash never leaves a partial file under `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    swav_model::checkpoint::atomic_write(path, bytes).map_err(|e| match e {
-        ModelError::Io { path, source } => ExportError::Write { path, source },
-        other => ExportError::Model(other),
-    })
+    swav_core::fs::atomic_write(path, bytes)
+        .map_err(|e| ExportError::Write { path: e.path.display().to_string(), source: e.source })
 }
 
-/// Loads `checkpoint`, resolves the preprocessing, exports and writes `output` atomically.
-pub fn export_checkpoint(
-    checkpoint: &Path,
-    output: &Path,
-    overrides: &Overrides,
-    opts: &ExportOptions,
-) -> Result<(Exported, Preprocessing)> {
-    let ckpt = load_checkpoint(checkpoint)?;
-    let pre = Preprocessing::resolve(&ckpt.model.config, &ckpt.metadata, overrides)?;
-    let exported = to_onnx(&ckpt.model, &pre, opts)?;
+/// Reads the model file `checkpoint` (with `overrides` of its preprocessing), exports it and writes
+/// `output` atomically.
+pub fn export_checkpoint(checkpoint: &Path, output: &Path, overrides: &Overrides, opts: &ExportOptions) -> Result<(Exported, Preprocessing)> {
+    let file = ModelFile::read_with(checkpoint, overrides)?;
+    let exported = to_onnx(&file.model, &file.preprocessing, opts)?;
     write_atomic(output, &exported.bytes)?;
-    Ok((exported, pre))
+    Ok((exported, file.preprocessing))
 }
 
 /// The README's example, compiled by `cargo test --doc`.

@@ -7,11 +7,10 @@ use common::small;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use swav_export::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
-use swav_export::{
-    export_checkpoint, load_checkpoint, to_onnx, BatchDim, ExportError, ExportOptions, Overrides,
-    Preprocessing, Source,
-};
+use swav_core::imagenet::{MEAN as IMAGENET_MEAN, STD as IMAGENET_STD};
+use swav_export::{export_checkpoint, to_onnx, BatchDim, ExportError, ExportOptions};
+use swav_model::file::{FORMAT, META_CONFIG, META_FORMAT};
+use swav_model::{ModelFile, Overrides, Preprocessing, Source};
 use swav_model::checkpoint::{model_state, NamedTensors, Value};
 use swav_model::{Arch, ModelConfig, SwavModel};
 use tract_onnx::pb;
@@ -55,7 +54,12 @@ fn save(m: &mut SwavModel, path: &Path, meta: &[(&str, &str)]) {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    m.save(path, &extra).unwrap();
+    // Exactly these metadata entries besides the configuration (a file may lack its preprocessing).
+    let mut state = model_state(m);
+    state.metadata = extra;
+    state.metadata.insert(META_FORMAT.into(), FORMAT.into());
+    state.metadata.insert(META_CONFIG.into(), serde_json::to_string(&m.config).unwrap());
+    state.write(path).unwrap();
 }
 
 const ALLOWED_OPS: [&str; 12] = [
@@ -430,7 +434,7 @@ fn broken_checkpoints_name_the_tensor_and_leave_the_output_alone() {
     save(&mut m, &good, &[]);
     export_checkpoint(&good, &out, &Overrides::default(), &opts).unwrap();
     assert_ne!(std::fs::read(&out).unwrap(), b"previous export");
-    assert!(load_checkpoint(&good).is_ok());
+    assert!(ModelFile::read(&good).is_ok());
     let e = export_checkpoint(
         &good,
         &dir.path().join("no/such/dir/model.onnx"),

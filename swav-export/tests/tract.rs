@@ -7,8 +7,10 @@ use common::small;
 
 use std::collections::BTreeMap;
 
-use swav_export::check::{nchw_to_nhwc, random_images, read_npy, write_check_data, NamedArray};
-use swav_export::{to_onnx, BatchDim, Dim, ExportOptions, Overrides, Preprocessing};
+use swav_core::layout::nchw_to_nhwc;
+use swav_export::check::{random_images, read_npy, write_check_data, NamedArray};
+use swav_export::{to_onnx, BatchDim, Dim, ExportOptions};
+use swav_model::{Overrides, Preprocessing};
 use swav_model::param::{Slot, Visit};
 use swav_model::{Arch, ModelConfig, SwavModel};
 use swav_tensor::Tensor;
@@ -109,7 +111,7 @@ fn reference(m: &SwavModel, images: &NamedArray, with_head: bool) -> Vec<(String
     let [n, c, h, w] = images.shape[..] else {
         panic!()
     };
-    let x = Tensor::from_vec(&[n, h, w, c], nchw_to_nhwc(&images.shape, &images.data)).unwrap();
+    let x = Tensor::from_vec(&[n, h, w, c], nchw_to_nhwc([n, c, h, w], &images.data)).unwrap();
     let (features, out) = m.forward_eval(&x).unwrap();
     assert_eq!(features.as_slice(), m.features(&x).unwrap().as_slice());
     let mut all = vec![("features".to_string(), features)];

@@ -130,7 +130,7 @@ fn decode(name: &str, view: &TensorView<'_>) -> std::result::Result<Value, Strin
 
 /// Writes `bytes` to `path` atomically (swav-core's [`swav_core::fs::atomic_write`]), reporting a
 /// failure as a checkpoint error.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     swav_core::fs::atomic_write(path, bytes).map_err(|e| ModelError::Io { path: e.path.display().to_string(), source: e.source })
 }
 

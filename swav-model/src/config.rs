@@ -39,6 +39,18 @@ impl Arch {
         })
     }
 
+    /// The name used in configurations and metadata (`resnet50`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Resnet18 => "resnet18",
+            Arch::Resnet34 => "resnet34",
+            Arch::Resnet50 => "resnet50",
+            Arch::Resnet50w2 => "resnet50w2",
+            Arch::Resnet50w4 => "resnet50w4",
+            Arch::Resnet50w5 => "resnet50w5",
+        }
+    }
+
     pub fn block(self) -> BlockKind {
         match self {
             Arch::Resnet18 | Arch::Resnet34 => BlockKind::Basic,
@@ -120,6 +132,42 @@ impl ModelConfig {
     pub fn feature_dim(&self) -> usize {
         let expansion = if self.arch.block() == BlockKind::Bottleneck { 4 } else { 1 };
         self.width() * 8 * expansion
+    }
+
+    /// Number of values in the model's state (parameters, running statistics and batch counters), by
+    /// arithmetic on the configuration alone: a file's claims are checked with it before a network is
+    /// allocated. In u128, so that absurd configurations cannot overflow.
+    pub fn state_values(&self) -> u128 {
+        let w = self.width() as u128;
+        let conv = |cin: u128, cout: u128, k: u128| cin * cout * k * k;
+        let bn = |c: u128| 4 * c + 1;
+        let stem_k = if self.small_stem { 3 } else { 7 };
+        let mut total = conv(self.in_channels as u128, w, stem_k) + bn(w);
+        let mut cin = w;
+        for (s, &depth) in self.arch.depths().iter().enumerate() {
+            let planes = w << s;
+            for b in 0..depth {
+                let stride = if s > 0 && b == 0 { 2 } else { 1 };
+                let cout = match self.arch.block() {
+                    BlockKind::Basic => {
+                        total += conv(cin, planes, 3) + conv(planes, planes, 3) + 2 * bn(planes);
+                        planes
+                    }
+                    BlockKind::Bottleneck => {
+                        total += conv(cin, planes, 1) + conv(planes, planes, 3) + conv(planes, 4 * planes, 1);
+                        total += 2 * bn(planes) + bn(4 * planes);
+                        4 * planes
+                    }
+                };
+                if stride != 1 || cin != cout {
+                    total += conv(cin, cout, 1) + bn(cout);
+                }
+                cin = cout;
+            }
+        }
+        let (f, h, d) = (cin, self.hidden_mlp as u128, self.feat_dim as u128);
+        total += if h == 0 { f * d + d } else { f * h + h + h * d + d + if self.head_bn { bn(h) } else { 0 } };
+        total + self.prototypes.iter().map(|&k| k as u128 * d).sum::<u128>()
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {

@@ -18,4 +18,10 @@ pub enum ModelError {
     TensorDtype { name: String, dtype: String },
     #[error("checkpoint does not fit the model: {0}")]
     Mismatch(String),
+    #[error("tensor `{name}` holds a non-finite value ({value}): the model file is damaged or the run diverged")]
+    NonFinite { name: String, value: f32 },
+    #[error("model metadata `{key}` = {value:?}: {detail}")]
+    Metadata { key: String, value: String, detail: String },
+    #[error("preprocessing: {0}")]
+    Preprocessing(String),
 }

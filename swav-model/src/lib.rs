@@ -6,7 +6,8 @@
 //!   (one or several bias-free linear heads).
 //! - [`swav::SwavModel`]: backbone + head + prototypes with the multi-crop forward of the official code
 //!   (the backbone runs once per run of crops of equal resolution) and its backward.
-//! - [`checkpoint`]: safetensors with torchvision / official SwAV parameter names.
+//! - [`file::ModelFile`]: the model file (network + preprocessing), its only reader and writer;
+//!   [`checkpoint`]: the named tensors under it, with torchvision / official SwAV parameter names.
 //!
 //! Layers keep their parameters and accumulate gradients into them; forward functions return the
 //! activations their backward needs (no tape), in the style of llm.c.
@@ -14,16 +15,20 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod file;
 pub mod head;
 pub mod init;
 pub mod layers;
 pub mod param;
+pub mod preprocessing;
 pub mod resnet;
 pub mod swav;
 
 pub use config::{Arch, ModelConfig};
 pub use error::ModelError;
+pub use file::ModelFile;
 pub use param::{Param, Slot};
+pub use preprocessing::{Overrides, Preprocessing, Source};
 pub use swav::SwavModel;
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -7,10 +7,6 @@
 use swav_tensor::ops::normalize::{l2_normalize_backward, l2_normalize_forward};
 use swav_tensor::Tensor;
 
-use std::collections::BTreeMap;
-use std::path::Path;
-
-use crate::checkpoint::{load_model_state, model_state, LoadOptions, NamedTensors};
 use crate::config::ModelConfig;
 use crate::head::{HeadActs, Prototypes, ProjectionHead};
 use crate::init::InitRng;
@@ -109,42 +105,7 @@ impl SwavModel {
     pub fn normalize_prototypes(&mut self) {
         self.prototypes.normalize();
     }
-
-    /// Writes the model as a safetensors file with torchvision / official SwAV names; the metadata
-    /// holds `format = swav-rs`, the model configuration (`model_config`, JSON) and `extra`.
-    pub fn save(&mut self, path: &Path, extra: &BTreeMap<String, String>) -> Result<()> {
-        let mut state = model_state(self);
-        state.metadata = extra.clone();
-        state.metadata.insert(META_FORMAT.into(), FORMAT.into());
-        let config = serde_json::to_string(&self.config).map_err(|e| ModelError::Config(e.to_string()))?;
-        state.metadata.insert(META_CONFIG.into(), config);
-        state.write(path)
-    }
-
-    /// Reads a file written by [`SwavModel::save`]: the configuration from its metadata, then every
-    /// tensor (all must be present, none unexpected).
-    pub fn load(path: &Path) -> Result<SwavModel> {
-        let state = NamedTensors::read(path)?;
-        let config = Self::config_of(path, &state)?;
-        let mut model = SwavModel::new(config, 0)?;
-        load_model_state(&mut model, &state, "", LoadOptions::default())?;
-        Ok(model)
-    }
-
-    /// The configuration stored in a checkpoint's metadata.
-    pub fn config_of(path: &Path, state: &NamedTensors) -> Result<ModelConfig> {
-        let raw = state.metadata.get(META_CONFIG).ok_or_else(|| ModelError::Format {
-            path: path.display().to_string(),
-            detail: format!("no `{META_CONFIG}` in the metadata: not a swav-rs checkpoint (load foreign weights with checkpoint::load_model_state)"),
-        })?;
-        serde_json::from_str(raw).map_err(|e| ModelError::Format { path: path.display().to_string(), detail: format!("`{META_CONFIG}`: {e}") })
-    }
 }
-
-/// Metadata keys of a swav-rs model file.
-pub const META_FORMAT: &str = "format";
-pub const META_CONFIG: &str = "model_config";
-const FORMAT: &str = "swav-rs";
 
 impl Visit for SwavModel {
     fn visit(&mut self, prefix: &str, f: &mut Visitor<'_>) {

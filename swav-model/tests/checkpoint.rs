@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use swav_model::checkpoint::{load_model_state, model_state, LoadOptions, NamedTensors, Value};
 use swav_model::param::{Slot, Visit};
-use swav_model::{Arch, ModelConfig, SwavModel};
+use swav_model::{Arch, ModelConfig, ModelFile, Preprocessing, SwavModel};
 
 fn small(arch: Arch) -> ModelConfig {
     ModelConfig { arch, width: Some(8), small_stem: false, in_channels: 3, hidden_mlp: 16, head_bn: true, feat_dim: 8, prototypes: vec![10] }
@@ -50,9 +50,12 @@ fn save_and_load_round_trip_bit_exactly() {
             t.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v += i as f32 * 0.01)
         }
     });
-    m.save(&path, &BTreeMap::from([("note".to_string(), "x".to_string())])).unwrap();
-    let mut back = SwavModel::load(&path).unwrap();
+    let pre = Preprocessing::recorded(&m.config, vec![0.5, 0.4, 0.3], vec![0.2], 20).unwrap();
+    ModelFile::write(&mut m, &pre, &BTreeMap::from([("note".to_string(), "x".to_string())]), &path).unwrap();
+    let ModelFile { model: mut back, preprocessing, .. } = ModelFile::read(&path).unwrap();
     assert_eq!(back.config, m.config);
+    assert_eq!(preprocessing, pre);
+    assert_eq!(preprocessing.std, vec![0.2; 3]);
     assert_eq!(model_state(&mut back).tensors, model_state(&mut m).tensors);
     let file = NamedTensors::read(&path).unwrap();
     assert_eq!(file.metadata["note"], "x");
@@ -98,7 +101,63 @@ fn loading_a_file_that_is_not_safetensors_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("junk.safetensors");
     std::fs::write(&path, b"not a checkpoint at all").unwrap();
-    let err = SwavModel::load(&path).unwrap_err().to_string();
+    let err = ModelFile::read(&path).err().unwrap().to_string();
     assert!(err.contains("junk.safetensors"), "{err}");
-    assert!(SwavModel::load(&dir.path().join("absent.safetensors")).is_err());
+    assert!(ModelFile::read(&dir.path().join("absent.safetensors")).is_err());
+}
+
+#[test]
+fn state_size_from_the_configuration_matches_the_built_network() {
+    let configs = [
+        small(Arch::Resnet18),
+        small(Arch::Resnet34),
+        small(Arch::Resnet50),
+        ModelConfig { small_stem: true, in_channels: 1, hidden_mlp: 0, ..small(Arch::Resnet18) },
+        ModelConfig { head_bn: false, prototypes: vec![10, 7, 3], ..small(Arch::Resnet50) },
+        ModelConfig { width: Some(4), ..small(Arch::Resnet50w2) },
+    ];
+    for cfg in configs {
+        let mut m = SwavModel::new(cfg.clone(), 0).unwrap();
+        let built: usize = model_state(&mut m).tensors.values().map(|v| v.shape().iter().product::<usize>()).sum();
+        assert_eq!(cfg.state_values(), built as u128, "{cfg:?}");
+    }
+    // The official ResNet-50 with its head and 3000 prototypes: 28.4 M parameters plus statistics.
+    let official = ModelConfig::swav_resnet50().state_values();
+    assert!((28_000_000..29_000_000).contains(&official), "{official}");
+}
+
+/// A model file whose configuration was edited to describe a huge network is refused before the
+/// network is built (which would need gigabytes), and so is a file with a NaN weight.
+#[test]
+fn hostile_metadata_and_non_finite_weights_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let mut m = SwavModel::new(small(Arch::Resnet18), 3).unwrap();
+    let pre = Preprocessing::recorded(&m.config, vec![0.5], vec![0.5], 32).unwrap();
+    ModelFile::write(&mut m, &pre, &BTreeMap::new(), &path).unwrap();
+    let file = NamedTensors::read(&path).unwrap();
+    for (key, value) in [("width", "3000"), ("feat_dim", "1000000000"), ("prototypes", "[1000000000]")] {
+        let mut forged = file.clone();
+        let mut cfg: serde_json::Value = serde_json::from_str(&forged.metadata["model_config"]).unwrap();
+        cfg[key] = serde_json::from_str(value).unwrap();
+        forged.metadata.insert("model_config".into(), cfg.to_string());
+        let bad = dir.path().join(format!("forged-{key}.safetensors"));
+        forged.write(&bad).unwrap();
+        let err = ModelFile::read(&bad).err().unwrap().to_string();
+        assert!(err.contains("does not match the tensors"), "{key}: {err}");
+    }
+    let mut nan = file.clone();
+    if let Some(Value::F32 { data, .. }) = nan.tensors.get_mut("layer1.0.conv1.weight") {
+        data[5] = f32::NAN;
+    }
+    let bad = dir.path().join("nan.safetensors");
+    nan.write(&bad).unwrap();
+    let err = ModelFile::read(&bad).err().unwrap().to_string();
+    assert!(err.contains("layer1.0.conv1.weight") && err.contains("non-finite"), "{err}");
+    let mut size = file.clone();
+    size.metadata.insert("input_size".into(), "16384".into());
+    let bad = dir.path().join("size.safetensors");
+    size.write(&bad).unwrap();
+    let err = ModelFile::read(&bad).err().unwrap().to_string();
+    assert!(err.contains("16384"), "{err}");
 }

@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use swav_model::checkpoint::{atomic_write, NamedTensors, Value};
-use swav_model::SwavModel;
+use swav_core::fs::atomic_write;
+use swav_model::checkpoint::{NamedTensors, Value};
+use swav_model::{ModelFile, Preprocessing};
 
 use crate::config::Config;
 use crate::lars::Lars;
@@ -35,6 +36,16 @@ pub struct Sidecar {
     pub model_file: String,
     pub train_file: String,
     pub config: Config,
+}
+
+/// What a checkpoint's model file records besides the network: the preprocessing of the training
+/// data and free-form entries (e.g. where the data came from).
+#[derive(Clone, Debug)]
+pub struct ModelMeta {
+    /// The normalisation and input size the network was trained with.
+    pub preprocessing: Preprocessing,
+    /// Other metadata entries.
+    pub extra: BTreeMap<String, String>,
 }
 
 /// A checkpoint found in a run directory.
@@ -64,15 +75,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 
 /// Saves the state and removes the oldest checkpoints beyond `keep`. `model_meta` goes into the model
 /// file's metadata. Returns the model file's path.
-pub fn save(run_dir: &Path, state: &mut SwavState, sidecar: &Sidecar, model_meta: &BTreeMap<String, String>, keep: usize) -> Result<PathBuf, TrainError> {
+pub fn save(run_dir: &Path, state: &mut SwavState, sidecar: &Sidecar, model_meta: &ModelMeta, keep: usize) -> Result<PathBuf, TrainError> {
     let dir = checkpoint_dir(run_dir);
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let stem = format!("step-{:08}", sidecar.step);
-    let mut meta = model_meta.clone();
+    let mut meta = model_meta.extra.clone();
     meta.insert("step".into(), sidecar.step.to_string());
     meta.insert("epoch".into(), sidecar.epoch.to_string());
     let model_path = dir.join(format!("{stem}.safetensors"));
-    state.model.save(&model_path, &meta)?;
+    ModelFile::write(&mut state.model, &model_meta.preprocessing, &meta, &model_path)?;
 
     let mut train = NamedTensors::default();
     for (name, buf) in &state.optimizer.buffers {
@@ -142,7 +153,7 @@ fn prune(dir: &Path, keep: usize) -> Result<(), TrainError> {
 
 /// Restores model, optimiser state and queue from a checkpoint.
 pub fn restore(found: &Found, optimizer: Lars) -> Result<SwavState, TrainError> {
-    let model = SwavModel::load(&found.model_path())?;
+    let model = ModelFile::read(&found.model_path())?.model;
     if model.config != found.sidecar.config.model {
         return Err(TrainError::Checkpoint(format!("{}: its model configuration differs from the sidecar's", found.model_path().display())));
     }

@@ -18,6 +18,8 @@ pub enum TrainError {
     Reference { path: String, detail: String },
     #[error(transparent)]
     Data(#[from] swav_data::DataError),
+    #[error(transparent)]
+    File(#[from] swav_core::fs::FsError),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     /// Evaluation, embedding or report input that cannot be used (no labels, mismatched classes, bad

@@ -18,10 +18,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use swav_data::{Dataset, Layout, LoaderConfig, MultiCropLoader};
-use swav_model::SwavModel;
+use swav_model::{Preprocessing, SwavModel};
 use swav_tensor::Tensor;
 
-use crate::checkpoint::{self, Sidecar, SIDECAR_FORMAT};
+use crate::checkpoint::{self, ModelMeta, Sidecar, SIDECAR_FORMAT};
 use crate::config::Config;
 use crate::lars::Lars;
 use crate::metrics::{MetricsLog, StepMetrics};
@@ -75,7 +75,7 @@ fn prepare_run_dir(run_dir: &Path, config: &Config) -> Result<(), TrainError> {
             )));
         }
     }
-    swav_model::checkpoint::atomic_write(&path, config.to_toml().as_bytes())?;
+    swav_core::fs::atomic_write(&path, config.to_toml().as_bytes())?;
     Ok(())
 }
 
@@ -121,12 +121,10 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
     let steps_per_epoch = loader.steps_per_epoch();
     let schedule = LrSchedule::new(t.base_lr, t.final_lr, t.start_warmup, t.warmup_epochs, t.epochs, steps_per_epoch);
     let (mean, std) = normalisation(config, &dataset);
-    let model_meta = BTreeMap::from([
-        ("mean".to_string(), serde_json::to_string(&mean).expect("floats serialise")),
-        ("std".to_string(), serde_json::to_string(&std).expect("floats serialise")),
-        ("input_size".to_string(), config.crops.groups[0].size.to_string()),
-        ("train_data".to_string(), opts.data_dir.display().to_string()),
-    ]);
+    let model_meta = ModelMeta {
+        preprocessing: Preprocessing::recorded(&config.model, mean, std, config.crops.groups[0].size)?,
+        extra: BTreeMap::from([("train_data".to_string(), opts.data_dir.display().to_string())]),
+    };
 
     let optimizer = Lars::new(t.momentum, t.weight_decay, t.trust_coefficient, t.lars);
     let (mut state, mut iteration, mut epoch, mut skip) = match checkpoint::latest(&opts.run_dir)? {

@@ -4,13 +4,12 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use swav_export::{
-    check, BatchDim, ExportOptions, Overrides, Preprocessing, Source, DEFAULT_OPSET,
-};
+use swav_export::{check, BatchDim, ExportOptions, DEFAULT_OPSET};
+use swav_model::{ModelFile, Overrides, Preprocessing, Source};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model file written by training (`<run>/checkpoints/step-N.safetensors`) or `SwavModel::save`.
+    /// Model file written by training (`<run>/checkpoints/step-N.safetensors`) or any swav-rs model file.
     #[arg(long)]
     checkpoint: PathBuf,
     /// The ONNX file to write (atomically: an existing file is replaced only once the new one is complete).
@@ -62,7 +61,8 @@ fn parse_batch(s: &str) -> Result<BatchDim, String> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let ckpt = swav_export::load_checkpoint(&args.checkpoint).with_context(|| {
+    let overrides = Overrides { mean: args.mean.clone(), std: args.std.clone(), input_size: args.input_size };
+    let file = ModelFile::read_with(&args.checkpoint, &overrides).with_context(|| {
         let sidecar = args.checkpoint.extension().is_some_and(|e| e == "json");
         let hint = if sidecar {
             " (a checkpoint sidecar: pass the step-N.safetensors model file beside it)"
@@ -71,14 +71,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         format!("reading the model file {}{hint}", args.checkpoint.display())
     })?;
-    let overrides = Overrides {
-        mean: args.mean.clone(),
-        std: args.std.clone(),
-        input_size: args.input_size,
-    };
-    let pre = Preprocessing::resolve(&ckpt.model.config, &ckpt.metadata, &overrides)
-        .with_context(|| format!("model file {}", args.checkpoint.display()))?;
-    warn_defaults(&pre);
+    let (model, pre) = (&file.model, &file.preprocessing);
+    warn_defaults(pre);
     let opts = ExportOptions {
         with_head: args.with_head,
         opset: args.opset,
@@ -87,10 +81,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         static_input_size: args.static_input_size,
     };
     let exported =
-        swav_export::to_onnx(&ckpt.model, &pre, &opts).context("building the ONNX model")?;
+        swav_export::to_onnx(model, pre, &opts).context("building the ONNX model")?;
     swav_export::write_atomic(&args.output, &exported.bytes)?;
 
-    let c = &ckpt.model.config;
+    let c = &model.config;
     println!(
         "exported {:?} (width {}{}) -> {} ({:.1} MiB, opset {}, IR {}, {} nodes, {:.2}M parameters)",
         c.arch,
@@ -128,7 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             BatchDim::Dynamic => args.check_batch.max(1),
         };
         let paths =
-            check::write_check_data(dir, &ckpt.model, opts.with_head, batch, pre.input_size, 0)
+            check::write_check_data(dir, model, opts.with_head, batch, pre.input_size, 0)
                 .with_context(|| format!("writing check data to {}", dir.display()))?;
         println!(
             "  check data: {} files ({batch} images of {}x{}) in {}",

@@ -167,7 +167,7 @@ impl Stamps {
     fn write(&self, step: &str, key: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let body = serde_json::json!({ "step": step, "key": key });
-        swav_model::checkpoint::atomic_write(&self.path(step), body.to_string().as_bytes())?;
+        swav_core::fs::atomic_write(&self.path(step), body.to_string().as_bytes())?;
         Ok(())
     }
 
