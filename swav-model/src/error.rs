@@ -18,4 +18,7 @@ pub enum ModelError {
     TensorDtype { name: String, dtype: String },
     #[error("checkpoint does not fit the model: {0}")]
     Mismatch(String),
+    /// A PyTorch checkpoint that [`crate::torch`] refused; `path` is `<memory>` for bytes.
+    #[error("PyTorch checkpoint {path}: {source}")]
+    Torch { path: String, source: crate::torch::TorchError },
 }

@@ -20,6 +20,7 @@ pub mod layers;
 pub mod param;
 pub mod resnet;
 pub mod swav;
+pub mod torch;
 
 pub use config::{Arch, ModelConfig};
 pub use error::ModelError;
