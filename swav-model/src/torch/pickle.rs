@@ -469,11 +469,15 @@ impl<'a> Machine<'a> {
 
     fn long(&mut self, n: u64) -> Result<(), TorchError> {
         let bytes = self.take(n, "LONG bytes")?;
-        let node = if bytes.len() <= 8 {
-            // Sign-extend the little-endian two's complement value.
-            let fill = if bytes.last().is_some_and(|b| b & 0x80 != 0) { 0xff } else { 0 };
+        // Little-endian two's complement; it fits an i64 when the bytes past the eighth only repeat
+        // the sign (encoders are not obliged to write the shortest form).
+        let negative = bytes.last().is_some_and(|b| b & 0x80 != 0);
+        let fill = if negative { 0xff } else { 0 };
+        let (low, high) = bytes.split_at(bytes.len().min(8));
+        let fits = high.is_empty() || (high.iter().all(|&b| b == fill) && (low[7] & 0x80 != 0) == negative);
+        let node = if fits {
             let mut a = [fill; 8];
-            a[..bytes.len()].copy_from_slice(bytes);
+            a[..low.len()].copy_from_slice(low);
             Node::Int(i64::from_le_bytes(a))
         } else {
             Node::BigInt(bytes.into())
@@ -822,6 +826,27 @@ mod tests {
         p.extend(std::iter::repeat_n(0x85, 100));
         p.push(b'.');
         assert!(run(&p).unwrap_err().to_string().contains("nested deeper"));
+    }
+
+    #[test]
+    fn long_integers_of_any_encoded_width() {
+        let long1 = |bytes: &[u8]| {
+            let mut p = vec![0x80, 2, 0x8a, bytes.len() as u8];
+            p.extend(bytes);
+            p.push(b'.');
+            let pk = run(&p).unwrap();
+            match pk.node(pk.root()) {
+                Node::Int(v) => Some(*v),
+                _ => None,
+            }
+        };
+        assert_eq!(long1(&[]), Some(0));
+        assert_eq!(long1(&[0xff]), Some(-1));
+        assert_eq!(long1(&[0, 0, 0, 0, 0, 0, 0, 0x10]), Some(1 << 60));
+        assert_eq!(long1(&[0, 0, 0, 0, 0, 0, 0, 0x10, 0]), Some(1 << 60), "a redundant sign byte");
+        assert_eq!(long1(&[0xff; 9]), Some(-1));
+        assert_eq!(long1(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0]), None, "2^63 does not fit");
+        assert_eq!(long1(&[0, 0, 0, 0, 0, 0, 0, 0, 1]), None);
     }
 
     #[test]
