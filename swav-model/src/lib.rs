@@ -20,6 +20,7 @@ pub mod layers;
 pub mod param;
 pub mod resnet;
 pub mod swav;
+#[warn(missing_docs)]
 pub mod torch;
 
 pub use config::{Arch, ModelConfig};

@@ -16,60 +16,64 @@
 //! ```
 //!
 //! # Formats
-//! - The zip archive of PyTorch >= 1.6 ([`zip`]): `<folder>/data.pkl` plus one uncompressed entry per
+//! - The zip archive of PyTorch >= 1.6 (`zip.rs`): `<folder>/data.pkl` plus one uncompressed entry per
 //!   storage, `<folder>/byteorder`.
-//! - The legacy stream of PyTorch < 1.6 ([`legacy`]), what the official 2020 checkpoints are (saved by
+//! - The legacy stream of PyTorch < 1.6 (`legacy.rs`), what the official 2020 checkpoints are (saved by
 //!   PyTorch 1.4): five pickles, then each storage as an element count and raw data.
 //!
-//! Both hold a pickle whose tensors are `torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
-//! ...)` views of storages that live outside the pickle. Storages of f32, f16, bf16 and f64 become
-//! [`Value::F32`] (f16 and bf16 exactly, f64 rounded to nearest); i64, i32, i16, i8, u8 and bool become
-//! [`Value::I64`]. Views are made contiguous; several tensors may share a storage.
+//! [`is_torch_file`] tells them (and safetensors) apart by content. Both hold a pickle whose tensors are
+//! `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)` views of storages that live
+//! outside the pickle. Storages of f32, f16, bf16 and f64 become [`Value::F32`] (f16 and bf16 exactly,
+//! f64 rounded to nearest); i64, i32, i16, i8, u8 and bool become [`Value::I64`]. Views are made
+//! contiguous (offsets, any strides, 0-d tensors); several tensors may share a storage.
 //!
 //! # Safety
 //! A pickle is a program, and `torch.load` without `weights_only=True` runs it: a checkpoint can call
-//! `os.system`. This reader runs none of it. Its pickle machine ([`pickle`]) accepts only the opcodes
+//! `os.system`. This reader runs none of it. Its pickle machine (`pickle.rs`) accepts only the opcodes
 //! that state dicts use and only the globals `collections.OrderedDict`,
 //! `torch._utils._rebuild_tensor_v2`, `torch._utils._rebuild_parameter` and the `torch.*Storage`
-//! classes; it refuses any other global by name (`refusing global os.system`) when the pickle first
-//! names it. The allowed "calls" build descriptions in Rust. Every length, offset and size is checked
-//! against the bytes actually present before anything is allocated, objects are bounded by the input's
-//! length, and the tensors produced by a file are bounded by 16x its size (see [`tensor`]). No input
-//! makes it panic.
+//! classes (exactly the set the fixtures written by PyTorch name); it refuses any other global by name
+//! (`refusing global os.system`) at the opcode that names it. The allowed "calls" build descriptions in
+//! Rust. Lengths, offsets, sizes and strides are checked against the bytes actually present before
+//! anything is allocated; pickle objects take at most one arena node and one stack slot per input byte
+//! (about 80 bytes per byte at worst, while a vector doubles), and the tensors produced from a file at
+//! most 16 bytes per byte of it (`tensor.rs`). Nothing recurses, so nesting and cycles cannot overflow
+//! the stack, and no input makes the reader panic.
 //!
 //! Refused on purpose: whole pickled modules (`torch.save(model)`: they name the model's classes),
 //! numpy scalars (`numpy.core.multiarray.scalar`), TorchScript archives, sparse and quantized tensors,
 //! stride-0 views larger than their storage (`expand`), and the storage views of pre-1.0 files.
 //!
 //! # Which dictionary is the state dict
-//! The first of: the top-level object if it is a dict of tensors ([`Container::Bare`]); otherwise the
-//! largest dict of tensors reachable through string keys of nested dicts (`OrderedDict` or `dict`, any
-//! depth), the shallowest and then the first in file order on ties ([`Container::Key`]). In a training
-//! checkpoint that is `state_dict`, not the optimizer's per-parameter `{"momentum_buffer": ...}` dicts
-//! (reached through int keys, and smaller). Scalars (int, float, bool, str, None) of the dicts on the way
-//! are reported in [`TorchFile::entries`], e.g. `epoch = 800`.
+//! The top-level object if it is a dict of tensors ([`Container::Bare`]); otherwise the largest dict of
+//! tensors reachable through string keys of nested dicts (`OrderedDict` or `dict`, any depth), the
+//! shallowest and then the first in file order on ties ([`Container::Key`]). In a training checkpoint
+//! that is `state_dict`, not the optimizer's per-parameter `{"momentum_buffer": ...}` dicts (reached
+//! through int keys, and smaller). Scalars (int, float, bool, str, None) of the dicts on the way are
+//! reported in [`TorchFile::entries`], e.g. `epoch = 800`.
 //!
 //! # Crates: what was adopted, and why the pickle machine is our own
-//! Candidates for the pickle machine, compared for what this reader must guarantee:
+//! Candidates for the pickle machine, compared on what this reader must guarantee:
 //!
-//! | crate | maintenance | persistent ids (`BINPERSID`) | refuses unknown globals by name | `REDUCE` | allocation safety | dependencies |
+//! | crate | maintenance | `BINPERSID` (PyTorch's storages) | refuses unknown globals by name | `REDUCE` | allocation safety | dependencies |
 //! |---|---|---|---|---|---|---|
-//! | `serde-pickle` 1.2 | maintained (2024) | no: the opcode is not implemented, so no PyTorch file parses | no: every unknown global becomes an anonymous `Global::Other`, `replace_unresolved_globals` turns it into `None` | never executes code; applies a fixed set (`set`, `bytearray`, `_codecs.encode`, ...) | strings sized from the file before reading; memo `GET` deep-clones values | serde, num-bigint, num-traits, byteorder, iter-read |
-//! | `repugnant-pickle` 0.0.1 | one release (2023), "low effort scraping" by its own description | yes | no: globals are kept symbolically, the caller must walk the tree | symbolic, never executed | memo references resolved by deep cloning (exponential on shared structures); `expect` on a missing memo id panics | nom 7, anyhow, num-bigint, once_cell, zip 0.6 |
-//! | `candle-core::pickle` 0.9 | maintained | yes | no: unknown globals become `Object::Class`, `REDUCE` of them an `Object::Reduce` | symbolic, never executed | `vec![0; len]` with a 32-bit length from the file before reading; memo `GET` deep-clones | all of candle-core (gemm, half, safetensors, zip, rayon, ...) |
+//! | `serde-pickle` 1.2 | maintained | no: the opcode is not implemented, no PyTorch file parses | no: an unknown global becomes an anonymous `Global::Other` (or `None` with `replace_unresolved_globals`), its name lost | never runs code; a fixed set (`set`, `bytearray`, `_codecs.encode`, ...) applied | lengths read incrementally (safe); memo references copied by a recursive conversion, so shared or deeply nested structures cost exponential memory or the stack | serde, num-bigint, num-traits, byteorder, iter-read |
+//! | `repugnant-pickle` 0.0.1 | a single release, "low effort scraping" by its own description | yes | no: globals are kept as data, every caller must walk the tree | symbolic, never run | memo references resolved by deep copies (exponential on shared structures); an `expect` on a missing memo id panics | nom 7, anyhow, num-bigint, once_cell, zip 0.6 |
+//! | `candle-core::pickle` 0.9 | maintained, inside candle | yes | no: unknown globals become `Object::Class`, their calls `Object::Reduce` | symbolic, never run | `vec![0; len]` with a 32-bit length from the file before reading it; memo `GET` deep-copies | all of candle-core (gemm, half, safetensors, zip, rayon, ...) |
 //!
-//! None executes code, but none refuses what it does not know: each hands back a tree in which a
-//! malicious global is just data, so safety would rest on every caller's walk, and none bounds
-//! allocation by the input (a 4-byte length field allocates up to 4 GiB; shared memo references are
-//! deep-copied). Two of them also lack `BINPERSID` or pull in a whole framework. The machine here is
-//! about 500 lines: the allow-list is checked at the `GLOBAL` opcode itself, objects live in an arena
-//! so a memo `GET` copies an index, and lengths are checked before allocation.
+//! None runs code, but none refuses what it does not know: each returns a tree in which a malicious
+//! global is just data, so safety would rest on every caller's walk of it; none bounds memory by the
+//! input (a 4-byte length allocates 4 GiB, shared memo entries are deep-copied, conversion recurses);
+//! one cannot read PyTorch's storages at all and another is a whole framework. Adapting one would mean
+//! rewriting its core, so the machine is our own (`pickle.rs`): the allow-list is checked at the
+//! `GLOBAL` opcode itself, objects live in an arena so a memo `GET` copies an index, and every length
+//! is checked before allocation.
 //!
-//! For the zip container we adopt [`rawzip`] 0.5: no dependencies, no `unsafe`, zip64, zero-copy
-//! slices of an in-memory archive, and its minimum Rust version (1.85) is the workspace's. The `zip`
-//! crate (9.x) needs Rust 1.89 and brings compression codecs PyTorch never uses (its stored-only build
-//! still carries a larger API and a faster-moving release history); a hand-written reader would have
-//! to redo zip64 and the directory checks. Compressed entries are refused, since PyTorch writes none.
+//! For the zip container we adopt `rawzip` 0.5: no dependencies, no `unsafe`, zip64, zero-copy slices
+//! of an in-memory archive, and its minimum Rust version (1.85) is the workspace's. The `zip` crate
+//! (9.x) needs Rust 1.89 and is built around the compression codecs that PyTorch never uses; a
+//! hand-written reader would have to redo zip64 and the directory checks. On top of it `zip.rs`
+//! refuses compressed and overlapping entries and checks every CRC-32.
 
 mod error;
 pub(crate) mod legacy;
@@ -136,13 +140,22 @@ pub enum TorchFormat {
 
 /// Reads a PyTorch checkpoint file (zip or legacy format, told apart by content).
 pub fn read_torch_file(path: &Path) -> Result<TorchFile> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
-    parse(&bytes).map_err(|source| ModelError::Torch { path: path.display().to_string(), source })
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&bytes).map_err(|source| ModelError::Torch {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Reads a PyTorch checkpoint held in memory; errors name the file `<memory>`.
 pub fn read_torch_bytes(bytes: &[u8]) -> Result<TorchFile> {
-    parse(bytes).map_err(|source| ModelError::Torch { path: "<memory>".into(), source })
+    parse(bytes).map_err(|source| ModelError::Torch {
+        path: "<memory>".into(),
+        source,
+    })
 }
 
 /// Whether a file that starts with `bytes_prefix` (give at least its first 9 bytes) is a PyTorch file
@@ -171,13 +184,23 @@ enum Source<'s, 'a> {
 }
 
 impl Source<'_, '_> {
-    fn storage<'k>(&'k self, key: &'k str, dtype: tensor::DType, numel: u64) -> std::result::Result<StorageData<'k>, TorchError> {
+    fn storage<'k>(
+        &'k self,
+        key: &'k str,
+        dtype: tensor::DType,
+        numel: u64,
+    ) -> std::result::Result<StorageData<'k>, TorchError> {
         let (bytes, big_endian) = match self {
             Source::Zip(a) => (a.storage(key, dtype, numel)?, a.big_endian),
             // The legacy writer converts every storage to little-endian.
             Source::Legacy(l) => (l.storage(key, dtype, numel)?, false),
         };
-        Ok(StorageData { key, bytes, dtype, big_endian })
+        Ok(StorageData {
+            key,
+            bytes,
+            dtype,
+            big_endian,
+        })
     }
 }
 
@@ -185,36 +208,84 @@ fn parse(bytes: &[u8]) -> std::result::Result<TorchFile, TorchError> {
     if bytes.starts_with(zip::MAGIC) {
         let archive = zip::Archive::open(bytes)?;
         let (pickle, _) = pickle::unpickle(archive.pickle)?;
-        build(&pickle, Source::Zip(&archive), TorchFormat::Zip, bytes.len())
+        build(
+            &pickle,
+            Source::Zip(&archive),
+            TorchFormat::Zip,
+            bytes.len(),
+        )
     } else if is_torch_file(bytes) {
         let legacy = legacy::Legacy::read(bytes)?;
-        build(&legacy.pickle, Source::Legacy(&legacy), TorchFormat::Legacy, bytes.len())
+        build(
+            &legacy.pickle,
+            Source::Legacy(&legacy),
+            TorchFormat::Legacy,
+            bytes.len(),
+        )
     } else {
         Err(TorchError::NotTorch)
     }
 }
 
-fn build(pickle: &Pickle, source: Source<'_, '_>, format: TorchFormat, file_len: usize) -> std::result::Result<TorchFile, TorchError> {
+fn build(
+    pickle: &Pickle,
+    source: Source<'_, '_>,
+    format: TorchFormat,
+    file_len: usize,
+) -> std::result::Result<TorchFile, TorchError> {
     let found = find_state_dict(pickle)?;
     let mut budget = Budget::for_input(file_len);
     let mut tensors = BTreeMap::new();
     for &(key, value) in pickle.dict(found.dict).unwrap_or_default() {
         let name = pickle.str(key).unwrap_or_default();
-        tensors.insert(name.to_string(), read_tensor(pickle, source, name, value, &mut budget)?);
+        tensors.insert(
+            name.to_string(),
+            read_tensor(pickle, source, name, value, &mut budget)?,
+        );
     }
-    let state = NamedTensors { tensors, metadata: BTreeMap::new() };
-    Ok(TorchFile { state, container: found.container, entries: found.entries, format })
+    let state = NamedTensors {
+        tensors,
+        metadata: BTreeMap::new(),
+    };
+    Ok(TorchFile {
+        state,
+        container: found.container,
+        entries: found.entries,
+        format,
+    })
 }
 
 /// One tensor of the state dict: its storage's bytes, then its view, checked and copied out.
-fn read_tensor(pickle: &Pickle, source: Source<'_, '_>, name: &str, id: NodeId, budget: &mut Budget) -> std::result::Result<Value, TorchError> {
-    let not_tensor = || TorchError::Tensor { name: name.to_string(), detail: "not a tensor".into() };
-    let Node::Tensor(t) = pickle.node(id) else { return Err(not_tensor()) };
-    let Node::Storage(s) = pickle.node(t.storage) else { return Err(not_tensor()) };
+fn read_tensor(
+    pickle: &Pickle,
+    source: Source<'_, '_>,
+    name: &str,
+    id: NodeId,
+    budget: &mut Budget,
+) -> std::result::Result<Value, TorchError> {
+    let not_tensor = || TorchError::Tensor {
+        name: name.to_string(),
+        detail: "not a tensor".into(),
+    };
+    let Node::Tensor(t) = pickle.node(id) else {
+        return Err(not_tensor());
+    };
+    let Node::Storage(s) = pickle.node(t.storage) else {
+        return Err(not_tensor());
+    };
     let key = pickle.str(s.key).unwrap_or_default();
     let storage = source.storage(key, s.dtype, s.numel)?;
     let (size, stride) = (pickle.uints(t.size), pickle.uints(t.stride));
-    tensor::materialize(name, storage, View { offset: t.offset, size: &size, stride: &stride }, budget)
+    tensor::materialize(
+        name,
+        storage,
+        View {
+            offset: t.offset,
+            size: &size,
+            stride: &stride,
+        },
+        budget,
+    )
 }
 
 /// The state dict, where it was, and the scalars on the way.
@@ -227,7 +298,10 @@ struct Found {
 /// A dict whose keys are all strings and whose values are all tensors (and which is not empty).
 fn is_state_dict(pickle: &Pickle, id: NodeId) -> Option<usize> {
     let items = pickle.dict(id)?;
-    let ok = !items.is_empty() && items.iter().all(|&(k, v)| pickle.str(k).is_some() && matches!(pickle.node(v), Node::Tensor(_)));
+    let ok = !items.is_empty()
+        && items
+            .iter()
+            .all(|&(k, v)| pickle.str(k).is_some() && matches!(pickle.node(v), Node::Tensor(_)));
     ok.then_some(items.len())
 }
 
@@ -236,7 +310,11 @@ fn is_state_dict(pickle: &Pickle, id: NodeId) -> Option<usize> {
 fn find_state_dict(pickle: &Pickle) -> std::result::Result<Found, TorchError> {
     let root = pickle.root();
     if is_state_dict(pickle, root).is_some() {
-        return Ok(Found { dict: root, container: Container::Bare, entries: BTreeMap::new() });
+        return Ok(Found {
+            dict: root,
+            container: Container::Bare,
+            entries: BTreeMap::new(),
+        });
     }
     // Each visited dict: (node, parent index, key that led to it).
     let mut visited: Vec<(NodeId, usize, NodeId)> = Vec::new();
@@ -286,10 +364,19 @@ fn path_to(pickle: &Pickle, visited: &[(NodeId, usize, NodeId)], index: usize) -
         let prefix: String = keys[..depth].iter().map(|k| format!("{k}.")).collect();
         collect_scalars(pickle, visited[a].0, &prefix, &mut entries);
     }
-    Found { dict: visited[index].0, container: Container::Key(keys), entries }
+    Found {
+        dict: visited[index].0,
+        container: Container::Key(keys),
+        entries,
+    }
 }
 
-fn collect_scalars(pickle: &Pickle, dict: NodeId, prefix: &str, out: &mut BTreeMap<String, String>) {
+fn collect_scalars(
+    pickle: &Pickle,
+    dict: NodeId,
+    prefix: &str,
+    out: &mut BTreeMap<String, String>,
+) {
     for &(k, v) in pickle.dict(dict).unwrap_or_default() {
         let Some(key) = pickle.str(k) else { continue };
         let text = match pickle.node(v) {
