@@ -595,3 +595,27 @@ fn opcode_floods_stay_within_the_allocation_bound() {
         eprintln!("{name}: peak allocation {worst:.1}x the input");
     }
 }
+
+/// With `SWAV_TORCH_CHECKPOINT=/path/to/swav_800ep_pretrain.pth.tar` (the official release, or any file
+/// with the official ResNet-50 names), checks that it reads and loads into the official configuration
+/// with no tensor missing or left over. Without the variable this test does nothing.
+#[test]
+fn the_official_checkpoint_loads_when_available() {
+    let Some(path) = std::env::var_os("SWAV_TORCH_CHECKPOINT") else {
+        eprintln!("SWAV_TORCH_CHECKPOINT not set: skipped");
+        return;
+    };
+    let start = std::time::Instant::now();
+    let file = read_torch_file(Path::new(&path)).unwrap();
+    let read = start.elapsed();
+    let mut model = SwavModel::new(ModelConfig::swav_resnet50(), 0).unwrap();
+    let report = load_model_state(&mut model, &file.state, "", LoadOptions::default()).unwrap();
+    eprintln!(
+        "{:?}: {:?} format, {}, {} tensors read in {read:.2?}, {} loaded",
+        path,
+        file.format,
+        file.container,
+        file.state.tensors.len(),
+        report.loaded
+    );
+}

@@ -160,7 +160,7 @@ impl<'a> Reader<'a> {
                 .ok_or_else(|| legacy("a storage key is not a string".into()))?;
             let &dtype = dtypes.get(key).ok_or_else(|| TorchError::Storage {
                 key: key.to_string(),
-                detail: "listed in the file but used by no tensor".into(),
+                detail: "listed in the file but named by no persistent id of the pickle".into(),
             })?;
             let bytes = self.storage(key, dtype)?;
             if storages.insert(key.to_string(), (dtype, bytes)).is_some() {
