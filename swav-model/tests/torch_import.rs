@@ -477,6 +477,11 @@ fn read_bounded(bytes: &[u8], what: &str, worst: &mut f64) -> bool {
 #[test]
 fn mutated_and_truncated_files_never_panic_nor_overallocate() {
     let mut rng = Rng(0x5eed_cafe_f00d_d00d);
+    // More cases per file for a longer hunt: SWAV_TORCH_MUTATIONS=100000.
+    let cases: usize = std::env::var("SWAV_TORCH_MUTATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
     let mut worst = 0.0f64;
     let (mut accepted, mut refused) = (0, 0);
     let mut tally = |ok: bool| if ok { accepted += 1 } else { refused += 1 };
@@ -489,7 +494,7 @@ fn mutated_and_truncated_files_never_panic_nor_overallocate() {
         "views_bigendian.pth",
     ] {
         let original = std::fs::read(dir().join(file)).unwrap();
-        for step in 0..300 {
+        for step in 0..cases {
             let bytes = mutate(&mut rng, &original);
             tally(read_bounded(
                 &bytes,
@@ -514,7 +519,7 @@ fn mutated_and_truncated_files_never_panic_nor_overallocate() {
             .iter()
             .position(|(n, _)| n.ends_with("/data.pkl"))
             .unwrap();
-        for step in 0..300 {
+        for step in 0..cases {
             let mut mutated = entries.clone();
             mutated[pkl].1 = mutate(&mut rng, &entries[pkl].1);
             let bytes = zip_of(&mutated);
