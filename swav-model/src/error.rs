@@ -24,4 +24,7 @@ pub enum ModelError {
     Metadata { key: String, value: String, detail: String },
     #[error("preprocessing: {0}")]
     Preprocessing(String),
+    /// A PyTorch checkpoint that [`crate::torch`] refused; `path` is `<memory>` for bytes.
+    #[error("PyTorch checkpoint {path}: {source}")]
+    Torch { path: String, source: crate::torch::TorchError },
 }

@@ -16,6 +16,8 @@ use crate::layers::{BatchNorm, Linear};
 use crate::param::{Visit, Visitor};
 use crate::Result;
 
+// One head per model: boxing the larger variant would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum ProjectionHead {
     Mlp { fc1: Linear, bn: Option<BatchNorm>, fc2: Linear },

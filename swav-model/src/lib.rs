@@ -23,6 +23,8 @@ pub mod param;
 pub mod preprocessing;
 pub mod resnet;
 pub mod swav;
+#[warn(missing_docs)]
+pub mod torch;
 
 pub use config::{Arch, ModelConfig};
 pub use error::ModelError;
