@@ -32,10 +32,7 @@ fn npy_round_trip() {
     let labels: Vec<i64> = vec![0, 9, 3, -1, i64::MAX, 2, 2];
     npy::write(&l, &[7], &labels).unwrap();
     let text = String::from_utf8_lossy(&std::fs::read(&l).unwrap()[..64]).into_owned();
-    assert!(
-        text.contains("'descr': '<i8'") && text.contains("'shape': (7,)"),
-        "{text}"
-    );
+    assert!(text.contains("'descr': '<i8'") && text.contains("'shape': (7,)"), "{text}");
     assert_eq!(npy::read::<i64>(&l).unwrap(), (vec![7], labels));
 
     // Wrong dtype, bad magic, truncated data and a shape that does not fit are errors.
@@ -47,4 +44,3 @@ fn npy_round_trip() {
     // No temporary file is left behind.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
 }
-

@@ -56,11 +56,8 @@ impl std::str::FromStr for Codec {
 pub(crate) const JPEG_MAX_SIDE: usize = 65_535;
 
 pub(crate) fn jpeg_options(channels: u8, strict: bool) -> zune_core::options::DecoderOptions {
-    let space = if channels == 1 {
-        zune_core::colorspace::ColorSpace::Luma
-    } else {
-        zune_core::colorspace::ColorSpace::RGB
-    };
+    let space =
+        if channels == 1 { zune_core::colorspace::ColorSpace::Luma } else { zune_core::colorspace::ColorSpace::RGB };
     zune_core::options::DecoderOptions::default()
         .set_strict_mode(strict)
         .set_max_width(JPEG_MAX_SIDE)
@@ -88,21 +85,12 @@ pub(crate) fn decode_jpeg_into(
 }
 
 /// Encodes 8-bit pixels for a record.
-pub(crate) fn encode(
-    codec: Codec,
-    img: &Image,
-    zstd_level: i32,
-    jpeg_quality: u8,
-) -> Result<Vec<u8>, String> {
+pub(crate) fn encode(codec: Codec, img: &Image, zstd_level: i32, jpeg_quality: u8) -> Result<Vec<u8>, String> {
     match codec {
         Codec::RawZstd => zstd::bulk::compress(&img.pixels, zstd_level).map_err(|e| e.to_string()),
         Codec::Jpeg => {
             let mut out = Vec::new();
-            let color = if img.channels == 1 {
-                image::ExtendedColorType::L8
-            } else {
-                image::ExtendedColorType::Rgb8
-            };
+            let color = if img.channels == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, jpeg_quality)
                 .encode(&img.pixels, img.width, img.height, color)
                 .map_err(|e| e.to_string())?;
@@ -148,22 +136,16 @@ impl RecordDecoder {
                 out.pixels.resize(expected, 0);
                 let n = z
                     .decompress_to_buffer(payload, out.pixels.as_mut_slice())
-                    .map_err(|e| {
-                        format!("zstd payload does not decode to {expected} bytes: {e}")
-                    })?;
+                    .map_err(|e| format!("zstd payload does not decode to {expected} bytes: {e}"))?;
                 if n != expected {
-                    return Err(format!(
-                        "zstd payload decodes to {n} bytes, expected {expected}"
-                    ));
+                    return Err(format!("zstd payload decodes to {n} bytes, expected {expected}"));
                 }
             }
             Codec::Jpeg => {
                 let (h, w) = decode_jpeg_into(payload, channels, true, &mut out.pixels)
                     .map_err(|e| format!("JPEG payload does not decode: {e}"))?;
                 if (h, w) != (height, width) {
-                    return Err(format!(
-                        "JPEG payload is {w}x{h}, the record says {width}x{height}"
-                    ));
+                    return Err(format!("JPEG payload is {w}x{h}, the record says {width}x{height}"));
                 }
             }
         }

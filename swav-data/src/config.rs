@@ -117,18 +117,8 @@ impl MultiCropConfig {
     pub fn official() -> Self {
         MultiCropConfig {
             groups: vec![
-                CropGroup {
-                    count: 2,
-                    size: 224,
-                    min_scale: 0.14,
-                    max_scale: 1.0,
-                },
-                CropGroup {
-                    count: 6,
-                    size: 96,
-                    min_scale: 0.05,
-                    max_scale: 0.14,
-                },
+                CropGroup { count: 2, size: 224, min_scale: 0.14, max_scale: 1.0 },
+                CropGroup { count: 6, size: 96, min_scale: 0.05, max_scale: 0.14 },
             ],
             augment: AugmentConfig::default().with_imagenet_normalisation(),
         }
@@ -137,12 +127,7 @@ impl MultiCropConfig {
     /// 2x224 crops alone (scale 0.08-1), ImageNet normalisation.
     pub fn two_224() -> Self {
         MultiCropConfig {
-            groups: vec![CropGroup {
-                count: 2,
-                size: 224,
-                min_scale: 0.08,
-                max_scale: 1.0,
-            }],
+            groups: vec![CropGroup { count: 2, size: 224, min_scale: 0.08, max_scale: 1.0 }],
             augment: AugmentConfig::default().with_imagenet_normalisation(),
         }
     }
@@ -152,23 +137,10 @@ impl MultiCropConfig {
     pub fn small(large: usize, small: usize) -> Self {
         MultiCropConfig {
             groups: vec![
-                CropGroup {
-                    count: 2,
-                    size: large,
-                    min_scale: 0.14,
-                    max_scale: 1.0,
-                },
-                CropGroup {
-                    count: 4,
-                    size: small,
-                    min_scale: 0.05,
-                    max_scale: 0.14,
-                },
+                CropGroup { count: 2, size: large, min_scale: 0.14, max_scale: 1.0 },
+                CropGroup { count: 4, size: small, min_scale: 0.05, max_scale: 0.14 },
             ],
-            augment: AugmentConfig {
-                blur_p: 0.0,
-                ..AugmentConfig::default().with_jitter_strength(0.5)
-            },
+            augment: AugmentConfig { blur_p: 0.0, ..AugmentConfig::default().with_jitter_strength(0.5) },
         }
     }
 
@@ -177,18 +149,8 @@ impl MultiCropConfig {
     pub fn fashion_mnist() -> Self {
         MultiCropConfig {
             groups: vec![
-                CropGroup {
-                    count: 2,
-                    size: 28,
-                    min_scale: 0.3,
-                    max_scale: 1.0,
-                },
-                CropGroup {
-                    count: 4,
-                    size: 16,
-                    min_scale: 0.2,
-                    max_scale: 0.5,
-                },
+                CropGroup { count: 2, size: 28, min_scale: 0.3, max_scale: 1.0 },
+                CropGroup { count: 4, size: 16, min_scale: 0.2, max_scale: 0.5 },
             ],
             augment: AugmentConfig {
                 brightness: 0.4,
@@ -223,12 +185,7 @@ impl MultiCropConfig {
             let (count, size) = part.split_once('x').ok_or_else(bad)?;
             let count: usize = count.trim().parse().map_err(|_| bad())?;
             let size: usize = size.trim().parse().map_err(|_| bad())?;
-            groups.push(CropGroup {
-                count,
-                size,
-                min_scale: 0.05,
-                max_scale: 0.14,
-            });
+            groups.push(CropGroup { count, size, min_scale: 0.05, max_scale: 0.14 });
         }
         if groups.len() == 1 {
             groups[0].min_scale = 0.08;
@@ -237,10 +194,7 @@ impl MultiCropConfig {
             groups[0].min_scale = 0.14;
             groups[0].max_scale = 1.0;
         }
-        let cfg = MultiCropConfig {
-            groups,
-            augment: AugmentConfig::default(),
-        };
+        let cfg = MultiCropConfig { groups, augment: AugmentConfig::default() };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -254,9 +208,7 @@ impl MultiCropConfig {
     pub fn validate(&self) -> Result<()> {
         let err = |m: String| Err(DataError::Config(m));
         if self.groups.is_empty() {
-            return err(
-                "no crop group: give at least one {count, size, min_scale, max_scale}".into(),
-            );
+            return err("no crop group: give at least one {count, size, min_scale, max_scale}".into());
         }
         for (i, g) in self.groups.iter().enumerate() {
             if g.count == 0 || g.size == 0 || g.size > 8192 {
@@ -274,28 +226,16 @@ impl MultiCropConfig {
         }
         let a = &self.augment;
         if !(a.ratio[0] > 0.0 && a.ratio[0] <= a.ratio[1] && a.ratio[1].is_finite()) {
-            return err(format!(
-                "augment.ratio must satisfy 0 < lo <= hi (got {:?})",
-                a.ratio
-            ));
+            return err(format!("augment.ratio must satisfy 0 < lo <= hi (got {:?})", a.ratio));
         }
-        for (name, p) in [
-            ("flip_p", a.flip_p),
-            ("jitter_p", a.jitter_p),
-            ("grayscale_p", a.grayscale_p),
-            ("blur_p", a.blur_p),
-        ] {
+        for (name, p) in
+            [("flip_p", a.flip_p), ("jitter_p", a.jitter_p), ("grayscale_p", a.grayscale_p), ("blur_p", a.blur_p)]
+        {
             if !(0.0..=1.0).contains(&p) {
-                return err(format!(
-                    "augment.{name} must be a probability in [0, 1] (got {p})"
-                ));
+                return err(format!("augment.{name} must be a probability in [0, 1] (got {p})"));
             }
         }
-        for (name, x) in [
-            ("brightness", a.brightness),
-            ("contrast", a.contrast),
-            ("saturation", a.saturation),
-        ] {
+        for (name, x) in [("brightness", a.brightness), ("contrast", a.contrast), ("saturation", a.saturation)] {
             if !(x >= 0.0 && x.is_finite()) {
                 return err(format!("augment.{name} must be >= 0 (got {x})"));
             }
@@ -303,24 +243,14 @@ impl MultiCropConfig {
         if !(0.0..=0.5).contains(&a.hue) {
             return err(format!("augment.hue must be in [0, 0.5] (got {})", a.hue));
         }
-        if !(a.blur_sigma[0] > 0.0
-            && a.blur_sigma[0] <= a.blur_sigma[1]
-            && a.blur_sigma[1] <= 100.0)
-        {
-            return err(format!(
-                "augment.blur_sigma must satisfy 0 < lo <= hi <= 100 (got {:?})",
-                a.blur_sigma
-            ));
+        if !(a.blur_sigma[0] > 0.0 && a.blur_sigma[0] <= a.blur_sigma[1] && a.blur_sigma[1] <= 100.0) {
+            return err(format!("augment.blur_sigma must satisfy 0 < lo <= hi <= 100 (got {:?})", a.blur_sigma));
         }
         check_norm(&a.mean, &a.std, "augment")
     }
 }
 
-pub(crate) fn check_norm(
-    mean: &Option<Vec<f32>>,
-    std: &Option<Vec<f32>>,
-    what: &str,
-) -> Result<()> {
+pub(crate) fn check_norm(mean: &Option<Vec<f32>>, std: &Option<Vec<f32>>, what: &str) -> Result<()> {
     match (mean, std) {
         (None, None) => Ok(()),
         (Some(m), Some(s)) => {
@@ -330,15 +260,11 @@ pub(crate) fn check_norm(
                 )));
             }
             if s.iter().any(|&v| !(v > 0.0 && v.is_finite())) || m.iter().any(|v| !v.is_finite()) {
-                return Err(DataError::Config(format!(
-                    "{what}.std must be positive and mean finite"
-                )));
+                return Err(DataError::Config(format!("{what}.std must be positive and mean finite")));
             }
             Ok(())
         }
-        _ => Err(DataError::Config(format!(
-            "{what}.mean and {what}.std must be given together"
-        ))),
+        _ => Err(DataError::Config(format!("{what}.mean and {what}.std must be given together"))),
     }
 }
 
@@ -358,22 +284,12 @@ pub struct EvalConfig {
 impl EvalConfig {
     /// The official evaluation transform: Resize(256), CenterCrop(224), ImageNet normalisation.
     pub fn imagenet() -> Self {
-        EvalConfig {
-            resize: 256,
-            crop: 224,
-            mean: Some(imagenet::MEAN.to_vec()),
-            std: Some(imagenet::STD.to_vec()),
-        }
+        EvalConfig { resize: 256, crop: 224, mean: Some(imagenet::MEAN.to_vec()), std: Some(imagenet::STD.to_vec()) }
     }
 
     /// Resize to `size`, crop `size` (the whole image for square inputs), dataset statistics.
     pub fn whole(size: usize) -> Self {
-        EvalConfig {
-            resize: size,
-            crop: size,
-            mean: None,
-            std: None,
-        }
+        EvalConfig { resize: size, crop: size, mean: None, std: None }
     }
 
     pub fn validate(&self) -> Result<()> {

@@ -49,18 +49,12 @@ impl Dataset {
         let dir = dir.as_ref().to_path_buf();
         let manifest_path = dir.join("manifest.json");
         if !dir.is_dir() {
-            return Err(DataError::NotADataset {
-                path: dir,
-                reason: "no such directory".into(),
-            });
+            return Err(DataError::NotADataset { path: dir, reason: "no such directory".into() });
         }
         let text = match std::fs::read(&manifest_path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(DataError::NotADataset {
-                    path: dir,
-                    reason: "manifest.json is missing".into(),
-                })
+                return Err(DataError::NotADataset { path: dir, reason: "manifest.json is missing".into() })
             }
             Err(e) => return Err(DataError::io(manifest_path, e)),
         };
@@ -72,29 +66,20 @@ impl Dataset {
         match version {
             Some(FORMAT_VERSION) => {}
             Some(found) => {
-                return Err(DataError::UnsupportedVersion {
-                    path: manifest_path,
-                    found,
-                    supported: FORMAT_VERSION,
-                })
+                return Err(DataError::UnsupportedVersion { path: manifest_path, found, supported: FORMAT_VERSION })
             }
             None => {
-                return Err(DataError::NotADataset {
-                    path: dir,
-                    reason: "manifest.json has no format_version".into(),
-                });
+                return Err(DataError::NotADataset { path: dir, reason: "manifest.json has no format_version".into() });
             }
         }
-        let manifest: Manifest =
-            serde_json::from_slice(&text).map_err(|e| DataError::NotADataset {
-                path: dir.clone(),
-                reason: format!("manifest.json is invalid: {e}"),
-            })?;
+        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| DataError::NotADataset {
+            path: dir.clone(),
+            reason: format!("manifest.json is invalid: {e}"),
+        })?;
         let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut starts = vec![0usize];
         for entry in &manifest.shards {
-            if entry.file.contains('/') || entry.file.contains('\\') || entry.file.starts_with('.')
-            {
+            if entry.file.contains('/') || entry.file.contains('\\') || entry.file.starts_with('.') {
                 return Err(DataError::NotADataset {
                     path: dir,
                     reason: format!("bad shard file name `{}` in the manifest", entry.file),
@@ -108,20 +93,10 @@ impl Dataset {
         if total != manifest.num_images {
             return Err(DataError::NotADataset {
                 path: dir,
-                reason: format!(
-                    "the shards hold {total} images but the manifest says {}",
-                    manifest.num_images
-                ),
+                reason: format!("the shards hold {total} images but the manifest says {}", manifest.num_images),
             });
         }
-        Ok(Dataset {
-            inner: Arc::new(Inner {
-                dir,
-                manifest,
-                shards,
-                starts,
-            }),
-        })
+        Ok(Dataset { inner: Arc::new(Inner { dir, manifest, shards, starts }) })
     }
 
     /// Number of images.
@@ -155,10 +130,7 @@ impl Dataset {
 
     fn locate(&self, index: usize) -> Result<(usize, usize)> {
         if index >= self.len() {
-            return Err(DataError::IndexOutOfRange {
-                index,
-                len: self.len(),
-            });
+            return Err(DataError::IndexOutOfRange { index, len: self.len() });
         }
         // The last start <= index.
         let s = self.inner.starts.partition_point(|&start| start <= index) - 1;
@@ -181,30 +153,13 @@ impl Dataset {
 
     /// Decodes image `index` into `out`, reusing its pixel buffer and the decoder's state (the loader's
     /// allocation-free path).
-    pub fn read_into(
-        &self,
-        index: usize,
-        decoder: &mut RecordDecoder,
-        out: &mut Image,
-    ) -> Result<()> {
+    pub fn read_into(&self, index: usize, decoder: &mut RecordDecoder, out: &mut Image) -> Result<()> {
         let (s, r) = self.locate(index)?;
         let shard = &self.inner.shards[s];
         let rec = shard.record(r, index)?;
         decoder
-            .decode(
-                rec.codec,
-                rec.payload,
-                rec.height,
-                rec.width,
-                rec.channels,
-                out,
-            )
-            .map_err(|problem| DataError::CorruptRecord {
-                shard: shard.path.clone(),
-                record: r,
-                index,
-                problem,
-            })
+            .decode(rec.codec, rec.payload, rec.height, rec.width, rec.channels, out)
+            .map_err(|problem| DataError::CorruptRecord { shard: shard.path.clone(), record: r, index, problem })
     }
 
     /// Checks everything: each shard file's checksum against the manifest and every record's checksum
@@ -216,10 +171,7 @@ impl Dataset {
             if computed != entry.checksum {
                 return Err(DataError::CorruptShard {
                     shard: shard.path.clone(),
-                    problem: format!(
-                        "file checksum mismatch (manifest {}, computed {computed})",
-                        entry.checksum
-                    ),
+                    problem: format!("file checksum mismatch (manifest {}, computed {computed})", entry.checksum),
                 });
             }
             bytes += entry.bytes;
@@ -229,10 +181,6 @@ impl Dataset {
         for i in 0..self.len() {
             self.read_into(i, &mut decoder, &mut img)?;
         }
-        Ok(VerifyReport {
-            shards: self.inner.shards.len(),
-            images: self.len(),
-            bytes,
-        })
+        Ok(VerifyReport { shards: self.inner.shards.len(), images: self.len(), bytes })
     }
 }

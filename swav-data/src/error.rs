@@ -20,11 +20,7 @@ pub enum DataError {
 
     /// The dataset was written by an incompatible version of the format.
     #[error("{}: dataset format version {found} is not supported (this build reads version {supported}); re-run `cargo xtask preprocess` to rebuild it", path.display())]
-    UnsupportedVersion {
-        path: PathBuf,
-        found: u32,
-        supported: u32,
-    },
+    UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
 
     /// A shard file as a whole is damaged (size, footer, index or checksum).
     #[error("{}: {problem}; the shard is damaged: restore it from a copy or rebuild the dataset with `cargo xtask preprocess`", shard.display())]
@@ -32,12 +28,7 @@ pub enum DataError {
 
     /// One record of a shard is damaged.
     #[error("{} record {record} (image {index}): {problem}; the shard is damaged: restore it from a copy or rebuild the dataset with `cargo xtask preprocess`", shard.display())]
-    CorruptRecord {
-        shard: PathBuf,
-        record: usize,
-        index: usize,
-        problem: String,
-    },
+    CorruptRecord { shard: PathBuf, record: usize, index: usize, problem: String },
 
     /// An image index past the end of the dataset.
     #[error("image index {index} is out of range: the dataset has {len} images")]
@@ -62,10 +53,7 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io { path: path.into(), source }
     }
 }
 

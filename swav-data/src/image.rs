@@ -28,12 +28,7 @@ impl Image {
             && height > 0
             && width > 0
             && pixels.len() as u64 == height as u64 * width as u64 * channels as u64;
-        ok.then_some(Image {
-            height,
-            width,
-            channels,
-            pixels,
-        })
+        ok.then_some(Image { height, width, channels, pixels })
     }
 }
 

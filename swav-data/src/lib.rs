@@ -40,15 +40,11 @@ pub mod synthetic;
 
 pub use augment::{CropBox, CropDecision, EvalTransform, GroupShape, Layout, MultiCropTransform};
 pub use codec::{Codec, RecordDecoder};
-pub use config::{
-    AugmentConfig, CropGroup, EvalConfig, MultiCropConfig,
-};
+pub use config::{AugmentConfig, CropGroup, EvalConfig, MultiCropConfig};
 pub use dataset::{Dataset, VerifyReport};
 pub use error::{DataError, Result};
 pub use image::{Image, ImageView};
-pub use loader::{
-    epoch_order, Batch, CropTensor, Epoch, EvalLoader, LoaderConfig, MultiCropLoader,
-};
+pub use loader::{epoch_order, Batch, CropTensor, Epoch, EvalLoader, LoaderConfig, MultiCropLoader};
 pub use manifest::{Manifest, Parameters, ShardEntry, Skipped, FORMAT_VERSION};
 pub use preprocess::{preprocess, PreprocessOptions, PreprocessReport, Progress};
 pub use rng::SplitMix64;

@@ -59,9 +59,7 @@ impl Default for LoaderConfig {
             seed: 0,
             rank: 0,
             world_size: 1,
-            workers: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             prefetch: 2,
             layout: Layout::Nhwc,
             drop_last: true,
@@ -117,11 +115,7 @@ impl BufferPool {
     fn take(&self, sizes: &[usize]) -> Vec<Vec<f32>> {
         let reused = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
         match reused {
-            Some(b)
-                if b.len() == sizes.len() && b.iter().zip(sizes).all(|(v, &n)| v.len() == n) =>
-            {
-                b
-            }
+            Some(b) if b.len() == sizes.len() && b.iter().zip(sizes).all(|(v, &n)| v.len() == n) => b,
             _ => sizes.iter().map(|&n| vec![0.0f32; n]).collect(),
         }
     }
@@ -181,11 +175,7 @@ pub struct Batch {
 
 impl std::fmt::Debug for Batch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batch")
-            .field("epoch", &self.epoch)
-            .field("step", &self.step)
-            .field("len", &self.len())
-            .finish()
+        f.debug_struct("Batch").field("epoch", &self.epoch).field("step", &self.step).field("len", &self.len()).finish()
     }
 }
 
@@ -315,9 +305,7 @@ struct WorkerState {
 fn run_job(shared: &Shared, shapes: &[GroupShape], job: &Job, st: &mut WorkerState) -> Result<()> {
     let w = &job.work;
     let index = w.indices[job.pos];
-    shared
-        .dataset
-        .read_into(index, &mut st.decoder, &mut st.image)?;
+    shared.dataset.read_into(index, &mut st.decoder, &mut st.image)?;
     let len = w.indices.len();
     let view = st.image.view();
     let mut crop_id = 0;
@@ -326,19 +314,11 @@ fn run_job(shared: &Shared, shapes: &[GroupShape], job: &Job, st: &mut WorkerSta
         for k in 0..shape.count {
             // SAFETY: see `BatchWork`; the region lies inside the buffer, which holds at least
             // `count * len * n` floats for this group.
-            let out = unsafe {
-                std::slice::from_raw_parts_mut(w.ptrs[g].add((k * len + job.pos) * n), n)
-            };
+            let out = unsafe { std::slice::from_raw_parts_mut(w.ptrs[g].add((k * len + job.pos) * n), n) };
             match &shared.transform {
-                Transform::MultiCrop(t) => t.crop_into(
-                    view,
-                    shared.seed,
-                    w.epoch,
-                    index as u64,
-                    crop_id,
-                    &mut st.scratch,
-                    out,
-                ),
+                Transform::MultiCrop(t) => {
+                    t.crop_into(view, shared.seed, w.epoch, index as u64, crop_id, &mut st.scratch, out)
+                }
                 Transform::Eval(t) => t.apply_into(view, &mut st.scratch, out),
             }
             crop_id += 1;
@@ -348,13 +328,7 @@ fn run_job(shared: &Shared, shapes: &[GroupShape], job: &Job, st: &mut WorkerSta
 }
 
 /// Runs one job (unless its epoch was abandoned) and hands the batch back if it was the last.
-fn process(
-    shared: &Shared,
-    shapes: &[GroupShape],
-    job: Job,
-    st: &mut WorkerState,
-    done: &Sender<Arc<BatchWork>>,
-) {
+fn process(shared: &Shared, shapes: &[GroupShape], job: Job, st: &mut WorkerState, done: &Sender<Arc<BatchWork>>) {
     if job.work.generation == shared.generation.load(Ordering::Acquire) {
         match catch_unwind(AssertUnwindSafe(|| run_job(shared, shapes, &job, st))) {
             Ok(Ok(())) => {}
@@ -365,10 +339,7 @@ fn process(
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
-                job.work.fail(DataError::WorkerPanicked {
-                    index: job.work.indices[job.pos],
-                    message,
-                });
+                job.work.fail(DataError::WorkerPanicked { index: job.work.indices[job.pos], message });
                 *st = WorkerState::default();
             }
         }
@@ -396,20 +367,14 @@ struct Engine {
 
 impl Engine {
     fn new(shared: Shared, shapes: Vec<GroupShape>, cfg: &LoaderConfig) -> Result<Engine> {
-        let (layout, workers, prefetch, batch_size) =
-            (cfg.layout, cfg.workers, cfg.prefetch, cfg.batch_size);
+        let (layout, workers, prefetch, batch_size) = (cfg.layout, cfg.workers, cfg.prefetch, cfg.batch_size);
         let shared = Arc::new(shared);
         let shapes: Arc<[GroupShape]> = shapes.into();
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Arc<BatchWork>>();
         let mut threads = Vec::with_capacity(workers);
         for i in 0..workers {
-            let (shared, shapes, rx, done) = (
-                shared.clone(),
-                shapes.clone(),
-                job_rx.clone(),
-                done_tx.clone(),
-            );
+            let (shared, shapes, rx, done) = (shared.clone(), shapes.clone(), job_rx.clone(), done_tx.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("swav-data-{i}"))
                 .spawn(move || {
@@ -421,9 +386,7 @@ impl Engine {
                         process(&shared, &shapes, job, &mut st, &done);
                     }
                 })
-                .map_err(|e| {
-                    DataError::Config(format!("cannot start loader worker thread {i}: {e}"))
-                })?;
+                .map_err(|e| DataError::Config(format!("cannot start loader worker thread {i}: {e}")))?;
             threads.push(handle);
         }
         let prefetch = prefetch.max(1);
@@ -438,10 +401,7 @@ impl Engine {
             done_tx,
             done_rx,
             threads,
-            pool: Arc::new(BufferPool {
-                free: Mutex::new(Vec::new()),
-                keep: prefetch + 2,
-            }),
+            pool: Arc::new(BufferPool { free: Mutex::new(Vec::new()), keep: prefetch + 2 }),
             inline: WorkerState::default(),
         })
     }
@@ -461,25 +421,16 @@ impl Engine {
             remaining: AtomicUsize::new(len),
             error: Mutex::new(None),
         });
-        let tx = self
-            .job_tx
-            .as_ref()
-            .expect("the job channel lives as long as the engine");
+        let tx = self.job_tx.as_ref().expect("the job channel lives as long as the engine");
         for pos in 0..len {
             // The receivers live in `self` (job_rx), so sending cannot fail.
-            let _ = tx.send(Job {
-                work: work.clone(),
-                pos,
-            });
+            let _ = tx.send(Job { work: work.clone(), pos });
         }
     }
 
     /// Buffer sizes of a full batch (every batch uses full-size buffers, so that they are reusable).
     fn full_sizes(&self) -> Vec<usize> {
-        self.shapes
-            .iter()
-            .map(|s| s.count * self.batch_capacity() * s.crop_len())
-            .collect()
+        self.shapes.iter().map(|s| s.count * self.batch_capacity() * s.crop_len()).collect()
     }
 
     fn batch_capacity(&self) -> usize {
@@ -494,13 +445,7 @@ impl Engine {
             }
             if self.threads.is_empty() {
                 match self.job_rx.try_recv() {
-                    Ok(job) => process(
-                        &self.shared,
-                        &self.shapes,
-                        job,
-                        &mut self.inline,
-                        &self.done_tx,
-                    ),
+                    Ok(job) => process(&self.shared, &self.shapes, job, &mut self.inline, &self.done_tx),
                     Err(_) => {
                         unreachable!("a batch is outstanding, so its jobs are queued or done")
                     }
@@ -512,12 +457,7 @@ impl Engine {
     }
 
     fn recycle(&self, work: Arc<BatchWork>) {
-        if let Some(b) = work
-            .buffers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(b) = work.buffers.lock().unwrap_or_else(|p| p.into_inner()).take() {
             self.pool.give(b);
         }
     }
@@ -556,16 +496,7 @@ pub struct Epoch<'a> {
 impl<'a> Epoch<'a> {
     fn new(engine: &'a mut Engine, epoch: u64, order: Vec<usize>, steps: usize) -> Epoch<'a> {
         let generation = engine.shared.generation.load(Ordering::Acquire);
-        Epoch {
-            engine,
-            epoch,
-            generation,
-            order,
-            steps,
-            next_submit: 0,
-            next_yield: 0,
-            ready: BTreeMap::new(),
-        }
+        Epoch { engine, epoch, generation, order, steps, next_submit: 0, next_yield: 0, ready: BTreeMap::new() }
     }
 
     /// Batches left in this epoch.
@@ -587,12 +518,9 @@ impl Iterator for Epoch<'_> {
         if self.next_yield >= self.steps {
             return None;
         }
-        while self.next_submit < self.steps
-            && self.next_submit < self.next_yield + self.engine.prefetch
-        {
+        while self.next_submit < self.steps && self.next_submit < self.next_yield + self.engine.prefetch {
             let indices = self.batch_indices(self.next_submit);
-            self.engine
-                .submit(self.next_submit, self.generation, self.epoch, indices);
+            self.engine.submit(self.next_submit, self.generation, self.epoch, indices);
             self.next_submit += 1;
         }
         let work = loop {
@@ -608,21 +536,14 @@ impl Iterator for Epoch<'_> {
         };
         self.next_yield += 1;
         let error = work.error.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let buffers = work
-            .buffers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let buffers = work.buffers.lock().unwrap_or_else(|p| p.into_inner()).take();
         let buffers = buffers.expect("a finished batch still owns its buffers");
         if let Some(e) = error {
             self.engine.pool.give(buffers);
             return Some(Err(e));
         }
         let indices = work.indices.clone();
-        let labels = indices
-            .iter()
-            .map(|&i| self.engine.shared.dataset.label(i))
-            .collect();
+        let labels = indices.iter().map(|&i| self.engine.shared.dataset.label(i)).collect();
         Some(Ok(Batch {
             epoch: self.epoch,
             step: work.seq,
@@ -657,22 +578,14 @@ fn check_common(dataset: &Dataset, cfg: &LoaderConfig) -> Result<u8> {
         return Err(DataError::Config("batch_size must be at least 1".into()));
     }
     if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
-        return Err(DataError::Config(format!(
-            "rank {} is not in 0..world_size ({})",
-            cfg.rank, cfg.world_size
-        )));
+        return Err(DataError::Config(format!("rank {} is not in 0..world_size ({})", cfg.rank, cfg.world_size)));
     }
     if dataset.is_empty() {
-        return Err(DataError::Config(format!(
-            "the dataset in {} has no image",
-            dataset.dir().display()
-        )));
+        return Err(DataError::Config(format!("the dataset in {} has no image", dataset.dir().display())));
     }
     let channels = cfg.channels.unwrap_or_else(|| dataset.channels());
     if !(channels == 1 || channels == 3) {
-        return Err(DataError::Config(format!(
-            "output channels must be 1 or 3 (got {channels})"
-        )));
+        return Err(DataError::Config(format!("output channels must be 1 or 3 (got {channels})")));
     }
     Ok(channels)
 }
@@ -688,25 +601,11 @@ pub struct MultiCropLoader {
 impl MultiCropLoader {
     /// Starts `cfg.workers` threads. Fails on an inconsistent configuration or if one epoch would hold
     /// no batch on this rank.
-    pub fn new(
-        dataset: &Dataset,
-        crops: &MultiCropConfig,
-        cfg: &LoaderConfig,
-    ) -> Result<MultiCropLoader> {
+    pub fn new(dataset: &Dataset, crops: &MultiCropConfig, cfg: &LoaderConfig) -> Result<MultiCropLoader> {
         let channels = check_common(dataset, cfg)?;
         let m = dataset.manifest();
-        let transform =
-            MultiCropTransform::new(crops, channels, cfg.layout, &m.pixel_mean, &m.pixel_std)?;
-        let per_rank = epoch_order(
-            dataset.len(),
-            0,
-            0,
-            false,
-            cfg.rank,
-            cfg.world_size,
-            cfg.drop_last,
-        )
-        .len();
+        let transform = MultiCropTransform::new(crops, channels, cfg.layout, &m.pixel_mean, &m.pixel_std)?;
+        let per_rank = epoch_order(dataset.len(), 0, 0, false, cfg.rank, cfg.world_size, cfg.drop_last).len();
         if steps(per_rank, cfg.batch_size, cfg.drop_last) == 0 {
             return Err(DataError::Config(format!(
                 "{} images over {} rank(s) give {per_rank} per rank, not one full batch of {}: lower batch_size or set drop_last = false",
@@ -723,35 +622,17 @@ impl MultiCropLoader {
             stop: AtomicBool::new(false),
         };
         let engine = Engine::new(shared, transform.shapes().to_vec(), cfg)?;
-        Ok(MultiCropLoader {
-            engine,
-            cfg: cfg.clone(),
-            transform,
-            len: dataset.len(),
-        })
+        Ok(MultiCropLoader { engine, cfg: cfg.clone(), transform, len: dataset.len() })
     }
 
     /// Images this rank sees per epoch (before dropping the incomplete batch).
     pub fn samples_per_epoch(&self) -> usize {
-        epoch_order(
-            self.len,
-            0,
-            0,
-            false,
-            self.cfg.rank,
-            self.cfg.world_size,
-            self.cfg.drop_last,
-        )
-        .len()
+        epoch_order(self.len, 0, 0, false, self.cfg.rank, self.cfg.world_size, self.cfg.drop_last).len()
     }
 
     /// Batches per epoch on this rank.
     pub fn steps_per_epoch(&self) -> usize {
-        steps(
-            self.samples_per_epoch(),
-            self.cfg.batch_size,
-            self.cfg.drop_last,
-        )
+        steps(self.samples_per_epoch(), self.cfg.batch_size, self.cfg.drop_last)
     }
 
     /// One entry per crop group (count, size, channels).
@@ -771,15 +652,7 @@ impl MultiCropLoader {
     /// The batches of epoch `epoch`, in order.
     pub fn epoch(&mut self, epoch: u64) -> Epoch<'_> {
         let c = &self.cfg;
-        let mut order = epoch_order(
-            self.len,
-            c.seed,
-            epoch,
-            c.shuffle,
-            c.rank,
-            c.world_size,
-            c.drop_last,
-        );
+        let mut order = epoch_order(self.len, c.seed, epoch, c.shuffle, c.rank, c.world_size, c.drop_last);
         let steps = steps(order.len(), c.batch_size, c.drop_last);
         order.truncate(steps * c.batch_size);
         Epoch::new(&mut self.engine, epoch, order, steps)
@@ -808,8 +681,7 @@ impl EvalLoader {
     pub fn new(dataset: &Dataset, eval: &EvalConfig, cfg: &LoaderConfig) -> Result<EvalLoader> {
         let channels = check_common(dataset, cfg)?;
         let m = dataset.manifest();
-        let transform =
-            EvalTransform::new(eval, channels, cfg.layout, &m.pixel_mean, &m.pixel_std)?;
+        let transform = EvalTransform::new(eval, channels, cfg.layout, &m.pixel_mean, &m.pixel_std)?;
         let shared = Shared {
             dataset: dataset.clone(),
             transform: Transform::Eval(transform.clone()),
@@ -818,12 +690,7 @@ impl EvalLoader {
             stop: AtomicBool::new(false),
         };
         let engine = Engine::new(shared, vec![transform.shape()], cfg)?;
-        Ok(EvalLoader {
-            engine,
-            transform,
-            len: dataset.len(),
-            batch_size: cfg.batch_size,
-        })
+        Ok(EvalLoader { engine, transform, len: dataset.len(), batch_size: cfg.batch_size })
     }
 
     /// Number of batches.

@@ -81,9 +81,7 @@ impl ShardWriter {
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.out
-            .write_all(bytes)
-            .map_err(|e| DataError::io(&self.path, e))?;
+        self.out.write_all(bytes).map_err(|e| DataError::io(&self.path, e))?;
         self.hasher.update(bytes);
         self.offset += bytes.len() as u64;
         Ok(())
@@ -100,10 +98,7 @@ impl ShardWriter {
     ) -> Result<()> {
         let payload_len = u32::try_from(payload.len()).map_err(|_| DataError::Output {
             path: self.path.clone(),
-            problem: format!(
-                "an encoded image of {} bytes does not fit a record (4 GiB at most)",
-                payload.len()
-            ),
+            problem: format!("an encoded image of {} bytes does not fit a record (4 GiB at most)", payload.len()),
         })?;
         let label = label.unwrap_or(NO_LABEL);
         let mut h = [0u8; RECORD_HEADER_LEN];
@@ -123,8 +118,7 @@ impl ShardWriter {
         self.write(&h)?;
         self.write(payload)?;
         self.index.extend_from_slice(&offset.to_le_bytes());
-        self.index
-            .extend_from_slice(&((RECORD_HEADER_LEN as u32) + payload_len).to_le_bytes());
+        self.index.extend_from_slice(&((RECORD_HEADER_LEN as u32) + payload_len).to_le_bytes());
         self.index.extend_from_slice(&label.to_le_bytes());
         self.records += 1;
         Ok(())
@@ -141,15 +135,8 @@ impl ShardWriter {
         footer[24..32].copy_from_slice(FOOTER_MAGIC);
         self.write(&footer)?;
         self.out.flush().map_err(|e| DataError::io(&self.path, e))?;
-        self.out
-            .get_ref()
-            .sync_all()
-            .map_err(|e| DataError::io(&self.path, e))?;
-        Ok(FinishedShard {
-            records: self.records,
-            bytes: self.offset,
-            crc32: self.hasher.clone().finalize(),
-        })
+        self.out.get_ref().sync_all().map_err(|e| DataError::io(&self.path, e))?;
+        Ok(FinishedShard { records: self.records, bytes: self.offset, crc32: self.hasher.clone().finalize() })
     }
 }
 
@@ -182,21 +169,14 @@ pub(crate) struct ShardReader {
 impl ShardReader {
     /// Maps `path` and checks its size, header, footer and index CRC against what the manifest expects.
     pub fn open(path: &Path, expected_bytes: u64, expected_records: usize) -> Result<Self> {
-        let corrupt = |problem: String| DataError::CorruptShard {
-            shard: path.to_owned(),
-            problem,
-        };
+        let corrupt = |problem: String| DataError::CorruptShard { shard: path.to_owned(), problem };
         let file = File::open(path).map_err(|e| DataError::io(path, e))?;
         let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
         if len != expected_bytes {
-            return Err(corrupt(format!(
-                "the file has {len} bytes but the manifest says {expected_bytes}"
-            )));
+            return Err(corrupt(format!("the file has {len} bytes but the manifest says {expected_bytes}")));
         }
         if (len as usize) < HEADER_LEN + FOOTER_LEN {
-            return Err(corrupt(format!(
-                "the file is too short ({len} bytes) to be a shard"
-            )));
+            return Err(corrupt(format!("the file is too short ({len} bytes) to be a shard")));
         }
         // SAFETY: the map is read-only. Datasets are written once and then only read; if another process
         // truncates a shard while it is mapped, reads may fault, as with any memory-mapped file. Every
@@ -208,24 +188,18 @@ impl ShardReader {
         }
         let version = u32_at(b, 8);
         if version != SHARD_VERSION {
-            return Err(corrupt(format!(
-                "shard format version {version}, expected {SHARD_VERSION}"
-            )));
+            return Err(corrupt(format!("shard format version {version}, expected {SHARD_VERSION}")));
         }
         let f = &b[b.len() - FOOTER_LEN..];
         if &f[24..32] != FOOTER_MAGIC {
-            return Err(corrupt(
-                "bad footer magic (the file is truncated or overwritten)".into(),
-            ));
+            return Err(corrupt("bad footer magic (the file is truncated or overwritten)".into()));
         }
         let index_offset = u64_at(f, 0);
         let records = u64_at(f, 8);
         let index_crc = u32_at(f, 16);
         let index_end = (b.len() - FOOTER_LEN) as u64;
         if records != expected_records as u64 {
-            return Err(corrupt(format!(
-                "the footer says {records} records but the manifest says {expected_records}"
-            )));
+            return Err(corrupt(format!("the footer says {records} records but the manifest says {expected_records}")));
         }
         if index_offset < HEADER_LEN as u64
             || index_offset > index_end
@@ -238,16 +212,9 @@ impl ShardReader {
         let index = &b[index_offset as usize..index_end as usize];
         let crc = crc32fast::hash(index);
         if crc != index_crc {
-            return Err(corrupt(format!(
-                "index checksum mismatch (stored {index_crc:08x}, computed {crc:08x})"
-            )));
+            return Err(corrupt(format!("index checksum mismatch (stored {index_crc:08x}, computed {crc:08x})")));
         }
-        Ok(ShardReader {
-            path: path.to_owned(),
-            map,
-            index_offset: index_offset as usize,
-            records: records as usize,
-        })
+        Ok(ShardReader { path: path.to_owned(), map, index_offset: index_offset as usize, records: records as usize })
     }
 
     pub fn records(&self) -> usize {
@@ -268,21 +235,11 @@ impl ShardReader {
 
     /// Reads and verifies one record; `index` is the dataset-wide image number, used in error messages.
     pub fn record(&self, record: usize, index: usize) -> Result<RawRecord<'_>> {
-        let corrupt = |problem: String| DataError::CorruptRecord {
-            shard: self.path.clone(),
-            record,
-            index,
-            problem,
-        };
+        let corrupt = |problem: String| DataError::CorruptRecord { shard: self.path.clone(), record, index, problem };
         let (offset, length, label) = self.entry(record);
         let end = offset.saturating_add(length as u64);
-        if offset < HEADER_LEN as u64
-            || end > self.index_offset as u64
-            || (length as usize) < RECORD_HEADER_LEN
-        {
-            return Err(corrupt(format!(
-                "index entry points outside the records (offset {offset}, length {length})"
-            )));
+        if offset < HEADER_LEN as u64 || end > self.index_offset as u64 || (length as usize) < RECORD_HEADER_LEN {
+            return Err(corrupt(format!("index entry points outside the records (offset {offset}, length {length})")));
         }
         let r = &self.map[offset as usize..end as usize];
         if &r[0..4] != RECORD_MAGIC {
@@ -302,31 +259,18 @@ impl ShardReader {
         crc.update(payload);
         let computed = crc.finalize();
         if stored != computed {
-            return Err(corrupt(format!(
-                "checksum mismatch (stored {stored:08x}, computed {computed:08x})"
-            )));
+            return Err(corrupt(format!("checksum mismatch (stored {stored:08x}, computed {computed:08x})")));
         }
         let rec_label = u32_at(r, 4);
         if rec_label != label {
-            return Err(corrupt(format!(
-                "label {rec_label} disagrees with the index ({label})"
-            )));
+            return Err(corrupt(format!("label {rec_label} disagrees with the index ({label})")));
         }
         let (height, width, channels) = (u32_at(r, 8), u32_at(r, 12), r[16]);
         if height == 0 || width == 0 || !(channels == 1 || channels == 3) {
-            return Err(corrupt(format!(
-                "impossible shape {height}x{width}x{channels}"
-            )));
+            return Err(corrupt(format!("impossible shape {height}x{width}x{channels}")));
         }
-        let codec =
-            Codec::from_id(r[17]).ok_or_else(|| corrupt(format!("unknown codec id {}", r[17])))?;
-        Ok(RawRecord {
-            height,
-            width,
-            channels,
-            codec,
-            payload,
-        })
+        let codec = Codec::from_id(r[17]).ok_or_else(|| corrupt(format!("unknown codec id {}", r[17])))?;
+        Ok(RawRecord { height, width, channels, codec, payload })
     }
 
     /// CRC-32 of the whole file (compared with the manifest by `Dataset::verify`).

@@ -10,10 +10,7 @@ use swav_data::augment::{random_resized_crop_box, CropDecision};
 use swav_data::*;
 
 fn rand_image(seed: u64, n: usize) -> Vec<f32> {
-    common::noise(seed, n)
-        .into_iter()
-        .map(|v| v as f32 / 255.0)
-        .collect()
+    common::noise(seed, n).into_iter().map(|v| v as f32 / 255.0).collect()
 }
 
 fn close(a: &[f32], b: &[f64], tol: f64) {
@@ -35,34 +32,18 @@ fn brightness_contrast_saturation_grayscale() {
 
     let mut a = img.clone();
     color::brightness(&mut a, 1.37);
-    close(
-        &a,
-        &px.iter().map(|&v| c(v * 1.37)).collect::<Vec<_>>(),
-        1e-6,
-    );
+    close(&a, &px.iter().map(|&v| c(v * 1.37)).collect::<Vec<_>>(), 1e-6);
 
     let mut a = img.clone();
     color::contrast(&mut a, 3, 0.55);
     let mean = px.chunks(3).map(gray).sum::<f64>() / (px.len() / 3) as f64;
-    close(
-        &a,
-        &px.iter()
-            .map(|&v| c(0.55 * v + 0.45 * mean))
-            .collect::<Vec<_>>(),
-        1e-5,
-    );
+    close(&a, &px.iter().map(|&v| c(0.55 * v + 0.45 * mean)).collect::<Vec<_>>(), 1e-5);
 
     // One channel: the mean of the image itself.
     let mut a = img.clone();
     color::contrast(&mut a, 1, 1.6);
     let mean1 = px.iter().sum::<f64>() / px.len() as f64;
-    close(
-        &a,
-        &px.iter()
-            .map(|&v| c(1.6 * v - 0.6 * mean1))
-            .collect::<Vec<_>>(),
-        1e-5,
-    );
+    close(&a, &px.iter().map(|&v| c(1.6 * v - 0.6 * mean1)).collect::<Vec<_>>(), 1e-5);
 
     let mut a = img.clone();
     color::saturation(&mut a, 3, 1.8);
@@ -70,20 +51,14 @@ fn brightness_contrast_saturation_grayscale() {
         .chunks(3)
         .flat_map(|p| {
             let g = gray(p);
-            p.iter()
-                .map(move |&v| c(1.8 * v - 0.8 * g))
-                .collect::<Vec<_>>()
+            p.iter().map(move |&v| c(1.8 * v - 0.8 * g)).collect::<Vec<_>>()
         })
         .collect();
     close(&a, &want, 1e-5);
 
     let mut a = img.clone();
     color::grayscale(&mut a, 3);
-    close(
-        &a,
-        &px.chunks(3).flat_map(|p| [gray(p); 3]).collect::<Vec<_>>(),
-        1e-6,
-    );
+    close(&a, &px.chunks(3).flat_map(|p| [gray(p); 3]).collect::<Vec<_>>(), 1e-6);
 
     // Saturation, hue and grayscale leave one-channel images alone.
     let mut a = img.clone();
@@ -160,10 +135,7 @@ fn random_resized_crop_boxes_respect_scale_and_ratio() {
     let (mut fallback, mut area_sum, mut log_ratio_sum, mut n) = (0, 0.0, 0.0, 0.0);
     for _ in 0..20_000 {
         let b = random_resized_crop_box(&mut rng, h, w, [0.14, 1.0], [0.75, 4.0 / 3.0]);
-        assert!(
-            b.height >= 1 && b.width >= 1 && b.top + b.height <= h && b.left + b.width <= w,
-            "{b:?}"
-        );
+        assert!(b.height >= 1 && b.width >= 1 && b.top + b.height <= h && b.left + b.width <= w, "{b:?}");
         let frac = (b.height * b.width) as f64 / (h * w) as f64;
         let ratio = b.width as f64 / b.height as f64;
         if (b.height, b.width) == (h, w) {
@@ -208,25 +180,9 @@ fn random_resized_crop_boxes_respect_scale_and_ratio() {
 
     // Impossible boxes: torchvision's centre fallback (ratio clamped to 4/3).
     let b = random_resized_crop_box(&mut rng, 100, 400, [1.0, 1.0], [0.75, 4.0 / 3.0]);
-    assert_eq!(
-        b,
-        CropBox {
-            top: 0,
-            left: 133,
-            height: 100,
-            width: 133
-        }
-    );
+    assert_eq!(b, CropBox { top: 0, left: 133, height: 100, width: 133 });
     let b = random_resized_crop_box(&mut rng, 400, 100, [1.0, 1.0], [0.75, 4.0 / 3.0]);
-    assert_eq!(
-        b,
-        CropBox {
-            top: 133,
-            left: 0,
-            height: 133,
-            width: 100
-        }
-    );
+    assert_eq!(b, CropBox { top: 133, left: 0, height: 133, width: 100 });
 }
 
 #[test]
@@ -260,12 +216,7 @@ fn crop_decisions_follow_the_probabilities() {
 }
 
 fn view(px: &[u8], h: usize, w: usize, c: usize) -> ImageView<'_> {
-    ImageView {
-        height: h,
-        width: w,
-        channels: c,
-        pixels: px,
-    }
+    ImageView { height: h, width: w, channels: c, pixels: px }
 }
 
 #[test]
@@ -274,56 +225,28 @@ fn resampling_weights_match_pil_bilinear() {
     let px = common::noise(3, h * w);
     let src = view(&px, h, w, 1);
     let mut r = Resampler::default();
-    let full = |oh: usize, ow: usize| Window {
-        y0: 0,
-        x0: 0,
-        h: oh,
-        w: ow,
-    };
+    let full = |oh: usize, ow: usize| Window { y0: 0, x0: 0, h: oh, w: ow };
 
     // Same size: identity.
     let mut out = vec![0.0; h * w];
     r.resample(src, (0, 0, h, w), (h, w), full(h, w), false, 1.0, &mut out);
-    close(
-        &out,
-        &px.iter().map(|&v| v as f64).collect::<Vec<_>>(),
-        1e-4,
-    );
+    close(&out, &px.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-4);
 
     // Halving one axis: PIL's triangle filter stretched to support 2 gives taps (1, 3, 3, 1) / 8.
     let mut out = vec![0.0; h * (w / 2)];
-    r.resample(
-        src,
-        (0, 0, h, w),
-        (h, w / 2),
-        full(h, w / 2),
-        false,
-        1.0,
-        &mut out,
-    );
+    r.resample(src, (0, 0, h, w), (h, w / 2), full(h, w / 2), false, 1.0, &mut out);
     for y in 0..h {
         for x in 1..w / 2 - 1 {
             let s = |i: usize| px[y * w + i] as f64;
             let want = (s(2 * x - 1) + 3.0 * s(2 * x) + 3.0 * s(2 * x + 1) + s(2 * x + 2)) / 8.0;
-            assert!(
-                (out[y * (w / 2) + x] as f64 - want).abs() < 1e-3,
-                "({y}, {x})"
-            );
+            assert!((out[y * (w / 2) + x] as f64 - want).abs() < 1e-3, "({y}, {x})");
         }
     }
 
     // Doubling: textbook bilinear interpolation at u = (x + 0.5) / 2 - 0.5, edges clamped.
     let (oh, ow) = (2 * h, 2 * w);
     let mut out = vec![0.0; oh * ow];
-    r.resample(
-        src,
-        (0, 0, h, w),
-        (oh, ow),
-        full(oh, ow),
-        false,
-        1.0,
-        &mut out,
-    );
+    r.resample(src, (0, 0, h, w), (oh, ow), full(oh, ow), false, 1.0, &mut out);
     let lerp1 = |n: usize, u: f64| -> (usize, usize, f64) {
         let u = u.clamp(0.0, (n - 1) as f64);
         let i = u.floor() as usize;
@@ -334,33 +257,19 @@ fn resampling_weights_match_pil_bilinear() {
             let (y0, y1, fy) = lerp1(h, (y as f64 + 0.5) / 2.0 - 0.5);
             let (x0, x1, fx) = lerp1(w, (x as f64 + 0.5) / 2.0 - 0.5);
             let p = |yy: usize, xx: usize| px[yy * w + xx] as f64;
-            let want = (1.0 - fy) * ((1.0 - fx) * p(y0, x0) + fx * p(y0, x1))
-                + fy * ((1.0 - fx) * p(y1, x0) + fx * p(y1, x1));
-            assert!(
-                (out[y * ow + x] as f64 - want).abs() < 1e-3,
-                "({y}, {x}): {} vs {want}",
-                out[y * ow + x]
-            );
+            let want =
+                (1.0 - fy) * ((1.0 - fx) * p(y0, x0) + fx * p(y0, x1)) + fy * ((1.0 - fx) * p(y1, x0) + fx * p(y1, x1));
+            assert!((out[y * ow + x] as f64 - want).abs() < 1e-3, "({y}, {x}): {} vs {want}", out[y * ow + x]);
         }
     }
 
     // A crop box reads only its own pixels: cropping then resizing == resizing the cropped copy.
     let (t, l, bh, bw) = (2, 3, 5, 9);
-    let cropped: Vec<u8> = (t..t + bh)
-        .flat_map(|y| px[y * w + l..y * w + l + bw].to_vec())
-        .collect();
+    let cropped: Vec<u8> = (t..t + bh).flat_map(|y| px[y * w + l..y * w + l + bw].to_vec()).collect();
     let mut a = vec![0.0; 7 * 4];
     let mut b = vec![0.0; 7 * 4];
     r.resample(src, (t, l, bh, bw), (7, 4), full(7, 4), false, 1.0, &mut a);
-    r.resample(
-        view(&cropped, bh, bw, 1),
-        (0, 0, bh, bw),
-        (7, 4),
-        full(7, 4),
-        false,
-        1.0,
-        &mut b,
-    );
+    r.resample(view(&cropped, bh, bw, 1), (0, 0, bh, bw), (7, 4), full(7, 4), false, 1.0, &mut b);
     assert_eq!(a, b);
 }
 
@@ -370,32 +279,11 @@ fn flip_mirrors_the_crop() {
     let px = common::noise(4, h * w * 3);
     let src = view(&px, h, w, 3);
     let mut r = Resampler::default();
-    let win = Window {
-        y0: 0,
-        x0: 0,
-        h: 12,
-        w: 12,
-    };
+    let win = Window { y0: 0, x0: 0, h: 12, w: 12 };
     let mut a = vec![0.0; 12 * 12 * 3];
     let mut b = vec![0.0; 12 * 12 * 3];
-    r.resample(
-        src,
-        (3, 5, 14, 17),
-        (12, 12),
-        win,
-        false,
-        1.0 / 255.0,
-        &mut a,
-    );
-    r.resample(
-        src,
-        (3, 5, 14, 17),
-        (12, 12),
-        win,
-        true,
-        1.0 / 255.0,
-        &mut b,
-    );
+    r.resample(src, (3, 5, 14, 17), (12, 12), win, false, 1.0 / 255.0, &mut a);
+    r.resample(src, (3, 5, 14, 17), (12, 12), win, true, 1.0 / 255.0, &mut b);
     for y in 0..12 {
         for x in 0..12 {
             for c in 0..3 {
@@ -411,16 +299,9 @@ fn blur_kernel_has_variance_sigma_squared() {
         let k = composed_kernel(sigma);
         let c = (k.len() / 2) as f64;
         let sum: f64 = k.iter().sum();
-        let var: f64 = k
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v * (i as f64 - c).powi(2))
-            .sum();
+        let var: f64 = k.iter().enumerate().map(|(i, &v)| v * (i as f64 - c).powi(2)).sum();
         assert!((sum - 1.0).abs() < 1e-6, "sigma {sigma}: sum {sum}");
-        assert!(
-            (var - (sigma as f64).powi(2)).abs() < 1e-4 * (1.0 + var),
-            "sigma {sigma}: variance {var}"
-        );
+        assert!((var - (sigma as f64).powi(2)).abs() < 1e-4 * (1.0 + var), "sigma {sigma}: variance {var}");
     }
     // PIL's extended box radius for sigma 1: sigma^2/3 = 1/3, L = sqrt(5), l = 0, a = -1/(6 (1/3 - 1)) = 1/4.
     assert!((extended_box_radius(1.0) - 0.25).abs() < 1e-6);
@@ -448,13 +329,8 @@ fn blur_of_an_impulse_is_the_separable_kernel() {
         for y in 0..n {
             for x in 0..n {
                 for ch in 0..c {
-                    let want = (1.0 + ch as f64)
-                        * kv(y as isize - mid as isize)
-                        * kv(x as isize - mid as isize);
-                    assert!(
-                        (img[(y * n + x) * c + ch] as f64 - want).abs() < 1e-5,
-                        "sigma {sigma} ({y},{x},{ch})"
-                    );
+                    let want = (1.0 + ch as f64) * kv(y as isize - mid as isize) * kv(x as isize - mid as isize);
+                    assert!((img[(y * n + x) * c + ch] as f64 - want).abs() < 1e-5, "sigma {sigma} ({y},{x},{ch})");
                 }
             }
         }
@@ -484,21 +360,12 @@ fn normalisation_and_channel_expansion() {
     let v = 200.0 / 255.0;
     for crop in &crops {
         for p in crop.chunks(3) {
-            close(
-                p,
-                &[(v - 0.1) / 0.5, (v - 0.2) / 0.25, (v - 0.3) / 2.0],
-                1e-5,
-            );
+            close(p, &[(v - 0.1) / 0.5, (v - 0.2) / 0.25, (v - 0.3) / 2.0], 1e-5);
         }
     }
     // Three-value normalisation on a one-channel output is refused with a clear message.
-    let err = MultiCropTransform::new(&cfg, 1, Layout::Nhwc, &[0.0], &[1.0])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("3 values") && err.contains("1 channel"),
-        "{err}"
-    );
+    let err = MultiCropTransform::new(&cfg, 1, Layout::Nhwc, &[0.0], &[1.0]).unwrap_err().to_string();
+    assert!(err.contains("3 values") && err.contains("1 channel"), "{err}");
     // Dataset statistics are the default.
     cfg.augment.mean = None;
     cfg.augment.std = None;
@@ -517,16 +384,9 @@ fn eval_transform_resize_centre_crop_and_padding() {
 
     // A horizontal ramp, resized to the same height and cropped: the crop is the central columns.
     let (h, w) = (10usize, 20usize);
-    let px: Vec<u8> = (0..h)
-        .flat_map(|_| (0..w).map(|x| (x * 10) as u8))
-        .collect();
+    let px: Vec<u8> = (0..h).flat_map(|_| (0..w).map(|x| (x * 10) as u8)).collect();
     let img = Image::new(h as u32, w as u32, 1, px).unwrap();
-    let cfg = EvalConfig {
-        resize: 10,
-        crop: 6,
-        mean: Some(vec![0.0]),
-        std: Some(vec![1.0]),
-    };
+    let cfg = EvalConfig { resize: 10, crop: 6, mean: Some(vec![0.0]), std: Some(vec![1.0]) };
     let t = EvalTransform::new(&cfg, 1, Layout::Nhwc, &[0.0], &[1.0]).unwrap();
     let out = t.apply(&img);
     // top = round((10 - 6) / 2) = 2, left = round((20 - 6) / 2) = 7.
@@ -536,25 +396,14 @@ fn eval_transform_resize_centre_crop_and_padding() {
         }
     }
     // Crop larger than the image: zero padding (2 before, 2 after for 10 -> 14), normalised.
-    let cfg = EvalConfig {
-        resize: 10,
-        crop: 14,
-        mean: Some(vec![0.5]),
-        std: Some(vec![0.5]),
-    };
+    let cfg = EvalConfig { resize: 10, crop: 14, mean: Some(vec![0.5]), std: Some(vec![0.5]) };
     let img = Image::new(10, 10, 1, vec![255u8; 100]).unwrap();
-    let out = EvalTransform::new(&cfg, 1, Layout::Nhwc, &[0.0], &[1.0])
-        .unwrap()
-        .apply(&img);
+    let out = EvalTransform::new(&cfg, 1, Layout::Nhwc, &[0.0], &[1.0]).unwrap().apply(&img);
     for y in 0..14 {
         for x in 0..14 {
             let inside = (2..12).contains(&y) && (2..12).contains(&x);
             let want = if inside { 1.0 } else { -1.0 };
-            assert!(
-                (out[y * 14 + x] - want).abs() < 1e-5,
-                "({y},{x}) = {}",
-                out[y * 14 + x]
-            );
+            assert!((out[y * 14 + x] - want).abs() < 1e-5, "({y},{x}) = {}", out[y * 14 + x]);
         }
     }
 }
@@ -576,28 +425,15 @@ fn configs_round_trip_through_toml_and_validate() {
     let cfg: MultiCropConfig = toml::from_str(text).unwrap();
     assert_eq!(cfg.augment.blur_p, 0.0);
     assert_eq!(cfg.augment.flip_p, 0.5);
-    assert_eq!(
-        MultiCropConfig::preset("2x224+6x96").unwrap(),
-        MultiCropConfig::official()
-    );
+    assert_eq!(MultiCropConfig::preset("2x224+6x96").unwrap(), MultiCropConfig::official());
     let p = MultiCropConfig::preset("2x160+4x96").unwrap();
-    assert_eq!(
-        (p.groups[0].min_scale, p.groups[1].max_scale, p.num_crops()),
-        (0.14, 0.14, 6)
-    );
-    assert_eq!(
-        MultiCropConfig::preset("3x64").unwrap().groups[0].min_scale,
-        0.08
-    );
+    assert_eq!((p.groups[0].min_scale, p.groups[1].max_scale, p.num_crops()), (0.14, 0.14, 6));
+    assert_eq!(MultiCropConfig::preset("3x64").unwrap().groups[0].min_scale, 0.08);
     assert!(MultiCropConfig::preset("lots").is_err());
     assert!(toml::from_str::<MultiCropConfig>("groups = []\nbogus = 1\n").is_err());
     let mut bad = MultiCropConfig::official();
     bad.groups[1].min_scale = 0.5;
-    assert!(bad
-        .validate()
-        .unwrap_err()
-        .to_string()
-        .contains("crop group 1"));
+    assert!(bad.validate().unwrap_err().to_string().contains("crop group 1"));
 }
 
 #[test]
@@ -607,25 +443,14 @@ fn degenerate_shapes_give_finite_crops() {
     cfg.augment.blur_p = 1.0;
     cfg.augment.grayscale_p = 0.5;
     let t3 = MultiCropTransform::new(&cfg, 3, Layout::Nchw, &[0.5], &[0.25]).unwrap();
-    let t1 = MultiCropTransform::new(
-        &MultiCropConfig::small(28, 16),
-        1,
-        Layout::Nhwc,
-        &[0.5],
-        &[0.25],
-    )
-    .unwrap();
+    let t1 = MultiCropTransform::new(&MultiCropConfig::small(28, 16), 1, Layout::Nhwc, &[0.5], &[0.25]).unwrap();
     let e = EvalTransform::new(&EvalConfig::imagenet(), 3, Layout::Nhwc, &[0.5], &[0.25]).unwrap();
     for (h, w) in [(1u32, 1u32), (1, 300), (300, 1), (2, 3), (5, 4000)] {
         for c in [1u8, 3] {
             let n = (h * w) as usize * c as usize;
             let img = Image::new(h, w, c, common::noise(h as u64 * 7 + w as u64, n)).unwrap();
             for i in 0..4 {
-                for crop in t3
-                    .crops(&img, 1, 0, i)
-                    .iter()
-                    .chain(&t1.crops(&img, 1, 0, i))
-                {
+                for crop in t3.crops(&img, 1, 0, i).iter().chain(&t1.crops(&img, 1, 0, i)) {
                     assert!(crop.iter().all(|v| v.is_finite()), "{h}x{w}x{c}");
                 }
             }

@@ -25,11 +25,7 @@ fn png_claiming(w: u32, h: u32) -> Vec<u8> {
     ihdr.extend(h.to_be_bytes());
     ihdr.extend([8, 0, 0, 0, 0]); // 8-bit grayscale
     chunk(&mut out, b"IHDR", &ihdr);
-    chunk(
-        &mut out,
-        b"IDAT",
-        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
-    );
+    chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
     chunk(&mut out, b"IEND", &[]);
     out
 }
@@ -70,12 +66,7 @@ fn bad_files_are_skipped_with_their_reasons() {
     std::fs::create_dir_all(&b).unwrap();
 
     // Good images.
-    let good = [
-        photo(1, 30, 20),
-        photo(2, 25, 25),
-        photo(3, 20, 33),
-        photo(4, 17, 18),
-    ];
+    let good = [photo(1, 30, 20), photo(2, 25, 25), photo(3, 20, 33), photo(4, 17, 18)];
     save_png(&a.join("good1.png"), &good[0]);
     save_png(&a.join("deeper/good2.png"), &good[1]);
     save_png(&b.join("good3.png"), &good[2]);
@@ -84,14 +75,10 @@ fn bad_files_are_skipped_with_their_reasons() {
     // Bad ones.
     std::fs::write(a.join("empty.jpg"), b"").unwrap();
     let mut jpg = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 90)
-        .encode_image(&photo(9, 64, 64))
-        .unwrap();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 90).encode_image(&photo(9, 64, 64)).unwrap();
     std::fs::write(a.join("truncated.jpg"), &jpg[..jpg.len() / 2]).unwrap();
     let mut png = Vec::new();
-    photo(8, 64, 64)
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .unwrap();
+    photo(8, 64, 64).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
     std::fs::write(a.join("truncated.png"), &png[..png.len() / 2]).unwrap();
     let mut garbage = b"\x89PNG\r\n\x1a\n".to_vec();
     garbage.extend(noise(7, 500));
@@ -119,25 +106,12 @@ fn bad_files_are_skipped_with_their_reasons() {
     let ds = Dataset::open(&out).unwrap();
     assert_eq!(ds.len(), 4);
     // Order: class, then path bytes ("deeper/good2.png" < "good1.png").
-    for (i, g) in [&good[1], &good[0], &good[2], &good[3]]
-        .into_iter()
-        .enumerate()
-    {
-        assert!(
-            ds.image(i).unwrap().pixels == g.as_raw().as_slice(),
-            "image {i} differs"
-        );
+    for (i, g) in [&good[1], &good[0], &good[2], &good[3]].into_iter().enumerate() {
+        assert!(ds.image(i).unwrap().pixels == g.as_raw().as_slice(), "image {i} differs");
     }
-    assert_eq!(
-        (0..4).map(|i| ds.label(i).unwrap()).collect::<Vec<_>>(),
-        [0, 0, 1, 1]
-    );
+    assert_eq!((0..4).map(|i| ds.label(i).unwrap()).collect::<Vec<_>>(), [0, 0, 1, 1]);
 
-    let reasons: BTreeMap<&str, &str> = report
-        .skipped
-        .iter()
-        .map(|s| (s.path.as_str(), s.reason.as_str()))
-        .collect();
+    let reasons: BTreeMap<&str, &str> = report.skipped.iter().map(|s| (s.path.as_str(), s.reason.as_str())).collect();
     let mut expected = vec![
         ("apples/empty.jpg", "empty file"),
         ("apples/truncated.jpg", "corrupt or truncated JPEG"),
@@ -157,16 +131,10 @@ fn bad_files_are_skipped_with_their_reasons() {
         ]);
     }
     for (path, why) in &expected {
-        let got = reasons
-            .get(path)
-            .unwrap_or_else(|| panic!("{path} not listed as skipped: {reasons:?}"));
+        let got = reasons.get(path).unwrap_or_else(|| panic!("{path} not listed as skipped: {reasons:?}"));
         assert!(got.contains(why), "{path}: expected `{why}`, got `{got}`");
     }
-    assert_eq!(
-        reasons.len(),
-        expected.len(),
-        "unexpected skips: {reasons:?}"
-    );
+    assert_eq!(reasons.len(), expected.len(), "unexpected skips: {reasons:?}");
     // The manifest lists the same, sorted.
     let mut listed = ds.manifest().skipped.clone();
     assert_eq!(listed.len(), expected.len());
@@ -186,26 +154,15 @@ fn pixel_limit_is_configurable() {
     let report = run(&opts).unwrap();
     assert_eq!(report.written, 1);
     assert_eq!(report.skipped.len(), 1);
-    assert!(
-        report.skipped[0]
-            .reason
-            .contains("50x50 exceed the limit of 1000 pixels"),
-        "{:?}",
-        report.skipped
-    );
+    assert!(report.skipped[0].reason.contains("50x50 exceed the limit of 1000 pixels"), "{:?}", report.skipped);
 }
 
 #[test]
 fn failures_are_clear_and_leave_no_output() {
     let tmp = tempfile::tempdir().unwrap();
     // Input missing.
-    let err = run(&options(&tmp.path().join("nope"), &tmp.path().join("o")))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("nope") && err.contains("does not exist"),
-        "{err}"
-    );
+    let err = run(&options(&tmp.path().join("nope"), &tmp.path().join("o"))).unwrap_err().to_string();
+    assert!(err.contains("nope") && err.contains("does not exist"), "{err}");
 
     // Nothing importable.
     let bad = tmp.path().join("bad");
@@ -214,21 +171,10 @@ fn failures_are_clear_and_leave_no_output() {
     std::fs::write(bad.join("b.png"), b"").unwrap();
     let out = tmp.path().join("o");
     let err = run(&options(&bad, &out)).unwrap_err().to_string();
-    assert!(
-        err.contains("no image could be imported") && err.contains("a.txt"),
-        "{err}"
-    );
+    assert!(err.contains("no image could be imported") && err.contains("a.txt"), "{err}");
     assert!(!out.exists());
-    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(
-        leftovers
-            .iter()
-            .all(|n| !n.to_string_lossy().contains(".tmp-")),
-        "{leftovers:?}"
-    );
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(leftovers.iter().all(|n| !n.to_string_lossy().contains(".tmp-")), "{leftovers:?}");
 
     // Empty folder.
     let empty = tmp.path().join("empty");
@@ -242,10 +188,7 @@ fn failures_are_clear_and_leave_no_output() {
     save_png(&good.join("x.png"), &photo(1, 8, 8));
     run(&options(&good, &out)).unwrap();
     let err = run(&options(&good, &out)).unwrap_err().to_string();
-    assert!(
-        err.contains("already exists") && err.contains("--overwrite"),
-        "{err}"
-    );
+    assert!(err.contains("already exists") && err.contains("--overwrite"), "{err}");
     save_png(&good.join("y.png"), &photo(2, 8, 8));
     let mut opts = options(&good, &out);
     opts.overwrite = true;
@@ -259,20 +202,13 @@ fn failures_are_clear_and_leave_no_output() {
     opts.overwrite = true;
     let err = run(&opts).unwrap_err().to_string();
     assert!(err.contains("not a swav-data dataset"), "{err}");
-    assert_eq!(
-        std::fs::read(foreign.join("precious.txt")).unwrap(),
-        b"keep me"
-    );
+    assert_eq!(std::fs::read(foreign.join("precious.txt")).unwrap(), b"keep me");
 
     // Output inside the input.
-    let err = run(&options(&good, &good.join("ds")))
-        .unwrap_err()
-        .to_string();
+    let err = run(&options(&good, &good.join("ds"))).unwrap_err().to_string();
     assert!(err.contains("must not contain each other"), "{err}");
 
     // A file that is not IDX.
-    let err = run(&options(&good.join("x.png"), &tmp.path().join("o3")))
-        .unwrap_err()
-        .to_string();
+    let err = run(&options(&good.join("x.png"), &tmp.path().join("o3"))).unwrap_err().to_string();
     assert!(err.contains("is a file"), "{err}");
 }

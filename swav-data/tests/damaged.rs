@@ -24,11 +24,7 @@ fn flip_byte(path: &Path, at: usize) {
 fn record_offset(shard: &[u8], r: usize) -> usize {
     let f = &shard[shard.len() - 32..];
     let index = u64::from_le_bytes(f[0..8].try_into().unwrap()) as usize;
-    u64::from_le_bytes(
-        shard[index + 16 * r..index + 16 * r + 8]
-            .try_into()
-            .unwrap(),
-    ) as usize
+    u64::from_le_bytes(shard[index + 16 * r..index + 16 * r + 8].try_into().unwrap()) as usize
 }
 
 #[test]
@@ -45,12 +41,7 @@ fn a_flipped_payload_byte_names_shard_and_record() {
         ds.image(i).unwrap();
     }
     match ds.image(3) {
-        Err(DataError::CorruptRecord {
-            shard,
-            record,
-            index,
-            problem,
-        }) => {
+        Err(DataError::CorruptRecord { shard, record, index, problem }) => {
             assert!(shard.ends_with("shard-00000.bin"));
             assert_eq!((record, index), (3, 3));
             assert!(problem.contains("checksum"), "{problem}");
@@ -58,26 +49,15 @@ fn a_flipped_payload_byte_names_shard_and_record() {
         other => panic!("expected a corrupt record error, got {other:?}"),
     }
     let msg = ds.image(3).unwrap_err().to_string();
-    assert!(
-        msg.contains("shard-00000.bin record 3") && msg.contains("preprocess"),
-        "{msg}"
-    );
+    assert!(msg.contains("shard-00000.bin record 3") && msg.contains("preprocess"), "{msg}");
     assert!(matches!(ds.verify(), Err(DataError::CorruptShard { .. })));
 
     // The loader reports the batch holding the damaged image and goes on with the others.
-    let cfg = LoaderConfig {
-        batch_size: 4,
-        workers: 2,
-        shuffle: false,
-        ..LoaderConfig::default()
-    };
+    let cfg = LoaderConfig { batch_size: 4, workers: 2, shuffle: false, ..LoaderConfig::default() };
     let mut loader = MultiCropLoader::new(&ds, &MultiCropConfig::small(16, 8), &cfg).unwrap();
     let results: Vec<_> = loader.epoch(0).collect();
     assert_eq!(results.len(), 3);
-    assert!(matches!(
-        results[0],
-        Err(DataError::CorruptRecord { record: 3, .. })
-    ));
+    assert!(matches!(results[0], Err(DataError::CorruptRecord { record: 3, .. })));
     assert!(results[1].is_ok() && results[2].is_ok());
 }
 
@@ -97,48 +77,29 @@ fn damaged_headers_index_and_sizes_are_detected_on_open() {
 
     // The index.
     std::fs::write(&shard, &good).unwrap();
-    let index =
-        u64::from_le_bytes(good[good.len() - 32..good.len() - 24].try_into().unwrap()) as usize;
+    let index = u64::from_le_bytes(good[good.len() - 32..good.len() - 24].try_into().unwrap()) as usize;
     flip_byte(&shard, index + 3);
     let msg = Dataset::open(&dir).unwrap_err().to_string();
-    assert!(
-        msg.contains("shard-00000.bin") && msg.contains("index checksum"),
-        "{msg}"
-    );
+    assert!(msg.contains("shard-00000.bin") && msg.contains("index checksum"), "{msg}");
 
     // Truncation.
     std::fs::write(&shard, &good[..good.len() - 100]).unwrap();
     let msg = Dataset::open(&dir).unwrap_err().to_string();
-    assert!(
-        msg.contains("shard-00000.bin") && msg.contains("bytes"),
-        "{msg}"
-    );
+    assert!(msg.contains("shard-00000.bin") && msg.contains("bytes"), "{msg}");
 
     // Missing shard, missing or foreign manifest, future version.
     std::fs::remove_file(&shard).unwrap();
     assert!(matches!(Dataset::open(&dir), Err(DataError::Io { .. })));
     std::fs::write(&shard, &good).unwrap();
     let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
-    std::fs::write(
-        dir.join("manifest.json"),
-        manifest.replace("\"format_version\": 1", "\"format_version\": 7"),
-    )
-    .unwrap();
-    assert!(matches!(
-        Dataset::open(&dir),
-        Err(DataError::UnsupportedVersion { found: 7, .. })
-    ));
+    std::fs::write(dir.join("manifest.json"), manifest.replace("\"format_version\": 1", "\"format_version\": 7"))
+        .unwrap();
+    assert!(matches!(Dataset::open(&dir), Err(DataError::UnsupportedVersion { found: 7, .. })));
     std::fs::write(dir.join("manifest.json"), "{}").unwrap();
-    assert!(matches!(
-        Dataset::open(&dir),
-        Err(DataError::NotADataset { .. })
-    ));
+    assert!(matches!(Dataset::open(&dir), Err(DataError::NotADataset { .. })));
     std::fs::remove_file(dir.join("manifest.json")).unwrap();
     let msg = Dataset::open(&dir).unwrap_err().to_string();
-    assert!(
-        msg.contains("manifest.json is missing") && msg.contains("cargo xtask preprocess"),
-        "{msg}"
-    );
+    assert!(msg.contains("manifest.json is missing") && msg.contains("cargo xtask preprocess"), "{msg}");
 }
 
 #[test]
@@ -162,8 +123,7 @@ fn every_single_byte_flip_is_caught() {
         let mut b = good.clone();
         b[at] ^= 0xff;
         std::fs::write(&shard, &b).unwrap();
-        let outcome = Dataset::open(&dir)
-            .and_then(|ds| (0..2).map(|i| ds.image(i)).collect::<Result<Vec<_>, _>>());
+        let outcome = Dataset::open(&dir).and_then(|ds| (0..2).map(|i| ds.image(i)).collect::<Result<Vec<_>, _>>());
         match outcome {
             Err(_) => caught += 1,
             Ok(images) => assert_eq!(images, originals, "byte {at} changed the pixels undetected"),

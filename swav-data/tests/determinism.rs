@@ -30,11 +30,7 @@ fn preprocess_output_is_byte_identical_for_any_worker_count() {
     }
     for t in &trees[2..] {
         let first = trees.iter().find(|x| x.0 == t.0).unwrap();
-        assert!(
-            t.1 == first.1,
-            "output differs between worker counts for {:?}",
-            t.0
-        );
+        assert!(t.1 == first.1, "output differs between worker counts for {:?}", t.0);
     }
 }
 
@@ -43,10 +39,7 @@ fn collect(loader: &mut MultiCropLoader, epoch: u64) -> Vec<(Vec<usize>, Vec<Vec
         .epoch(epoch)
         .map(|b| {
             let b = b.unwrap();
-            (
-                b.indices().to_vec(),
-                b.groups().map(|g| g.data.to_vec()).collect(),
-            )
+            (b.indices().to_vec(), b.groups().map(|g| g.data.to_vec()).collect())
         })
         .collect()
 }
@@ -58,36 +51,18 @@ fn batches_do_not_depend_on_workers_and_change_with_epoch() {
     let crops = MultiCropConfig::small(24, 12);
     let mut runs = Vec::new();
     for (workers, prefetch) in [(0usize, 1usize), (1, 1), (3, 4)] {
-        let cfg = LoaderConfig {
-            batch_size: 4,
-            seed: 7,
-            workers,
-            prefetch,
-            ..LoaderConfig::default()
-        };
+        let cfg = LoaderConfig { batch_size: 4, seed: 7, workers, prefetch, ..LoaderConfig::default() };
         let mut loader = MultiCropLoader::new(&ds, &crops, &cfg).unwrap();
         assert_eq!(loader.steps_per_epoch(), 4); // 18 images, drop_last
         runs.push((collect(&mut loader, 0), collect(&mut loader, 1)));
     }
     for r in &runs[1..] {
-        assert!(
-            r.0 == runs[0].0 && r.1 == runs[0].1,
-            "batches differ between worker counts"
-        );
+        assert!(r.0 == runs[0].0 && r.1 == runs[0].1, "batches differ between worker counts");
     }
     let (e0, e1) = &runs[0];
-    assert_ne!(
-        e0.iter().map(|b| &b.0).collect::<Vec<_>>(),
-        e1.iter().map(|b| &b.0).collect::<Vec<_>>()
-    );
+    assert_ne!(e0.iter().map(|b| &b.0).collect::<Vec<_>>(), e1.iter().map(|b| &b.0).collect::<Vec<_>>());
     // A different seed gives different crops of the same image.
-    let cfg = LoaderConfig {
-        batch_size: 4,
-        seed: 8,
-        workers: 2,
-        shuffle: false,
-        ..LoaderConfig::default()
-    };
+    let cfg = LoaderConfig { batch_size: 4, seed: 8, workers: 2, shuffle: false, ..LoaderConfig::default() };
     let a = collect(&mut MultiCropLoader::new(&ds, &crops, &cfg).unwrap(), 0);
     let cfg = LoaderConfig { seed: 9, ..cfg };
     let b = collect(&mut MultiCropLoader::new(&ds, &crops, &cfg).unwrap(), 0);
@@ -101,14 +76,8 @@ fn batch_layout_is_crop_major_and_matches_the_transform() {
     let ds = photo_dataset(tmp.path(), 2, 5);
     let crops = MultiCropConfig::official();
     for layout in [Layout::Nhwc, Layout::Nchw] {
-        let cfg = LoaderConfig {
-            batch_size: 3,
-            seed: 11,
-            workers: 2,
-            layout,
-            channels: Some(3),
-            ..LoaderConfig::default()
-        };
+        let cfg =
+            LoaderConfig { batch_size: 3, seed: 11, workers: 2, layout, channels: Some(3), ..LoaderConfig::default() };
         let mut loader = MultiCropLoader::new(&ds, &crops, &cfg).unwrap();
         let batch = loader.epoch(2).next().unwrap().unwrap();
         assert_eq!(batch.len(), 3);
@@ -130,19 +99,11 @@ fn batch_layout_is_crop_major_and_matches_the_transform() {
             let want = loader.transform().crops(&img, 11, 2, index as u64);
             assert_eq!(want.len(), 8);
             for (k, want_k) in want.iter().enumerate().take(2) {
-                assert!(
-                    g0.image(k, i) == want_k.as_slice(),
-                    "group 0 crop {k} image {i}"
-                );
-                assert!(
-                    &g0.data[(k * 3 + i) * 224 * 224 * 3..][..224 * 224 * 3] == want_k.as_slice()
-                );
+                assert!(g0.image(k, i) == want_k.as_slice(), "group 0 crop {k} image {i}");
+                assert!(&g0.data[(k * 3 + i) * 224 * 224 * 3..][..224 * 224 * 3] == want_k.as_slice());
             }
             for k in 0..6 {
-                assert!(
-                    g1.image(k, i) == want[2 + k].as_slice(),
-                    "group 1 crop {k} image {i}"
-                );
+                assert!(g1.image(k, i) == want[2 + k].as_slice(), "group 1 crop {k} image {i}");
             }
             assert_eq!(batch.labels()[i], ds.label(index));
         }
@@ -155,12 +116,7 @@ fn nchw_is_the_transpose_of_nhwc() {
     let ds = photo_dataset(tmp.path(), 1, 3);
     let crops = MultiCropConfig::small(20, 10);
     let get = |layout| {
-        let cfg = LoaderConfig {
-            batch_size: 2,
-            workers: 1,
-            layout,
-            ..LoaderConfig::default()
-        };
+        let cfg = LoaderConfig { batch_size: 2, workers: 1, layout, ..LoaderConfig::default() };
         let mut l = MultiCropLoader::new(&ds, &crops, &cfg).unwrap();
         let b = l.epoch(0).next().unwrap().unwrap();
         b.group(0).image(1, 1).to_vec()
@@ -204,10 +160,7 @@ fn distributed_sampler_semantics() {
     }
     // Rank slices interleave the shuffled order like DistributedSampler (indices[rank::world]).
     let full = epoch_order(12, 5, 2, true, 0, 1, true);
-    assert_eq!(
-        epoch_order(12, 5, 2, true, 1, 3, true),
-        vec![full[1], full[4], full[7], full[10]]
-    );
+    assert_eq!(epoch_order(12, 5, 2, true, 1, 3, true), vec![full[1], full[4], full[7], full[10]]);
     // Unshuffled order is the identity.
     assert_eq!(epoch_order(5, 0, 0, false, 0, 1, true), vec![0, 1, 2, 3, 4]);
 
@@ -215,45 +168,22 @@ fn distributed_sampler_semantics() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = photo_dataset(tmp.path(), 1, 11);
     let crops = MultiCropConfig::small(16, 8);
-    let cfg = LoaderConfig {
-        batch_size: 2,
-        workers: 1,
-        world_size: 2,
-        rank: 1,
-        ..LoaderConfig::default()
-    };
+    let cfg = LoaderConfig { batch_size: 2, workers: 1, world_size: 2, rank: 1, ..LoaderConfig::default() };
     let mut l = MultiCropLoader::new(&ds, &crops, &cfg).unwrap();
     assert_eq!(l.samples_per_epoch(), 5);
     assert_eq!(l.steps_per_epoch(), 2);
-    assert_eq!(
-        l.epoch(0).map(|b| b.unwrap().len()).collect::<Vec<_>>(),
-        vec![2, 2]
-    );
-    let cfg = LoaderConfig {
-        drop_last: false,
-        ..cfg
-    };
+    assert_eq!(l.epoch(0).map(|b| b.unwrap().len()).collect::<Vec<_>>(), vec![2, 2]);
+    let cfg = LoaderConfig { drop_last: false, ..cfg };
     let mut l = MultiCropLoader::new(&ds, &crops, &cfg).unwrap();
     assert_eq!(l.samples_per_epoch(), 6);
     assert_eq!(l.steps_per_epoch(), 3);
     let sizes: Vec<usize> = l.epoch(0).map(|b| b.unwrap().len()).collect();
     assert_eq!(sizes, vec![2, 2, 2]);
     // Too few images for one batch is a configuration error that says what to do.
-    let cfg = LoaderConfig {
-        batch_size: 64,
-        workers: 1,
-        ..LoaderConfig::default()
-    };
-    let err = MultiCropLoader::new(&ds, &crops, &cfg)
-        .err()
-        .unwrap()
-        .to_string();
+    let cfg = LoaderConfig { batch_size: 64, workers: 1, ..LoaderConfig::default() };
+    let err = MultiCropLoader::new(&ds, &crops, &cfg).err().unwrap().to_string();
     assert!(err.contains("lower batch_size"), "{err}");
-    let cfg = LoaderConfig {
-        rank: 2,
-        world_size: 2,
-        ..LoaderConfig::default()
-    };
+    let cfg = LoaderConfig { rank: 2, world_size: 2, ..LoaderConfig::default() };
     assert!(MultiCropLoader::new(&ds, &crops, &cfg).is_err());
 }
 
@@ -261,12 +191,7 @@ fn distributed_sampler_semantics() {
 fn buffers_are_recycled() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = photo_dataset(tmp.path(), 1, 8);
-    let cfg = LoaderConfig {
-        batch_size: 2,
-        workers: 1,
-        prefetch: 1,
-        ..LoaderConfig::default()
-    };
+    let cfg = LoaderConfig { batch_size: 2, workers: 1, prefetch: 1, ..LoaderConfig::default() };
     let mut l = MultiCropLoader::new(&ds, &MultiCropConfig::small(16, 8), &cfg).unwrap();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..3 {
@@ -282,12 +207,7 @@ fn buffers_are_recycled() {
 fn dropping_stops_promptly() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = photo_dataset(tmp.path(), 2, 10);
-    let cfg = LoaderConfig {
-        batch_size: 4,
-        workers: 2,
-        prefetch: 4,
-        ..LoaderConfig::default()
-    };
+    let cfg = LoaderConfig { batch_size: 4, workers: 2, prefetch: 4, ..LoaderConfig::default() };
     let crops = MultiCropConfig::official();
     let mut l = MultiCropLoader::new(&ds, &crops, &cfg).unwrap();
     {
@@ -297,15 +217,7 @@ fn dropping_stops_promptly() {
     }
     let first = l.epoch(1).next().unwrap().unwrap();
     let again = {
-        let mut l2 = MultiCropLoader::new(
-            &ds,
-            &crops,
-            &LoaderConfig {
-                workers: 1,
-                ..cfg.clone()
-            },
-        )
-        .unwrap();
+        let mut l2 = MultiCropLoader::new(&ds, &crops, &LoaderConfig { workers: 1, ..cfg.clone() }).unwrap();
         let b = l2.epoch(1).next().unwrap().unwrap();
         b.group(1).data.to_vec()
     };
@@ -317,11 +229,7 @@ fn dropping_stops_promptly() {
     drop(e);
     let t = Instant::now();
     drop(l);
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "drop took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(2), "drop took {:?}", t.elapsed());
     // A batch may outlive its loader.
     drop(_b);
 }
@@ -330,24 +238,12 @@ fn dropping_stops_promptly() {
 fn eval_loader_covers_everything_in_order() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = photo_dataset(tmp.path(), 2, 5);
-    let cfg = LoaderConfig {
-        batch_size: 4,
-        workers: 2,
-        ..LoaderConfig::default()
-    };
-    let eval = EvalConfig {
-        resize: 32,
-        crop: 28,
-        mean: Some(vec![0.5]),
-        std: Some(vec![0.25]),
-    };
+    let cfg = LoaderConfig { batch_size: 4, workers: 2, ..LoaderConfig::default() };
+    let eval = EvalConfig { resize: 32, crop: 28, mean: Some(vec![0.5]), std: Some(vec![0.25]) };
     let mut l = EvalLoader::new(&ds, &eval, &cfg).unwrap();
     assert_eq!(l.steps(), 3);
     let batches: Vec<Batch> = l.iter().map(|b| b.unwrap()).collect();
-    assert_eq!(
-        batches.iter().map(|b| b.len()).collect::<Vec<_>>(),
-        vec![4, 4, 2]
-    );
+    assert_eq!(batches.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![4, 4, 2]);
     let all: Vec<usize> = batches.iter().flat_map(|b| b.indices().to_vec()).collect();
     assert_eq!(all, (0..10).collect::<Vec<_>>());
     for b in &batches {

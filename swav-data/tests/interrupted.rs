@@ -30,37 +30,23 @@ fn killed_run_leaves_no_complete_looking_output() {
         save_png(&input.join(format!("{i:03}.png")), &img);
     }
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "killed_run_leaves_no_complete_looking_output",
-            "--exact",
-            "--nocapture",
-        ])
+        .args(["killed_run_leaves_no_complete_looking_output", "--exact", "--nocapture"])
         .env(CHILD, tmp.path())
         .spawn()
         .unwrap();
     // Wait until the child has written part of a shard into its temporary directory.
     let start = Instant::now();
     let building = loop {
-        let found = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .find(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.starts_with(".out.tmp-")
-                    && std::fs::metadata(e.path().join("shard-00000.bin"))
-                        .is_ok_and(|m| m.len() > 0)
-            });
+        let found = std::fs::read_dir(tmp.path()).unwrap().filter_map(|e| e.ok()).find(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(".out.tmp-")
+                && std::fs::metadata(e.path().join("shard-00000.bin")).is_ok_and(|m| m.len() > 0)
+        });
         if let Some(e) = found {
             break e.path();
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the child never started writing"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the child finished before it could be interrupted"
-        );
+        assert!(start.elapsed() < Duration::from_secs(60), "the child never started writing");
+        assert!(child.try_wait().unwrap().is_none(), "the child finished before it could be interrupted");
         std::thread::sleep(Duration::from_millis(20));
     };
     child.kill().unwrap();

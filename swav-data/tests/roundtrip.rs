@@ -15,16 +15,12 @@ fn folder_round_trip_is_lossless_with_raw_zstd() {
     // RGB PNG, grayscale PNG (kept 1 channel), RGBA PNG (alpha dropped), BMP, nested file.
     let rgb = photo(1, 37, 23);
     save_png(&input.join("cats/a.png"), &rgb);
-    let gray =
-        image::GrayImage::from_fn(19, 31, |x, y| image::Luma([((x * 7 + y * 13) % 256) as u8]));
+    let gray = image::GrayImage::from_fn(19, 31, |x, y| image::Luma([((x * 7 + y * 13) % 256) as u8]));
     gray.save(input.join("cats/b.png")).unwrap();
-    let rgba = image::RgbaImage::from_fn(8, 9, |x, y| {
-        image::Rgba([x as u8 * 20, y as u8 * 20, 7, 100])
-    });
+    let rgba = image::RgbaImage::from_fn(8, 9, |x, y| image::Rgba([x as u8 * 20, y as u8 * 20, 7, 100]));
     rgba.save(input.join("dogs/c.png")).unwrap();
     let bmp = photo(2, 16, 12);
-    bmp.save_with_format(input.join("dogs/d.bmp"), image::ImageFormat::Bmp)
-        .unwrap();
+    bmp.save_with_format(input.join("dogs/d.bmp"), image::ImageFormat::Bmp).unwrap();
     let nested = photo(3, 5, 7);
     save_png(&input.join("dogs/nested/e.png"), &nested);
 
@@ -42,31 +38,18 @@ fn folder_round_trip_is_lossless_with_raw_zstd() {
     let expect: Vec<(u32, u32, u8, Vec<u8>, u32)> = vec![
         (23, 37, 3, rgb.into_raw(), 0),
         (31, 19, 1, gray.into_raw(), 0),
-        (
-            9,
-            8,
-            3,
-            rgba.pixels().flat_map(|p| [p[0], p[1], p[2]]).collect(),
-            1,
-        ),
+        (9, 8, 3, rgba.pixels().flat_map(|p| [p[0], p[1], p[2]]).collect(), 1),
         (12, 16, 3, bmp.into_raw(), 1),
         (7, 5, 3, nested.into_raw(), 1),
     ];
     for (i, (h, w, c, px, label)) in expect.into_iter().enumerate() {
         let img = ds.image(i).unwrap();
-        assert_eq!(
-            (img.height, img.width, img.channels),
-            (h, w, c),
-            "image {i}"
-        );
+        assert_eq!((img.height, img.width, img.channels), (h, w, c), "image {i}");
         assert_eq!(img.pixels, px, "image {i}");
         assert_eq!(ds.label(i), Some(label));
     }
     assert_eq!(ds.label(5), None);
-    assert!(matches!(
-        ds.image(5),
-        Err(DataError::IndexOutOfRange { index: 5, len: 5 })
-    ));
+    assert!(matches!(ds.image(5), Err(DataError::IndexOutOfRange { index: 5, len: 5 })));
     let v = ds.verify().unwrap();
     assert_eq!(v.images, 5);
 }
@@ -90,14 +73,7 @@ fn unlabelled_folder_and_many_shards() {
     let ds = Dataset::open(&out).unwrap();
     assert!(ds.classes().is_empty());
     assert!(!ds.manifest().labelled);
-    assert_eq!(
-        ds.manifest()
-            .shards
-            .iter()
-            .map(|s| s.records)
-            .sum::<usize>(),
-        12
-    );
+    assert_eq!(ds.manifest().shards.iter().map(|s| s.records).sum::<usize>(), 12);
     for (i, px) in originals.iter().enumerate() {
         assert_eq!(&ds.image(i).unwrap().pixels, px);
         assert_eq!(ds.label(i), None);
@@ -139,19 +115,12 @@ fn idx_defects_are_errors_naming_the_file() {
     // Truncated pixels.
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() - 3]).unwrap();
-    let err = run(&options(&file, &tmp.path().join("o1")))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("t-images-idx3-ubyte") && err.contains("truncated"),
-        "{err}"
-    );
+    let err = run(&options(&file, &tmp.path().join("o1"))).unwrap_err().to_string();
+    assert!(err.contains("t-images-idx3-ubyte") && err.contains("truncated"), "{err}");
     // Missing labels.
     std::fs::write(&file, &bytes).unwrap();
     std::fs::remove_file(tmp.path().join("t-labels-idx1-ubyte")).unwrap();
-    let err = run(&options(&file, &tmp.path().join("o2")))
-        .unwrap_err()
-        .to_string();
+    let err = run(&options(&file, &tmp.path().join("o2"))).unwrap_err().to_string();
     assert!(err.contains("labels"), "{err}");
     assert!(!tmp.path().join("o1").exists() && !tmp.path().join("o2").exists());
 }
@@ -173,9 +142,7 @@ fn embedded_fashion_mnist_split() {
     // Independent decoding of the IDX file.
     let mut raw = Vec::new();
     use std::io::Read;
-    flate2::read::GzDecoder::new(std::fs::File::open(&file).unwrap())
-        .read_to_end(&mut raw)
-        .unwrap();
+    flate2::read::GzDecoder::new(std::fs::File::open(&file).unwrap()).read_to_end(&mut raw).unwrap();
     for i in [0usize, 1, 4_999, 9_999] {
         let px = &raw[16 + i * 784..16 + (i + 1) * 784];
         assert_eq!(ds.image(i).unwrap().pixels, px);
@@ -199,17 +166,9 @@ fn jpeg_codec_keeps_original_bytes_and_reencodes_resized() {
     run(&opts).unwrap();
     let ds = Dataset::open(&out).unwrap();
     // The stored JPEG is the original file, so it decodes to what a JPEG decoder gives for the file.
-    let direct = image::load_from_memory(&std::fs::read(input.join("a.jpg")).unwrap())
-        .unwrap()
-        .into_rgb8();
+    let direct = image::load_from_memory(&std::fs::read(input.join("a.jpg")).unwrap()).unwrap().into_rgb8();
     let a = ds.image(0).unwrap();
-    let max_diff = a
-        .pixels
-        .iter()
-        .zip(direct.as_raw())
-        .map(|(&x, &y)| (x as i32 - y as i32).abs())
-        .max()
-        .unwrap();
+    let max_diff = a.pixels.iter().zip(direct.as_raw()).map(|(&x, &y)| (x as i32 - y as i32).abs()).max().unwrap();
     assert!(max_diff <= 1, "{max_diff}");
     let b = ds.image(1).unwrap();
     assert_eq!((b.height, b.width), (64, 64));

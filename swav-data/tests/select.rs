@@ -27,18 +27,11 @@ fn selecting_ranges_splits_an_idx_file_into_disjoint_parts() {
     let (a, b) = (part(0..7, "a"), part(7..10, "b"));
     assert_eq!((a.len(), b.len()), (7, 3));
     for i in 0..3 {
-        assert_eq!(
-            b.image(i).unwrap().pixels,
-            &pixels[(7 + i) * 16..(8 + i) * 16],
-            "image {i} of the second part"
-        );
+        assert_eq!(b.image(i).unwrap().pixels, &pixels[(7 + i) * 16..(8 + i) * 16], "image {i} of the second part");
     }
     assert_eq!(a.image(6).unwrap().pixels, &pixels[6 * 16..7 * 16]);
     assert_eq!((a.label(6), b.label(0)), (Some(0), Some(1)));
     let mut opts = common::options(&idx, &tmp.path().join("c"));
     opts.select = Some(5..11);
-    assert!(
-        common::run(&opts).is_err(),
-        "a selection past the end is refused"
-    );
+    assert!(common::run(&opts).is_err(), "a selection past the end is refused");
 }

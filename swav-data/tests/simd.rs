@@ -13,14 +13,7 @@ fn avx2_and_baseline_kernels_agree_bit_for_bit() {
     crops.augment.jitter_p = 1.0;
     crops.augment.blur_p = 1.0;
     let t3 = MultiCropTransform::new(&crops, 3, Layout::Nhwc, &[0.5], &[0.25]).unwrap();
-    let t1 = MultiCropTransform::new(
-        &MultiCropConfig::small(24, 12),
-        1,
-        Layout::Nchw,
-        &[0.5],
-        &[0.25],
-    )
-    .unwrap();
+    let t1 = MultiCropTransform::new(&MultiCropConfig::small(24, 12), 1, Layout::Nchw, &[0.5], &[0.25]).unwrap();
     let e = EvalTransform::new(&EvalConfig::imagenet(), 3, Layout::Nchw, &[0.5], &[0.25]).unwrap();
     let run = || {
         let mut out = Vec::new();
@@ -38,9 +31,6 @@ fn avx2_and_baseline_kernels_agree_bit_for_bit() {
     augment::set_simd_enabled(true);
     assert_eq!(fast.len(), base.len());
     for (k, (a, b)) in fast.iter().zip(&base).enumerate() {
-        assert!(
-            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "crop {k} differs"
-        );
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "crop {k} differs");
     }
 }

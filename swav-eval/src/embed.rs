@@ -47,11 +47,7 @@ pub fn embed(
     let f: Features = extract_features(model, dataset, &transform, opts, progress)?;
     npy::write(output, &[f.n, f.dim], &f.data)?;
     if let Some(path) = labels_output {
-        let labels: Vec<i64> = f
-            .labels_for("the labels file")?
-            .iter()
-            .map(|&l| l as i64)
-            .collect();
+        let labels: Vec<i64> = f.labels_for("the labels file")?.iter().map(|&l| l as i64).collect();
         npy::write(path, &[f.n], &labels)?;
     }
     Ok(EmbedSummary {

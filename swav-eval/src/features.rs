@@ -32,37 +32,18 @@ impl Features {
     /// Features with `data.len() / dim` rows; `classes` is one more than the largest label (0 without
     /// labels). Fails on a ragged matrix, a label count that differs from the row count, or a
     /// non-finite value.
-    pub fn new(
-        data: Vec<f32>,
-        dim: usize,
-        labels: Option<Vec<u32>>,
-    ) -> Result<Features, EvalError> {
+    pub fn new(data: Vec<f32>, dim: usize, labels: Option<Vec<u32>>) -> Result<Features, EvalError> {
         if dim == 0 || !data.len().is_multiple_of(dim) {
-            return Err(EvalError::Invalid(format!(
-                "{} feature values do not make rows of {dim}",
-                data.len()
-            )));
+            return Err(EvalError::Invalid(format!("{} feature values do not make rows of {dim}", data.len())));
         }
         let n = data.len() / dim;
         if let Some(l) = &labels {
             if l.len() != n {
-                return Err(EvalError::Invalid(format!(
-                    "{} labels for {n} feature rows",
-                    l.len()
-                )));
+                return Err(EvalError::Invalid(format!("{} labels for {n} feature rows", l.len())));
             }
         }
-        let classes = labels
-            .as_ref()
-            .and_then(|l| l.iter().max())
-            .map_or(0, |&m| m as usize + 1);
-        let f = Features {
-            data,
-            n,
-            dim,
-            labels,
-            classes,
-        };
+        let classes = labels.as_ref().and_then(|l| l.iter().max()).map_or(0, |&m| m as usize + 1);
+        let f = Features { data, n, dim, labels, classes };
         f.check_finite("features")?;
         Ok(f)
     }
@@ -74,11 +55,9 @@ impl Features {
 
     /// The labels, or an error that says what `what` needs them for.
     pub fn labels_for(&self, what: &str) -> Result<&[u32], EvalError> {
-        self.labels.as_deref().ok_or_else(|| {
-            EvalError::Invalid(format!(
-                "{what} needs labelled features, these have no labels"
-            ))
-        })
+        self.labels
+            .as_deref()
+            .ok_or_else(|| EvalError::Invalid(format!("{what} needs labelled features, these have no labels")))
     }
 
     pub(crate) fn check_finite(&self, what: &str) -> Result<(), EvalError> {
@@ -104,17 +83,19 @@ pub struct ExtractOptions {
 
 impl Default for ExtractOptions {
     fn default() -> Self {
-        ExtractOptions {
-            batch_size: 256,
-            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        }
+        ExtractOptions { batch_size: 256, workers: std::thread::available_parallelism().map_or(1, |n| n.get()) }
     }
 }
 
 /// The evaluation transform of a model: shorter side resized to [`Preprocessing::eval_resize`], centre
 /// crop of `input_size`, normalised with the model's mean and std.
 pub fn input_transform(pre: &Preprocessing) -> Result<EvalConfig, EvalError> {
-    let cfg = EvalConfig { resize: pre.eval_resize(), crop: pre.input_size, mean: Some(pre.mean.clone()), std: Some(pre.std.clone()) };
+    let cfg = EvalConfig {
+        resize: pre.eval_resize(),
+        crop: pre.input_size,
+        mean: Some(pre.mean.clone()),
+        std: Some(pre.std.clone()),
+    };
     cfg.validate()?;
     Ok(cfg)
 }
@@ -175,26 +156,11 @@ pub fn extract_features(
         progress(data.len() / dim, total);
     }
     if data.len() != total * dim {
-        return Err(EvalError::Invalid(format!(
-            "the loader gave {} images of {total}",
-            data.len() / dim
-        )));
+        return Err(EvalError::Invalid(format!("the loader gave {} images of {total}", data.len() / dim)));
     }
-    let classes = if labelled {
-        dataset
-            .classes()
-            .len()
-            .max(labels.iter().max().map_or(0, |&m| m as usize + 1))
-    } else {
-        0
-    };
-    let features = Features {
-        data,
-        n: total,
-        dim,
-        labels: labelled.then_some(labels),
-        classes,
-    };
+    let classes =
+        if labelled { dataset.classes().len().max(labels.iter().max().map_or(0, |&m| m as usize + 1)) } else { 0 };
+    let features = Features { data, n: total, dim, labels: labelled.then_some(labels), classes };
     features.check_finite(&format!("features of {}", dataset.dir().display()))?;
     Ok(features)
 }

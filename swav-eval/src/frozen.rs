@@ -103,12 +103,8 @@ impl EvalReport {
     /// Reads a report written by [`EvalReport::write`].
     pub fn read(path: &Path) -> Result<EvalReport, EvalError> {
         let bytes = std::fs::read(path).map_err(|e| FsError::new(path, e))?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            EvalError::Invalid(format!(
-                "{}: not an evaluation report ({e})",
-                path.display()
-            ))
-        })
+        serde_json::from_slice(&bytes)
+            .map_err(|e| EvalError::Invalid(format!("{}: not an evaluation report ({e})", path.display())))
     }
 }
 
@@ -134,12 +130,7 @@ pub fn check_labelled(train: &Dataset, test: &Dataset) -> Result<(), EvalError> 
     if train.classes() != test.classes() {
         let show = |c: &[String]| {
             let head: Vec<&str> = c.iter().take(6).map(String::as_str).collect();
-            format!(
-                "{} classes [{}{}]",
-                c.len(),
-                head.join(", "),
-                if c.len() > 6 { ", ..." } else { "" }
-            )
+            format!("{} classes [{}{}]", c.len(), head.join(", "), if c.len() > 6 { ", ..." } else { "" })
         };
         return Err(EvalError::Invalid(format!(
             "the training data ({}) and the test data ({}) have different classes: {} against {}; label i must mean the same class in both",
@@ -166,45 +157,24 @@ pub fn evaluate_model(
     let extract = |data: &Dataset, split: &str| {
         let task = format!("{name}: {split} features");
         extract_features(model, data, transform, &opts.extract, &|done, total| {
-            progress(Progress {
-                task: &task,
-                done,
-                total,
-            })
+            progress(Progress { task: &task, done, total })
         })
     };
     let train_f = extract(train, "train")?;
     let test_f = extract(test, "test")?;
     let features_s = t0.elapsed().as_secs_f64();
 
-    let stage =
-        |label: &str, f: &dyn Fn() -> Result<f64, EvalError>| -> Result<(f64, f64), EvalError> {
-            let task = format!("{name}: {label}");
-            progress(Progress {
-                task: &task,
-                done: 0,
-                total: 1,
-            });
-            let t = Instant::now();
-            let acc = f()?;
-            progress(Progress {
-                task: &task,
-                done: 1,
-                total: 1,
-            });
-            Ok((acc, t.elapsed().as_secs_f64()))
-        };
+    let stage = |label: &str, f: &dyn Fn() -> Result<f64, EvalError>| -> Result<(f64, f64), EvalError> {
+        let task = format!("{name}: {label}");
+        progress(Progress { task: &task, done: 0, total: 1 });
+        let t = Instant::now();
+        let acc = f()?;
+        progress(Progress { task: &task, done: 1, total: 1 });
+        Ok((acc, t.elapsed().as_secs_f64()))
+    };
     let (knn_top1, knn_s) = stage("k-NN", &|| knn_top1(&train_f, &test_f, &opts.knn))?;
-    let (linear_top1, probe_s) = stage("linear probe", &|| {
-        linear_probe_top1(&train_f, &test_f, &opts.probe)
-    })?;
-    Ok(Scores {
-        knn_top1,
-        linear_top1,
-        features_s,
-        knn_s,
-        probe_s,
-    })
+    let (linear_top1, probe_s) = stage("linear probe", &|| linear_probe_top1(&train_f, &test_f, &opts.probe))?;
+    Ok(Scores { knn_top1, linear_top1, features_s, knn_s, probe_s })
 }
 
 /// Evaluates the model file `checkpoint` on `train` (k-NN memory, probe training) and `test`, and the
@@ -231,32 +201,13 @@ pub fn evaluate(
         transform.mean.as_deref().unwrap_or_default(),
         transform.std.as_deref().unwrap_or_default()
     );
-    let scores = evaluate_model(
-        "checkpoint",
-        &model,
-        train,
-        test,
-        &transform,
-        opts,
-        progress,
-    )?;
+    let scores = evaluate_model("checkpoint", &model, train, test, &transform, opts, progress)?;
     let baseline = match opts.baseline {
         None => None,
         Some(b @ Baseline::Random { seed }) => {
             let random = SwavModel::new(model.config.clone(), seed)?;
-            let scores = evaluate_model(
-                "random init",
-                &random,
-                train,
-                test,
-                &transform,
-                opts,
-                progress,
-            )?;
-            Some(BaselineReport {
-                baseline: b,
-                scores,
-            })
+            let scores = evaluate_model("random init", &random, train, test, &transform, opts, progress)?;
+            Some(BaselineReport { baseline: b, scores })
         }
     };
     Ok(EvalReport {

@@ -28,10 +28,7 @@ pub struct KnnConfig {
 
 impl Default for KnnConfig {
     fn default() -> Self {
-        KnnConfig {
-            k: 200,
-            temperature: 0.1,
-        }
+        KnnConfig { k: 200, temperature: 0.1 }
     }
 }
 
@@ -45,12 +42,7 @@ pub fn l2_normalized(f: &Features) -> Vec<f32> {
     let mut out = f.data.clone();
     if f.dim > 0 {
         for row in out.chunks_exact_mut(f.dim) {
-            let norm = row
-                .iter()
-                .map(|&v| v as f64 * v as f64)
-                .sum::<f64>()
-                .sqrt()
-                .max(1e-12);
+            let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt().max(1e-12);
             let inv = (1.0 / norm) as f32;
             row.iter_mut().for_each(|v| *v *= inv);
         }
@@ -59,11 +51,7 @@ pub fn l2_normalized(f: &Features) -> Vec<f32> {
 }
 
 /// The predicted class of every test row.
-pub fn knn_predict(
-    train: &Features,
-    test: &Features,
-    cfg: &KnnConfig,
-) -> Result<Vec<u32>, EvalError> {
+pub fn knn_predict(train: &Features, test: &Features, cfg: &KnnConfig) -> Result<Vec<u32>, EvalError> {
     let labels = train.labels_for("k-NN classification (training set)")?;
     if train.dim != test.dim {
         return Err(EvalError::Invalid(format!(
@@ -72,9 +60,7 @@ pub fn knn_predict(
         )));
     }
     if train.n == 0 {
-        return Err(EvalError::Invalid(
-            "k-NN classification needs at least one training image".into(),
-        ));
+        return Err(EvalError::Invalid("k-NN classification needs at least one training image".into()));
     }
     if cfg.k == 0 || !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
         return Err(EvalError::Invalid(format!(
@@ -85,9 +71,7 @@ pub fn knn_predict(
     train.check_finite("training features")?;
     test.check_finite("test features")?;
     let k = cfg.k.min(train.n);
-    let classes = train
-        .classes
-        .max(labels.iter().max().map_or(0, |&m| m as usize + 1));
+    let classes = train.classes.max(labels.iter().max().map_or(0, |&m| m as usize + 1));
     let (n, d) = (train.n, train.dim);
     let train_n = l2_normalized(train);
     let test_n = l2_normalized(test);

@@ -35,14 +35,7 @@ pub struct ProbeConfig {
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        ProbeConfig {
-            epochs: 30,
-            batch_size: 256,
-            lr: 0.1,
-            momentum: 0.9,
-            weight_decay: 1e-4,
-            seed: 0,
-        }
+        ProbeConfig { epochs: 30, batch_size: 256, lr: 0.1, momentum: 0.9, weight_decay: 1e-4, seed: 0 }
     }
 }
 
@@ -114,9 +107,7 @@ const PROBE_STREAM: u64 = 0x0050_524F_4245;
 pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearProbe, EvalError> {
     let labels = train.labels_for("the linear probe (training set)")?;
     if train.n == 0 || train.dim == 0 {
-        return Err(EvalError::Invalid(
-            "the linear probe needs at least one training image".into(),
-        ));
+        return Err(EvalError::Invalid("the linear probe needs at least one training image".into()));
     }
     if cfg.epochs == 0
         || cfg.batch_size == 0
@@ -130,10 +121,7 @@ pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearP
     }
     train.check_finite("training features")?;
     let (n, d) = (train.n, train.dim);
-    let c = train
-        .classes
-        .max(labels.iter().max().map_or(0, |&m| m as usize + 1))
-        .max(1);
+    let c = train.classes.max(labels.iter().max().map_or(0, |&m| m as usize + 1)).max(1);
 
     // Standardisation constants of the L2-normalised training rows (f64 sums).
     let x = l2_normalized(train);
@@ -149,24 +137,13 @@ pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearP
     let scale: Vec<f32> = (0..d)
         .map(|j| {
             let m = sum[j] / n as f64;
-            let var = if n > 1 {
-                ((sq[j] - n as f64 * m * m) / (n - 1) as f64).max(0.0)
-            } else {
-                0.0
-            };
+            let var = if n > 1 { ((sq[j] - n as f64 * m * m) / (n - 1) as f64).max(0.0) } else { 0.0 };
             (var.sqrt() + 1e-6) as f32
         })
         .collect();
     let x = standardize(x, d, &mean, &scale);
 
-    let mut probe = LinearProbe {
-        weight: vec![0.0; c * d],
-        bias: vec![0.0; c],
-        classes: c,
-        dim: d,
-        mean,
-        scale,
-    };
+    let mut probe = LinearProbe { weight: vec![0.0; c * d], bias: vec![0.0; c], classes: c, dim: d, mean, scale };
     let mut v_w = vec![0.0f32; c * d];
     let mut v_b = vec![0.0f32; c];
     let b = cfg.batch_size.min(n);
@@ -212,9 +189,7 @@ pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearP
             for row in logits.chunks_exact(c) {
                 g_b.iter_mut().zip(row).for_each(|(g, v)| *g += v);
             }
-            let lr =
-                (0.5 * cfg.lr as f64 * (1.0 + (std::f64::consts::PI * step as f64 / total).cos()))
-                    as f32;
+            let lr = (0.5 * cfg.lr as f64 * (1.0 + (std::f64::consts::PI * step as f64 / total).cos())) as f32;
             for ((w, v), g) in probe.weight.iter_mut().zip(&mut v_w).zip(&g_w) {
                 *v = cfg.momentum * *v + g + cfg.weight_decay * *w;
                 *w -= lr * *v;
@@ -226,26 +201,14 @@ pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearP
             step += 1;
         }
     }
-    if probe
-        .weight
-        .iter()
-        .chain(&probe.bias)
-        .any(|v| !v.is_finite())
-    {
-        return Err(EvalError::Invalid(format!(
-            "the linear probe diverged (lr {}): lower --probe-lr",
-            cfg.lr
-        )));
+    if probe.weight.iter().chain(&probe.bias).any(|v| !v.is_finite()) {
+        return Err(EvalError::Invalid(format!("the linear probe diverged (lr {}): lower --probe-lr", cfg.lr)));
     }
     Ok(probe)
 }
 
 /// Trains a probe on `train` and returns its accuracy on `test`.
-pub fn linear_probe_top1(
-    train: &Features,
-    test: &Features,
-    cfg: &ProbeConfig,
-) -> Result<f64, EvalError> {
+pub fn linear_probe_top1(train: &Features, test: &Features, cfg: &ProbeConfig) -> Result<f64, EvalError> {
     let truth = test.labels_for("linear probe accuracy (test set)")?;
     let probe = train_linear_probe(train, cfg)?;
     Ok(accuracy(&probe.predict(test)?, truth))

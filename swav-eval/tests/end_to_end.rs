@@ -47,36 +47,19 @@ fn image(c: usize, seed: usize) -> image::GrayImage {
 fn folder(root: &Path, name: &str, classes: usize, per_class: usize, labelled: bool) -> PathBuf {
     let dir = root.join(name);
     for c in 0..classes {
-        let d = if labelled {
-            dir.join(format!("class{c}"))
-        } else {
-            dir.clone()
-        };
+        let d = if labelled { dir.join(format!("class{c}")) } else { dir.clone() };
         std::fs::create_dir_all(&d).unwrap();
         for i in 0..per_class {
-            image(c, i + 1000 * c)
-                .save(d.join(format!("c{c}-{i:03}.png")))
-                .unwrap();
+            image(c, i + 1000 * c).save(d.join(format!("c{c}-{i:03}.png"))).unwrap();
         }
     }
     dir
 }
 
 fn dataset(root: &Path, name: &str, classes: usize, per_class: usize, labelled: bool) -> Dataset {
-    let input = folder(
-        root,
-        &format!("{name}-images"),
-        classes,
-        per_class,
-        labelled,
-    );
+    let input = folder(root, &format!("{name}-images"), classes, per_class, labelled);
     let output = root.join(name);
-    let opts = PreprocessOptions {
-        input,
-        output: output.clone(),
-        workers: 1,
-        ..PreprocessOptions::default()
-    };
+    let opts = PreprocessOptions { input, output: output.clone(), workers: 1, ..PreprocessOptions::default() };
     preprocess(&opts, &|_| {}).unwrap();
     Dataset::open(&output).unwrap()
 }
@@ -91,15 +74,8 @@ fn model_file(dir: &Path) -> PathBuf {
 
 fn options() -> EvalOptions {
     EvalOptions {
-        probe: ProbeConfig {
-            epochs: 20,
-            batch_size: 16,
-            ..ProbeConfig::default()
-        },
-        extract: ExtractOptions {
-            batch_size: 16,
-            workers: 2,
-        },
+        probe: ProbeConfig { epochs: 20, batch_size: 16, ..ProbeConfig::default() },
+        extract: ExtractOptions { batch_size: 16, workers: 2 },
         baseline: Some(Baseline::Random { seed: 5 }),
         ..EvalOptions::default()
     }
@@ -113,64 +89,26 @@ fn evaluate_writes_a_report_with_the_baseline() {
     let ckpt = model_file(dir.path());
 
     let report = evaluate(&ckpt, &train, &test, &options(), &|_| {}).unwrap();
-    assert_eq!(
-        (
-            report.train_images,
-            report.test_images,
-            report.classes,
-            report.feature_dim
-        ),
-        (60, 30, 3, 64)
-    );
-    assert_eq!(
-        (
-            report.input.crop,
-            report.input.resize,
-            report.input.channels
-        ),
-        (14, 14, 1)
-    );
-    assert_eq!(
-        (report.input.mean.clone(), report.input.std.clone()),
-        (vec![0.45], vec![0.35])
-    );
+    assert_eq!((report.train_images, report.test_images, report.classes, report.feature_dim), (60, 30, 3, 64));
+    assert_eq!((report.input.crop, report.input.resize, report.input.channels), (14, 14, 1));
+    assert_eq!((report.input.mean.clone(), report.input.std.clone()), (vec![0.45], vec![0.35]));
     // The classes differ in brightness and texture: even random features separate them.
-    assert!(
-        report.knn_top1 >= 0.9 && report.linear_top1 >= 0.9,
-        "{report:?}"
-    );
+    assert!(report.knn_top1 >= 0.9 && report.linear_top1 >= 0.9, "{report:?}");
     let b = report.baseline.as_ref().unwrap();
     assert_eq!(b.baseline, Baseline::Random { seed: 5 });
-    assert!(
-        (0.0..=1.0).contains(&b.scores.knn_top1) && (0.0..=1.0).contains(&b.scores.linear_top1)
-    );
+    assert!((0.0..=1.0).contains(&b.scores.knn_top1) && (0.0..=1.0).contains(&b.scores.linear_top1));
 
     // Deterministic: the same numbers again.
     let again = evaluate(&ckpt, &train, &test, &options(), &|_| {}).unwrap();
-    assert_eq!(
-        (again.knn_top1, again.linear_top1),
-        (report.knn_top1, report.linear_top1)
-    );
-    assert_eq!(
-        again.baseline.unwrap().scores.linear_top1,
-        b.scores.linear_top1
-    );
+    assert_eq!((again.knn_top1, again.linear_top1), (report.knn_top1, report.linear_top1));
+    assert_eq!(again.baseline.unwrap().scores.linear_top1, b.scores.linear_top1);
 
     // eval.json: the documented keys, read back unchanged.
     let run = dir.path().join("run");
     std::fs::create_dir_all(&run).unwrap();
     report.write(&run.join("eval.json")).unwrap();
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("eval.json")).unwrap()).unwrap();
-    for key in [
-        "checkpoint",
-        "knn_top1",
-        "linear_top1",
-        "baseline",
-        "train_images",
-        "test_images",
-        "feature_dim",
-    ] {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("eval.json")).unwrap()).unwrap();
+    for key in ["checkpoint", "knn_top1", "linear_top1", "baseline", "train_images", "test_images", "feature_dim"] {
         assert!(json.get(key).is_some(), "eval.json lacks {key}: {json}");
     }
     assert_eq!(json["baseline"]["kind"], "random");
@@ -184,7 +122,9 @@ fn features_come_in_index_order_with_the_models_preprocessing() {
     let data = dataset(dir.path(), "data", 2, 9, true);
     let model = SwavModel::new(tiny_config(), 1).unwrap();
     let none = BTreeMap::new();
-    let resolve = |input_size| Preprocessing::resolve(&model.config, &none, &Overrides { input_size, ..Overrides::default() }).unwrap();
+    let resolve = |input_size| {
+        Preprocessing::resolve(&model.config, &none, &Overrides { input_size, ..Overrides::default() }).unwrap()
+    };
     // No metadata: swav-model's one set of defaults (small stem: 32 px; one channel: 0.5 / 0.5).
     let d = input_transform(&resolve(None)).unwrap();
     assert_eq!((d.crop, d.resize, d.mean.clone().unwrap(), d.std.clone().unwrap()), (32, 32, vec![0.5], vec![0.5]));
@@ -196,28 +136,8 @@ fn features_come_in_index_order_with_the_models_preprocessing() {
     assert_eq!((t.crop, t.resize), (14, 14));
 
     // Batch size does not change the features (batch 4 leaves a last batch of 2).
-    let f4 = extract_features(
-        &model,
-        &data,
-        &t,
-        &ExtractOptions {
-            batch_size: 4,
-            workers: 2,
-        },
-        &|_, _| {},
-    )
-    .unwrap();
-    let f18 = extract_features(
-        &model,
-        &data,
-        &t,
-        &ExtractOptions {
-            batch_size: 18,
-            workers: 0,
-        },
-        &|_, _| {},
-    )
-    .unwrap();
+    let f4 = extract_features(&model, &data, &t, &ExtractOptions { batch_size: 4, workers: 2 }, &|_, _| {}).unwrap();
+    let f18 = extract_features(&model, &data, &t, &ExtractOptions { batch_size: 18, workers: 0 }, &|_, _| {}).unwrap();
     assert_eq!((f4.n, f4.dim, f4.classes), (18, 64, 2));
     let labels: Vec<u32> = (0..18).map(|i| data.label(i).unwrap()).collect();
     assert_eq!(f4.labels.as_ref().unwrap(), &labels);
@@ -225,11 +145,7 @@ fn features_come_in_index_order_with_the_models_preprocessing() {
         assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
     }
     // Row i is image i: the features of image 3 alone equal row 3.
-    let one = model
-        .features(
-            &swav_tensor::Tensor::from_vec(&[1, 14, 14, 1], image3(&data, &t)).unwrap(),
-        )
-        .unwrap();
+    let one = model.features(&swav_tensor::Tensor::from_vec(&[1, 14, 14, 1], image3(&data, &t)).unwrap()).unwrap();
     for (a, b) in one.as_slice().iter().zip(f4.row(3)) {
         assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
     }
@@ -237,14 +153,7 @@ fn features_come_in_index_order_with_the_models_preprocessing() {
 
 fn image3(data: &Dataset, t: &swav_data::EvalConfig) -> Vec<f32> {
     let m = data.manifest();
-    let transform = swav_data::EvalTransform::new(
-        t,
-        1,
-        swav_data::Layout::Nhwc,
-        &m.pixel_mean,
-        &m.pixel_std,
-    )
-    .unwrap();
+    let transform = swav_data::EvalTransform::new(t, 1, swav_data::Layout::Nhwc, &m.pixel_mean, &m.pixel_std).unwrap();
     transform.apply(&data.image(3).unwrap())
 }
 
@@ -254,20 +163,8 @@ fn embed_writes_features_and_labels_that_read_back() {
     let data = dataset(dir.path(), "data", 3, 5, true);
     let ckpt = model_file(dir.path());
     let (out, labels_out) = (dir.path().join("f.npy"), dir.path().join("l.npy"));
-    let opts = ExtractOptions {
-        batch_size: 8,
-        workers: 1,
-    };
-    let s = embed(
-        &ckpt,
-        &data,
-        &out,
-        Some(&labels_out),
-        None,
-        &opts,
-        &|_, _| {},
-    )
-    .unwrap();
+    let opts = ExtractOptions { batch_size: 8, workers: 1 };
+    let s = embed(&ckpt, &data, &out, Some(&labels_out), None, &opts, &|_, _| {}).unwrap();
     assert_eq!((s.images, s.feature_dim, s.labels), (15, 64, true));
 
     let loaded = ModelFile::read(&ckpt).unwrap();
@@ -286,10 +183,7 @@ fn errors_name_the_problem() {
     let two_classes = dataset(dir.path(), "two", 2, 3, true);
     let unlabelled = dataset(dir.path(), "unlabelled", 2, 3, false);
     let ckpt = model_file(dir.path());
-    let opts = EvalOptions {
-        baseline: None,
-        ..options()
-    };
+    let opts = EvalOptions { baseline: None, ..options() };
     let err = |r: Result<EvalReport, swav_eval::EvalError>| r.unwrap_err().to_string();
 
     let e = err(evaluate(&ckpt, &unlabelled, &labelled, &opts, &|_| {}));
@@ -301,19 +195,10 @@ fn errors_name_the_problem() {
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"definitely not safetensors").unwrap();
     let e = err(evaluate(&junk, &labelled, &labelled, &opts, &|_| {}));
-    assert!(
-        e.contains("junk.safetensors") && e.contains("not a valid safetensors"),
-        "{e}"
-    );
+    assert!(e.contains("junk.safetensors") && e.contains("not a valid safetensors"), "{e}");
     let foreign = dir.path().join("foreign.safetensors");
     let mut state = swav_model::checkpoint::NamedTensors::default();
-    state.tensors.insert(
-        "conv1.weight".into(),
-        swav_model::checkpoint::Value::F32 {
-            shape: vec![1],
-            data: vec![0.0],
-        },
-    );
+    state.tensors.insert("conv1.weight".into(), swav_model::checkpoint::Value::F32 { shape: vec![1], data: vec![0.0] });
     state.write(&foreign).unwrap();
     let e = err(evaluate(&foreign, &labelled, &labelled, &opts, &|_| {}));
     assert!(e.contains("not a swav-rs model file"), "{e}");
@@ -322,22 +207,11 @@ fn errors_name_the_problem() {
 
     // Embedding unlabelled data works; asking for its labels does not.
     let out = dir.path().join("u.npy");
-    let opts = ExtractOptions {
-        batch_size: 4,
-        workers: 1,
-    };
+    let opts = ExtractOptions { batch_size: 4, workers: 1 };
     embed(&ckpt, &unlabelled, &out, None, None, &opts, &|_, _| {}).unwrap();
     assert_eq!(read_npy::<f32>(&out).unwrap().0, vec![6, 64]);
-    let e = embed(
-        &ckpt,
-        &unlabelled,
-        &out,
-        Some(&dir.path().join("l.npy")),
-        None,
-        &opts,
-        &|_, _| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let e = embed(&ckpt, &unlabelled, &out, Some(&dir.path().join("l.npy")), None, &opts, &|_, _| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no labels"), "{e}");
 }

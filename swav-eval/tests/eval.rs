@@ -38,12 +38,7 @@ fn random_features(rng: &mut Rng, n: usize, dim: usize, classes: u32) -> Feature
 /// The k-NN of the module docs, written out plainly in f64: full sort by (similarity desc, index asc).
 fn brute_force_knn(train: &Features, test: &Features, k: usize, t: f64) -> Vec<u32> {
     let norm = |r: &[f32]| -> Vec<f64> {
-        let n = r
-            .iter()
-            .map(|&v| v as f64 * v as f64)
-            .sum::<f64>()
-            .sqrt()
-            .max(1e-12);
+        let n = r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt().max(1e-12);
         r.iter().map(|&v| v as f64 / n).collect()
     };
     let tr: Vec<Vec<f64>> = (0..train.n).map(|i| norm(train.row(i))).collect();
@@ -51,11 +46,8 @@ fn brute_force_knn(train: &Features, test: &Features, k: usize, t: f64) -> Vec<u
     (0..test.n)
         .map(|q| {
             let x = norm(test.row(q));
-            let mut sims: Vec<(f64, usize)> = tr
-                .iter()
-                .enumerate()
-                .map(|(j, r)| (r.iter().zip(&x).map(|(a, b)| a * b).sum(), j))
-                .collect();
+            let mut sims: Vec<(f64, usize)> =
+                tr.iter().enumerate().map(|(j, r)| (r.iter().zip(&x).map(|(a, b)| a * b).sum(), j)).collect();
             sims.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
             let mut votes = vec![0.0f64; train.classes];
             for &(s, j) in sims.iter().take(k) {
@@ -78,40 +70,13 @@ fn knn_matches_brute_force() {
     // 300 test rows: more than one GEMM block of test rows.
     let train = random_features(&mut rng, 400, 24, 5);
     let test = random_features(&mut rng, 300, 24, 5);
-    for (k, t) in [
-        (1, 0.1),
-        (7, 0.1),
-        (20, 0.5),
-        (200, 0.1),
-        (400, 0.07),
-        (1000, 0.1),
-    ] {
-        let got = knn_predict(
-            &train,
-            &test,
-            &KnnConfig {
-                k,
-                temperature: t as f32,
-            },
-        )
-        .unwrap();
+    for (k, t) in [(1, 0.1), (7, 0.1), (20, 0.5), (200, 0.1), (400, 0.07), (1000, 0.1)] {
+        let got = knn_predict(&train, &test, &KnnConfig { k, temperature: t as f32 }).unwrap();
         let want = brute_force_knn(&train, &test, k, t);
         assert_eq!(got, want, "k = {k}, temperature = {t}");
-        let acc = knn_top1(
-            &train,
-            &test,
-            &KnnConfig {
-                k,
-                temperature: t as f32,
-            },
-        )
-        .unwrap();
-        let want_acc = want
-            .iter()
-            .zip(test.labels.as_ref().unwrap())
-            .filter(|(p, l)| p == l)
-            .count() as f64
-            / test.n as f64;
+        let acc = knn_top1(&train, &test, &KnnConfig { k, temperature: t as f32 }).unwrap();
+        let want_acc =
+            want.iter().zip(test.labels.as_ref().unwrap()).filter(|(p, l)| p == l).count() as f64 / test.n as f64;
         assert_eq!(acc, want_acc);
     }
 }
@@ -123,10 +88,7 @@ fn knn_ties_go_to_the_lower_index_and_scale_does_not_matter() {
     let b = Features::new(vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0], 2, Some(vec![1, 0, 1])).unwrap();
     // The query is a scaled copy of the first rows: cosine similarity ignores the scale.
     let q = Features::new(vec![5.0, 0.0], 2, Some(vec![0])).unwrap();
-    let cfg = KnnConfig {
-        k: 1,
-        temperature: 0.1,
-    };
+    let cfg = KnnConfig { k: 1, temperature: 0.1 };
     assert_eq!(knn_predict(&a, &q, &cfg).unwrap(), vec![0]);
     assert_eq!(knn_predict(&b, &q, &cfg).unwrap(), vec![1]);
 }
@@ -139,11 +101,7 @@ fn clustered(rng: &mut Rng, centres: &[Vec<f32>], n: usize, noise: f32) -> Featu
     for _ in 0..n {
         let c = rng.below(centres.len() as u32);
         labels.push(c);
-        data.extend(
-            centres[c as usize]
-                .iter()
-                .map(|&v| v + noise * rng.normal()),
-        );
+        data.extend(centres[c as usize].iter().map(|&v| v + noise * rng.normal()));
     }
     Features::new(data, dim, Some(labels)).unwrap()
 }
@@ -151,9 +109,7 @@ fn clustered(rng: &mut Rng, centres: &[Vec<f32>], n: usize, noise: f32) -> Featu
 #[test]
 fn knn_finds_planted_clusters() {
     let mut rng = Rng(11);
-    let centres: Vec<Vec<f32>> = (0..10)
-        .map(|_| (0..64).map(|_| rng.normal()).collect())
-        .collect();
+    let centres: Vec<Vec<f32>> = (0..10).map(|_| (0..64).map(|_| rng.normal()).collect()).collect();
     let train = clustered(&mut rng, &centres, 2000, 0.3);
     let test = clustered(&mut rng, &centres, 500, 0.3);
     let acc = knn_top1(&train, &test, &KnnConfig::default()).unwrap();
@@ -167,30 +123,11 @@ fn knn_rejects_bad_input() {
     let other_dim = random_features(&mut rng, 10, 5, 2);
     let unlabelled = Features::new(vec![0.5; 40], 4, None).unwrap();
     let cfg = KnnConfig::default();
-    assert!(matches!(
-        knn_top1(&train, &other_dim, &cfg),
-        Err(EvalError::Invalid(_))
-    ));
+    assert!(matches!(knn_top1(&train, &other_dim, &cfg), Err(EvalError::Invalid(_))));
     let err = knn_top1(&unlabelled, &train, &cfg).unwrap_err().to_string();
     assert!(err.contains("labels"), "{err}");
-    assert!(knn_top1(
-        &train,
-        &train,
-        &KnnConfig {
-            k: 0,
-            temperature: 0.1
-        }
-    )
-    .is_err());
-    assert!(knn_top1(
-        &train,
-        &train,
-        &KnnConfig {
-            k: 5,
-            temperature: 0.0
-        }
-    )
-    .is_err());
+    assert!(knn_top1(&train, &train, &KnnConfig { k: 0, temperature: 0.1 }).is_err());
+    assert!(knn_top1(&train, &train, &KnnConfig { k: 5, temperature: 0.0 }).is_err());
     assert!(Features::new(vec![1.0, f32::NAN], 2, None).is_err());
     assert!(Features::new(vec![1.0; 6], 2, Some(vec![0, 1])).is_err());
     assert!(Features::new(vec![1.0; 5], 2, None).is_err());
@@ -205,10 +142,7 @@ fn linearly_labelled(rng: &mut Rng, w: &[Vec<f32>], n: usize) -> Features {
     for _ in 0..n {
         // Dimensions of unequal scales: the probe standardises them.
         let x: Vec<f32> = (0..dim).map(|j| (1.0 + j as f32) * rng.normal()).collect();
-        let scores: Vec<f32> = w
-            .iter()
-            .map(|r| r.iter().zip(&x).map(|(a, b)| a * b).sum())
-            .collect();
+        let scores: Vec<f32> = w.iter().map(|r| r.iter().zip(&x).map(|(a, b)| a * b).sum()).collect();
         let best = (0..scores.len()).fold(0, |b, c| if scores[c] > scores[b] { c } else { b });
         labels.push(best as u32);
         data.extend(x);
@@ -219,22 +153,14 @@ fn linearly_labelled(rng: &mut Rng, w: &[Vec<f32>], n: usize) -> Features {
 #[test]
 fn linear_probe_fits_separable_data() {
     let mut rng = Rng(5);
-    let w: Vec<Vec<f32>> = (0..4)
-        .map(|_| (0..20).map(|j| rng.normal() / (1.0 + j as f32)).collect())
-        .collect();
+    let w: Vec<Vec<f32>> = (0..4).map(|_| (0..20).map(|j| rng.normal() / (1.0 + j as f32)).collect()).collect();
     let train = linearly_labelled(&mut rng, &w, 3000);
     let test = linearly_labelled(&mut rng, &w, 1000);
-    let cfg = ProbeConfig {
-        epochs: 30,
-        ..ProbeConfig::default()
-    };
+    let cfg = ProbeConfig { epochs: 30, ..ProbeConfig::default() };
     let acc = linear_probe_top1(&train, &test, &cfg).unwrap();
     assert!(acc >= 0.95, "linear probe on separable data: {acc}");
     // Deterministic: the same classifier bit for bit.
-    assert_eq!(
-        train_linear_probe(&train, &cfg).unwrap(),
-        train_linear_probe(&train, &cfg).unwrap()
-    );
+    assert_eq!(train_linear_probe(&train, &cfg).unwrap(), train_linear_probe(&train, &cfg).unwrap());
 }
 
 #[test]
@@ -243,10 +169,7 @@ fn linear_probe_is_at_chance_on_shuffled_labels() {
     let train = random_features(&mut rng, 3000, 32, 4);
     let test = random_features(&mut rng, 2000, 32, 4);
     let acc = linear_probe_top1(&train, &test, &ProbeConfig::default()).unwrap();
-    assert!(
-        (0.20..=0.30).contains(&acc),
-        "linear probe on random labels: {acc} (chance 0.25)"
-    );
+    assert!((0.20..=0.30).contains(&acc), "linear probe on random labels: {acc} (chance 0.25)");
 }
 
 #[test]
@@ -254,26 +177,11 @@ fn linear_probe_rejects_bad_settings() {
     let mut rng = Rng(1);
     let f = random_features(&mut rng, 20, 3, 2);
     for cfg in [
-        ProbeConfig {
-            epochs: 0,
-            ..ProbeConfig::default()
-        },
-        ProbeConfig {
-            lr: -1.0,
-            ..ProbeConfig::default()
-        },
-        ProbeConfig {
-            momentum: 1.0,
-            ..ProbeConfig::default()
-        },
-        ProbeConfig {
-            batch_size: 0,
-            ..ProbeConfig::default()
-        },
+        ProbeConfig { epochs: 0, ..ProbeConfig::default() },
+        ProbeConfig { lr: -1.0, ..ProbeConfig::default() },
+        ProbeConfig { momentum: 1.0, ..ProbeConfig::default() },
+        ProbeConfig { batch_size: 0, ..ProbeConfig::default() },
     ] {
-        assert!(
-            matches!(linear_probe_top1(&f, &f, &cfg), Err(EvalError::Invalid(_))),
-            "{cfg:?}"
-        );
+        assert!(matches!(linear_probe_top1(&f, &f, &cfg), Err(EvalError::Invalid(_))), "{cfg:?}");
     }
 }

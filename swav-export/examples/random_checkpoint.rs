@@ -14,10 +14,7 @@ use swav_model::{Arch, ModelConfig, ModelFile, Preprocessing, SwavModel};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(out) = args.first() else {
-        return Err(
-            "usage: random_checkpoint OUT.safetensors [ARCH] [WIDTH] [standard|small] [INPUT_SIZE]"
-                .into(),
-        );
+        return Err("usage: random_checkpoint OUT.safetensors [ARCH] [WIDTH] [standard|small] [INPUT_SIZE]".into());
     };
     let arch = Arch::parse(args.get(1).map_or("resnet18", String::as_str))?;
     let width: usize = args.get(2).map_or(Ok(16), |w| w.parse())?;
@@ -26,9 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "small" => true,
         other => return Err(format!("stem `{other}`: expected standard or small").into()),
     };
-    let input_size: usize = args
-        .get(4)
-        .map_or(Ok(if small_stem { 32 } else { 64 }), |s| s.parse())?;
+    let input_size: usize = args.get(4).map_or(Ok(if small_stem { 32 } else { 64 }), |s| s.parse())?;
     let config = ModelConfig {
         arch,
         width: Some(width),
@@ -43,14 +38,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = swav_core::rng::SplitMix64::new(0x2545_f491_4f6c_dd1d);
     let mut uniform = move || rng.next_f64() as f32;
     model.visit("", &mut |name, slot| match slot {
-        Slot::Buffer(t) if name.ends_with("running_var") => t
-            .as_mut_slice()
-            .iter_mut()
-            .for_each(|v| *v = 0.5 + uniform()),
-        Slot::Buffer(t) if name.ends_with("running_mean") => t
-            .as_mut_slice()
-            .iter_mut()
-            .for_each(|v| *v = 0.4 * (uniform() - 0.5)),
+        Slot::Buffer(t) if name.ends_with("running_var") => {
+            t.as_mut_slice().iter_mut().for_each(|v| *v = 0.5 + uniform())
+        }
+        Slot::Buffer(t) if name.ends_with("running_mean") => {
+            t.as_mut_slice().iter_mut().for_each(|v| *v = 0.4 * (uniform() - 0.5))
+        }
         _ => {}
     });
     model.normalize_prototypes();

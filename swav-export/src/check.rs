@@ -31,36 +31,20 @@ pub fn random_images(n: usize, channels: usize, size: usize, seed: u64) -> Named
 }
 
 /// swav-model's evaluation-mode outputs for NCHW `images`, named as the ONNX graph's outputs.
-pub fn reference_outputs(
-    model: &SwavModel,
-    images: &NamedArray,
-    with_head: bool,
-) -> Result<Vec<NamedArray>> {
+pub fn reference_outputs(model: &SwavModel, images: &NamedArray, with_head: bool) -> Result<Vec<NamedArray>> {
     let &[n, c, h, w] = images.shape.as_slice() else {
-        return Err(ExportError::Options(format!(
-            "images must be NCHW, got shape {:?}",
-            images.shape
-        )));
+        return Err(ExportError::Options(format!("images must be NCHW, got shape {:?}", images.shape)));
     };
     let x = Tensor::from_vec(&[n, h, w, c], nchw_to_nhwc([n, c, h, w], &images.data))
         .map_err(swav_model::ModelError::from)?;
     let names = output_names(model, with_head);
-    let arr = |name: &str, t: Tensor| NamedArray {
-        name: name.into(),
-        shape: t.shape().to_vec(),
-        data: t.into_vec(),
-    };
+    let arr = |name: &str, t: Tensor| NamedArray { name: name.into(), shape: t.shape().to_vec(), data: t.into_vec() };
     if !with_head {
         return Ok(vec![arr(&names[0], model.features(&x)?)]);
     }
     let (features, out) = model.forward_eval(&x)?;
     let mut all = vec![arr(&names[0], features), arr(&names[1], out.embedding)];
-    all.extend(
-        out.scores
-            .into_iter()
-            .zip(&names[2..])
-            .map(|(t, name)| arr(name, t)),
-    );
+    all.extend(out.scores.into_iter().zip(&names[2..]).map(|(t, name)| arr(name, t)));
     Ok(all)
 }
 
@@ -73,16 +57,14 @@ pub fn write_check_data(
     size: usize,
     seed: u64,
 ) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|source| ExportError::Write {
-        path: dir.display().to_string(),
-        source,
-    })?;
+    std::fs::create_dir_all(dir).map_err(|source| ExportError::Write { path: dir.display().to_string(), source })?;
     let images = random_images(batch, model.config.in_channels, size, seed);
     let outputs = reference_outputs(model, &images, with_head)?;
     let mut paths = Vec::new();
     for a in std::iter::once(&images).chain(&outputs) {
         let path = dir.join(format!("{}.npy", a.name));
-        npy::write(&path, &a.shape, &a.data).map_err(|e| ExportError::CheckData { path: path.display().to_string(), detail: e.to_string() })?;
+        npy::write(&path, &a.shape, &a.data)
+            .map_err(|e| ExportError::CheckData { path: path.display().to_string(), detail: e.to_string() })?;
         paths.push(path);
     }
     Ok(paths)
@@ -90,7 +72,8 @@ pub fn write_check_data(
 
 /// Reads a float32, C-order `.npy` file (what [`write_check_data`] writes), named after its file stem.
 pub fn read_npy(path: &Path) -> Result<NamedArray> {
-    let (shape, data) = npy::read::<f32>(path).map_err(|e| ExportError::CheckData { path: path.display().to_string(), detail: e.to_string() })?;
+    let (shape, data) = npy::read::<f32>(path)
+        .map_err(|e| ExportError::CheckData { path: path.display().to_string(), detail: e.to_string() })?;
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     Ok(NamedArray { name, shape, data })
 }

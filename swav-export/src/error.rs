@@ -16,10 +16,7 @@ pub enum ExportError {
     #[error("check data {path}: {detail}")]
     CheckData { path: String, detail: String },
     #[error("writing {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    Write { path: String, source: std::io::Error },
 }
 
 pub type Result<T, E = ExportError> = std::result::Result<T, E>;

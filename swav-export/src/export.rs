@@ -30,10 +30,10 @@ use swav_model::resnet::Block;
 use swav_model::SwavModel;
 
 use crate::graph::{value_info, Attr, Dim, Graph};
-use swav_model::file::{META_INPUT_SIZE, META_MEAN, META_STD};
-use swav_model::Preprocessing;
 use crate::proto::{field as f, Msg};
 use crate::{ExportError, Result};
+use swav_model::file::{META_INPUT_SIZE, META_MEAN, META_STD};
+use swav_model::Preprocessing;
 
 /// Opsets the exporter can write (13: the first with today's Flatten/ReduceL2/Gemm forms; 21: the
 /// newest that the common runtimes all read).
@@ -105,11 +105,7 @@ pub fn output_names(model: &SwavModel, with_head: bool) -> Vec<String> {
     if with_head {
         names.push("embedding".into());
         for i in 0..model.prototypes.heads.len() {
-            names.push(if i == 0 {
-                "scores".into()
-            } else {
-                format!("scores_{i}")
-            });
+            names.push(if i == 0 { "scores".into() } else { format!("scores_{i}") });
         }
     }
     names
@@ -136,9 +132,7 @@ pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> 
         )));
     }
     if opts.batch == BatchDim::Fixed(0) {
-        return Err(ExportError::Options(
-            "a fixed batch size must be positive".into(),
-        ));
+        return Err(ExportError::Options("a fixed batch size must be positive".into()));
     }
     let cfg = &model.config;
     if pre.mean.len() != cfg.in_channels || pre.std.len() != cfg.in_channels {
@@ -155,10 +149,7 @@ pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> 
         BatchDim::Fixed(n) => Dim::Fixed(n),
     };
     let mut outputs = vec![(
-        ValueInfo {
-            name: features,
-            dims: vec![batch.clone(), Dim::Fixed(cfg.feature_dim())],
-        },
+        ValueInfo { name: features, dims: vec![batch.clone(), Dim::Fixed(cfg.feature_dim())] },
         FEATURES_DOC.to_string(),
     )];
     if opts.with_head {
@@ -168,19 +159,12 @@ pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> 
         let clamped = g.node("Max", &[&norm, &eps], "embedding.norm_clamped", &[]);
         let embedding = g.node("Div", &[&h, &clamped], &names[1], &[]);
         outputs.push((
-            ValueInfo {
-                name: embedding.clone(),
-                dims: vec![batch.clone(), Dim::Fixed(cfg.feat_dim)],
-            },
+            ValueInfo { name: embedding.clone(), dims: vec![batch.clone(), Dim::Fixed(cfg.feat_dim)] },
             EMBEDDING_DOC.into(),
         ));
         let multi = model.prototypes.heads.len() > 1;
         for (i, proto) in model.prototypes.heads.iter().enumerate() {
-            let pname = if multi {
-                format!("prototypes.prototypes{i}")
-            } else {
-                "prototypes".into()
-            };
+            let pname = if multi { format!("prototypes.prototypes{i}") } else { "prototypes".into() };
             let w = check_linear(&pname, proto)?;
             let k = w.0;
             if proto.bias.is_some() {
@@ -189,25 +173,10 @@ pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> 
                     detail: "prototypes have no bias".into(),
                 });
             }
-            let wn = g.init_f32(
-                &format!("{pname}.weight"),
-                &[w.0, w.1],
-                proto.weight.value.as_slice(),
-            );
-            let scores = g.node(
-                "Gemm",
-                &[&embedding, &wn],
-                &names[2 + i],
-                &[Attr::Int("transB", 1)],
-            );
+            let wn = g.init_f32(&format!("{pname}.weight"), &[w.0, w.1], proto.weight.value.as_slice());
+            let scores = g.node("Gemm", &[&embedding, &wn], &names[2 + i], &[Attr::Int("transB", 1)]);
             let doc = format!("{SCORES_DOC} (prototype head {i}, {k} prototypes)");
-            outputs.push((
-                ValueInfo {
-                    name: scores,
-                    dims: vec![batch.clone(), Dim::Fixed(k)],
-                },
-                doc,
-            ));
+            outputs.push((ValueInfo { name: scores, dims: vec![batch.clone(), Dim::Fixed(k)] }, doc));
         }
     }
 
@@ -216,35 +185,17 @@ pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> 
     } else {
         (Dim::Named("height".into()), Dim::Named("width".into()))
     };
-    let input = ValueInfo {
-        name: INPUT_NAME.into(),
-        dims: vec![batch, Dim::Fixed(cfg.in_channels), h, w],
-    };
+    let input = ValueInfo { name: INPUT_NAME.into(), dims: vec![batch, Dim::Fixed(cfg.in_channels), h, w] };
     let metadata = metadata(model, pre, opts, &names)?;
     let ir = ir_version(opts.opset);
     let node_count = g.nodes.len();
     let graph = Msg::new()
         .msgs(f::GRAPH_NODE, std::mem::take(&mut g.nodes))
-        .string(
-            f::GRAPH_NAME,
-            if opts.with_head {
-                "swav"
-            } else {
-                "swav_backbone"
-            },
-        )
+        .string(f::GRAPH_NAME, if opts.with_head { "swav" } else { "swav_backbone" })
         .msgs(f::GRAPH_INITIALIZER, std::mem::take(&mut g.initializers))
         .string(f::GRAPH_DOC_STRING, &graph_doc(model, opts))
-        .msg(
-            f::GRAPH_INPUT,
-            value_info(INPUT_NAME, &input.dims, &input_doc(pre)),
-        )
-        .msgs(
-            f::GRAPH_OUTPUT,
-            outputs
-                .iter()
-                .map(|(v, doc)| value_info(&v.name, &v.dims, doc)),
-        );
+        .msg(f::GRAPH_INPUT, value_info(INPUT_NAME, &input.dims, &input_doc(pre)))
+        .msgs(f::GRAPH_OUTPUT, outputs.iter().map(|(v, doc)| value_info(&v.name, &v.dims, doc)));
     let model_proto = Msg::new()
         .int(f::MODEL_IR_VERSION, ir)
         .string(f::MODEL_PRODUCER_NAME, "swav-rs")
@@ -254,17 +205,10 @@ pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> 
             "SwAV-pretrained backbone exported by swav-rs; see the metadata for the preprocessing.",
         )
         .msg(f::MODEL_GRAPH, graph)
-        .msg(
-            f::MODEL_OPSET_IMPORT,
-            Msg::new()
-                .string(f::OPSET_DOMAIN, "")
-                .int(f::OPSET_VERSION, opts.opset),
-        )
+        .msg(f::MODEL_OPSET_IMPORT, Msg::new().string(f::OPSET_DOMAIN, "").int(f::OPSET_VERSION, opts.opset))
         .msgs(
             f::MODEL_METADATA_PROPS,
-            metadata
-                .iter()
-                .map(|(k, v)| Msg::new().string(f::ENTRY_KEY, k).string(f::ENTRY_VALUE, v)),
+            metadata.iter().map(|(k, v)| Msg::new().string(f::ENTRY_KEY, k).string(f::ENTRY_VALUE, v)),
         );
     let len = model_proto.encoded_len();
     if len > i32::MAX as usize {
@@ -282,7 +226,8 @@ pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> 
     })
 }
 
-const FEATURES_DOC: &str = "globally average-pooled backbone features (the representation for k-NN, linear probes, fine-tuning)";
+const FEATURES_DOC: &str =
+    "globally average-pooled backbone features (the representation for k-NN, linear probes, fine-tuning)";
 const EMBEDDING_DOC: &str = "projection head output, L2-normalised: x / max(||x||, 1e-12)";
 const SCORES_DOC: &str = "embedding . prototypes^T";
 
@@ -298,22 +243,10 @@ fn graph_doc(model: &SwavModel, opts: &ExportOptions) -> String {
     format!(
         "{:?}{} width {}{}, evaluation mode (batch norm running statistics{})",
         c.arch,
-        if c.small_stem {
-            " (small-image stem)"
-        } else {
-            ""
-        },
+        if c.small_stem { " (small-image stem)" } else { "" },
         c.width(),
-        if opts.with_head {
-            " with projection head and prototypes"
-        } else {
-            ""
-        },
-        if opts.fold_batchnorm {
-            ", folded into the preceding layers"
-        } else {
-            ""
-        }
+        if opts.with_head { " with projection head and prototypes" } else { "" },
+        if opts.fold_batchnorm { ", folded into the preceding layers" } else { "" }
     )
 }
 
@@ -324,13 +257,17 @@ fn metadata(
     outputs: &[String],
 ) -> Result<Vec<(String, String)>> {
     let json = |v: &[f32]| serde_json::to_string(v).expect("finite floats serialise");
-    let config = serde_json::to_string(&model.config)
-        .map_err(|e| ExportError::Options(format!("model configuration: {e}")))?;
+    let config =
+        serde_json::to_string(&model.config).map_err(|e| ExportError::Options(format!("model configuration: {e}")))?;
     let mut m = vec![
         (META_MEAN.to_string(), json(&pre.mean)),
         (META_STD.to_string(), json(&pre.std)),
         (META_INPUT_SIZE.to_string(), pre.input_size.to_string()),
-        ("preprocessing".to_string(), "pixels scaled to [0, 1], resized to input_size x input_size, then (x - mean) / std per channel".to_string()),
+        (
+            "preprocessing".to_string(),
+            "pixels scaled to [0, 1], resized to input_size x input_size, then (x - mean) / std per channel"
+                .to_string(),
+        ),
         ("preprocessing_source".to_string(), pre.sources_json()),
         ("input_layout".to_string(), "NCHW".to_string()),
     ];
@@ -340,15 +277,7 @@ fn metadata(
         _ => {}
     }
     m.push(("outputs".into(), outputs.join(",")));
-    m.push((
-        "batchnorm".into(),
-        if opts.fold_batchnorm {
-            "folded"
-        } else {
-            "BatchNormalization"
-        }
-        .into(),
-    ));
+    m.push(("batchnorm".into(), if opts.fold_batchnorm { "folded" } else { "BatchNormalization" }.into()));
     m.push(("model_config".into(), config));
     Ok(m)
 }
@@ -363,11 +292,7 @@ fn backbone(g: &mut Graph, model: &SwavModel, input: &str, fold: bool) -> Result
             "MaxPool",
             &[&x],
             "maxpool",
-            &[
-                Attr::Ints("kernel_shape", &[3, 3]),
-                Attr::Ints("strides", &[2, 2]),
-                Attr::Ints("pads", &[1, 1, 1, 1]),
-            ],
+            &[Attr::Ints("kernel_shape", &[3, 3]), Attr::Ints("strides", &[2, 2]), Attr::Ints("pads", &[1, 1, 1, 1])],
         );
     }
     for (s, stage) in r.stages.iter().enumerate() {
@@ -379,13 +304,7 @@ fn backbone(g: &mut Graph, model: &SwavModel, input: &str, fold: bool) -> Result
     Ok(g.node("Flatten", &[&pooled], "features", &[Attr::Int("axis", 1)]))
 }
 
-fn residual_block(
-    g: &mut Graph,
-    p: &str,
-    block: &Block,
-    input: &str,
-    fold: bool,
-) -> Result<String> {
+fn residual_block(g: &mut Graph, p: &str, block: &Block, input: &str, fold: bool) -> Result<String> {
     if block.convs.is_empty() || block.convs.len() != block.bns.len() {
         return Err(ExportError::Tensor {
             name: format!("{p}.conv1.weight"),
@@ -395,29 +314,15 @@ fn residual_block(
     let last = block.convs.len() - 1;
     let mut x = input.to_string();
     for (i, (conv, bn)) in block.convs.iter().zip(&block.bns).enumerate() {
-        x = conv_bn(
-            g,
-            &format!("{p}.conv{}", i + 1),
-            conv,
-            &format!("{p}.bn{}", i + 1),
-            bn,
-            &x,
-            fold,
-        )?;
+        x = conv_bn(g, &format!("{p}.conv{}", i + 1), conv, &format!("{p}.bn{}", i + 1), bn, &x, fold)?;
         if i < last {
             x = g.node("Relu", &[&x], &format!("{p}.relu{}", i + 1), &[]);
         }
     }
     let shortcut = match &block.downsample {
-        Some(ds) => conv_bn(
-            g,
-            &format!("{p}.downsample.0"),
-            &ds.conv,
-            &format!("{p}.downsample.1"),
-            &ds.bn,
-            input,
-            fold,
-        )?,
+        Some(ds) => {
+            conv_bn(g, &format!("{p}.downsample.0"), &ds.conv, &format!("{p}.downsample.1"), &ds.bn, input, fold)?
+        }
         None => input.to_string(),
     };
     let sum = g.node("Add", &[&x, &shortcut], &format!("{p}.add"), &[]);
@@ -435,59 +340,25 @@ fn bn_affine(name: &str, bn: &BatchNorm, channels: usize) -> Result<(Vec<f64>, V
         if t.shape() != [channels] {
             return Err(ExportError::Tensor {
                 name: format!("{name}.{suffix}"),
-                detail: format!(
-                    "shape {:?}, the layer before it has {channels} output channels",
-                    t.shape()
-                ),
+                detail: format!("shape {:?}, the layer before it has {channels} output channels", t.shape()),
             });
         }
     }
     let (gamma, beta) = (bn.weight.value.as_slice(), bn.bias.value.as_slice());
     let (mean, var) = (bn.running_mean.as_slice(), bn.running_var.as_slice());
-    let s: Vec<f64> = (0..channels)
-        .map(|c| gamma[c] as f64 / (var[c] as f64 + bn.eps as f64).sqrt())
-        .collect();
-    let t = (0..channels)
-        .map(|c| beta[c] as f64 - mean[c] as f64 * s[c])
-        .collect();
+    let s: Vec<f64> = (0..channels).map(|c| gamma[c] as f64 / (var[c] as f64 + bn.eps as f64).sqrt()).collect();
+    let t = (0..channels).map(|c| beta[c] as f64 - mean[c] as f64 * s[c]).collect();
     Ok((s, t))
 }
 
 /// `BatchNormalization` with the running statistics (inference form).
-fn batchnorm_node(
-    g: &mut Graph,
-    name: &str,
-    bn: &BatchNorm,
-    channels: usize,
-    input: &str,
-) -> Result<String> {
+fn batchnorm_node(g: &mut Graph, name: &str, bn: &BatchNorm, channels: usize, input: &str) -> Result<String> {
     bn_affine(name, bn, channels)?;
-    let scale = g.init_f32(
-        &format!("{name}.weight"),
-        &[channels],
-        bn.weight.value.as_slice(),
-    );
-    let bias = g.init_f32(
-        &format!("{name}.bias"),
-        &[channels],
-        bn.bias.value.as_slice(),
-    );
-    let mean = g.init_f32(
-        &format!("{name}.running_mean"),
-        &[channels],
-        bn.running_mean.as_slice(),
-    );
-    let var = g.init_f32(
-        &format!("{name}.running_var"),
-        &[channels],
-        bn.running_var.as_slice(),
-    );
-    Ok(g.node(
-        "BatchNormalization",
-        &[input, &scale, &bias, &mean, &var],
-        name,
-        &[Attr::Float("epsilon", bn.eps)],
-    ))
+    let scale = g.init_f32(&format!("{name}.weight"), &[channels], bn.weight.value.as_slice());
+    let bias = g.init_f32(&format!("{name}.bias"), &[channels], bn.bias.value.as_slice());
+    let mean = g.init_f32(&format!("{name}.running_mean"), &[channels], bn.running_mean.as_slice());
+    let var = g.init_f32(&format!("{name}.running_var"), &[channels], bn.running_var.as_slice());
+    Ok(g.node("BatchNormalization", &[input, &scale, &bias, &mean, &var], name, &[Attr::Float("epsilon", bn.eps)]))
 }
 
 fn conv_bn(
@@ -523,8 +394,7 @@ fn conv_bn(
         let (scale, shift) = bn_affine(bn_name, bn, o)?;
         let per_out = i * kh * kw;
         for (c, row) in w.chunks_exact_mut(per_out).enumerate() {
-            row.iter_mut()
-                .for_each(|v| *v = (*v as f64 * scale[c]) as f32);
+            row.iter_mut().for_each(|v| *v = (*v as f64 * scale[c]) as f32);
         }
         let bias: Vec<f32> = shift.iter().map(|&v| v as f32).collect();
         let wn = g.init_f32(&format!("{conv_name}.weight"), &dims, &w);
@@ -575,19 +445,13 @@ fn linear(
             for (row, &sr) in w.chunks_exact_mut(i).zip(&s) {
                 row.iter_mut().for_each(|v| *v = (*v as f64 * sr) as f32);
             }
-            let b: Vec<f32> = (0..o)
-                .map(|r| (bias.map_or(0.0, |b| b[r] as f64) * s[r] + t[r]) as f32)
-                .collect();
+            let b: Vec<f32> = (0..o).map(|r| (bias.map_or(0.0, |b| b[r] as f64) * s[r] + t[r]) as f32).collect();
             let wn = g.init_f32(&format!("{name}.weight"), &[o, i], &w);
             let bn_ = g.init_f32(&format!("{name}.bias"), &[o], &b);
             return Ok(g.node("Gemm", &[input, &wn, &bn_], name, &[Attr::Int("transB", 1)]));
         }
         _ => {
-            let wn = g.init_f32(
-                &format!("{name}.weight"),
-                &[o, i],
-                l.weight.value.as_slice(),
-            );
+            let wn = g.init_f32(&format!("{name}.weight"), &[o, i], l.weight.value.as_slice());
             let mut inputs = vec![input.to_string(), wn];
             if let Some(b) = bias {
                 inputs.push(g.init_f32(&format!("{name}.bias"), &[o], b));
@@ -607,20 +471,9 @@ fn head(g: &mut Graph, head: &ProjectionHead, input: &str, fold: bool) -> Result
     match head {
         ProjectionHead::Linear(fc) => linear(g, "projection_head", fc, None, input, fold),
         ProjectionHead::Mlp { fc1, bn, fc2 } => {
-            let h = linear(
-                g,
-                "projection_head.0",
-                fc1,
-                bn.as_ref().map(|b| ("projection_head.1", b)),
-                input,
-                fold,
-            )?;
+            let h = linear(g, "projection_head.0", fc1, bn.as_ref().map(|b| ("projection_head.1", b)), input, fold)?;
             let a = g.node("Relu", &[&h], "projection_head.relu", &[]);
-            let fc2_name = if bn.is_some() {
-                "projection_head.3"
-            } else {
-                "projection_head.2"
-            };
+            let fc2_name = if bn.is_some() { "projection_head.3" } else { "projection_head.2" };
             linear(g, fc2_name, fc2, None, &a, fold)
         }
     }

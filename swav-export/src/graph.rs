@@ -27,31 +27,22 @@ pub(crate) enum Attr<'a> {
 impl Attr<'_> {
     fn to_msg(&self) -> Msg {
         match *self {
-            Attr::Int(name, v) => Msg::new()
-                .string(f::ATTR_NAME, name)
-                .int(f::ATTR_I, v)
-                .int(f::ATTR_TYPE, attr_type::INT),
-            Attr::Ints(name, v) => Msg::new()
-                .string(f::ATTR_NAME, name)
-                .ints(f::ATTR_INTS, v)
-                .int(f::ATTR_TYPE, attr_type::INTS),
-            Attr::Float(name, v) => Msg::new()
-                .string(f::ATTR_NAME, name)
-                .float(f::ATTR_F, v)
-                .int(f::ATTR_TYPE, attr_type::FLOAT),
+            Attr::Int(name, v) => {
+                Msg::new().string(f::ATTR_NAME, name).int(f::ATTR_I, v).int(f::ATTR_TYPE, attr_type::INT)
+            }
+            Attr::Ints(name, v) => {
+                Msg::new().string(f::ATTR_NAME, name).ints(f::ATTR_INTS, v).int(f::ATTR_TYPE, attr_type::INTS)
+            }
+            Attr::Float(name, v) => {
+                Msg::new().string(f::ATTR_NAME, name).float(f::ATTR_F, v).int(f::ATTR_TYPE, attr_type::FLOAT)
+            }
         }
     }
 }
 
 impl Graph {
     pub fn new(opset: i64) -> Graph {
-        Graph {
-            opset,
-            nodes: Vec::new(),
-            initializers: Vec::new(),
-            op_types: BTreeSet::new(),
-            parameters: 0,
-        }
+        Graph { opset, nodes: Vec::new(), initializers: Vec::new(), op_types: BTreeSet::new(), parameters: 0 }
     }
 
     /// Appends a node with one output named `output` (also the node's name); returns that name.
@@ -60,10 +51,7 @@ impl Graph {
         for i in inputs {
             m = m.string(f::NODE_INPUT, i);
         }
-        m = m
-            .string(f::NODE_OUTPUT, output)
-            .string(f::NODE_NAME, output)
-            .string(f::NODE_OP_TYPE, op);
+        m = m.string(f::NODE_OUTPUT, output).string(f::NODE_NAME, output).string(f::NODE_OP_TYPE, op);
         m = m.msgs(f::NODE_ATTRIBUTE, attrs.iter().map(Attr::to_msg));
         self.nodes.push(m);
         self.op_types.insert(op.to_string());
@@ -99,19 +87,9 @@ impl Graph {
     pub fn reduce_l2_axis1(&mut self, input: &str, output: &str) -> String {
         if self.opset >= 18 {
             let axes = self.init_i64(&format!("{output}.axes"), &[1], &[1]);
-            self.node(
-                "ReduceL2",
-                &[input, &axes],
-                output,
-                &[Attr::Int("keepdims", 1)],
-            )
+            self.node("ReduceL2", &[input, &axes], output, &[Attr::Int("keepdims", 1)])
         } else {
-            self.node(
-                "ReduceL2",
-                &[input],
-                output,
-                &[Attr::Ints("axes", &[1]), Attr::Int("keepdims", 1)],
-            )
+            self.node("ReduceL2", &[input], output, &[Attr::Ints("axes", &[1]), Attr::Int("keepdims", 1)])
         }
     }
 }
@@ -143,12 +121,8 @@ pub(crate) fn value_info(name: &str, dims: &[Dim], doc: &str) -> Msg {
         };
         shape = shape.msg(f::SHAPE_DIM, dim);
     }
-    let tensor = Msg::new()
-        .int(f::TENSOR_TYPE_ELEM_TYPE, data_type::FLOAT)
-        .msg(f::TENSOR_TYPE_SHAPE, shape);
-    let mut m = Msg::new()
-        .string(f::VALUE_NAME, name)
-        .msg(f::VALUE_TYPE, Msg::new().msg(f::TYPE_TENSOR_TYPE, tensor));
+    let tensor = Msg::new().int(f::TENSOR_TYPE_ELEM_TYPE, data_type::FLOAT).msg(f::TENSOR_TYPE_SHAPE, shape);
+    let mut m = Msg::new().string(f::VALUE_NAME, name).msg(f::VALUE_TYPE, Msg::new().msg(f::TYPE_TENSOR_TYPE, tensor));
     if !doc.is_empty() {
         m = m.string(f::VALUE_DOC_STRING, doc);
     }

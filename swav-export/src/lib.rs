@@ -42,7 +42,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Reads the model file `checkpoint` (with `overrides` of its preprocessing), exports it and writes
 /// `output` atomically.
-pub fn export_checkpoint(checkpoint: &Path, output: &Path, overrides: &Overrides, opts: &ExportOptions) -> Result<(Exported, Preprocessing)> {
+pub fn export_checkpoint(
+    checkpoint: &Path,
+    output: &Path,
+    overrides: &Overrides,
+    opts: &ExportOptions,
+) -> Result<(Exported, Preprocessing)> {
     let file = ModelFile::read_with(checkpoint, overrides)?;
     let exported = to_onnx(&file.model, &file.preprocessing, opts)?;
     write_atomic(output, &exported.bytes)?;

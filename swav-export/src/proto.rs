@@ -102,8 +102,7 @@ impl Msg {
 
     /// A repeated int64 field, unpacked.
     pub fn ints(mut self, field: u32, values: &[i64]) -> Msg {
-        self.fields
-            .extend(values.iter().map(|&v| Field::Varint(field, v as u64)));
+        self.fields.extend(values.iter().map(|&v| Field::Varint(field, v as u64)));
         self
     }
 
@@ -127,8 +126,7 @@ impl Msg {
     }
 
     pub fn msgs(mut self, field: u32, values: impl IntoIterator<Item = Msg>) -> Msg {
-        self.fields
-            .extend(values.into_iter().map(|m| Field::Msg(field, m)));
+        self.fields.extend(values.into_iter().map(|m| Field::Msg(field, m)));
         self
     }
 
@@ -211,17 +209,11 @@ mod tests {
         // Negative int64: ten bytes.
         let neg = Msg::new().int(1, -1).encode();
         assert_eq!(neg.len(), 11);
-        assert_eq!(
-            &neg[1..],
-            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]
-        );
+        assert_eq!(&neg[1..], &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
         // String "testing" in field 2 -> 12 07 74 65 73 74 69 6e 67.
         assert_eq!(Msg::new().string(2, "testing").encode(), b"\x12\x07testing");
         // Float in field 2: tag 0x15, then little-endian bits.
-        assert_eq!(
-            Msg::new().float(2, 1.0).encode(),
-            [0x15, 0x00, 0x00, 0x80, 0x3f]
-        );
+        assert_eq!(Msg::new().float(2, 1.0).encode(), [0x15, 0x00, 0x00, 0x80, 0x3f]);
         for v in [0u64, 1, 127, 128, 16383, 16384, u32::MAX as u64, u64::MAX] {
             let mut out = Vec::new();
             put_varint(&mut out, v);
@@ -232,10 +224,7 @@ mod tests {
     #[test]
     fn nested_lengths_are_exact() {
         let inner = Msg::new().int(1, 300).bytes(2, vec![7; 200]);
-        let outer = Msg::new()
-            .msg(3, inner.clone())
-            .msg(20, inner)
-            .ints(8, &[1, -2, 3]);
+        let outer = Msg::new().msg(3, inner.clone()).msg(20, inner).ints(8, &[1, -2, 3]);
         let bytes = outer.encode();
         assert_eq!(bytes.len(), outer.encoded_len());
         // Field 3, wire type 2, then the inner length (2 + 3 + 2 + 200 = 206 -> ce 01 as a varint).

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use swav_core::layout::nchw_to_nhwc;
 use swav_export::check::{random_images, read_npy, write_check_data, NamedArray};
 use swav_export::{to_onnx, BatchDim, Dim, ExportOptions};
-use swav_model::{Overrides, Preprocessing};
 use swav_model::param::{Slot, Visit};
 use swav_model::{Arch, ModelConfig, SwavModel};
+use swav_model::{Overrides, Preprocessing};
 use swav_tensor::Tensor;
 use tract_onnx::prelude::*;
 
@@ -21,37 +21,26 @@ const TOLERANCE: f32 = 1e-4;
 /// A model whose batch norms are far from the identity, so folding them is really exercised.
 fn model(cfg: ModelConfig, seed: u64) -> SwavModel {
     let mut m = SwavModel::new(cfg, seed).unwrap();
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((state >> 40) as f32) / (1u64 << 24) as f32
     };
     m.visit("", &mut |name, slot| {
-        let is_bn = name.contains("bn")
-            || name.contains("downsample.1")
-            || name.starts_with("projection_head.1");
+        let is_bn = name.contains("bn") || name.contains("downsample.1") || name.starts_with("projection_head.1");
         match slot {
-            Slot::Buffer(t) if name.ends_with("running_var") => t
-                .as_mut_slice()
-                .iter_mut()
-                .for_each(|v| *v = 0.3 + 1.5 * next()),
+            Slot::Buffer(t) if name.ends_with("running_var") => {
+                t.as_mut_slice().iter_mut().for_each(|v| *v = 0.3 + 1.5 * next())
+            }
             Slot::Buffer(t) if name.ends_with("running_mean") => {
                 t.as_mut_slice().iter_mut().for_each(|v| *v = next() - 0.5)
             }
-            Slot::Param(p) if is_bn && name.ends_with("weight") => p
-                .value
-                .as_mut_slice()
-                .iter_mut()
-                .for_each(|v| *v = 0.5 + next()),
-            Slot::Param(p) if is_bn && name.ends_with("bias") => p
-                .value
-                .as_mut_slice()
-                .iter_mut()
-                .for_each(|v| *v = 0.2 * (next() - 0.5)),
+            Slot::Param(p) if is_bn && name.ends_with("weight") => {
+                p.value.as_mut_slice().iter_mut().for_each(|v| *v = 0.5 + next())
+            }
+            Slot::Param(p) if is_bn && name.ends_with("bias") => {
+                p.value.as_mut_slice().iter_mut().for_each(|v| *v = 0.2 * (next() - 0.5))
+            }
             _ => {}
         }
     });
@@ -65,17 +54,8 @@ fn preprocessing(m: &SwavModel) -> Preprocessing {
 
 /// Runs an ONNX model in tract on NCHW images; returns every output with its shape.
 fn run_tract(bytes: &[u8], images: &NamedArray) -> Vec<NamedArray> {
-    let proto = tract_onnx::onnx()
-        .proto_model_for_read(&mut &bytes[..])
-        .expect("tract parses the protobuf");
-    let names: Vec<String> = proto
-        .graph
-        .as_ref()
-        .unwrap()
-        .output
-        .iter()
-        .map(|o| o.name.clone())
-        .collect();
+    let proto = tract_onnx::onnx().proto_model_for_read(&mut &bytes[..]).expect("tract parses the protobuf");
+    let names: Vec<String> = proto.graph.as_ref().unwrap().output.iter().map(|o| o.name.clone()).collect();
     let shape: Vec<usize> = images.shape.clone();
     let plan = tract_onnx::onnx()
         .model_for_proto_model(&proto)
@@ -87,30 +67,21 @@ fn run_tract(bytes: &[u8], images: &NamedArray) -> Vec<NamedArray> {
         .into_runnable()
         .unwrap();
     let input = tract_onnx::prelude::Tensor::from_shape(&shape, &images.data).unwrap();
-    let outputs = plan
-        .run(tvec!(input.into_tvalue()))
-        .expect("tract runs the model");
+    let outputs = plan.run(tvec!(input.into_tvalue())).expect("tract runs the model");
     outputs
         .iter()
         .zip(names)
         .map(|(t, name)| NamedArray {
             name,
             shape: t.shape().to_vec(),
-            data: t
-                .to_plain_array_view::<f32>()
-                .unwrap()
-                .iter()
-                .copied()
-                .collect(),
+            data: t.to_plain_array_view::<f32>().unwrap().iter().copied().collect(),
         })
         .collect()
 }
 
 /// swav-model's evaluation-mode outputs, computed here directly (not through swav-export's helper).
 fn reference(m: &SwavModel, images: &NamedArray, with_head: bool) -> Vec<(String, Tensor)> {
-    let [n, c, h, w] = images.shape[..] else {
-        panic!()
-    };
+    let [n, c, h, w] = images.shape[..] else { panic!() };
     let x = Tensor::from_vec(&[n, h, w, c], nchw_to_nhwc([n, c, h, w], &images.data)).unwrap();
     let (features, out) = m.forward_eval(&x).unwrap();
     assert_eq!(features.as_slice(), m.features(&x).unwrap().as_slice());
@@ -118,14 +89,7 @@ fn reference(m: &SwavModel, images: &NamedArray, with_head: bool) -> Vec<(String
     if with_head {
         all.push(("embedding".into(), out.embedding));
         for (i, s) in out.scores.into_iter().enumerate() {
-            all.push((
-                if i == 0 {
-                    "scores".into()
-                } else {
-                    format!("scores_{i}")
-                },
-                s,
-            ));
+            all.push((if i == 0 { "scores".into() } else { format!("scores_{i}") }, s));
         }
     }
     all
@@ -136,10 +100,7 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert!(scale > 0.0, "reference output is all zeros");
-    got.iter()
-        .zip(want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-        / scale
+    got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
 }
 
 /// Exports, runs tract at each batch size from the same file, compares every output; returns the
@@ -151,159 +112,62 @@ fn check(label: &str, m: &SwavModel, opts: &ExportOptions, batches: &[usize], si
         let images = random_images(n, m.config.in_channels, size, 100 + i as u64);
         let got = run_tract(&exported.bytes, &images);
         let want = reference(m, &images, opts.with_head);
-        assert_eq!(
-            got.len(),
-            want.len(),
-            "{label}: outputs {:?}",
-            got.iter().map(|g| &g.name).collect::<Vec<_>>()
-        );
+        assert_eq!(got.len(), want.len(), "{label}: outputs {:?}", got.iter().map(|g| &g.name).collect::<Vec<_>>());
         for (g, (name, w)) in got.iter().zip(&want) {
             assert_eq!(&g.name, name, "{label}");
             assert_eq!(g.shape, w.shape(), "{label}: {name}");
             let e = rel_err(&g.data, w.as_slice());
-            assert!(
-                e < TOLERANCE,
-                "{label}: {name} (batch {n}) relative error {e:e}"
-            );
+            assert!(e < TOLERANCE, "{label}: {name} (batch {n}) relative error {e:e}");
             worst = worst.max(e);
         }
     }
-    eprintln!(
-        "{label}: max relative error {worst:.2e} ({} nodes, ops {:?})",
-        exported.nodes, exported.op_types
-    );
+    eprintln!("{label}: max relative error {worst:.2e} ({} nodes, ops {:?})", exported.nodes, exported.op_types);
     worst
 }
 
 #[test]
 fn resnet18_matches_with_and_without_head() {
     let m = model(small(Arch::Resnet18, false), 1);
-    check(
-        "resnet18 backbone",
-        &m,
-        &ExportOptions::default(),
-        &[1, 3],
-        48,
-    );
-    check(
-        "resnet18 + head",
-        &m,
-        &ExportOptions {
-            with_head: true,
-            ..Default::default()
-        },
-        &[2],
-        40,
-    );
+    check("resnet18 backbone", &m, &ExportOptions::default(), &[1, 3], 48);
+    check("resnet18 + head", &m, &ExportOptions { with_head: true, ..Default::default() }, &[2], 40);
 }
 
 #[test]
 fn resnet50_matches_with_and_without_head() {
     let m = model(small(Arch::Resnet50, false), 2);
     check("resnet50 backbone", &m, &ExportOptions::default(), &[2], 40);
-    check(
-        "resnet50 + head",
-        &m,
-        &ExportOptions {
-            with_head: true,
-            ..Default::default()
-        },
-        &[1, 2],
-        33,
-    );
+    check("resnet50 + head", &m, &ExportOptions { with_head: true, ..Default::default() }, &[1, 2], 33);
 }
 
 #[test]
 fn small_stem_matches_with_and_without_head() {
-    let m = model(
-        ModelConfig {
-            prototypes: vec![10, 7],
-            ..small(Arch::Resnet18, true)
-        },
-        3,
-    );
-    check(
-        "resnet18 small stem",
-        &m,
-        &ExportOptions::default(),
-        &[2],
-        16,
-    );
-    let with_head = ExportOptions {
-        with_head: true,
-        ..Default::default()
-    };
-    check(
-        "resnet18 small stem + head (two prototype heads)",
-        &m,
-        &with_head,
-        &[1, 4],
-        16,
-    );
+    let m = model(ModelConfig { prototypes: vec![10, 7], ..small(Arch::Resnet18, true) }, 3);
+    check("resnet18 small stem", &m, &ExportOptions::default(), &[2], 16);
+    let with_head = ExportOptions { with_head: true, ..Default::default() };
+    check("resnet18 small stem + head (two prototype heads)", &m, &with_head, &[1, 4], 16);
     let m50 = model(small(Arch::Resnet50, true), 4);
     check("resnet50 small stem + head", &m50, &with_head, &[2], 12);
 }
 
 #[test]
 fn explicit_batch_norms_match() {
-    let opts = ExportOptions {
-        with_head: true,
-        fold_batchnorm: false,
-        ..Default::default()
-    };
-    check(
-        "resnet50 + head, BatchNormalization nodes",
-        &model(small(Arch::Resnet50, false), 5),
-        &opts,
-        &[2],
-        32,
-    );
-    let exported = to_onnx(
-        &model(small(Arch::Resnet18, true), 5),
-        &preprocessing(&model(small(Arch::Resnet18, true), 5)),
-        &opts,
-    )
-    .unwrap();
+    let opts = ExportOptions { with_head: true, fold_batchnorm: false, ..Default::default() };
+    check("resnet50 + head, BatchNormalization nodes", &model(small(Arch::Resnet50, false), 5), &opts, &[2], 32);
+    let exported =
+        to_onnx(&model(small(Arch::Resnet18, true), 5), &preprocessing(&model(small(Arch::Resnet18, true), 5)), &opts)
+            .unwrap();
     assert!(exported.op_types.contains("BatchNormalization"));
 }
 
 #[test]
 fn head_variants_match() {
     // Single linear head; MLP head without its batch norm.
-    let linear = model(
-        ModelConfig {
-            hidden_mlp: 0,
-            ..small(Arch::Resnet18, true)
-        },
-        6,
-    );
-    let no_bn = model(
-        ModelConfig {
-            head_bn: false,
-            ..small(Arch::Resnet18, true)
-        },
-        7,
-    );
+    let linear = model(ModelConfig { hidden_mlp: 0, ..small(Arch::Resnet18, true) }, 6);
+    let no_bn = model(ModelConfig { head_bn: false, ..small(Arch::Resnet18, true) }, 7);
     for fold in [true, false] {
-        let opts = ExportOptions {
-            with_head: true,
-            fold_batchnorm: fold,
-            ..Default::default()
-        };
-        check(
-            &format!("linear head (fold {fold})"),
-            &linear,
-            &opts,
-            &[2],
-            16,
-        );
-        check(
-            &format!("mlp head without bn (fold {fold})"),
-            &no_bn,
-            &opts,
-            &[2],
-            16,
-        );
+        let opts = ExportOptions { with_head: true, fold_batchnorm: fold, ..Default::default() };
+        check(&format!("linear head (fold {fold})"), &linear, &opts, &[2], 16);
+        check(&format!("mlp head without bn (fold {fold})"), &no_bn, &opts, &[2], 16);
     }
 }
 
@@ -311,11 +175,7 @@ fn head_variants_match() {
 fn every_supported_opset_runs() {
     let m = model(small(Arch::Resnet18, true), 8);
     for opset in [13, 17, 18, 21] {
-        let opts = ExportOptions {
-            with_head: true,
-            opset,
-            ..Default::default()
-        };
+        let opts = ExportOptions { with_head: true, opset, ..Default::default() };
         check(&format!("opset {opset}"), &m, &opts, &[2], 16);
     }
 }
@@ -324,17 +184,10 @@ fn every_supported_opset_runs() {
 fn fixed_batch_and_static_size_are_declared_and_run() {
     let m = model(small(Arch::Resnet18, true), 9);
     let pre = preprocessing(&m);
-    let opts = ExportOptions {
-        with_head: true,
-        batch: BatchDim::Fixed(3),
-        static_input_size: true,
-        ..Default::default()
-    };
+    let opts =
+        ExportOptions { with_head: true, batch: BatchDim::Fixed(3), static_input_size: true, ..Default::default() };
     let exported = to_onnx(&m, &pre, &opts).unwrap();
-    assert_eq!(
-        exported.input.dims,
-        vec![Dim::Fixed(3), Dim::Fixed(3), Dim::Fixed(32), Dim::Fixed(32)]
-    );
+    assert_eq!(exported.input.dims, vec![Dim::Fixed(3), Dim::Fixed(3), Dim::Fixed(32), Dim::Fixed(32)]);
     assert!(exported.outputs.iter().all(|o| o.dims[0] == Dim::Fixed(3)));
     check("fixed batch 3, static 32x32", &m, &opts, &[3], 32);
 }
@@ -342,37 +195,11 @@ fn fixed_batch_and_static_size_are_declared_and_run() {
 #[test]
 fn check_data_agrees_with_tract() {
     let dir = tempfile::tempdir().unwrap();
-    let m = model(
-        ModelConfig {
-            prototypes: vec![10, 5],
-            ..small(Arch::Resnet18, true)
-        },
-        10,
-    );
-    let exported = to_onnx(
-        &m,
-        &preprocessing(&m),
-        &ExportOptions {
-            with_head: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let m = model(ModelConfig { prototypes: vec![10, 5], ..small(Arch::Resnet18, true) }, 10);
+    let exported = to_onnx(&m, &preprocessing(&m), &ExportOptions { with_head: true, ..Default::default() }).unwrap();
     let paths = write_check_data(dir.path(), &m, true, 3, 16, 7).unwrap();
-    let names: Vec<String> = paths
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(
-        names,
-        [
-            "images.npy",
-            "features.npy",
-            "embedding.npy",
-            "scores.npy",
-            "scores_1.npy"
-        ]
-    );
+    let names: Vec<String> = paths.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["images.npy", "features.npy", "embedding.npy", "scores.npy", "scores_1.npy"]);
     for p in &paths {
         let bytes = std::fs::read(p).unwrap();
         let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;

@@ -59,7 +59,8 @@ pub struct LoadOptions {
 
 impl NamedTensors {
     pub fn read(path: &Path) -> Result<NamedTensors> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
+        let bytes =
+            std::fs::read(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
         Self::from_bytes(&bytes).map_err(|detail| ModelError::Format { path: path.display().to_string(), detail })
     }
 
@@ -80,8 +81,12 @@ impl NamedTensors {
             .tensors
             .iter()
             .map(|(name, v)| match v {
-                Value::F32 { shape, data } => (name.clone(), Dtype::F32, shape.clone(), data.iter().flat_map(|x| x.to_le_bytes()).collect()),
-                Value::I64 { shape, data } => (name.clone(), Dtype::I64, shape.clone(), data.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                Value::F32 { shape, data } => {
+                    (name.clone(), Dtype::F32, shape.clone(), data.iter().flat_map(|x| x.to_le_bytes()).collect())
+                }
+                Value::I64 { shape, data } => {
+                    (name.clone(), Dtype::I64, shape.clone(), data.iter().flat_map(|x| x.to_le_bytes()).collect())
+                }
             })
             .collect();
         let views = raw
@@ -90,7 +95,8 @@ impl NamedTensors {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| ModelError::Format { path: "<memory>".into(), detail: e.to_string() })?;
         let info: HashMap<String, String> = self.metadata.clone().into_iter().collect();
-        safetensors::tensor::serialize(views, Some(info)).map_err(|e| ModelError::Format { path: "<memory>".into(), detail: e.to_string() })
+        safetensors::tensor::serialize(views, Some(info))
+            .map_err(|e| ModelError::Format { path: "<memory>".into(), detail: e.to_string() })
     }
 
     /// Writes atomically (see [`atomic_write`]).
@@ -116,14 +122,22 @@ impl NamedTensors {
 fn decode(name: &str, view: &TensorView<'_>) -> std::result::Result<Value, String> {
     let shape = view.shape().to_vec();
     let b = view.data();
-    let f32s = |f: fn(&[u8]) -> f32, size: usize| Value::F32 { shape: shape.clone(), data: b.chunks_exact(size).map(f).collect() };
+    let f32s = |f: fn(&[u8]) -> f32, size: usize| Value::F32 {
+        shape: shape.clone(),
+        data: b.chunks_exact(size).map(f).collect(),
+    };
     Ok(match view.dtype() {
         Dtype::F32 => f32s(|c| f32::from_le_bytes(c.try_into().unwrap()), 4),
         Dtype::F64 => f32s(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32, 8),
         Dtype::F16 => f32s(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32(), 2),
         Dtype::BF16 => f32s(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32(), 2),
-        Dtype::I64 => Value::I64 { shape, data: b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect() },
-        Dtype::I32 => Value::I64 { shape, data: b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect() },
+        Dtype::I64 => {
+            Value::I64 { shape, data: b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect() }
+        }
+        Dtype::I32 => Value::I64 {
+            shape,
+            data: b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+        },
         other => return Err(format!("tensor `{name}` has unsupported dtype {other:?}")),
     })
 }
@@ -131,7 +145,8 @@ fn decode(name: &str, view: &TensorView<'_>) -> std::result::Result<Value, Strin
 /// Writes `bytes` to `path` atomically (swav-core's [`swav_core::fs::atomic_write`]), reporting a
 /// failure as a checkpoint error.
 pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    swav_core::fs::atomic_write(path, bytes).map_err(|e| ModelError::Io { path: e.path.display().to_string(), source: e.source })
+    swav_core::fs::atomic_write(path, bytes)
+        .map_err(|e| ModelError::Io { path: e.path.display().to_string(), source: e.source })
 }
 
 /// The PyTorch (OIHW) shape of an OHWI weight.
@@ -209,7 +224,12 @@ pub fn model_grads(model: &mut impl Visit) -> NamedTensors {
 
 /// Loads the entries named `prefix + model name` (or `prefix + "module." + model name`) into the model.
 /// Shapes must match exactly; the error names the tensor.
-pub fn load_model_state(model: &mut impl Visit, state: &NamedTensors, prefix: &str, opts: LoadOptions) -> Result<LoadReport> {
+pub fn load_model_state(
+    model: &mut impl Visit,
+    state: &NamedTensors,
+    prefix: &str,
+    opts: LoadOptions,
+) -> Result<LoadReport> {
     // Map stripped names to file names, so `module.conv1.weight` serves `conv1.weight`.
     let mut by_name: BTreeMap<String, &str> = BTreeMap::new();
     for key in state.tensors.keys() {
@@ -248,7 +268,11 @@ pub fn load_model_state(model: &mut impl Visit, state: &NamedTensors, prefix: &s
         format!("{}{more}", shown.join(", "))
     };
     if !opts.allow_missing && !report.missing.is_empty() {
-        return Err(ModelError::Mismatch(format!("{} tensors missing from the checkpoint: {}", report.missing.len(), list(&report.missing))));
+        return Err(ModelError::Mismatch(format!(
+            "{} tensors missing from the checkpoint: {}",
+            report.missing.len(),
+            list(&report.missing)
+        )));
     }
     if !opts.allow_unexpected && !report.unexpected.is_empty() {
         return Err(ModelError::Mismatch(format!(
@@ -261,7 +285,11 @@ pub fn load_model_state(model: &mut impl Visit, state: &NamedTensors, prefix: &s
 }
 
 fn assign(name: &str, slot: Slot<'_>, value: &Value) -> Result<()> {
-    let mismatch = |want: &[usize]| ModelError::TensorShape { name: name.into(), got: value.shape().to_vec(), want: want.to_vec() };
+    let mismatch = |want: &[usize]| ModelError::TensorShape {
+        name: name.into(),
+        got: value.shape().to_vec(),
+        want: want.to_vec(),
+    };
     match (slot, value) {
         (Slot::Param(p), Value::F32 { shape, data }) => {
             let (shape, data) = if p.layout == Layout::Ohwi {
@@ -273,7 +301,8 @@ fn assign(name: &str, slot: Slot<'_>, value: &Value) -> Result<()> {
                 (shape.clone(), data.clone())
             };
             if shape != p.value.shape() {
-                let want = if p.layout == Layout::Ohwi { oihw_shape(p.value.shape()) } else { p.value.shape().to_vec() };
+                let want =
+                    if p.layout == Layout::Ohwi { oihw_shape(p.value.shape()) } else { p.value.shape().to_vec() };
                 return Err(mismatch(&want));
             }
             p.value.as_mut_slice().copy_from_slice(&data);

@@ -56,7 +56,8 @@ impl ModelFile {
         if path.is_dir() {
             return Err(ModelError::Format {
                 path: path.display().to_string(),
-                detail: "this is a directory: pass a model file, e.g. <run-dir>/checkpoints/step-NNNNNNNN.safetensors".into(),
+                detail: "this is a directory: pass a model file, e.g. <run-dir>/checkpoints/step-NNNNNNNN.safetensors"
+                    .into(),
             });
         }
         let state = NamedTensors::read(path)?;
@@ -69,7 +70,12 @@ impl ModelFile {
     }
 
     /// Writes `model` with `preprocessing` and the `extra` metadata entries, atomically.
-    pub fn write(model: &mut SwavModel, preprocessing: &Preprocessing, extra: &BTreeMap<String, String>, path: &Path) -> Result<()> {
+    pub fn write(
+        model: &mut SwavModel,
+        preprocessing: &Preprocessing,
+        extra: &BTreeMap<String, String>,
+        path: &Path,
+    ) -> Result<()> {
         let mut state = model_state(model);
         state.metadata = extra.clone();
         state.metadata.extend(preprocessing.to_metadata());
@@ -87,11 +93,14 @@ pub fn config_of(path: &Path, state: &NamedTensors) -> Result<ModelConfig> {
         path: path.display().to_string(),
         detail: format!("no `{META_CONFIG}` in the metadata: not a swav-rs model file"),
     })?;
-    let config: ModelConfig = serde_json::from_str(raw)
-        .map_err(|e| ModelError::Format { path: path.display().to_string(), detail: format!("`{META_CONFIG}`: {e}") })?;
-    config
-        .validate()
-        .map_err(|e| ModelError::Format { path: path.display().to_string(), detail: format!("`{META_CONFIG}`: {e}") })?;
+    let config: ModelConfig = serde_json::from_str(raw).map_err(|e| ModelError::Format {
+        path: path.display().to_string(),
+        detail: format!("`{META_CONFIG}`: {e}"),
+    })?;
+    config.validate().map_err(|e| ModelError::Format {
+        path: path.display().to_string(),
+        detail: format!("`{META_CONFIG}`: {e}"),
+    })?;
     Ok(config)
 }
 

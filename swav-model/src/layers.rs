@@ -1,7 +1,9 @@
 //! The three layers with parameters: convolution, batch norm and linear. Each wraps the engine's op
 //! with its parameters and names; the networks compose them.
 
-use swav_tensor::ops::batchnorm::{batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, BnCache, BnParams, Fused};
+use swav_tensor::ops::batchnorm::{
+    batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, BnCache, BnParams, Fused,
+};
 use swav_tensor::ops::conv::{conv2d_backward, conv2d_forward};
 use swav_tensor::ops::linear::{linear_backward, linear_forward};
 use swav_tensor::{Device, Tensor};
@@ -77,7 +79,15 @@ impl BatchNorm {
     /// Training mode: batch statistics, running statistics updated.
     pub fn forward_train(&mut self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<(Tensor, BnCache)> {
         let p = BnParams { gamma: &self.weight.value, beta: &self.bias.value, eps: self.eps };
-        let out = batchnorm_train_forward(x, &p, &mut self.running_mean, &mut self.running_var, self.momentum, residual, relu)?;
+        let out = batchnorm_train_forward(
+            x,
+            &p,
+            &mut self.running_mean,
+            &mut self.running_var,
+            self.momentum,
+            residual,
+            relu,
+        )?;
         self.num_batches_tracked += 1;
         Ok(out)
     }
@@ -87,7 +97,14 @@ impl BatchNorm {
     }
 
     /// Returns `dx` and, when fused with a residual, the residual's gradient.
-    pub fn backward(&mut self, x: &Tensor, y: &Tensor, dy: &Tensor, cache: &BnCache, fused: Fused) -> Result<(Tensor, Option<Tensor>)> {
+    pub fn backward(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        cache: &BnCache,
+        fused: Fused,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let p = BnParams { gamma: &self.weight.value, beta: &self.bias.value, eps: self.eps };
         Ok(batchnorm_backward(x, y, dy, &p, cache, fused, &mut self.weight.grad, &mut self.bias.grad)?)
     }
@@ -113,7 +130,9 @@ pub struct Linear {
 impl Linear {
     pub fn new(fin: usize, fout: usize, bias: bool, rng: &mut InitRng) -> Linear {
         let w = Tensor::from_vec(&[fout, fin], rng.uniform_fan_in(fout * fin, fin)).expect("shape matches length");
-        let b = bias.then(|| Param::new(Tensor::from_vec(&[fout], rng.uniform_fan_in(fout, fin)).expect("shape"), Layout::Plain));
+        let b = bias.then(|| {
+            Param::new(Tensor::from_vec(&[fout], rng.uniform_fan_in(fout, fin)).expect("shape"), Layout::Plain)
+        });
         Linear { weight: Param::new(w, Layout::Plain), bias: b }
     }
 

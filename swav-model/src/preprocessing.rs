@@ -85,19 +85,26 @@ impl Preprocessing {
     pub fn recorded(config: &ModelConfig, mean: Vec<f32>, std: Vec<f32>, input_size: usize) -> Result<Preprocessing> {
         let overrides = Overrides { mean: Some(mean), std: Some(std), input_size: Some(input_size) };
         let mut p = Self::resolve(config, &BTreeMap::new(), &overrides)?;
-        (p.mean_source, p.std_source, p.input_size_source) = (Source::Checkpoint, Source::Checkpoint, Source::Checkpoint);
+        (p.mean_source, p.std_source, p.input_size_source) =
+            (Source::Checkpoint, Source::Checkpoint, Source::Checkpoint);
         Ok(p)
     }
 
     /// Resolves every value from the overrides, the metadata and the defaults, in that order, and
     /// checks them (finite, positive std, size in `1..=MAX_INPUT_SIZE`, one or `in_channels` values).
-    pub fn resolve(config: &ModelConfig, metadata: &BTreeMap<String, String>, overrides: &Overrides) -> Result<Preprocessing> {
+    pub fn resolve(
+        config: &ModelConfig,
+        metadata: &BTreeMap<String, String>,
+        overrides: &Overrides,
+    ) -> Result<Preprocessing> {
         let c = config.in_channels;
-        let (default_mean, default_std) = if c == 3 { (imagenet::MEAN.to_vec(), imagenet::STD.to_vec()) } else { (vec![0.5; c], vec![0.5; c]) };
+        let (default_mean, default_std) =
+            if c == 3 { (imagenet::MEAN.to_vec(), imagenet::STD.to_vec()) } else { (vec![0.5; c], vec![0.5; c]) };
         let (mean, mean_source) = pick(META_MEAN, overrides.mean.clone(), metadata, parse_floats, default_mean)?;
         let (std, std_source) = pick(META_STD, overrides.std.clone(), metadata, parse_floats, default_std)?;
         let default_size = if config.small_stem { 32 } else { 224 };
-        let (input_size, input_size_source) = pick(META_INPUT_SIZE, overrides.input_size, metadata, parse_size, default_size)?;
+        let (input_size, input_size_source) =
+            pick(META_INPUT_SIZE, overrides.input_size, metadata, parse_size, default_size)?;
         let mean = per_channel(META_MEAN, mean, mean_source, c)?;
         let std = per_channel(META_STD, std, std_source, c)?;
         if let Some(v) = std.iter().find(|v| **v <= 0.0) {
@@ -155,9 +162,11 @@ fn pick<T>(
         return Ok((v, Source::Override));
     }
     match metadata.get(key) {
-        Some(raw) => parse(raw)
-            .map(|v| (v, Source::Checkpoint))
-            .map_err(|detail| ModelError::Metadata { key: key.into(), value: raw.clone(), detail }),
+        Some(raw) => parse(raw).map(|v| (v, Source::Checkpoint)).map_err(|detail| ModelError::Metadata {
+            key: key.into(),
+            value: raw.clone(),
+            detail,
+        }),
         None => Ok((default, Source::Default)),
     }
 }

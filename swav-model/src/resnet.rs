@@ -49,7 +49,9 @@ pub struct BlockActs {
 impl Block {
     fn new(kind: BlockKind, cin: usize, planes: usize, stride: usize, rng: &mut InitRng) -> Block {
         let (convs, cout) = match kind {
-            BlockKind::Basic => (vec![Conv2d::new(cin, planes, 3, stride, 1, rng), Conv2d::new(planes, planes, 3, 1, 1, rng)], planes),
+            BlockKind::Basic => {
+                (vec![Conv2d::new(cin, planes, 3, stride, 1, rng), Conv2d::new(planes, planes, 3, 1, 1, rng)], planes)
+            }
             BlockKind::Bottleneck => (
                 vec![
                     Conv2d::new(cin, planes, 1, 1, 0, rng),
@@ -123,7 +125,9 @@ impl Block {
             if i == 0 {
                 d = dinput;
             } else {
-                d = self.bns[i - 1].backward(&acts.conv_out[i - 1], &acts.hidden[i - 1], &dinput, &acts.caches[i - 1], Fused::RELU)?.0;
+                d = self.bns[i - 1]
+                    .backward(&acts.conv_out[i - 1], &acts.hidden[i - 1], &dinput, &acts.caches[i - 1], Fused::RELU)?
+                    .0;
             }
         }
         match (&mut self.downsample, &acts.shortcut) {
@@ -205,7 +209,10 @@ impl ResNet {
     fn check_input(&self, x: &Tensor) -> Result<()> {
         match x.shape() {
             &[n, h, w, c] if c == self.in_channels && n > 0 && h > 0 && w > 0 => Ok(()),
-            s => Err(ModelError::Input(format!("images must be NHWC with {} channels, got shape {s:?}", self.in_channels))),
+            s => Err(ModelError::Input(format!(
+                "images must be NHWC with {} channels, got shape {s:?}",
+                self.in_channels
+            ))),
         }
     }
 

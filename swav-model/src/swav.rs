@@ -8,7 +8,7 @@ use swav_tensor::ops::normalize::{l2_normalize_backward, l2_normalize_forward};
 use swav_tensor::Tensor;
 
 use crate::config::ModelConfig;
-use crate::head::{HeadActs, Prototypes, ProjectionHead};
+use crate::head::{HeadActs, ProjectionHead, Prototypes};
 use crate::init::InitRng;
 use crate::param::{Visit, Visitor};
 use crate::resnet::{ResNet, ResNetActs};
@@ -72,7 +72,11 @@ impl SwavModel {
     /// Accumulates all parameter gradients from the gradients of the scores (one per head).
     pub fn backward(&mut self, acts: SwavActs, out: &SwavOutput, dscores: &[Tensor]) -> Result<()> {
         if dscores.len() != self.prototypes.heads.len() {
-            return Err(ModelError::Input(format!("{} score gradients for {} prototype heads", dscores.len(), self.prototypes.heads.len())));
+            return Err(ModelError::Input(format!(
+                "{} score gradients for {} prototype heads",
+                dscores.len(),
+                self.prototypes.heads.len()
+            )));
         }
         let mut dz = Tensor::zeros(out.embedding.shape(), out.embedding.device());
         for (head, ds) in self.prototypes.heads.iter_mut().zip(dscores) {

@@ -7,7 +7,16 @@ use swav_model::param::{Slot, Visit};
 use swav_model::{Arch, ModelConfig, ModelFile, Preprocessing, SwavModel};
 
 fn small(arch: Arch) -> ModelConfig {
-    ModelConfig { arch, width: Some(8), small_stem: false, in_channels: 3, hidden_mlp: 16, head_bn: true, feat_dim: 8, prototypes: vec![10] }
+    ModelConfig {
+        arch,
+        width: Some(8),
+        small_stem: false,
+        in_channels: 3,
+        hidden_mlp: 16,
+        head_bn: true,
+        feat_dim: 8,
+        prototypes: vec![10],
+    }
 }
 
 #[test]
@@ -36,7 +45,10 @@ fn names_follow_torchvision_and_the_official_head() {
     assert!(model_state(&mut r18).tensors.contains_key("layer4.1.conv2.weight"));
     let mut multi = SwavModel::new(ModelConfig { prototypes: vec![10, 20], ..small(Arch::Resnet18) }, 0).unwrap();
     let s = model_state(&mut multi);
-    assert!(s.tensors.contains_key("prototypes.prototypes0.weight") && s.tensors.contains_key("prototypes.prototypes1.weight"));
+    assert!(
+        s.tensors.contains_key("prototypes.prototypes0.weight")
+            && s.tensors.contains_key("prototypes.prototypes1.weight")
+    );
 }
 
 #[test]

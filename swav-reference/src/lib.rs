@@ -173,7 +173,8 @@ fn loss_case(case: &mut Case<'_>) -> Result<(), ReferenceError> {
     let scores = case.expect("input.scores")?.to_vec();
     let mut codes = Vec::new();
     for (j, &a) in assign.iter().enumerate() {
-        let queue_scores = if queue > 0 { Some(case.expect(&format!("input.queue_scores.{j}"))?.to_vec()) } else { None };
+        let queue_scores =
+            if queue > 0 { Some(case.expect(&format!("input.queue_scores.{j}"))?.to_vec()) } else { None };
         let crop = &scores[a * batch * k..(a + 1) * batch * k];
         codes.push(codes_for_crop(crop, queue_scores.as_deref(), batch, k, &params)?);
     }
@@ -187,7 +188,9 @@ fn loss_case(case: &mut Case<'_>) -> Result<(), ReferenceError> {
 }
 
 fn nchw_to_nhwc(shape: &[usize], data: &[f32]) -> Result<Tensor, ReferenceError> {
-    let &[n, c, h, w] = shape else { return Err(ReferenceError::Input(format!("an input crop of shape {shape:?} is not NCHW"))) };
+    let &[n, c, h, w] = shape else {
+        return Err(ReferenceError::Input(format!("an input crop of shape {shape:?} is not NCHW")));
+    };
     Ok(Tensor::from_vec(&[n, h, w, c], swav_core::layout::nchw_to_nhwc([n, c, h, w], data))?)
 }
 
@@ -211,7 +214,9 @@ fn model_case_direct(case: &mut Case<'_>) -> Result<(), ReferenceError> {
     let params = sinkhorn_params(case)?;
     let (eps, momentum): (f32, f32) = (case.meta("bn_eps")?, case.meta("bn_momentum")?);
     if (eps - 1e-5).abs() > 1e-12 || (momentum - 0.1).abs() > 1e-9 {
-        return Err(case.err(format!("batch norm eps {eps} / momentum {momentum}: only PyTorch's defaults are modelled")));
+        return Err(
+            case.err(format!("batch norm eps {eps} / momentum {momentum}: only PyTorch's defaults are modelled"))
+        );
     }
     // Crops: "2x64,2x32" -> resolution of each crop, in order.
     let mut sizes = Vec::new();
@@ -271,7 +276,8 @@ fn model_case_direct(case: &mut Case<'_>) -> Result<(), ReferenceError> {
         case.compare(&format!("expect.grad.{name}"), data, TOL_PARAM_GRADS)?;
     }
     let state: BTreeMap<String, Value> = model_state(&mut model).tensors;
-    let after: Vec<String> = case.file.tensors.keys().filter_map(|k| k.strip_prefix("expect.after.")).map(str::to_string).collect();
+    let after: Vec<String> =
+        case.file.tensors.keys().filter_map(|k| k.strip_prefix("expect.after.")).map(str::to_string).collect();
     for name in after {
         let Some(Value::F32 { data, .. }) = state.get(&name) else {
             return Err(case.err(format!("the model has no buffer `{name}`")));

@@ -31,11 +31,19 @@ fn all_reference_cases_pass() {
         let report = verify_case(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         for c in &report.checks {
             let verdict = match (c.pass(), c.float32_baseline) {
-                (true, Some(b)) if c.by_baseline() => format!("PASS (float32 conditioning: PyTorch float32 error {b:.2e})"),
+                (true, Some(b)) if c.by_baseline() => {
+                    format!("PASS (float32 conditioning: PyTorch float32 error {b:.2e})")
+                }
                 (true, _) => "PASS".to_string(),
                 (false, _) => "FAIL".to_string(),
             };
-            eprintln!("{} {:<56} {:.2e} (tol {:.0e}) {verdict}", file.file_name().unwrap().to_string_lossy(), c.name, c.rel_err, c.tol);
+            eprintln!(
+                "{} {:<56} {:.2e} (tol {:.0e}) {verdict}",
+                file.file_name().unwrap().to_string_lossy(),
+                c.name,
+                c.rel_err,
+                c.tol
+            );
             if !c.pass() {
                 failures.push(format!("{}: {}", file.display(), c.name));
             }

@@ -16,16 +16,9 @@ pub fn official(
     iterations: usize,
 ) -> Result<Vec<f32>, SinkhornError> {
     let (b, k) = (rows, prototypes);
-    let n = b
-        .checked_mul(k)
-        .filter(|&n| n > 0)
-        .ok_or(SinkhornError::Size { rows, prototypes })?;
+    let n = b.checked_mul(k).filter(|&n| n > 0).ok_or(SinkhornError::Size { rows, prototypes })?;
     if scores.len() != n {
-        return Err(SinkhornError::Shape {
-            buffer: "scores",
-            expected: n,
-            actual: scores.len(),
-        });
+        return Err(SinkhornError::Shape { buffer: "scores", expected: n, actual: scores.len() });
     }
     // Q = exp(out / epsilon).t(): we keep the rows x prototypes layout and sum along the other axis.
     let mut q: Vec<f32> = scores.iter().map(|&s| (s / epsilon).exp()).collect();

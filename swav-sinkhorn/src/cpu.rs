@@ -51,11 +51,7 @@ pub(crate) fn sinkhorn_into(
     // so that every rank sees it and returns the error at the same point.
     let mut bad = vec![false; tiles];
     {
-        let items: Vec<_> = scores
-            .chunks(TILE_ROWS * k)
-            .zip(part.chunks_mut(k))
-            .zip(bad.iter_mut())
-            .collect();
+        let items: Vec<_> = scores.chunks(TILE_ROWS * k).zip(part.chunks_mut(k)).zip(bad.iter_mut()).collect();
         parallel(threads, items, |((s, mx), b)| *b = !(kern.colmax)(s, k, mx));
     }
     let local_bad = bad.iter().any(|&b| b);
@@ -70,9 +66,7 @@ pub(crate) fn sinkhorn_into(
         reducer.all_reduce_max(&mut colmax)?;
     }
     if colmax[k] != 0.0 {
-        return Err(SinkhornError::NonFinite {
-            this_rank: local_bad,
-        });
+        return Err(SinkhornError::NonFinite { this_rank: local_bad });
     }
 
     // e into q, the first column sums, then the iterations.
@@ -90,22 +84,10 @@ pub(crate) fn sinkhorn_into(
                 *u = clamp_scale(p.inv_k / r);
             }
         }
-        let args = RowArgs {
-            k,
-            inv_eps: p.inv_eps,
-            inv_b: p.inv_b,
-            colmax: &colmax[..k],
-            u: &u,
-            mode,
-        };
-        let items: Vec<_> = scores
-            .chunks(TILE_ROWS * k)
-            .zip(q.chunks_mut(TILE_ROWS * k))
-            .zip(part.chunks_mut(k))
-            .collect();
-        parallel(threads, items, |((s, qt), ps)| {
-            (kern.rows)(&args, s, qt, ps)
-        });
+        let args = RowArgs { k, inv_eps: p.inv_eps, inv_b: p.inv_b, colmax: &colmax[..k], u: &u, mode };
+        let items: Vec<_> =
+            scores.chunks(TILE_ROWS * k).zip(q.chunks_mut(TILE_ROWS * k)).zip(part.chunks_mut(k)).collect();
+        parallel(threads, items, |((s, qt), ps)| (kern.rows)(&args, s, qt, ps));
         if mode != Mode::Output {
             acc.iter_mut().for_each(|a| *a = 0.0);
             for tile in part.chunks(k) {
@@ -130,9 +112,7 @@ fn choose_threads(requested: usize, elements: usize, tiles: usize) -> usize {
     } else if elements < PARALLEL_MIN_ELEMENTS {
         1
     } else {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     };
     wanted.clamp(1, tiles.max(1))
 }
@@ -151,10 +131,7 @@ fn parallel<T: Send, F: Fn(T) + Sync>(threads: usize, items: Vec<T>, f: F) {
     let work = || loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         let Some(slot) = slots.get(i) else { break };
-        let item = slot
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
+        let item = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         if let Some(item) = item {
             f(item);
         }
@@ -202,16 +179,10 @@ impl Kernels {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx2") {
-                return Kernels {
-                    colmax: avx2::colmax,
-                    rows: avx2::rows,
-                };
+                return Kernels { colmax: avx2::colmax, rows: avx2::rows };
             }
         }
-        Kernels {
-            colmax: colmax_tile,
-            rows: rows_tile,
-        }
+        Kernels { colmax: colmax_tile, rows: rows_tile }
     }
 }
 
@@ -337,9 +308,7 @@ mod timing {
     #[ignore]
     fn time_passes() {
         let (rows, k): (usize, usize) = (256, 3000);
-        let s: Vec<f32> = (0..rows * k)
-            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
-            .collect();
+        let s: Vec<f32> = (0..rows * k).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
         let kern = Kernels::detect();
         let mut part = vec![0f32; rows.div_ceil(TILE_ROWS) * k];
         let mut q = vec![0f32; rows * k];
@@ -352,20 +321,9 @@ mod timing {
             }
             print!("colmax {:?}", t.elapsed());
             for mode in [Mode::Exp, Mode::Sweep, Mode::Output] {
-                let args = RowArgs {
-                    k,
-                    inv_eps: 20.0,
-                    inv_b: 1.0 / 256.0,
-                    colmax: &m,
-                    u: &u,
-                    mode,
-                };
+                let args = RowArgs { k, inv_eps: 20.0, inv_b: 1.0 / 256.0, colmax: &m, u: &u, mode };
                 let t = std::time::Instant::now();
-                for ((st, qt), p) in s
-                    .chunks(TILE_ROWS * k)
-                    .zip(q.chunks_mut(TILE_ROWS * k))
-                    .zip(part.chunks_mut(k))
-                {
+                for ((st, qt), p) in s.chunks(TILE_ROWS * k).zip(q.chunks_mut(TILE_ROWS * k)).zip(part.chunks_mut(k)) {
                     (kern.rows)(&args, st, qt, p);
                 }
                 print!(", {mode:?} {:?}", t.elapsed());

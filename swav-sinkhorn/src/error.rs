@@ -44,10 +44,9 @@ pub enum SinkhornError {
 impl fmt::Display for SinkhornError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SinkhornError::Shape { buffer, expected, actual } => write!(
-                f,
-                "sinkhorn: buffer `{buffer}` has {actual} elements, but rows x prototypes needs {expected}"
-            ),
+            SinkhornError::Shape { buffer, expected, actual } => {
+                write!(f, "sinkhorn: buffer `{buffer}` has {actual} elements, but rows x prototypes needs {expected}")
+            }
             SinkhornError::Size { rows, prototypes } => write!(
                 f,
                 "sinkhorn: cannot run on {rows} rows x {prototypes} prototypes (both must be at least 1 and \

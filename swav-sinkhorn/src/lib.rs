@@ -104,33 +104,20 @@ pub struct Params {
 impl Default for Params {
     /// SwAV's defaults: epsilon 0.05, 3 iterations, automatic threads.
     fn default() -> Self {
-        Params {
-            epsilon: 0.05,
-            iterations: 3,
-            threads: 0,
-        }
+        Params { epsilon: 0.05, iterations: 3, threads: 0 }
     }
 }
 
 impl Params {
     /// `epsilon` and `iterations`, automatic threads.
     pub fn new(epsilon: f32, iterations: usize) -> Self {
-        Params {
-            epsilon,
-            iterations,
-            threads: 0,
-        }
+        Params { epsilon, iterations, threads: 0 }
     }
 }
 
 /// Soft assignments of one process's scores (`rows x prototypes`, row-major) to prototypes, on the CPU.
 /// Returns `Q`, same shape, rows summing to 1.
-pub fn sinkhorn(
-    scores: &[f32],
-    rows: usize,
-    prototypes: usize,
-    params: &Params,
-) -> Result<Vec<f32>, SinkhornError> {
+pub fn sinkhorn(scores: &[f32], rows: usize, prototypes: usize, params: &Params) -> Result<Vec<f32>, SinkhornError> {
     let mut q = vec![0f32; Problem::new(rows, prototypes, params, 1)?.elements];
     sinkhorn_into(scores, rows, prototypes, params, &SingleProcess, &mut q)?;
     Ok(q)
@@ -177,11 +164,7 @@ pub fn sinkhorn_ranks(
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(SinkhornError::Reduce("a rank's thread panicked".into()))
-                })
-            })
+            .map(|h| h.join().unwrap_or_else(|_| Err(SinkhornError::Reduce("a rank's thread panicked".into()))))
             .collect()
     })
 }
@@ -230,18 +213,11 @@ impl Problem {
         if rows == 0 || prototypes == 0 {
             return Err(size_err);
         }
-        let elements = rows
-            .checked_mul(prototypes)
-            .filter(|&n| n <= isize::MAX as usize / 4)
-            .ok_or(size_err)?;
+        let elements = rows.checked_mul(prototypes).filter(|&n| n <= isize::MAX as usize / 4).ok_or(size_err)?;
         if world_size == 0 {
-            return Err(SinkhornError::Reduce(
-                "the reducer reports a world size of 0".into(),
-            ));
+            return Err(SinkhornError::Reduce("the reducer reports a world size of 0".into()));
         }
-        let b = rows
-            .checked_mul(world_size)
-            .ok_or(SinkhornError::Size { rows, prototypes })?;
+        let b = rows.checked_mul(world_size).ok_or(SinkhornError::Size { rows, prototypes })?;
         let eps = params.epsilon;
         let inv_eps = (1.0 / eps as f64) as f32;
         if !(eps.is_finite() && eps > 0.0 && inv_eps.is_finite()) {
@@ -263,19 +239,11 @@ impl Problem {
         })
     }
 
-    pub(crate) fn check_len(
-        &self,
-        buffer: &'static str,
-        actual: usize,
-    ) -> Result<(), SinkhornError> {
+    pub(crate) fn check_len(&self, buffer: &'static str, actual: usize) -> Result<(), SinkhornError> {
         if actual == self.elements {
             Ok(())
         } else {
-            Err(SinkhornError::Shape {
-                buffer,
-                expected: self.elements,
-                actual,
-            })
+            Err(SinkhornError::Shape { buffer, expected: self.elements, actual })
         }
     }
 }

@@ -43,8 +43,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let t = xc * LOG2E + MAGIC; // MAGIC + round(xc * log2 e), exactly representable
     let n = t - MAGIC;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
         + 0.5;
     let y = p * (r * r) + r + 1.0;

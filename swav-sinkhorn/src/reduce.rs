@@ -57,12 +57,7 @@ impl LocalGroup {
             barrier: Barrier::new(world_size.max(1)),
             world_size,
         });
-        (0..world_size)
-            .map(|rank| LocalRank {
-                rank,
-                shared: shared.clone(),
-            })
-            .collect()
+        (0..world_size).map(|rank| LocalRank { rank, shared: shared.clone() }).collect()
     }
 }
 
@@ -87,12 +82,7 @@ impl LocalRank {
     }
 
     fn all_reduce(&self, values: &mut [f32], op: fn(f32, f32) -> f32) -> Result<(), SinkhornError> {
-        let lock = || {
-            self.shared
-                .slots
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        };
+        let lock = || self.shared.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         {
             let mut slots = lock();
             slots[self.rank].clear();

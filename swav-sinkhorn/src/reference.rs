@@ -10,41 +10,28 @@ use crate::{relative_error, sinkhorn_ranks, Params, SinkhornError};
 use std::collections::HashMap;
 
 /// Runs the case and returns, for every `expect.q.rank{r}`, its relative L2 error.
-pub fn verify_case<F>(
-    metadata: &HashMap<String, String>,
-    tensor: F,
-) -> Result<Vec<(String, f64)>, SinkhornError>
+pub fn verify_case<F>(metadata: &HashMap<String, String>, tensor: F) -> Result<Vec<(String, f64)>, SinkhornError>
 where
     F: Fn(&str) -> Option<Vec<f32>>,
 {
-    fn param<T: std::str::FromStr>(
-        metadata: &HashMap<String, String>,
-        key: &str,
-    ) -> Result<T, SinkhornError> {
+    fn param<T: std::str::FromStr>(metadata: &HashMap<String, String>, key: &str) -> Result<T, SinkhornError> {
         metadata
             .get(key)
             .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| {
-                SinkhornError::Reference(format!("metadata `{key}` is missing or malformed"))
-            })
+            .ok_or_else(|| SinkhornError::Reference(format!("metadata `{key}` is missing or malformed")))
     }
     if let Some(kind) = metadata.get("kind") {
         if kind != "sinkhorn" {
-            return Err(SinkhornError::Reference(format!(
-                "kind `{kind}` is not `sinkhorn`"
-            )));
+            return Err(SinkhornError::Reference(format!("kind `{kind}` is not `sinkhorn`")));
         }
     }
     let params = Params::new(param(metadata, "epsilon")?, param(metadata, "iterations")?);
     let world: usize = param(metadata, "world_size")?;
     let rows: usize = param(metadata, "rows")?;
     let prototypes: usize = param(metadata, "prototypes")?;
-    let fetch = |name: String| {
-        tensor(&name).ok_or_else(|| SinkhornError::Reference(format!("tensor `{name}` is missing")))
-    };
-    let inputs = (0..world)
-        .map(|r| fetch(format!("input.scores.rank{r}")))
-        .collect::<Result<Vec<_>, _>>()?;
+    let fetch =
+        |name: String| tensor(&name).ok_or_else(|| SinkhornError::Reference(format!("tensor `{name}` is missing")));
+    let inputs = (0..world).map(|r| fetch(format!("input.scores.rank{r}"))).collect::<Result<Vec<_>, _>>()?;
     let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
     let got = sinkhorn_ranks(&refs, rows, prototypes, &params)?;
     let mut errors = Vec::new();

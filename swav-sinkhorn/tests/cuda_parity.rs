@@ -7,9 +7,7 @@ mod common;
 use common::{assert_valid_assignments, cosine_scores, random_scores};
 use std::sync::Arc;
 use swav_sinkhorn::cuda::{self, CudaSinkhorn, HostStaged};
-use swav_sinkhorn::{
-    relative_error, sinkhorn, sinkhorn_ranks, LocalGroup, Params, SingleProcess, SinkhornError,
-};
+use swav_sinkhorn::{relative_error, sinkhorn, sinkhorn_ranks, LocalGroup, Params, SingleProcess, SinkhornError};
 
 /// The device's stream, or None (printing why) when there is no usable CUDA device. With
 /// `SWAV_REQUIRE_CUDA=1` (the GPU check script) a missing device is a failure. A device whose kernels do
@@ -23,10 +21,7 @@ fn device() -> Option<Arc<cuda::cudarc::driver::CudaStream>> {
             Some(stream)
         }
         Err(e) => {
-            assert!(
-                matches!(e, SinkhornError::Cuda(_)),
-                "unexpected error kind: {e:?}"
-            );
+            assert!(matches!(e, SinkhornError::Cuda(_)), "unexpected error kind: {e:?}");
             if std::env::var("SWAV_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
                 panic!("SWAV_REQUIRE_CUDA=1 but there is no CUDA device: {e}");
             }
@@ -60,18 +55,11 @@ fn cuda_equals_cpu_on_random_inputs() {
             random_scores(rows * k, i as u64, 1.0)
         };
         let params = Params::new(eps, iters);
-        let gpu = sk
-            .run_host(&scores, rows, k, &params, &SingleProcess)
-            .unwrap();
+        let gpu = sk.run_host(&scores, rows, k, &params, &SingleProcess).unwrap();
         let cpu = sinkhorn(&scores, rows, k, &params).unwrap();
         let err = relative_error(&gpu, &cpu);
-        println!(
-            "{rows} x {k}, eps {eps}, {iters} iterations: CUDA vs CPU relative error {err:.2e}"
-        );
-        assert!(
-            err < 1e-5,
-            "{rows} x {k}: CUDA vs CPU relative error {err:.2e}"
-        );
+        println!("{rows} x {k}, eps {eps}, {iters} iterations: CUDA vs CPU relative error {err:.2e}");
+        assert!(err < 1e-5, "{rows} x {k}: CUDA vs CPU relative error {err:.2e}");
         assert_valid_assignments(&gpu, k, "cuda");
     }
 }
@@ -94,14 +82,8 @@ fn cuda_reference_cases() {
                         let r = rank.rank();
                         let stream = stream.fork().unwrap();
                         let mut sk = CudaSinkhorn::new(&stream).unwrap();
-                        sk.run_host(
-                            case.tensor(&format!("input.scores.rank{r}")),
-                            rows,
-                            k,
-                            &params,
-                            &HostStaged(rank),
-                        )
-                        .unwrap()
+                        sk.run_host(case.tensor(&format!("input.scores.rank{r}")), rows, k, &params, &HostStaged(rank))
+                            .unwrap()
                     })
                 })
                 .collect();
@@ -109,10 +91,7 @@ fn cuda_reference_cases() {
         });
         for (r, q) in results.iter().enumerate() {
             let err = relative_error(q, case.tensor(&format!("expect.q.rank{r}")));
-            println!(
-                "{} rank {r}: CUDA relative error {err:.2e}",
-                case.path.display()
-            );
+            println!("{} rank {r}: CUDA relative error {err:.2e}", case.path.display());
             assert!(err < 1e-5, "{} rank {r}: {err:.2e}", case.path.display());
         }
     }
@@ -123,9 +102,8 @@ fn cuda_distributed_equals_cpu_distributed() {
     let Some(stream) = device() else { return };
     let (world, rows, k) = (3, 200, 700);
     let params = Params::new(0.03, 3);
-    let per_rank: Vec<Vec<f32>> = (0..world)
-        .map(|r| random_scores(rows * k, 40 + r as u64, 0.3 + 0.3 * r as f32))
-        .collect();
+    let per_rank: Vec<Vec<f32>> =
+        (0..world).map(|r| random_scores(rows * k, 40 + r as u64, 0.3 + 0.3 * r as f32)).collect();
     let refs: Vec<&[f32]> = per_rank.iter().map(Vec::as_slice).collect();
     let cpu = sinkhorn_ranks(&refs, rows, k, &params).unwrap();
     let ranks = LocalGroup::new(world);
@@ -138,8 +116,7 @@ fn cuda_distributed_equals_cpu_distributed() {
                 s.spawn(move || {
                     let stream = stream.fork().unwrap();
                     let mut sk = CudaSinkhorn::new(&stream).unwrap();
-                    sk.run_host(scores, rows, k, &params, &HostStaged(rank))
-                        .unwrap()
+                    sk.run_host(scores, rows, k, &params, &HostStaged(rank)).unwrap()
                 })
             })
             .collect();
@@ -157,23 +134,16 @@ fn cuda_reports_non_finite_scores_and_bad_shapes() {
     let mut sk = CudaSinkhorn::new(&stream).unwrap();
     let mut scores = random_scores(64 * 100, 3, 1.0);
     scores[1234] = f32::NAN;
-    let err = sk
-        .run_host(&scores, 64, 100, &Params::default(), &SingleProcess)
-        .unwrap_err();
+    let err = sk.run_host(&scores, 64, 100, &Params::default(), &SingleProcess).unwrap_err();
     assert_eq!(err, SinkhornError::NonFinite { this_rank: true });
     // Without the check, the output is finite anyway.
     sk.set_check_finite(false);
-    let q = sk
-        .run_host(&scores, 64, 100, &Params::default(), &SingleProcess)
-        .unwrap();
+    let q = sk.run_host(&scores, 64, 100, &Params::default(), &SingleProcess).unwrap();
     assert!(q.iter().all(|x| x.is_finite()));
     sk.set_check_finite(true);
     let d = stream.clone_htod(&scores[..100]).unwrap();
     let mut q = stream.alloc_zeros::<f32>(100).unwrap();
-    assert!(matches!(
-        sk.run(&d, 2, 100, &Params::default(), &SingleProcess, &mut q),
-        Err(SinkhornError::Shape { .. })
-    ));
+    assert!(matches!(sk.run(&d, 2, 100, &Params::default(), &SingleProcess, &mut q), Err(SinkhornError::Shape { .. })));
     assert!(matches!(
         sk.run(&d, 1, 40000, &Params::default(), &SingleProcess, &mut q),
         Err(SinkhornError::Shape { .. }) | Err(SinkhornError::Unsupported(_))
@@ -188,8 +158,7 @@ fn cuda_naive_baseline_matches_official_order() {
     let scores = random_scores(rows * k, 9, 1.0);
     let d = stream.clone_htod(&scores).unwrap();
     let mut q = stream.alloc_zeros::<f32>(rows * k).unwrap();
-    sk.run_naive(&d, rows, k, &Params::default(), &mut q)
-        .unwrap();
+    sk.run_naive(&d, rows, k, &Params::default(), &mut q).unwrap();
     let gpu = stream.clone_dtoh(&q).unwrap();
     let cpu = swav_sinkhorn::baseline::official(&scores, rows, k, 0.05, 3).unwrap();
     let err = relative_error(&gpu, &cpu);

@@ -9,11 +9,7 @@ const TOLERANCE: f64 = 1e-5;
 #[test]
 fn all_reference_cases_pass() {
     let cases = common::sinkhorn_cases();
-    assert!(
-        cases.len() >= 4,
-        "expected the 4 sinkhorn cases of tests/cases/, found {}",
-        cases.len()
-    );
+    assert!(cases.len() >= 4, "expected the 4 sinkhorn cases of tests/cases/, found {}", cases.len());
     let mut distributed = 0;
     for case in &cases {
         let eps: f32 = case.param("epsilon");
@@ -22,53 +18,25 @@ fn all_reference_cases_pass() {
         let rows: usize = case.param("rows");
         let k: usize = case.param("prototypes");
         let params = Params::new(eps, iterations);
-        let inputs: Vec<&[f32]> = (0..world)
-            .map(|r| case.tensor(&format!("input.scores.rank{r}")))
-            .collect();
+        let inputs: Vec<&[f32]> = (0..world).map(|r| case.tensor(&format!("input.scores.rank{r}"))).collect();
         let got = sinkhorn_ranks(&inputs, rows, k, &params).unwrap();
         for (r, q) in got.iter().enumerate() {
             let want = case.tensor(&format!("expect.q.rank{r}"));
             let err = relative_error(q, want);
             println!("{} rank {r}: relative error {err:.2e}", case.path.display());
-            assert!(
-                err < TOLERANCE,
-                "{} rank {r}: relative error {err:.2e}",
-                case.path.display()
-            );
+            assert!(err < TOLERANCE, "{} rank {r}: relative error {err:.2e}", case.path.display());
             common::assert_valid_assignments(q, k, &case.path.display().to_string());
         }
         if world == 1 {
             // The single-process entry point, one thread and several, gives the same bits.
-            let one = sinkhorn(
-                inputs[0],
-                rows,
-                k,
-                &Params {
-                    threads: 1,
-                    ..params
-                },
-            )
-            .unwrap();
-            let many = sinkhorn(
-                inputs[0],
-                rows,
-                k,
-                &Params {
-                    threads: 3,
-                    ..params
-                },
-            )
-            .unwrap();
+            let one = sinkhorn(inputs[0], rows, k, &Params { threads: 1, ..params }).unwrap();
+            let many = sinkhorn(inputs[0], rows, k, &Params { threads: 3, ..params }).unwrap();
             assert_eq!(one, got[0]);
             assert_eq!(many, got[0]);
             // The benchmark's baseline is the official algorithm too.
             let naive = baseline::official(inputs[0], rows, k, eps, iterations).unwrap();
             let err = relative_error(&naive, case.tensor("expect.q.rank0"));
-            assert!(
-                err < TOLERANCE,
-                "{} baseline: relative error {err:.2e}",
-                case.path.display()
-            );
+            assert!(err < TOLERANCE, "{} baseline: relative error {err:.2e}", case.path.display());
         } else {
             distributed += 1;
         }
@@ -81,9 +49,7 @@ fn world_size_three_case_equals_single_process_on_stacked_rows() {
     let case = common::Case::load(&common::reference_dir().join("sinkhorn_3.safetensors"));
     let (rows, k): (usize, usize) = (case.param("rows"), case.param("prototypes"));
     let params = Params::new(case.param("epsilon"), case.param("iterations"));
-    let stacked: Vec<f32> = (0..3)
-        .flat_map(|r| case.tensor(&format!("input.scores.rank{r}")).to_vec())
-        .collect();
+    let stacked: Vec<f32> = (0..3).flat_map(|r| case.tensor(&format!("input.scores.rank{r}")).to_vec()).collect();
     let single = sinkhorn(&stacked, 3 * rows, k, &params).unwrap();
     for r in 0..3 {
         let want = case.tensor(&format!("expect.q.rank{r}"));

@@ -53,7 +53,10 @@ impl<'a> MatMut<'a> {
     /// A row-major `rows x cols` destination whose rows are `rs` values apart (`rs >= cols`).
     pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, rs: usize) -> Self {
         assert!(rs >= cols, "row stride {rs} shorter than the row {cols}");
-        assert!(rows == 0 || cols == 0 || (rows - 1) * rs + cols <= data.len(), "destination {rows}x{cols} exceeds its buffer");
+        assert!(
+            rows == 0 || cols == 0 || (rows - 1) * rs + cols <= data.len(),
+            "destination {rows}x{cols} exceeds its buffer"
+        );
         MatMut { data, rows, cols, rs: rs as isize }
     }
 

@@ -16,7 +16,12 @@ pub fn map_chunks<R: Send>(n: usize, chunk: usize, f: impl Fn(std::ops::Range<us
 
 /// Per-channel sums of `f(row)` contributions: each chunk of rows fills a `width`-long f64 partial,
 /// and partials are added in chunk order.
-pub fn sum_rows(rows: usize, width: usize, chunk: usize, f: impl Fn(std::ops::Range<usize>, &mut [f64]) + Sync) -> Vec<f64> {
+pub fn sum_rows(
+    rows: usize,
+    width: usize,
+    chunk: usize,
+    f: impl Fn(std::ops::Range<usize>, &mut [f64]) + Sync,
+) -> Vec<f64> {
     let partials = map_chunks(rows, chunk, |r| {
         let mut acc = vec![0.0f64; width];
         f(r, &mut acc);

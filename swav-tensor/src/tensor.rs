@@ -194,7 +194,10 @@ impl Tensor {
     /// Rows `[start, start + count)` of the first dimension, copied.
     pub fn narrow(&self, start: usize, count: usize) -> Result<Tensor> {
         if self.shape.is_empty() || start + count > self.shape[0] {
-            return Err(crate::error::shape_err("narrow", format!("rows {start}..{} of {:?}", start + count, self.shape)));
+            return Err(crate::error::shape_err(
+                "narrow",
+                format!("rows {start}..{} of {:?}", start + count, self.shape),
+            ));
         }
         let row: usize = self.shape[1..].iter().product();
         let mut shape = self.shape.clone();

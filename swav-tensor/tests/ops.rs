@@ -1,7 +1,9 @@
 //! Every op against an independent float64 implementation written from its definition (direct loops,
 //! no im2col, no fusion), and against finite differences of the op itself.
 
-use swav_tensor::ops::batchnorm::{batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, BnParams, Fused};
+use swav_tensor::ops::batchnorm::{
+    batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, BnParams, Fused,
+};
 use swav_tensor::ops::conv::{conv2d_backward, conv2d_forward};
 use swav_tensor::ops::elementwise::{add_forward, relu_backward, relu_forward};
 use swav_tensor::ops::linear::{linear_backward, linear_forward};
@@ -202,13 +204,27 @@ fn conv2d_rejects_mismatched_shapes() {
     let x = Tensor::zeros(&[1, 4, 4, 3], Default::default());
     assert!(conv2d_forward(&x, &Tensor::zeros(&[2, 3, 3, 4], Default::default()), 1, 1).is_err());
     assert!(conv2d_forward(&x, &Tensor::zeros(&[2, 7, 7, 3], Default::default()), 1, 0).is_err());
-    assert!(conv2d_forward(&Tensor::zeros(&[4, 4, 3], Default::default()), &Tensor::zeros(&[2, 3, 3, 3], Default::default()), 1, 1).is_err());
+    assert!(conv2d_forward(
+        &Tensor::zeros(&[4, 4, 3], Default::default()),
+        &Tensor::zeros(&[2, 3, 3, 3], Default::default()),
+        1,
+        1
+    )
+    .is_err());
 }
 
 // ---------- batch norm ----------
 
 /// Reference BN in f64: returns y, dx, dgamma, dbeta for `y = act(bn(x) + res)`.
-fn naive_bn(x: &[f32], res: Option<&[f32]>, relu: bool, gamma: &[f32], beta: &[f32], dy: &[f32], eps: f64) -> [Vec<f64>; 5] {
+fn naive_bn(
+    x: &[f32],
+    res: Option<&[f32]>,
+    relu: bool,
+    gamma: &[f32],
+    beta: &[f32],
+    dy: &[f32],
+    eps: f64,
+) -> [Vec<f64>; 5] {
     let c = gamma.len();
     let rows = x.len() / c;
     let mut y = vec![0.0; x.len()];
@@ -263,8 +279,15 @@ fn batchnorm_train_matches_reference_with_every_fusion() {
         let (rm0, rv0) = (rm.clone(), rv.clone());
         let r = fused.residual.then_some(&res);
         let (y, cache) = batchnorm_train_forward(&x, &p, &mut rm, &mut rv, 0.1, r, fused.relu).unwrap();
-        let [y_ref, dx_ref, dg_ref, db_ref, dres_ref] =
-            naive_bn(x.as_slice(), r.map(|t| t.as_slice()), fused.relu, gamma.as_slice(), beta.as_slice(), dy.as_slice(), 1e-5);
+        let [y_ref, dx_ref, dg_ref, db_ref, dres_ref] = naive_bn(
+            x.as_slice(),
+            r.map(|t| t.as_slice()),
+            fused.relu,
+            gamma.as_slice(),
+            beta.as_slice(),
+            dy.as_slice(),
+            1e-5,
+        );
         assert_close("bn forward", y.as_slice(), &y_ref, 1e-5);
         let mut dg = Tensor::zeros(&[c], Default::default());
         let mut db = Tensor::zeros(&[c], Default::default());
@@ -326,7 +349,8 @@ fn batchnorm_eval_uses_running_statistics() {
     let want: Vec<f64> = (0..20)
         .map(|i| {
             let c = i % 4;
-            (x.as_slice()[i] as f64 - rm.as_slice()[c] as f64) / (rv.as_slice()[c] as f64 + 1e-5).sqrt() * gamma.as_slice()[c] as f64
+            (x.as_slice()[i] as f64 - rm.as_slice()[c] as f64) / (rv.as_slice()[c] as f64 + 1e-5).sqrt()
+                * gamma.as_slice()[c] as f64
                 + beta.as_slice()[c] as f64
         })
         .collect();
@@ -402,7 +426,8 @@ fn linear_matches_reference_and_finite_differences() {
     let want: Vec<f64> = (0..21)
         .map(|i| {
             let (r, o) = (i / 3, i % 3);
-            b.as_slice()[o] as f64 + (0..5).map(|k| x.as_slice()[r * 5 + k] as f64 * w.as_slice()[o * 5 + k] as f64).sum::<f64>()
+            b.as_slice()[o] as f64
+                + (0..5).map(|k| x.as_slice()[r * 5 + k] as f64 * w.as_slice()[o * 5 + k] as f64).sum::<f64>()
         })
         .collect();
     assert_close("linear", y.as_slice(), &want, 1e-6);
@@ -450,12 +475,18 @@ fn l2_normalize_matches_reference_and_finite_differences() {
     }
     let r = rng.tensor(&[6, 9]);
     let dx = l2_normalize_backward(&y, &norms, &r).unwrap();
-    check_fd("l2 normalize dx", &x, dx.as_slice(), 1e-3, 1e-2, |x| dot(&l2_normalize_forward(x).unwrap().0, r.as_slice()));
+    check_fd("l2 normalize dx", &x, dx.as_slice(), 1e-3, 1e-2, |x| {
+        dot(&l2_normalize_forward(x).unwrap().0, r.as_slice())
+    });
     // A zero row stays finite (PyTorch clamps the norm at 1e-12).
     let z = Tensor::zeros(&[1, 4], Default::default());
     let (yz, nz) = l2_normalize_forward(&z).unwrap();
     assert!(yz.as_slice().iter().all(|v| *v == 0.0));
-    assert!(l2_normalize_backward(&yz, &nz, &Tensor::full(&[1, 4], 1.0, Default::default())).unwrap().as_slice().iter().all(|v| v.is_finite()));
+    assert!(l2_normalize_backward(&yz, &nz, &Tensor::full(&[1, 4], 1.0, Default::default()))
+        .unwrap()
+        .as_slice()
+        .iter()
+        .all(|v| v.is_finite()));
 }
 
 #[test]

@@ -13,7 +13,8 @@ pub fn codes_for_crop(
     k: usize,
     params: &swav_sinkhorn::Params,
 ) -> Result<Vec<f32>, TrainError> {
-    let sink = |s: &[f32], rows| swav_sinkhorn::sinkhorn(s, rows, k, params).map_err(|e| TrainError::Sinkhorn(e.to_string()));
+    let sink =
+        |s: &[f32], rows| swav_sinkhorn::sinkhorn(s, rows, k, params).map_err(|e| TrainError::Sinkhorn(e.to_string()));
     match queue_scores {
         None => sink(crop_scores, batch),
         Some(q) => {

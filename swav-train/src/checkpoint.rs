@@ -75,7 +75,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 
 /// Saves the state and removes the oldest checkpoints beyond `keep`. `model_meta` goes into the model
 /// file's metadata. Returns the model file's path.
-pub fn save(run_dir: &Path, state: &mut SwavState, sidecar: &Sidecar, model_meta: &ModelMeta, keep: usize) -> Result<PathBuf, TrainError> {
+pub fn save(
+    run_dir: &Path,
+    state: &mut SwavState,
+    sidecar: &Sidecar,
+    model_meta: &ModelMeta,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
     let dir = checkpoint_dir(run_dir);
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let stem = format!("step-{:08}", sidecar.step);
@@ -97,7 +103,11 @@ pub fn save(run_dir: &Path, state: &mut SwavState, sidecar: &Sidecar, model_meta
     let train_path = dir.join(format!("{stem}.train.safetensors"));
     train.write(&train_path)?;
 
-    let side = Sidecar { model_file: format!("{stem}.safetensors"), train_file: format!("{stem}.train.safetensors"), ..sidecar.clone() };
+    let side = Sidecar {
+        model_file: format!("{stem}.safetensors"),
+        train_file: format!("{stem}.train.safetensors"),
+        ..sidecar.clone()
+    };
     let json = serde_json::to_vec_pretty(&side).expect("sidecar serialises");
     let side_path = dir.join(format!("{stem}.json"));
     atomic_write(&side_path, &json)?;
@@ -114,15 +124,24 @@ pub fn list(run_dir: &Path) -> Result<Vec<Found>, TrainError> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
         let path = entry.map_err(io(&dir))?.path();
-        let is_sidecar = path.extension().is_some_and(|e| e == "json") && path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-"));
+        let is_sidecar = path.extension().is_some_and(|e| e == "json")
+            && path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-"));
         if !is_sidecar {
             continue;
         }
         let bytes = std::fs::read(&path).map_err(io(&path))?;
-        let sidecar: Sidecar = serde_json::from_slice(&bytes)
-            .map_err(|e| TrainError::Checkpoint(format!("{}: unreadable checkpoint sidecar ({e}); move it away to resume from an older one", path.display())))?;
+        let sidecar: Sidecar = serde_json::from_slice(&bytes).map_err(|e| {
+            TrainError::Checkpoint(format!(
+                "{}: unreadable checkpoint sidecar ({e}); move it away to resume from an older one",
+                path.display()
+            ))
+        })?;
         if sidecar.format != SIDECAR_FORMAT {
-            return Err(TrainError::Checkpoint(format!("{}: unknown checkpoint format `{}`", path.display(), sidecar.format)));
+            return Err(TrainError::Checkpoint(format!(
+                "{}: unknown checkpoint format `{}`",
+                path.display(),
+                sidecar.format
+            )));
         }
         found.push(Found { sidecar, dir: dir.clone() });
     }
@@ -155,7 +174,10 @@ fn prune(dir: &Path, keep: usize) -> Result<(), TrainError> {
 pub fn restore(found: &Found, optimizer: Lars) -> Result<SwavState, TrainError> {
     let model = ModelFile::read(&found.model_path())?.model;
     if model.config != found.sidecar.config.model {
-        return Err(TrainError::Checkpoint(format!("{}: its model configuration differs from the sidecar's", found.model_path().display())));
+        return Err(TrainError::Checkpoint(format!(
+            "{}: its model configuration differs from the sidecar's",
+            found.model_path().display()
+        )));
     }
     let train = NamedTensors::read(&found.train_path())?;
     let mut optimizer = optimizer;
@@ -165,7 +187,9 @@ pub fn restore(found: &Found, optimizer: Lars) -> Result<SwavState, TrainError> 
         if let Some(param) = name.strip_prefix("momentum.") {
             optimizer.buffers.insert(param.to_string(), train.tensor(name)?);
         } else if let Some(j) = name.strip_prefix("queue.") {
-            let j: usize = j.parse().map_err(|_| TrainError::Checkpoint(format!("{}: bad tensor name `{name}`", found.train_path().display())))?;
+            let j: usize = j.parse().map_err(|_| {
+                TrainError::Checkpoint(format!("{}: bad tensor name `{name}`", found.train_path().display()))
+            })?;
             queue_rows.insert(j, train.tensor(name)?);
         }
     }

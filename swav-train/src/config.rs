@@ -164,7 +164,8 @@ pub fn load(source: &str, overrides: &[String]) -> Result<Config, TrainError> {
     for o in overrides {
         apply_override(&mut doc, o)?;
     }
-    let config: Config = toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
+    let config: Config =
+        toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
     config.validate()?;
     Ok(config)
 }
@@ -177,7 +178,10 @@ fn apply_override(doc: &mut toml::Table, o: &str) -> Result<(), TrainError> {
         Err(_) => toml::Value::String(raw.trim().to_string()),
     };
     let parts: Vec<&str> = key.split('.').collect();
-    let (last, path) = parts.split_last().filter(|(l, _)| !l.is_empty()).ok_or_else(|| TrainError::Config(format!("`--set {o}`: empty key")))?;
+    let (last, path) = parts
+        .split_last()
+        .filter(|(l, _)| !l.is_empty())
+        .ok_or_else(|| TrainError::Config(format!("`--set {o}`: empty key")))?;
     let mut table = doc;
     for (i, p) in path.iter().enumerate() {
         table = table
@@ -210,7 +214,12 @@ impl Config {
         if t.batch_size < 2 {
             return bad("train.batch_size", format!("{} (batch norm needs at least 2 images)", t.batch_size));
         }
-        for (key, v) in [("train.base_lr", t.base_lr), ("train.final_lr", t.final_lr), ("train.start_warmup", t.start_warmup), ("train.weight_decay", t.weight_decay)] {
+        for (key, v) in [
+            ("train.base_lr", t.base_lr),
+            ("train.final_lr", t.final_lr),
+            ("train.start_warmup", t.start_warmup),
+            ("train.weight_decay", t.weight_decay),
+        ] {
             if !v.is_finite() || v < 0.0 {
                 return bad(key, format!("{v} must be a finite number >= 0"));
             }
@@ -222,7 +231,10 @@ impl Config {
             return bad("train.trust_coefficient", format!("{} must be positive", t.trust_coefficient));
         }
         if t.warmup_epochs >= t.epochs && t.warmup_epochs > 0 {
-            return bad("train.warmup_epochs", format!("{} must be smaller than train.epochs = {}", t.warmup_epochs, t.epochs));
+            return bad(
+                "train.warmup_epochs",
+                format!("{} must be smaller than train.epochs = {}", t.warmup_epochs, t.epochs),
+            );
         }
         if !(t.temperature > 0.0 && t.temperature.is_finite()) {
             return bad("train.temperature", format!("{} must be positive", t.temperature));
@@ -286,7 +298,8 @@ mod tests {
     #[test]
     fn overrides_edit_nested_keys_and_unknown_keys_are_named() {
         let src = preset("cpu-tiny").unwrap().toml;
-        let c = load(src, &["train.epochs=7".into(), "model.width=4".into(), "crops.augment.blur_p=0.25".into()]).unwrap();
+        let c =
+            load(src, &["train.epochs=7".into(), "model.width=4".into(), "crops.augment.blur_p=0.25".into()]).unwrap();
         assert_eq!(c.train.epochs, 7);
         assert_eq!(c.model.width, Some(4));
         assert_eq!(c.crops.augment.blur_p, 0.25);

@@ -42,11 +42,15 @@ impl Lars {
             let g = p.grad.as_slice();
             let scale = if self.lars {
                 let (wn, gn) = (p.value.norm(), p.grad.norm());
-                (wn > 0.0 && gn > 0.0).then(|| (self.trust_coefficient * wn / (gn + self.weight_decay * wn + LARC_EPS)) as f32)
+                (wn > 0.0 && gn > 0.0)
+                    .then(|| (self.trust_coefficient * wn / (gn + self.weight_decay * wn + LARC_EPS)) as f32)
             } else {
                 Some(1.0)
             };
-            let buf = self.buffers.entry(name.to_string()).or_insert_with(|| Tensor::zeros(p.value.shape(), p.value.device()));
+            let buf = self
+                .buffers
+                .entry(name.to_string())
+                .or_insert_with(|| Tensor::zeros(p.value.shape(), p.value.device()));
             let b = buf.as_mut_slice();
             match scale {
                 Some(s) => {

@@ -13,7 +13,14 @@ pub struct LrSchedule {
 }
 
 impl LrSchedule {
-    pub fn new(base_lr: f64, final_lr: f64, start_warmup: f64, warmup_epochs: usize, epochs: usize, steps_per_epoch: usize) -> Self {
+    pub fn new(
+        base_lr: f64,
+        final_lr: f64,
+        start_warmup: f64,
+        warmup_epochs: usize,
+        epochs: usize,
+        steps_per_epoch: usize,
+    ) -> Self {
         LrSchedule {
             base_lr,
             final_lr,

@@ -71,7 +71,13 @@ pub fn swav_step(
             Some(q) if q.is_full(j) => Some(linear_forward(&q.rows[j], &model.prototypes.heads[0].weight.value, None)?),
             _ => None,
         };
-        let q = codes_for_crop(&scores[rows.start * k..rows.end * k], queue_scores.as_ref().map(Tensor::as_slice), batch, k, &sinkhorn)?;
+        let q = codes_for_crop(
+            &scores[rows.start * k..rows.end * k],
+            queue_scores.as_ref().map(Tensor::as_slice),
+            batch,
+            k,
+            &sinkhorn,
+        )?;
         codes.push(q);
         if let Some(queue) = &mut state.queue {
             queue.push(j, &out.embedding.as_slice()[rows.start * dim..rows.end * dim]);
@@ -108,10 +114,7 @@ fn cluster_stats(codes: &[f32], k: usize, loss: f64) -> StepStats {
         used[best] = true;
     }
     let total: f64 = mean.iter().sum();
-    let entropy = if total > 0.0 {
-        mean.iter().map(|&m| m / total).filter(|&p| p > 0.0).map(|p| -p * p.ln()).sum()
-    } else {
-        0.0
-    };
+    let entropy =
+        if total > 0.0 { mean.iter().map(|&m| m / total).filter(|&p| p > 0.0).map(|p| -p * p.ln()).sum() } else { 0.0 };
     StepStats { loss, cluster_entropy: entropy, clusters_used: used.iter().filter(|&&u| u).count() }
 }

@@ -61,7 +61,8 @@ fn prepare_run_dir(run_dir: &Path, config: &Config) -> Result<(), TrainError> {
     std::fs::create_dir_all(run_dir).map_err(io)?;
     let path = run_dir.join("config.toml");
     if path.exists() {
-        let text = std::fs::read_to_string(&path).map_err(|source| TrainError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| TrainError::Io { path: path.display().to_string(), source })?;
         let stored = crate::config::load(&text, &[])?;
         let mut asked = config.clone();
         asked.train.epochs = stored.train.epochs;
@@ -136,7 +137,13 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
                 )));
             }
             let s = found.sidecar.clone();
-            tracing::info!("resuming from step {} (epoch {}, batch {} of {})", s.step, s.epoch, s.step_in_epoch, steps_per_epoch);
+            tracing::info!(
+                "resuming from step {} (epoch {}, batch {} of {})",
+                s.step,
+                s.epoch,
+                s.step_in_epoch,
+                steps_per_epoch
+            );
             (checkpoint::restore(&found, optimizer)?, s.step, s.epoch, s.step_in_epoch)
         }
         None => (SwavState { model: SwavModel::new(config.model.clone(), t.seed)?, optimizer, queue: None }, 0, 0, 0),
@@ -184,10 +191,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
             let step_start = Instant::now();
             let waited = (step_start - wait_start).as_secs_f64();
             let bs = batch.len();
-            let groups = batch
-                .groups()
-                .map(|g| Tensor::from_slice(&g.shape, g.data))
-                .collect::<Result<Vec<_>, _>>()?;
+            let groups = batch.groups().map(|g| Tensor::from_slice(&g.shape, g.data)).collect::<Result<Vec<_>, _>>()?;
             drop(batch);
             let lr = schedule.lr(iteration);
             let stats: StepStats = swav_step(&mut state, t, groups, bs, iteration, lr)?;
@@ -217,7 +221,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
             };
             metrics.write(&m)?;
             progress.set_position(iteration as u64);
-            progress.set_message(format!("epoch {epoch} loss {:.4} lr {:.4} {:.0} img/s", stats.loss, lr, images_per_s));
+            progress
+                .set_message(format!("epoch {epoch} loss {:.4} lr {:.4} {:.0} img/s", stats.loss, lr, images_per_s));
             if !progress.is_hidden() && iteration % 50 == 0 || progress.is_hidden() && iteration % 20 == 0 {
                 tracing::debug!(step = iteration, loss = stats.loss, lr, "progress");
             }
@@ -229,7 +234,17 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
                 let (e, s) = if step_in_epoch == steps_per_epoch { (epoch + 1, 0) } else { (epoch, step_in_epoch) };
                 let path = save(&mut state, iteration, e, s, last_loss)?;
                 progress.finish_and_clear();
-                return Ok(outcome(iteration, e, path, interrupted, last_loss, started, first_iteration, bs, resumed_from));
+                return Ok(outcome(
+                    iteration,
+                    e,
+                    path,
+                    interrupted,
+                    last_loss,
+                    started,
+                    first_iteration,
+                    bs,
+                    resumed_from,
+                ));
             }
             wait_start = Instant::now();
         }
@@ -265,7 +280,15 @@ fn outcome(
     resumed_from: Option<usize>,
 ) -> TrainOutcome {
     let secs = started.elapsed().as_secs_f64().max(1e-9);
-    TrainOutcome { steps, epochs_completed, checkpoint, interrupted, last_loss, images_per_s: ((steps - first) * batch) as f64 / secs, resumed_from }
+    TrainOutcome {
+        steps,
+        epochs_completed,
+        checkpoint,
+        interrupted,
+        last_loss,
+        images_per_s: ((steps - first) * batch) as f64 / secs,
+        resumed_from,
+    }
 }
 
 fn progress_bar(show: bool, total: u64, position: u64) -> indicatif::ProgressBar {
@@ -292,7 +315,14 @@ struct CollapseWatch {
 
 impl CollapseWatch {
     fn new(k: usize, steps_per_epoch: usize) -> CollapseWatch {
-        CollapseWatch { ln_k: (k as f64).ln(), k, window: steps_per_epoch.clamp(10, 200), losses: Vec::new(), used: Vec::new(), last_warning: None }
+        CollapseWatch {
+            ln_k: (k as f64).ln(),
+            k,
+            window: steps_per_epoch.clamp(10, 200),
+            losses: Vec::new(),
+            used: Vec::new(),
+            last_warning: None,
+        }
     }
 
     fn observe(&mut self, iteration: usize, s: &StepStats, active: bool) {

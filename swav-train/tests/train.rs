@@ -6,9 +6,9 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use swav_model::checkpoint::NamedTensors;
 use swav_train::checkpoint;
 use swav_train::config::{self, Config};
-use swav_model::checkpoint::NamedTensors;
 use swav_train::trainer::{train, TrainOptions};
 use swav_train::TrainError;
 
@@ -19,13 +19,23 @@ fn tiny(overrides: &[&str]) -> Config {
 }
 
 fn opts(run: &Path, data: &Path, max_steps: Option<usize>) -> TrainOptions {
-    TrainOptions { run_dir: run.to_path_buf(), data_dir: data.to_path_buf(), max_steps, stop: Arc::new(AtomicBool::new(false)), progress: false }
+    TrainOptions {
+        run_dir: run.to_path_buf(),
+        data_dir: data.to_path_buf(),
+        max_steps,
+        stop: Arc::new(AtomicBool::new(false)),
+        progress: false,
+    }
 }
 
 /// All tensors of the newest checkpoint: model file and optimiser/queue file.
 fn newest_state(run: &Path) -> (usize, NamedTensors, NamedTensors) {
     let found = checkpoint::latest(run).unwrap().expect("a checkpoint");
-    (found.sidecar.step, NamedTensors::read(&found.model_path()).unwrap(), NamedTensors::read(&found.train_path()).unwrap())
+    (
+        found.sidecar.step,
+        NamedTensors::read(&found.model_path()).unwrap(),
+        NamedTensors::read(&found.train_path()).unwrap(),
+    )
 }
 
 #[test]
@@ -33,7 +43,12 @@ fn stopping_and_resuming_gives_bit_identical_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let data = fixtures::shapes_dataset(tmp.path(), 48, 12);
     // 48 images / batch 8 = 6 steps per epoch; the queue starts at epoch 1 and is full after 2 steps.
-    let cfg = tiny(&["train.epochs=3", "train.queue_length=16", "train.epoch_queue_starts=1", "train.freeze_prototypes_niters=3"]);
+    let cfg = tiny(&[
+        "train.epochs=3",
+        "train.queue_length=16",
+        "train.epoch_queue_starts=1",
+        "train.freeze_prototypes_niters=3",
+    ]);
 
     let straight = tmp.path().join("straight");
     let a = train(&cfg, &opts(&straight, &data, Some(14))).unwrap();
@@ -55,7 +70,8 @@ fn stopping_and_resuming_gives_bit_identical_weights() {
     assert!(train_a.tensors.keys().any(|k| k.starts_with("momentum.layer1.0.conv1")));
 
     // The metrics describe one run of 14 steps in both directories.
-    let read = |dir: &std::path::Path| swav_train::metrics::read(&dir.join(swav_train::metrics::METRICS_FILE)).unwrap().rows;
+    let read =
+        |dir: &std::path::Path| swav_train::metrics::read(&dir.join(swav_train::metrics::METRICS_FILE)).unwrap().rows;
     let (ma, mb) = (read(&straight), read(&resumed));
     assert_eq!(ma.len(), 14);
     assert_eq!(mb.iter().map(|m| m.step).collect::<Vec<_>>(), (0..14).collect::<Vec<_>>());

@@ -35,32 +35,18 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let data = Dataset::open(&args.data).context("opening the data")?;
-    let opts = ExtractOptions {
-        batch_size: args.batch,
-        workers: args.workers.unwrap_or(ExtractOptions::default().workers),
-    };
+    let opts =
+        ExtractOptions { batch_size: args.batch, workers: args.workers.unwrap_or(ExtractOptions::default().workers) };
     let bar = crate::eval::progress_bar();
     bar.set_message("features");
-    let summary = embed(
-        &args.checkpoint,
-        &data,
-        &args.output,
-        args.labels.as_deref(),
-        args.input_size,
-        &opts,
-        &|done, total| {
+    let summary =
+        embed(&args.checkpoint, &data, &args.output, args.labels.as_deref(), args.input_size, &opts, &|done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
-        },
-    );
+        });
     bar.finish_and_clear();
-    let summary = summary.with_context(|| {
-        format!(
-            "embedding {} with {}",
-            args.data.display(),
-            args.checkpoint.display()
-        )
-    })?;
+    let summary =
+        summary.with_context(|| format!("embedding {} with {}", args.data.display(), args.checkpoint.display()))?;
     println!(
         "wrote {} ({} x {} float32, input {}x{} resize {}){}",
         args.output.display(),

@@ -67,10 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let train = Dataset::open(&args.train_data).context("opening the training data")?;
     let test = Dataset::open(&args.test_data).context("opening the test data")?;
     let opts = EvalOptions {
-        knn: KnnConfig {
-            k: args.k,
-            temperature: args.temperature,
-        },
+        knn: KnnConfig { k: args.k, temperature: args.temperature },
         probe: ProbeConfig {
             epochs: args.probe_epochs,
             lr: args.probe_lr,
@@ -82,22 +79,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             workers: args.workers.unwrap_or(ExtractOptions::default().workers),
         },
         input_size: args.input_size,
-        baseline: args.baseline.map(|BaselineKind::Random| Baseline::Random {
-            seed: args.baseline_seed,
-        }),
+        baseline: args.baseline.map(|BaselineKind::Random| Baseline::Random { seed: args.baseline_seed }),
     };
     let bar = progress_bar();
     let current = RefCell::new(String::new());
-    let report = evaluate(&args.checkpoint, &train, &test, &opts, &|p: Progress<
-        '_,
-    >| {
+    let report = evaluate(&args.checkpoint, &train, &test, &opts, &|p: Progress<'_>| {
         if *current.borrow() != p.task {
             if !current.borrow().is_empty() {
-                bar.println(format!(
-                    "{} done ({:.1} s)",
-                    current.borrow(),
-                    bar.elapsed().as_secs_f64()
-                ));
+                bar.println(format!("{} done ({:.1} s)", current.borrow(), bar.elapsed().as_secs_f64()));
             }
             *current.borrow_mut() = p.task.to_string();
             bar.reset();
@@ -109,9 +98,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let report = report.with_context(|| format!("evaluating {}", args.checkpoint.display()))?;
     print_table(&report);
-    report
-        .write(&args.output)
-        .with_context(|| format!("writing {}", args.output.display()))?;
+    report.write(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
     println!("wrote {}", args.output.display());
     Ok(())
 }

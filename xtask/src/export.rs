@@ -54,9 +54,7 @@ fn parse_batch(s: &str) -> Result<BatchDim, String> {
     }
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(BatchDim::Fixed(n)),
-        _ => Err(format!(
-            "`{s}`: expected `dynamic` or a positive batch size"
-        )),
+        _ => Err(format!("`{s}`: expected `dynamic` or a positive batch size")),
     }
 }
 
@@ -64,11 +62,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let overrides = Overrides { mean: args.mean.clone(), std: args.std.clone(), input_size: args.input_size };
     let file = ModelFile::read_with(&args.checkpoint, &overrides).with_context(|| {
         let sidecar = args.checkpoint.extension().is_some_and(|e| e == "json");
-        let hint = if sidecar {
-            " (a checkpoint sidecar: pass the step-N.safetensors model file beside it)"
-        } else {
-            ""
-        };
+        let hint =
+            if sidecar { " (a checkpoint sidecar: pass the step-N.safetensors model file beside it)" } else { "" };
         format!("reading the model file {}{hint}", args.checkpoint.display())
     })?;
     let (model, pre) = (&file.model, &file.preprocessing);
@@ -80,8 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fold_batchnorm: !args.no_fold_batchnorm,
         static_input_size: args.static_input_size,
     };
-    let exported =
-        swav_export::to_onnx(model, pre, &opts).context("building the ONNX model")?;
+    let exported = swav_export::to_onnx(model, pre, &opts).context("building the ONNX model")?;
     swav_export::write_atomic(&args.output, &exported.bytes)?;
 
     let c = &model.config;
@@ -97,17 +91,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         exported.nodes,
         exported.parameters as f64 / 1e6
     );
-    let dims = |d: &[swav_export::Dim]| {
-        d.iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    println!(
-        "  input  {} [{}]",
-        exported.input.name,
-        dims(&exported.input.dims)
-    );
+    let dims = |d: &[swav_export::Dim]| d.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+    println!("  input  {} [{}]", exported.input.name, dims(&exported.input.dims));
     for o in &exported.outputs {
         println!("  output {} [{}]", o.name, dims(&o.dims));
     }
@@ -121,9 +106,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             BatchDim::Fixed(n) => n,
             BatchDim::Dynamic => args.check_batch.max(1),
         };
-        let paths =
-            check::write_check_data(dir, model, opts.with_head, batch, pre.input_size, 0)
-                .with_context(|| format!("writing check data to {}", dir.display()))?;
+        let paths = check::write_check_data(dir, model, opts.with_head, batch, pre.input_size, 0)
+            .with_context(|| format!("writing check data to {}", dir.display()))?;
         println!(
             "  check data: {} files ({batch} images of {}x{}) in {}",
             paths.len(),

@@ -18,9 +18,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use swav_train::config;
 use swav_data::{Dataset, PreprocessOptions};
 use swav_eval::frozen::{evaluate, Baseline, EvalOptions, EvalReport};
+use swav_train::config;
 use swav_train::trainer::{train, TrainOptions};
 
 const DEFAULT_PIPELINE: &str = include_str!("../pipeline.toml");
@@ -136,7 +136,8 @@ fn fnv(parts: &[&str]) -> String {
 fn describe_input(path: &Path) -> anyhow::Result<String> {
     let meta = std::fs::metadata(path).with_context(|| format!("input {} does not exist", path.display()))?;
     if meta.is_file() {
-        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+        let mtime =
+            meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
         return Ok(format!("{}:{}:{}", path.display(), meta.len(), mtime));
     }
     let mut parts = vec![path.display().to_string()];
@@ -205,7 +206,10 @@ fn repo_root() -> PathBuf {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let (source, base) = match &args.config {
-        Some(p) => (std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, p.parent().unwrap_or(Path::new(".")).to_path_buf()),
+        Some(p) => (
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            p.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        ),
         None => (DEFAULT_PIPELINE.to_string(), repo_root()),
     };
     let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
@@ -235,14 +239,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let (train_dir, test_dir) = (out.join("data/train"), out.join("data/test"));
-    let pre_key = fnv(&[&describe_input(&train_input)?, &describe_input(&test_input)?, &format!("{train_sel:?}{test_sel:?}")]);
+    let pre_key =
+        fnv(&[&describe_input(&train_input)?, &describe_input(&test_input)?, &format!("{train_sel:?}{test_sel:?}")]);
     if stamps.matches("preprocess", &pre_key) && train_dir.exists() && test_dir.exists() {
         println!("[1/4] preprocess: up to date");
     } else {
         println!("[1/4] preprocess: {} -> {}", train_input.display(), out.join("data").display());
-        for (input, sel, dir) in [(&train_input, train_sel.clone(), &train_dir), (&test_input, test_sel.clone(), &test_dir)] {
-            let opts = PreprocessOptions { input: input.clone(), output: dir.clone(), overwrite: true, select: sel, ..Default::default() };
-            let report = swav_data::preprocess(&opts, &|_| {}).with_context(|| format!("preprocessing {}", input.display()))?;
+        for (input, sel, dir) in
+            [(&train_input, train_sel.clone(), &train_dir), (&test_input, test_sel.clone(), &test_dir)]
+        {
+            let opts = PreprocessOptions {
+                input: input.clone(),
+                output: dir.clone(),
+                overwrite: true,
+                select: sel,
+                ..Default::default()
+            };
+            let report =
+                swav_data::preprocess(&opts, &|_| {}).with_context(|| format!("preprocessing {}", input.display()))?;
             println!("      {} images -> {}", report.written, dir.display());
         }
         stamps.write("preprocess", &pre_key)?;
@@ -250,15 +264,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     // 2. Train.
     let (train_source, origin) = match (&pipe.train.config, &pipe.train.preset) {
-        (Some(p), _) => (std::fs::read_to_string(resolve(p)).with_context(|| format!("reading {}", p.display()))?, p.display().to_string()),
+        (Some(p), _) => (
+            std::fs::read_to_string(resolve(p)).with_context(|| format!("reading {}", p.display()))?,
+            p.display().to_string(),
+        ),
         (None, Some(name)) => (config::preset(name)?.toml.to_string(), format!("preset {name}")),
         (None, None) => bail!("[train] needs a preset or a config file"),
     };
-    let cfg = config::load(&train_source, &pipe.train.set).with_context(|| format!("training configuration ({origin})"))?;
+    let cfg =
+        config::load(&train_source, &pipe.train.set).with_context(|| format!("training configuration ({origin})"))?;
     let run_dir = out.join("run");
     let train_key = fnv(&[&pre_key, &cfg.to_toml(), &args.conv]);
     let checkpoint = if stamps.matches("train", &train_key) {
-        let found = swav_train::checkpoint::latest(&run_dir)?.context("the train stamp is present but the run has no checkpoint: use --force train")?;
+        let found = swav_train::checkpoint::latest(&run_dir)?
+            .context("the train stamp is present but the run has no checkpoint: use --force train")?;
         println!("[2/4] train: up to date ({} steps)", found.sidecar.step);
         found.model_path()
     } else {
@@ -266,11 +285,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // one resumes from its newest checkpoint.
         let key_file = run_dir.join("pipeline-key");
         if run_dir.exists() && std::fs::read_to_string(&key_file).ok().as_deref() != Some(train_key.as_str()) {
-            std::fs::remove_dir_all(&run_dir).with_context(|| format!("removing the stale run {}", run_dir.display()))?;
+            std::fs::remove_dir_all(&run_dir)
+                .with_context(|| format!("removing the stale run {}", run_dir.display()))?;
         }
         std::fs::create_dir_all(&run_dir)?;
         std::fs::write(&key_file, &train_key)?;
-        println!("[2/4] train: {origin}, {} epochs, batch {} -> {}", cfg.train.epochs, cfg.train.batch_size, run_dir.display());
+        println!(
+            "[2/4] train: {origin}, {} epochs, batch {} -> {}",
+            cfg.train.epochs,
+            cfg.train.batch_size,
+            run_dir.display()
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         ctrlc::set_handler(move || {
@@ -280,7 +305,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             eprintln!("\ninterrupt: saving a checkpoint; run the pipeline again to continue");
         })
         .context("installing the Ctrl-C handler")?;
-        let opts = TrainOptions { run_dir: run_dir.clone(), data_dir: train_dir.clone(), max_steps: None, stop, progress: true };
+        let opts = TrainOptions {
+            run_dir: run_dir.clone(),
+            data_dir: train_dir.clone(),
+            max_steps: None,
+            stop,
+            progress: true,
+        };
         let t0 = Instant::now();
         let outcome = train(&cfg, &opts)?;
         if outcome.interrupted {
@@ -305,7 +336,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("[3/4] eval: up to date");
         EvalReport::read(&eval_path)?
     } else {
-        println!("[3/4] eval: k-NN (k = {}) and linear probe on {} held-out images", pipe.eval.k, Dataset::open(&test_dir)?.len());
+        println!(
+            "[3/4] eval: k-NN (k = {}) and linear probe on {} held-out images",
+            pipe.eval.k,
+            Dataset::open(&test_dir)?.len()
+        );
         let opts = EvalOptions {
             knn: swav_eval::knn::KnnConfig { k: pipe.eval.k, ..Default::default() },
             baseline: pipe.eval.random_baseline.then_some(Baseline::Random { seed: cfg.train.seed + 1 }),
@@ -326,14 +361,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("[4/4] export: up to date ({})", onnx.display());
         } else {
             let opts = swav_export::ExportOptions { with_head: pipe.export.with_head, ..Default::default() };
-            swav_export::export_checkpoint(&checkpoint, &onnx, &Default::default(), &opts).context("exporting to ONNX")?;
+            swav_export::export_checkpoint(&checkpoint, &onnx, &Default::default(), &opts)
+                .context("exporting to ONNX")?;
             println!("[4/4] export: {}", onnx.display());
             stamps.write("export", &export_key)?;
         }
     }
     let verdict = match &report.baseline {
-        Some(b) if report.knn_top1 > b.scores.knn_top1 && report.linear_top1 > b.scores.linear_top1 => "the trained features beat the random initialisation on both",
-        Some(b) if report.knn_top1 > b.scores.knn_top1 || report.linear_top1 > b.scores.linear_top1 => "the trained features beat the random initialisation on one of the two",
+        Some(b) if report.knn_top1 > b.scores.knn_top1 && report.linear_top1 > b.scores.linear_top1 => {
+            "the trained features beat the random initialisation on both"
+        }
+        Some(b) if report.knn_top1 > b.scores.knn_top1 || report.linear_top1 > b.scores.linear_top1 => {
+            "the trained features beat the random initialisation on one of the two"
+        }
         Some(_) => "the trained features do not beat the random initialisation",
         None => "no baseline evaluated",
     };

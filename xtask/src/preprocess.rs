@@ -49,8 +49,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg} ({per_sec}, eta {eta})")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg} ({per_sec}, eta {eta})",
+        )
+        .expect("valid template"),
     );
     let report = swav_data::preprocess(&opts, &|p| {
         if bar.length() != Some(p.total as u64) {
@@ -67,7 +69,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("skipped {}: {}", s.path, s.reason);
     }
     if report.skipped.len() > 20 {
-        println!("... and {} more (all listed in {}/manifest.json)", report.skipped.len() - 20, report.output.display());
+        println!(
+            "... and {} more (all listed in {}/manifest.json)",
+            report.skipped.len() - 20,
+            report.output.display()
+        );
     }
     println!(
         "wrote {} images ({} classes), skipped {}, {} shard(s), {:.1} MiB, {:.0} images/s -> {}",

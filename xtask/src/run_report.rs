@@ -40,9 +40,7 @@ pub struct Summary {
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let (sum, n) = values
-        .filter(|v| v.is_finite())
-        .fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    let (sum, n) = values.filter(|v| v.is_finite()).fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     (n > 0).then(|| sum / n as f64)
 }
 
@@ -57,13 +55,13 @@ pub fn summarize(metrics: &MetricsFile, eval: Option<EvalReport>) -> Summary {
     let mut epochs: Vec<u64> = rows.iter().filter_map(|r| r.epoch).collect();
     epochs.sort_unstable();
     epochs.dedup();
-    let min_loss = rows
-        .iter()
-        .filter_map(|r| finite(r.loss).map(|l| (l, r.step)))
-        .fold(None, |best: Option<(f64, u64)>, (l, s)| match best {
+    let min_loss = rows.iter().filter_map(|r| finite(r.loss).map(|l| (l, r.step))).fold(
+        None,
+        |best: Option<(f64, u64)>, (l, s)| match best {
             Some((b, _)) if b <= l => best,
             _ => Some((l, s)),
-        });
+        },
+    );
     Summary {
         steps: rows.len(),
         first_step: rows.first().map_or(0, |r| r.step),
@@ -85,8 +83,7 @@ pub fn summarize(metrics: &MetricsFile, eval: Option<EvalReport>) -> Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let opt =
-            |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |x| format!("{x:.digits$}"));
+        let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |x| format!("{x:.digits$}"));
         writeln!(
             f,
             "steps            {} (step {} to {}), {} epoch(s)",
@@ -96,50 +93,27 @@ impl std::fmt::Display for Summary {
             f,
             "loss             final {}, min {}",
             opt(self.final_loss, 4),
-            self.min_loss
-                .map_or("-".into(), |(l, s)| format!("{l:.4} at step {s}"))
+            self.min_loss.map_or("-".into(), |(l, s)| format!("{l:.4} at step {s}"))
         )?;
-        writeln!(
-            f,
-            "learning rate    final {}",
-            self.final_lr.map_or("-".into(), |v| format!("{v:.3e}"))
-        )?;
-        writeln!(
-            f,
-            "throughput       {} images/s (mean over steps)",
-            opt(self.mean_images_per_s, 1)
-        )?;
+        writeln!(f, "learning rate    final {}", self.final_lr.map_or("-".into(), |v| format!("{v:.3e}")))?;
+        writeln!(f, "throughput       {} images/s (mean over steps)", opt(self.mean_images_per_s, 1))?;
         writeln!(
             f,
             "data wait        {} of step time (mean)",
-            self.mean_data_wait
-                .map_or("-".into(), |v| format!("{:.1}%", 100.0 * v))
+            self.mean_data_wait.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v))
         )?;
         writeln!(
             f,
             "clusters         entropy {} nats, {} used (last step)",
             opt(self.final_cluster_entropy, 3),
-            self.final_clusters_used
-                .map_or("-".into(), |v| v.to_string())
+            self.final_clusters_used.map_or("-".into(), |v| v.to_string())
         )?;
-        writeln!(
-            f,
-            "elapsed          {}",
-            self.elapsed_s.map_or("-".into(), |s| format!("{s:.1} s"))
-        )?;
+        writeln!(f, "elapsed          {}", self.elapsed_s.map_or("-".into(), |s| format!("{s:.1} s")))?;
         if self.bad_losses > 0 {
-            writeln!(
-                f,
-                "warning          {} step(s) without a finite loss",
-                self.bad_losses
-            )?;
+            writeln!(f, "warning          {} step(s) without a finite loss", self.bad_losses)?;
         }
         if self.skipped_lines > 0 {
-            writeln!(
-                f,
-                "warning          {} unreadable line(s) in metrics.jsonl skipped",
-                self.skipped_lines
-            )?;
+            writeln!(f, "warning          {} unreadable line(s) in metrics.jsonl skipped", self.skipped_lines)?;
         }
         if let Some(e) = &self.eval {
             let pct = |v: f64| format!("{:.2}%", 100.0 * v);
@@ -183,11 +157,7 @@ pub fn write_report(run_dir: &Path) -> anyhow::Result<ReportFiles> {
         bail!("{}: no readable step in it yet", metrics_path.display());
     }
     let eval_path = run_dir.join("eval.json");
-    let eval = if eval_path.is_file() {
-        Some(EvalReport::read(&eval_path)?)
-    } else {
-        None
-    };
+    let eval = if eval_path.is_file() { Some(EvalReport::read(&eval_path)?) } else { None };
     let summary = summarize(&metrics, eval);
     let png = run_dir.join("report.png");
     swav_core::fs::atomic_write(&png, &plot_png(&metrics.rows)?)?;
@@ -220,8 +190,7 @@ pub fn plot_png(rows: &[StepMetrics]) -> anyhow::Result<Vec<u8>> {
     draw(&mut buf, rows).map_err(|e| anyhow::anyhow!("drawing the report: {e}"))?;
     let img = image::RgbImage::from_raw(w, h, buf).expect("the buffer has w * h * 3 bytes");
     let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png)
-        .context("encoding the report PNG")?;
+    img.write_to(&mut out, image::ImageFormat::Png).context("encoding the report PNG")?;
     Ok(out.into_inner())
 }
 
@@ -232,58 +201,26 @@ fn draw(buf: &mut [u8], rows: &[StepMetrics]) -> Result<(), Box<dyn std::error::
     let root = BitMapBackend::with_buffer(buf, PNG_SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let pick = |f: fn(&StepMetrics) -> Option<f64>| -> Vec<(f64, f64)> {
-        rows.iter()
-            .filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v)))
-            .collect()
+        rows.iter().filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v))).collect()
     };
     let panels: [Series; 4] = [
-        (
-            "loss (black: moving average)",
-            pick(|r| r.loss),
-            RED,
-            false,
-            true,
-        ),
+        ("loss (black: moving average)", pick(|r| r.loss), RED, false, true),
         ("learning rate", pick(|r| r.lr), BLUE, true, false),
-        (
-            "entropy of the mean code (nats)",
-            pick(|r| r.cluster_entropy),
-            GREEN,
-            false,
-            false,
-        ),
-        (
-            "images / s",
-            pick(|r| r.images_per_s),
-            MAGENTA,
-            false,
-            false,
-        ),
+        ("entropy of the mean code (nats)", pick(|r| r.cluster_entropy), GREEN, false, false),
+        ("images / s", pick(|r| r.images_per_s), MAGENTA, false, false),
     ];
     let x_max = rows.iter().map(|r| r.step as f64).fold(1.0, f64::max);
     let x_min = rows.iter().map(|r| r.step as f64).fold(x_max, f64::min);
-    let x_range = if x_max > x_min {
-        x_min..x_max
-    } else {
-        x_min..x_min + 1.0
-    };
-    for (area, (title, points, color, from_zero, smoothed)) in
-        root.split_evenly((2, 2)).iter().zip(panels)
-    {
-        let (lo, hi) = points
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &(_, v)| {
-                (lo.min(v), hi.max(v))
-            });
+    let x_range = if x_max > x_min { x_min..x_max } else { x_min..x_min + 1.0 };
+    for (area, (title, points, color, from_zero, smoothed)) in root.split_evenly((2, 2)).iter().zip(panels) {
+        let (lo, hi) =
+            points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &(_, v)| (lo.min(v), hi.max(v)));
         let (lo, hi) = if points.is_empty() {
             (0.0, 1.0)
         } else {
             let lo = if from_zero { lo.min(0.0) } else { lo };
             let pad = ((hi - lo) * 0.05).max(hi.abs() * 1e-3).max(1e-12);
-            (
-                lo - if from_zero && lo == 0.0 { 0.0 } else { pad },
-                hi + pad,
-            )
+            (lo - if from_zero && lo == 0.0 { 0.0 } else { pad }, hi + pad)
         };
         let mut chart = ChartBuilder::on(area)
             .caption(title, (FONT, 22))
@@ -304,11 +241,7 @@ fn draw(buf: &mut [u8], rows: &[StepMetrics]) -> Result<(), Box<dyn std::error::
         // One pixel wide: plotters joins thicker polylines with mitres, which overshoot as long
         // spikes at the sharp turns of a noisy curve.
         let smooth = smoothed && points.len() >= 100;
-        let average = if smooth {
-            moving_average(&points, points.len() / 50)
-        } else {
-            Vec::new()
-        };
+        let average = if smooth { moving_average(&points, points.len() / 50) } else { Vec::new() };
         chart.draw_series(LineSeries::new(points, color.stroke_width(1)))?;
         if smooth {
             chart.draw_series(LineSeries::new(average, BLACK.stroke_width(1)))?;
@@ -340,10 +273,7 @@ fn format_tick(v: f64) -> String {
     if a != 0.0 && !(1e-2..1e4).contains(&a) {
         format!("{v:.1e}")
     } else {
-        format!("{v:.3}")
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_string()
+        format!("{v:.3}").trim_end_matches('0').trim_end_matches('.').to_string()
     }
 }
 
@@ -368,11 +298,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut text = String::new();
         for step in 1..=60u64 {
-            let loss = if step == 30 {
-                "null".to_string()
-            } else {
-                format!("{}", 8.0 - step as f64 * 0.05)
-            };
+            let loss = if step == 30 { "null".to_string() } else { format!("{}", 8.0 - step as f64 * 0.05) };
             text += &metrics_line(step, &loss);
             text.push('\n');
         }
@@ -386,10 +312,7 @@ mod tests {
 
         let files = write_report(dir.path()).unwrap();
         let s = &files.summary;
-        assert_eq!(
-            (s.steps, s.first_step, s.last_step, s.epochs),
-            (60, 1, 60, 4)
-        );
+        assert_eq!((s.steps, s.first_step, s.last_step, s.epochs), (60, 1, 60, 4));
         assert!((s.final_loss.unwrap() - 5.0).abs() < 1e-9);
         assert_eq!(s.min_loss.unwrap().1, 60);
         assert!((s.mean_data_wait.unwrap() - 0.25).abs() < 1e-12);
@@ -400,14 +323,8 @@ mod tests {
         let img = image::load_from_memory(&png).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), PNG_SIZE);
         // The loss curve is drawn in red, and there is text and axes in black.
-        let red = img
-            .pixels()
-            .filter(|p| p[0] > 200 && p[1] < 60 && p[2] < 60)
-            .count();
-        let dark = img
-            .pixels()
-            .filter(|p| p[0] < 60 && p[1] < 60 && p[2] < 60)
-            .count();
+        let red = img.pixels().filter(|p| p[0] > 200 && p[1] < 60 && p[2] < 60).count();
+        let dark = img.pixels().filter(|p| p[0] < 60 && p[1] < 60 && p[2] < 60).count();
         assert!(red > 200, "{red} red pixels");
         assert!(dark > 1000, "{dark} dark pixels");
 
@@ -434,16 +351,8 @@ mod tests {
         let rows: Vec<StepMetrics> = (0..1250u64)
             .map(|step| StepMetrics {
                 step,
-                loss: Some(if step % 41 == 20 {
-                    1.0
-                } else {
-                    9.0 + 0.2 * rng.normal()
-                }),
-                images_per_s: Some(if step % 37 == 18 {
-                    1500.0
-                } else {
-                    500.0 + 20.0 * rng.normal()
-                }),
+                loss: Some(if step % 41 == 20 { 1.0 } else { 9.0 + 0.2 * rng.normal() }),
+                images_per_s: Some(if step % 37 == 18 { 1500.0 } else { 500.0 + 20.0 * rng.normal() }),
                 ..Default::default()
             })
             .collect();
@@ -456,22 +365,13 @@ mod tests {
             let is_magenta = p[0] > 200 && p[1] < 60 && p[2] > 200;
             if is_red {
                 red += 1;
-                assert!(
-                    x < w / 2 && y < h / 2,
-                    "loss pixel at ({x}, {y}) outside its panel"
-                );
+                assert!(x < w / 2 && y < h / 2, "loss pixel at ({x}, {y}) outside its panel");
             }
             if is_magenta {
                 magenta += 1;
-                assert!(
-                    x >= w / 2 && y >= h / 2,
-                    "throughput pixel at ({x}, {y}) outside its panel"
-                );
+                assert!(x >= w / 2 && y >= h / 2, "throughput pixel at ({x}, {y}) outside its panel");
             }
         }
-        assert!(
-            red > 1000 && magenta > 1000,
-            "{red} red, {magenta} magenta pixels"
-        );
+        assert!(red > 1000 && magenta > 1000, "{red} red, {magenta} magenta pixels");
     }
 }

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use swav_train::config::{self, PRESETS};
 use swav_tensor::Device;
+use swav_train::config::{self, PRESETS};
 use swav_train::trainer::{train, TrainOptions};
 
 #[derive(clap::Args)]
@@ -67,10 +67,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let stored = run_dir.join("config.toml");
     let (source, origin) = match (&args.config, &args.preset) {
-        (Some(path), _) => (std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?, path.display().to_string()),
+        (Some(path), _) => (
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+            path.display().to_string(),
+        ),
         (None, Some(name)) => (config::preset(name)?.toml.to_string(), format!("preset {name}")),
-        (None, None) if stored.exists() => (std::fs::read_to_string(&stored).with_context(|| format!("reading {}", stored.display()))?, stored.display().to_string()),
-        (None, None) => bail!("choose a configuration with --preset <name> (see --list-presets) or --config <file.toml>"),
+        (None, None) if stored.exists() => (
+            std::fs::read_to_string(&stored).with_context(|| format!("reading {}", stored.display()))?,
+            stored.display().to_string(),
+        ),
+        (None, None) => {
+            bail!("choose a configuration with --preset <name> (see --list-presets) or --config <file.toml>")
+        }
     };
     let config = config::load(&source, &overrides).with_context(|| format!("configuration from {origin}"))?;
     if !data.exists() {
@@ -99,11 +107,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config.train.batch_size,
         config.train.epochs
     );
-    let opts = TrainOptions { run_dir: run_dir.clone(), data_dir: data, max_steps: args.max_steps, stop, progress: true };
+    let opts =
+        TrainOptions { run_dir: run_dir.clone(), data_dir: data, max_steps: args.max_steps, stop, progress: true };
     let out = train(&config, &opts)?;
     let loss = out.last_loss.map_or("-".into(), |l| format!("{l:.4}"));
     if out.interrupted {
-        println!("interrupted at step {}; checkpoint {}; run the same command to resume", out.steps, out.checkpoint.display());
+        println!(
+            "interrupted at step {}; checkpoint {}; run the same command to resume",
+            out.steps,
+            out.checkpoint.display()
+        );
     } else {
         println!(
             "{} steps ({} epochs) done, last loss {loss}, {:.1} images/s; checkpoint {}",

@@ -26,7 +26,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let verdict = if !c.pass() {
                 "FAIL".to_string()
             } else if c.by_baseline() {
-                format!("PASS (float32 conditioning: PyTorch float32 error {:.2e})", c.float32_baseline.unwrap_or(f64::NAN))
+                format!(
+                    "PASS (float32 conditioning: PyTorch float32 error {:.2e})",
+                    c.float32_baseline.unwrap_or(f64::NAN)
+                )
             } else {
                 "PASS".to_string()
             };

@@ -57,7 +57,14 @@ fn pipeline_runs_every_step_then_skips_them_and_force_redoes_from_a_step() {
     let (ok, log) = run(&["pipeline", "--config", d]);
     assert!(ok, "{log}");
     let out = tmp.path().join("out");
-    for f in ["data/train/manifest.json", "data/test/manifest.json", "run/config.toml", "eval.json", "model.onnx", "stamps/export.json"] {
+    for f in [
+        "data/train/manifest.json",
+        "data/test/manifest.json",
+        "run/config.toml",
+        "eval.json",
+        "model.onnx",
+        "stamps/export.json",
+    ] {
         assert!(out.join(f).exists(), "{f} missing\n{log}");
     }
     assert!(log.contains("64 images") && log.contains("32 images"), "{log}");
@@ -86,13 +93,31 @@ fn bad_descriptions_are_refused_with_the_key_named() {
     let tmp = tempfile::tempdir().unwrap();
     let images = write_idx(tmp.path(), 20, 8);
     let desc = tmp.path().join("p.toml");
-    std::fs::write(&desc, format!("out_dir = \"o\"\n[data]\ntrain = \"{}\"\nholdout = 50\n[train]\npreset = \"cpu-tiny\"\n", images.display())).unwrap();
+    std::fs::write(
+        &desc,
+        format!(
+            "out_dir = \"o\"\n[data]\ntrain = \"{}\"\nholdout = 50\n[train]\npreset = \"cpu-tiny\"\n",
+            images.display()
+        ),
+    )
+    .unwrap();
     let (ok, log) = run(&["pipeline", "--config", desc.to_str().unwrap()]);
     assert!(!ok && log.contains("holdout"), "{log}");
-    std::fs::write(&desc, format!("out_dir = \"o\"\nbogus = 1\n[data]\ntrain = \"{}\"\n[train]\npreset = \"cpu-tiny\"\n", images.display())).unwrap();
+    std::fs::write(
+        &desc,
+        format!(
+            "out_dir = \"o\"\nbogus = 1\n[data]\ntrain = \"{}\"\n[train]\npreset = \"cpu-tiny\"\n",
+            images.display()
+        ),
+    )
+    .unwrap();
     let (ok, log) = run(&["pipeline", "--config", desc.to_str().unwrap()]);
     assert!(!ok && log.contains("bogus"), "{log}");
-    std::fs::write(&desc, "out_dir = \"o\"\n[data]\ntrain = \"missing-file\"\ntest = \"missing-too\"\n[train]\npreset = \"cpu-tiny\"\n").unwrap();
+    std::fs::write(
+        &desc,
+        "out_dir = \"o\"\n[data]\ntrain = \"missing-file\"\ntest = \"missing-too\"\n[train]\npreset = \"cpu-tiny\"\n",
+    )
+    .unwrap();
     let (ok, log) = run(&["pipeline", "--config", desc.to_str().unwrap()]);
     assert!(!ok && log.contains("missing-file"), "{log}");
 }

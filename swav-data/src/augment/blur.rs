@@ -11,8 +11,7 @@ pub fn extended_box_radius(sigma: f32) -> f32 {
     let sigma2 = sigma as f64 * sigma as f64 / 3.0;
     let big_l = (12.0 * sigma2 + 1.0).sqrt();
     let l = ((big_l - 1.0) / 2.0).floor();
-    let a =
-        (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
+    let a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
     (l + a) as f32
 }
 

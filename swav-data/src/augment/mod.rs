@@ -110,34 +110,18 @@ pub fn random_resized_crop_box(
         if 0 < w && w <= width && 0 < h && h <= height {
             let top = rng.below((height - h + 1) as u64) as usize;
             let left = rng.below((width - w + 1) as u64) as usize;
-            return CropBox {
-                top,
-                left,
-                height: h,
-                width: w,
-            };
+            return CropBox { top, left, height: h, width: w };
         }
     }
     let in_ratio = width as f64 / height as f64;
     let (w, h) = if in_ratio < ratio[0] {
-        (
-            width,
-            ((width as f64 / ratio[0]).round_ties_even() as usize).clamp(1, height),
-        )
+        (width, ((width as f64 / ratio[0]).round_ties_even() as usize).clamp(1, height))
     } else if in_ratio > ratio[1] {
-        (
-            ((height as f64 * ratio[1]).round_ties_even() as usize).clamp(1, width),
-            height,
-        )
+        (((height as f64 * ratio[1]).round_ties_even() as usize).clamp(1, width), height)
     } else {
         (width, height)
     };
-    CropBox {
-        top: (height - h) / 2,
-        left: (width - w) / 2,
-        height: h,
-        width: w,
-    }
+    CropBox { top: (height - h) / 2, left: (width - w) / 2, height: h, width: w }
 }
 
 /// Everything random about one crop, drawn in this order: crop box, flip, jitter (applied?, then the
@@ -155,27 +139,13 @@ pub struct CropDecision {
 
 impl CropDecision {
     /// Draws the decision for a crop of `scale` range from an image of `height x width`.
-    pub fn draw(
-        rng: &mut SplitMix64,
-        a: &AugmentConfig,
-        height: usize,
-        width: usize,
-        scale: [f64; 2],
-    ) -> CropDecision {
-        let crop = random_resized_crop_box(
-            rng,
-            height,
-            width,
-            scale,
-            [a.ratio[0] as f64, a.ratio[1] as f64],
-        );
+    pub fn draw(rng: &mut SplitMix64, a: &AugmentConfig, height: usize, width: usize, scale: [f64; 2]) -> CropDecision {
+        let crop = random_resized_crop_box(rng, height, width, scale, [a.ratio[0] as f64, a.ratio[1] as f64]);
         let flip = rng.chance(a.flip_p as f64);
         let jitter = rng.chance(a.jitter_p as f64).then(|| {
             let mut order = [0usize, 1, 2, 3];
             rng.shuffle(&mut order);
-            let f = |rng: &mut SplitMix64, x: f32| {
-                rng.uniform((1.0 - x as f64).max(0.0), 1.0 + x as f64) as f32
-            };
+            let f = |rng: &mut SplitMix64, x: f32| rng.uniform((1.0 - x as f64).max(0.0), 1.0 + x as f64) as f32;
             let b = f(rng, a.brightness);
             let c = f(rng, a.contrast);
             let s = f(rng, a.saturation);
@@ -183,16 +153,9 @@ impl CropDecision {
             (order, [b, c, s, h])
         });
         let grayscale = rng.chance(a.grayscale_p as f64);
-        let blur_sigma = rng
-            .chance(a.blur_p as f64)
-            .then(|| rng.uniform(a.blur_sigma[0] as f64, a.blur_sigma[1] as f64) as f32);
-        CropDecision {
-            crop,
-            flip,
-            jitter,
-            grayscale,
-            blur_sigma,
-        }
+        let blur_sigma =
+            rng.chance(a.blur_p as f64).then(|| rng.uniform(a.blur_sigma[0] as f64, a.blur_sigma[1] as f64) as f32);
+        CropDecision { crop, flip, jitter, grayscale, blur_sigma }
     }
 }
 
@@ -237,26 +200,18 @@ fn resolve_norm(
     };
     let mean = pick(&m, "mean")?;
     let std = pick(&s, "std")?;
-    Ok(Norm {
-        mean,
-        inv_std: std.map(|v| 1.0 / v),
-    })
+    Ok(Norm { mean, inv_std: std.map(|v| 1.0 / v) })
 }
 
 /// Converts an RGB view to 8-bit luma (PIL's `convert("L")`: (299 R + 587 G + 114 B) / 1000, rounded).
 fn to_gray<'a>(src: ImageView<'_>, buf: &'a mut Vec<u8>) -> ImageView<'a> {
     buf.clear();
     buf.extend(
-        src.pixels.chunks_exact(3).map(|p| {
-            ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114 + 500) / 1000) as u8
-        }),
+        src.pixels
+            .chunks_exact(3)
+            .map(|p| ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114 + 500) / 1000) as u8),
     );
-    ImageView {
-        height: src.height,
-        width: src.width,
-        channels: 1,
-        pixels: buf,
-    }
+    ImageView { height: src.height, width: src.width, channels: 1, pixels: buf }
 }
 
 simd_fn! {
@@ -337,9 +292,7 @@ pub struct MultiCropTransform {
 /// The number of output channels, which must be 1 or 3.
 fn output_channels(out_channels: u8) -> Result<usize> {
     if !(out_channels == 1 || out_channels == 3) {
-        return Err(DataError::Config(format!(
-            "output channels must be 1 or 3 (got {out_channels})"
-        )));
+        return Err(DataError::Config(format!("output channels must be 1 or 3 (got {out_channels})")));
     }
     Ok(out_channels as usize)
 }
@@ -356,37 +309,14 @@ impl MultiCropTransform {
     ) -> Result<Self> {
         cfg.validate()?;
         let c = output_channels(out_channels)?;
-        let norm = resolve_norm(
-            &cfg.augment.mean,
-            &cfg.augment.std,
-            c,
-            dataset_mean,
-            dataset_std,
-        )?;
+        let norm = resolve_norm(&cfg.augment.mean, &cfg.augment.std, c, dataset_mean, dataset_std)?;
         let shapes = cfg
             .groups
             .iter()
-            .map(|g| GroupShape {
-                count: g.count,
-                height: g.size,
-                width: g.size,
-                channels: c,
-            })
+            .map(|g| GroupShape { count: g.count, height: g.size, width: g.size, channels: c })
             .collect();
-        let group_of = cfg
-            .groups
-            .iter()
-            .enumerate()
-            .flat_map(|(i, g)| std::iter::repeat_n(i, g.count))
-            .collect();
-        Ok(MultiCropTransform {
-            cfg: cfg.clone(),
-            out_channels: c,
-            layout,
-            norm,
-            shapes,
-            group_of,
-        })
+        let group_of = cfg.groups.iter().enumerate().flat_map(|(i, g)| std::iter::repeat_n(i, g.count)).collect();
+        Ok(MultiCropTransform { cfg: cfg.clone(), out_channels: c, layout, norm, shapes, group_of })
     }
 
     /// One entry per crop group.
@@ -400,24 +330,10 @@ impl MultiCropTransform {
     }
 
     /// The random decision of crop `crop` (numbered across groups) of a `height x width` image.
-    pub fn decide(
-        &self,
-        seed: u64,
-        epoch: u64,
-        index: u64,
-        crop: usize,
-        height: usize,
-        width: usize,
-    ) -> CropDecision {
+    pub fn decide(&self, seed: u64, epoch: u64, index: u64, crop: usize, height: usize, width: usize) -> CropDecision {
         let g = &self.cfg.groups[self.group_of[crop]];
         let mut rng = rng::for_crop(seed, epoch, index, crop as u64);
-        CropDecision::draw(
-            &mut rng,
-            &self.cfg.augment,
-            height,
-            width,
-            [g.min_scale as f64, g.max_scale as f64],
-        )
+        CropDecision::draw(&mut rng, &self.cfg.augment, height, width, [g.min_scale as f64, g.max_scale as f64])
     }
 
     /// Writes crop `crop` of `src` into `out` (`shapes()[group].crop_len()` floats, in the layout).
@@ -432,17 +348,8 @@ impl MultiCropTransform {
         scratch: &mut Scratch,
         out: &mut [f32],
     ) {
-        let Scratch {
-            resampler,
-            work,
-            blur: blur_scratch,
-            gray,
-        } = scratch;
-        let src = if self.out_channels == 1 && src.channels == 3 {
-            to_gray(src, gray)
-        } else {
-            src
-        };
+        let Scratch { resampler, work, blur: blur_scratch, gray } = scratch;
+        let src = if self.out_channels == 1 && src.channels == 3 { to_gray(src, gray) } else { src };
         let size = self.shapes[self.group_of[crop]].height;
         let d = self.decide(seed, epoch, index, crop, src.height, src.width);
         let c = src.channels;
@@ -451,12 +358,7 @@ impl MultiCropTransform {
             src,
             (d.crop.top, d.crop.left, d.crop.height, d.crop.width),
             (size, size),
-            Window {
-                y0: 0,
-                x0: 0,
-                h: size,
-                w: size,
-            },
+            Window { y0: 0, x0: 0, h: size, w: size },
             d.flip,
             1.0 / 255.0,
             work,
@@ -479,15 +381,7 @@ impl MultiCropTransform {
         if let Some(sigma) = d.blur_sigma {
             blur::gaussian_blur(work, size, size, c, sigma, blur_scratch);
         }
-        store(
-            work,
-            size * size,
-            c,
-            self.out_channels,
-            &self.norm,
-            self.layout,
-            out,
-        );
+        store(work, size * size, c, self.out_channels, &self.norm, self.layout, out);
     }
 
     /// All crops of one image, allocated (convenient for inspection; the loader uses `crop_into`).
@@ -523,21 +417,11 @@ impl EvalTransform {
         cfg.validate()?;
         let c = output_channels(out_channels)?;
         let norm = resolve_norm(&cfg.mean, &cfg.std, c, dataset_mean, dataset_std)?;
-        Ok(EvalTransform {
-            cfg: cfg.clone(),
-            out_channels: c,
-            layout,
-            norm,
-        })
+        Ok(EvalTransform { cfg: cfg.clone(), out_channels: c, layout, norm })
     }
 
     pub fn shape(&self) -> GroupShape {
-        GroupShape {
-            count: 1,
-            height: self.cfg.crop,
-            width: self.cfg.crop,
-            channels: self.out_channels,
-        }
+        GroupShape { count: 1, height: self.cfg.crop, width: self.cfg.crop, channels: self.out_channels }
     }
 
     /// torchvision's `Resize(int)` output size: the shorter side becomes `resize`, the longer one
@@ -545,31 +429,16 @@ impl EvalTransform {
     pub fn resized_size(&self, height: usize, width: usize) -> (usize, usize) {
         let r = self.cfg.resize;
         if width <= height {
-            (
-                ((r as f64 * height as f64 / width as f64) as usize).max(1),
-                r,
-            )
+            (((r as f64 * height as f64 / width as f64) as usize).max(1), r)
         } else {
-            (
-                r,
-                ((r as f64 * width as f64 / height as f64) as usize).max(1),
-            )
+            (r, ((r as f64 * width as f64 / height as f64) as usize).max(1))
         }
     }
 
     /// Writes the transformed image into `out` (`shape().crop_len()` floats, in the layout).
     pub fn apply_into(&self, src: ImageView<'_>, scratch: &mut Scratch, out: &mut [f32]) {
-        let Scratch {
-            resampler,
-            work,
-            gray,
-            ..
-        } = scratch;
-        let src = if self.out_channels == 1 && src.channels == 3 {
-            to_gray(src, gray)
-        } else {
-            src
-        };
+        let Scratch { resampler, work, gray, .. } = scratch;
+        let src = if self.out_channels == 1 && src.channels == 3 { to_gray(src, gray) } else { src };
         let (oh, ow) = self.resized_size(src.height, src.width);
         let crop = self.cfg.crop;
         // torchvision CenterCrop: pad (zeros) by (crop - size) // 2 before, or crop at round((size - crop) / 2).
@@ -586,25 +455,12 @@ impl EvalTransform {
             src,
             (0, 0, src.height, src.width),
             (oh, ow),
-            Window {
-                y0: offset(oh),
-                x0: offset(ow),
-                h: crop,
-                w: crop,
-            },
+            Window { y0: offset(oh), x0: offset(ow), h: crop, w: crop },
             false,
             1.0 / 255.0,
             work,
         );
-        store(
-            work,
-            crop * crop,
-            c,
-            self.out_channels,
-            &self.norm,
-            self.layout,
-            out,
-        );
+        store(work, crop * crop, c, self.out_channels, &self.norm, self.layout, out);
     }
 
     /// The transformed image, allocated.

@@ -66,11 +66,7 @@ impl Coeffs {
             }
             let row = &mut self.weights[xx * ksize..(xx + 1) * ksize];
             for x in 0..xmax {
-                row[x] = if total != 0.0 {
-                    (k[x] / total) as f32 * gain
-                } else {
-                    0.0
-                };
+                row[x] = if total != 0.0 { (k[x] / total) as f32 * gain } else { 0.0 };
             }
             self.starts.push(xmin as usize);
             self.lens.push(xmax);
@@ -128,10 +124,7 @@ impl Resampler {
         gain: f32,
         out: &mut [f32],
     ) {
-        assert!(
-            top + h <= src.height && left + w <= src.width && h > 0 && w > 0,
-            "source box inside the image"
-        );
+        assert!(top + h <= src.height && left + w <= src.width && h > 0 && w > 0, "source box inside the image");
         assert_eq!(out.len(), window.h * window.w * src.channels);
         self.hx.compute(w, out_w, gain);
         self.vy.compute(h, out_h, 1.0);
@@ -162,10 +155,7 @@ impl Resampler {
         let cols = wx1 - wx0;
         // Source rows needed by the window's output rows.
         let ry0 = self.vy.starts[wy0];
-        let ry1 = (wy0..wy1)
-            .map(|y| self.vy.starts[y] + self.vy.lens[y])
-            .max()
-            .unwrap_or(ry0);
+        let ry1 = (wy0..wy1).map(|y| self.vy.starts[y] + self.vy.lens[y]).max().unwrap_or(ry0);
         let row_len = cols * C;
         self.tmp.clear();
         self.tmp.resize((ry1 - ry0) * row_len, 0.0);
@@ -179,8 +169,7 @@ impl Resampler {
             self.horizontal_fixed::<C, 5>(src, top, left, ry0, ry1, wx0, wx1, flip);
         } else {
             for r in ry0..ry1 {
-                let srow =
-                    &src.pixels[((top + r) * src.width + left) * C..][..(src.width - left) * C];
+                let srow = &src.pixels[((top + r) * src.width + left) * C..][..(src.width - left) * C];
                 let trow = &mut self.tmp[(r - ry0) * row_len..][..row_len];
                 for xx in wx0..wx1 {
                     let start = self.hx.starts[xx];
@@ -220,9 +209,7 @@ impl Resampler {
             let trow = &mut self.tmp[(r - ry0) * row_len..][..row_len];
             for xx in wx0..wx1 {
                 let start = self.hx.starts[xx];
-                let taps: &[f32; K] = self.hx.weights[xx * K..(xx + 1) * K]
-                    .try_into()
-                    .expect("K taps");
+                let taps: &[f32; K] = self.hx.weights[xx * K..(xx + 1) * K].try_into().expect("K taps");
                 let col = if flip { wx1 - 1 - xx } else { xx - wx0 };
                 let rest = &srow[start * C..];
                 if C == 3 && rest.len() > K * 3 {
@@ -265,11 +252,8 @@ impl Resampler {
         // Vertical pass: tmp -> out rows (window coordinates).
         let out_row_len = win.w * C;
         // Where the existing columns land inside the window row (flip mirrors the whole window).
-        let col_off = if flip {
-            (win.x0 + win.w as isize - wx1 as isize) as usize
-        } else {
-            (wx0 as isize - win.x0) as usize
-        };
+        let col_off =
+            if flip { (win.x0 + win.w as isize - wx1 as isize) as usize } else { (wx0 as isize - win.x0) as usize };
         let vk = self.vy.ksize;
         for yy in wy0..wy1 {
             let oy = (yy as isize - win.y0) as usize;

@@ -24,11 +24,7 @@ pub(crate) struct Decoded {
 }
 
 /// Reads and decodes `path`; `Err` is the reason to skip it. `bytes` receives the file contents.
-pub(crate) fn decode_file(
-    path: &Path,
-    max_pixels: u64,
-    bytes: &mut Vec<u8>,
-) -> Result<Decoded, String> {
+pub(crate) fn decode_file(path: &Path, max_pixels: u64, bytes: &mut Vec<u8>) -> Result<Decoded, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("unreadable: {e}"))?;
     if !meta.is_file() {
         return Err("not a regular file".into());
@@ -37,10 +33,7 @@ pub(crate) fn decode_file(
         return Err("empty file (0 bytes)".into());
     }
     if meta.len() > MAX_FILE_BYTES {
-        return Err(format!(
-            "file too large ({} bytes, the limit is {MAX_FILE_BYTES})",
-            meta.len()
-        ));
+        return Err(format!("file too large ({} bytes, the limit is {MAX_FILE_BYTES})", meta.len()));
     }
     bytes.clear();
     std::fs::File::open(path)
@@ -66,15 +59,12 @@ fn check_dims(w: u64, h: u64, max_pixels: u64) -> Result<(), String> {
 
 /// Decodes an in-memory file.
 pub(crate) fn decode_bytes(bytes: &[u8], max_pixels: u64) -> Result<Decoded, String> {
-    let format =
-        image::guess_format(bytes).map_err(|_| "not an image (unrecognised format)".to_string())?;
+    let format = image::guess_format(bytes).map_err(|_| "not an image (unrecognised format)".to_string())?;
     if format == image::ImageFormat::Jpeg {
         return decode_jpeg(bytes, max_pixels);
     }
     let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
-    let (w, h) = reader
-        .into_dimensions()
-        .map_err(|e| format!("corrupt image header: {e}"))?;
+    let (w, h) = reader.into_dimensions().map_err(|e| format!("corrupt image header: {e}"))?;
     check_dims(w as u64, h as u64, max_pixels)?;
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
@@ -83,57 +73,29 @@ pub(crate) fn decode_bytes(bytes: &[u8], max_pixels: u64) -> Result<Decoded, Str
     // Enough for the decoded image at 16 bits x 4 channels, plus slack for the decoder.
     limits.max_alloc = Some(w as u64 * h as u64 * 8 + (64 << 20));
     reader.limits(limits);
-    let img = reader
-        .decode()
-        .map_err(|e| format!("corrupt or truncated image: {e}"))?;
+    let img = reader.decode().map_err(|e| format!("corrupt or truncated image: {e}"))?;
     let image = if img.color().has_color() {
         let rgb = img.into_rgb8();
-        Image {
-            height: rgb.height(),
-            width: rgb.width(),
-            channels: 3,
-            pixels: rgb.into_raw(),
-        }
+        Image { height: rgb.height(), width: rgb.width(), channels: 3, pixels: rgb.into_raw() }
     } else {
         let l = img.into_luma8();
-        Image {
-            height: l.height(),
-            width: l.width(),
-            channels: 1,
-            pixels: l.into_raw(),
-        }
+        Image { height: l.height(), width: l.width(), channels: 1, pixels: l.into_raw() }
     };
-    Ok(Decoded {
-        image,
-        is_jpeg: false,
-    })
+    Ok(Decoded { image, is_jpeg: false })
 }
 
 fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<Decoded, String> {
     let opts = codec::jpeg_options(3, true);
-    let mut probe =
-        zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), opts);
-    probe
-        .decode_headers()
-        .map_err(|e| format!("corrupt JPEG header: {e:?}"))?;
-    let (w, h) = probe
-        .dimensions()
-        .ok_or("corrupt JPEG header: no dimensions")?;
+    let mut probe = zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), opts);
+    probe.decode_headers().map_err(|e| format!("corrupt JPEG header: {e:?}"))?;
+    let (w, h) = probe.dimensions().ok_or("corrupt JPEG header: no dimensions")?;
     check_dims(w as u64, h as u64, max_pixels)?;
     let gray = probe.input_colorspace() == Some(zune_core::colorspace::ColorSpace::Luma);
     let channels = if gray { 1 } else { 3 };
     let mut pixels = Vec::new();
     let (hh, ww) = codec::decode_jpeg_into(bytes, channels, true, &mut pixels)
         .map_err(|e| format!("corrupt or truncated JPEG: {e}"))?;
-    Ok(Decoded {
-        image: Image {
-            height: hh,
-            width: ww,
-            channels,
-            pixels,
-        },
-        is_jpeg: true,
-    })
+    Ok(Decoded { image: Image { height: hh, width: ww, channels, pixels }, is_jpeg: true })
 }
 
 /// Reduces the shorter side to `short` (torchvision's `Resize(short)` size rule, PIL's antialiased
@@ -151,28 +113,7 @@ pub(crate) fn shrink(img: &Image, short: u32, resampler: &mut Resampler) -> Opti
     };
     let c = img.channels as usize;
     let mut out = vec![0.0f32; oh * ow * c];
-    resampler.resample(
-        img.view(),
-        (0, 0, h, w),
-        (oh, ow),
-        Window {
-            y0: 0,
-            x0: 0,
-            h: oh,
-            w: ow,
-        },
-        false,
-        1.0,
-        &mut out,
-    );
-    let pixels = out
-        .iter()
-        .map(|&v| v.round().clamp(0.0, 255.0) as u8)
-        .collect();
-    Some(Image {
-        height: oh as u32,
-        width: ow as u32,
-        channels: img.channels,
-        pixels,
-    })
+    resampler.resample(img.view(), (0, 0, h, w), (oh, ow), Window { y0: 0, x0: 0, h: oh, w: ow }, false, 1.0, &mut out);
+    let pixels = out.iter().map(|&v| v.round().clamp(0.0, 255.0) as u8).collect();
+    Some(Image { height: oh as u32, width: ow as u32, channels: img.channels, pixels })
 }

@@ -58,9 +58,7 @@ impl Default for PreprocessOptions {
             resize: None,
             codec: Codec::RawZstd,
             shard_size_mib: 256,
-            workers: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             overwrite: false,
             max_pixels: 100_000_000,
             zstd_level: 3,
@@ -107,37 +105,20 @@ enum Source {
 
 /// The result of one input.
 enum Outcome {
-    Record {
-        label: Option<u32>,
-        image_shape: (u32, u32, u8),
-        payload: Vec<u8>,
-        codec: Codec,
-        sums: [u64; 6],
-    },
-    Skip {
-        rel: String,
-        reason: String,
-    },
+    Record { label: Option<u32>, image_shape: (u32, u32, u8), payload: Vec<u8>, codec: Codec, sums: [u64; 6] },
+    Skip { rel: String, reason: String },
 }
 
 /// Runs a preprocessing job; `progress` is called from the writer thread after each input.
-pub fn preprocess(
-    opts: &PreprocessOptions,
-    progress: &(dyn Fn(Progress) + Sync),
-) -> Result<PreprocessReport> {
+pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)) -> Result<PreprocessReport> {
     let start = Instant::now();
     let input = &opts.input;
     if !input.exists() {
-        return Err(DataError::Input {
-            path: input.clone(),
-            problem: "does not exist".into(),
-        });
+        return Err(DataError::Input { path: input.clone(), problem: "does not exist".into() });
     }
     check_output(opts)?;
     if opts.shard_size_mib == 0 || opts.max_pixels == 0 || !(1..=100).contains(&opts.jpeg_quality) {
-        return Err(DataError::Config(
-            "shard size and max pixels must be positive, JPEG quality in 1..=100".into(),
-        ));
+        return Err(DataError::Config("shard size and max pixels must be positive, JPEG quality in 1..=100".into()));
     }
 
     // 1. What to import.
@@ -153,13 +134,7 @@ pub fn preprocess(
         idx_source(&file, opts.max_pixels)?
     } else {
         let s = scan::scan_folder(input)?;
-        (
-            Source::Files(s.entries),
-            s.classes,
-            s.labelled,
-            s.skipped,
-            "folder",
-        )
+        (Source::Files(s.entries), s.classes, s.labelled, s.skipped, "folder")
     };
     let available = match &source {
         Source::Files(f) => f.len(),
@@ -227,13 +202,7 @@ pub fn preprocess(
             pending.insert(i, outcome);
             while let Some(outcome) = pending.remove(&next) {
                 match outcome {
-                    Outcome::Record {
-                        label,
-                        image_shape,
-                        payload,
-                        codec,
-                        sums,
-                    } => {
+                    Outcome::Record { label, image_shape, payload, codec, sums } => {
                         if result.is_ok() {
                             result = writer.add(label, image_shape, codec, &payload, &sums);
                         }
@@ -242,12 +211,7 @@ pub fn preprocess(
                 }
                 next += 1;
                 let _ = token_tx.send(());
-                progress(Progress {
-                    done: next,
-                    total,
-                    written: writer.written,
-                    skipped: skipped.len(),
-                });
+                progress(Progress { done: next, total, written: writer.written, skipped: skipped.len() });
             }
             if result.is_err() {
                 break;
@@ -260,20 +224,14 @@ pub fn preprocess(
     })?;
 
     if writer.written == 0 {
-        let mut problem = format!(
-            "no image could be imported ({} input(s) skipped)",
-            skipped.len()
-        );
+        let mut problem = format!("no image could be imported ({} input(s) skipped)", skipped.len());
         for s in skipped.iter().take(5) {
             problem.push_str(&format!("\n  {}: {}", s.path, s.reason));
         }
         if total == 0 {
             problem = "no image found in the input folder".into();
         }
-        return Err(DataError::Input {
-            path: input.clone(),
-            problem,
-        });
+        return Err(DataError::Input { path: input.clone(), problem });
     }
     skipped.sort();
     let shards = writer.finish()?;
@@ -348,11 +306,7 @@ fn single_idx_in(dir: &Path) -> Result<Option<PathBuf>> {
                 "holds several IDX image files ({}): pass one of them with --input",
                 found
                     .iter()
-                    .map(|p| p
-                        .file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned())
+                    .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -370,11 +324,7 @@ fn process_one(
     let (label, rel, decoded) = match source {
         Source::Files(files) => {
             let f = &files[i];
-            (
-                f.label,
-                f.rel.clone(),
-                decode::decode_file(&f.path, opts.max_pixels, bytes),
-            )
+            (f.label, f.rel.clone(), decode::decode_file(&f.path, opts.max_pixels, bytes))
         }
         Source::Idx(d) => {
             let n = d.rows * d.cols;
@@ -385,24 +335,14 @@ fn process_one(
                 pixels: d.pixels[i * n..(i + 1) * n].to_vec(),
             };
             bytes.clear();
-            (
-                Some(d.labels[i] as u32),
-                format!("#{i}"),
-                Ok(decode::Decoded {
-                    image,
-                    is_jpeg: false,
-                }),
-            )
+            (Some(d.labels[i] as u32), format!("#{i}"), Ok(decode::Decoded { image, is_jpeg: false }))
         }
     };
     let decoded = match decoded {
         Ok(d) => d,
         Err(reason) => return Outcome::Skip { rel, reason },
     };
-    let (image, resized) = match opts
-        .resize
-        .and_then(|s| decode::shrink(&decoded.image, s, resampler))
-    {
+    let (image, resized) = match opts.resize.and_then(|s| decode::shrink(&decoded.image, s, resampler)) {
         Some(small) => (small, true),
         None => (decoded.image, false),
     };
@@ -420,10 +360,7 @@ fn process_one(
             codec: opts.codec,
             sums: pixel_sums(&image),
         },
-        Err(e) => Outcome::Skip {
-            rel,
-            reason: format!("cannot encode: {e}"),
-        },
+        Err(e) => Outcome::Skip { rel, reason: format!("cannot encode: {e}") },
     }
 }
 
@@ -431,9 +368,7 @@ fn process_one(
 fn pixel_sums(img: &Image) -> [u64; 6] {
     let mut s = [0u64; 6];
     if img.channels == 1 {
-        let (a, b) = img.pixels.iter().fold((0u64, 0u64), |(a, b), &v| {
-            (a + v as u64, b + (v as u64) * (v as u64))
-        });
+        let (a, b) = img.pixels.iter().fold((0u64, 0u64), |(a, b), &v| (a + v as u64, b + (v as u64) * (v as u64)));
         s = [a, a, a, b, b, b];
     } else {
         for p in img.pixels.chunks_exact(3) {
@@ -492,10 +427,7 @@ impl Writer {
             let name = format!("shard-{:05}.bin", self.shards.len());
             self.current = Some(ShardWriter::create(&self.dir.join(name))?);
         }
-        self.current
-            .as_mut()
-            .expect("opened above")
-            .append(label, h, w, c, codec, payload)?;
+        self.current.as_mut().expect("opened above").append(label, h, w, c, codec, payload)?;
         self.written += 1;
         self.channels = self.channels.max(c);
         if let Some(l) = label {
@@ -534,9 +466,7 @@ impl Writer {
 
     fn mean(&self) -> Vec<f64> {
         let n = self.pixels.max(1) as f64 * 255.0;
-        (0..self.channel_count())
-            .map(|c| self.sums[c] as f64 / n)
-            .collect()
+        (0..self.channel_count()).map(|c| self.sums[c] as f64 / n).collect()
     }
 
     fn std(&self) -> Vec<f64> {
@@ -571,30 +501,20 @@ fn absolute(p: &Path) -> PathBuf {
 
 fn check_output(opts: &PreprocessOptions) -> Result<()> {
     let out = &opts.output;
-    let bad = |problem: String| {
-        Err(DataError::Output {
-            path: out.clone(),
-            problem,
-        })
-    };
+    let bad = |problem: String| Err(DataError::Output { path: out.clone(), problem });
     if out.file_name().is_none() {
         return bad("give a directory name for the output".into());
     }
     let (ai, ao) = (absolute(&opts.input), absolute(out));
     if ao.starts_with(&ai) || ai.starts_with(&ao) {
-        return bad(format!(
-            "the output and the input ({}) must not contain each other",
-            opts.input.display()
-        ));
+        return bad(format!("the output and the input ({}) must not contain each other", opts.input.display()));
     }
     if std::fs::symlink_metadata(out).is_ok() {
         if !opts.overwrite {
             return bad("already exists; pass --overwrite to replace it (the old dataset is replaced only once the new one is complete)".into());
         }
         let is_dataset = out.join("manifest.json").is_file();
-        let is_empty_dir = std::fs::read_dir(out)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(false);
+        let is_empty_dir = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
         if !(out.is_dir() && (is_dataset || is_empty_dir)) {
             return bad("exists and is not a swav-data dataset (no manifest.json); refusing to replace it: choose another --output or remove it yourself".into());
         }
@@ -621,19 +541,14 @@ impl TempDir {
             std::fs::remove_dir_all(&path).map_err(|e| DataError::io(&path, e))?;
         }
         std::fs::create_dir(&path).map_err(|e| DataError::io(&path, e))?;
-        Ok(TempDir {
-            path,
-            committed: false,
-        })
+        Ok(TempDir { path, committed: false })
     }
 
     /// Moves the finished directory to `output` (replacing an old dataset there).
     fn commit(mut self, output: &Path) -> Result<()> {
         let old = if std::fs::symlink_metadata(output).is_ok() {
             let name = output.file_name().expect("checked").to_string_lossy();
-            let old = self
-                .path
-                .with_file_name(format!(".{name}.old-{}", std::process::id()));
+            let old = self.path.with_file_name(format!(".{name}.old-{}", std::process::id()));
             std::fs::rename(output, &old).map_err(|e| DataError::io(output, e))?;
             Some(old)
         } else {

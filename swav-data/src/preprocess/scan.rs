@@ -55,9 +55,7 @@ fn kind_of(path: &Path) -> Kind {
         Ok(m) if m.is_file() => Kind::File,
         Ok(_) => Kind::Skip("not a regular file (device, FIFO or socket)".into()),
         Err(e) if is_loop(&e) => Kind::Skip("symlink loop".into()),
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound && fs::symlink_metadata(path).is_ok() =>
-        {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && fs::symlink_metadata(path).is_ok() => {
             Kind::Skip("broken symlink (its target does not exist)".into())
         }
         Err(e) => Kind::Skip(format!("unreadable: {e}")),
@@ -68,16 +66,9 @@ fn read_sorted(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
-        out.push((
-            entry.file_name().to_string_lossy().into_owned(),
-            entry.path(),
-        ));
+        out.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
     }
-    out.sort_by(|a, b| {
-        a.1.as_os_str()
-            .as_encoded_bytes()
-            .cmp(b.1.as_os_str().as_encoded_bytes())
-    });
+    out.sort_by(|a, b| a.1.as_os_str().as_encoded_bytes().cmp(b.1.as_os_str().as_encoded_bytes()));
     Ok(out)
 }
 
@@ -97,20 +88,14 @@ struct Walker {
 
 impl Walker {
     fn skip(&mut self, rel: String, reason: impl Into<String>) {
-        self.skipped.push(Skipped {
-            path: rel,
-            reason: reason.into(),
-        });
+        self.skipped.push(Skipped { path: rel, reason: reason.into() });
     }
 
     fn walk(&mut self, dir: &Path, rel: &str, label: Option<u32>) {
         match fs::canonicalize(dir) {
             Ok(c) => {
                 if !self.visited.insert(c) {
-                    self.skip(
-                        rel.to_owned(),
-                        "symlink loop or second link to a directory already scanned",
-                    );
+                    self.skip(rel.to_owned(), "symlink loop or second link to a directory already scanned");
                     return;
                 }
             }
@@ -134,11 +119,7 @@ impl Walker {
             }
             match kind_of(&path) {
                 Kind::Dir => self.walk(&path, &r, label),
-                Kind::File => self.entries.push(FileEntry {
-                    path,
-                    rel: r,
-                    label,
-                }),
+                Kind::File => self.entries.push(FileEntry { path, rel: r, label }),
                 Kind::Skip(reason) => self.skip(r, reason),
             }
         }
@@ -147,16 +128,9 @@ impl Walker {
 
 /// Scans `root` (an existing directory).
 pub(crate) fn scan_folder(root: &Path) -> Result<Scan> {
-    let input_err = |problem: String| DataError::Input {
-        path: root.to_owned(),
-        problem,
-    };
+    let input_err = |problem: String| DataError::Input { path: root.to_owned(), problem };
     let top = read_sorted(root).map_err(|e| input_err(format!("cannot list the folder: {e}")))?;
-    let mut w = Walker {
-        visited: HashSet::new(),
-        entries: Vec::new(),
-        skipped: Vec::new(),
-    };
+    let mut w = Walker { visited: HashSet::new(), entries: Vec::new(), skipped: Vec::new() };
     if let Ok(c) = fs::canonicalize(root) {
         w.visited.insert(c);
     }
@@ -177,10 +151,7 @@ pub(crate) fn scan_folder(root: &Path) -> Result<Scan> {
     let mut classes = Vec::new();
     if labelled {
         for (name, _) in files {
-            w.skip(
-                name,
-                "file outside the class folders (a labelled folder has one sub-folder per class)",
-            );
+            w.skip(name, "file outside the class folders (a labelled folder has one sub-folder per class)");
         }
         dirs.sort_by(|a, b| a.0.cmp(&b.0));
         for (i, (name, path)) in dirs.into_iter().enumerate() {
@@ -193,17 +164,8 @@ pub(crate) fn scan_folder(root: &Path) -> Result<Scan> {
         }
     } else {
         for (name, path) in files {
-            w.entries.push(FileEntry {
-                path,
-                rel: name,
-                label: None,
-            });
+            w.entries.push(FileEntry { path, rel: name, label: None });
         }
     }
-    Ok(Scan {
-        entries: w.entries,
-        classes,
-        labelled,
-        skipped: w.skipped,
-    })
+    Ok(Scan { entries: w.entries, classes, labelled, skipped: w.skipped })
 }

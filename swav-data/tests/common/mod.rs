@@ -25,8 +25,7 @@ pub fn photo(seed: u64, w: u32, h: u32) -> image::RgbImage {
     image::RgbImage::from_fn(w, h, |x, y| {
         let i = ((y * w + x) * 3) as usize;
         let base = |c: usize, ph: f32| {
-            let v = ((x as f32 / w as f32 * f + ph).sin() * 0.5 + 0.5) * 200.0
-                + (y as f32 / h as f32) * 40.0;
+            let v = ((x as f32 / w as f32 * f + ph).sin() * 0.5 + 0.5) * 200.0 + (y as f32 / h as f32) * 40.0;
             (v + (n[i + c] as f32 - 128.0) / 16.0).clamp(0.0, 255.0) as u8
         };
         image::Rgb([base(0, 0.0), base(1, 2.0), base(2, 4.0)])
@@ -39,9 +38,7 @@ pub fn save_png(path: &Path, img: &image::RgbImage) {
 
 pub fn save_jpeg(path: &Path, img: &image::RgbImage, quality: u8) {
     let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
-        .encode_image(img)
-        .unwrap();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(img).unwrap();
     std::fs::write(path, out).unwrap();
 }
 
@@ -68,11 +65,7 @@ pub fn photo_folder(root: &Path, classes: usize, per_class: usize) -> PathBuf {
         std::fs::create_dir_all(&d).unwrap();
         for i in 0..per_class {
             let seed = (c * 1000 + i) as u64;
-            let (w, h) = if i % 2 == 0 {
-                (48 + i as u32, 40)
-            } else {
-                (36, 52 + c as u32)
-            };
+            let (w, h) = if i % 2 == 0 { (48 + i as u32, 40) } else { (36, 52 + c as u32) };
             save_png(&d.join(format!("img{i:03}.png")), &photo(seed, w, h));
         }
     }
@@ -96,10 +89,7 @@ pub fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
             if p.is_dir() {
                 walk(base, &p, out);
             } else {
-                out.push((
-                    p.strip_prefix(base).unwrap().to_string_lossy().into_owned(),
-                    std::fs::read(&p).unwrap(),
-                ));
+                out.push((p.strip_prefix(base).unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()));
             }
         }
     }
@@ -132,10 +122,7 @@ pub fn write_idx(
     let write = |name: String, bytes: &[u8]| {
         let p = dir.join(name);
         if gz {
-            let mut e = flate2::write::GzEncoder::new(
-                std::fs::File::create(&p).unwrap(),
-                flate2::Compression::fast(),
-            );
+            let mut e = flate2::write::GzEncoder::new(std::fs::File::create(&p).unwrap(), flate2::Compression::fast());
             e.write_all(bytes).unwrap();
             e.finish().unwrap();
         } else {

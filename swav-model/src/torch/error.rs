@@ -8,14 +8,10 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum TorchError {
     /// Neither a zip archive nor a pickle stream.
-    #[error(
-        "not a PyTorch file: it starts with neither a zip header nor a pickle protocol opcode"
-    )]
+    #[error("not a PyTorch file: it starts with neither a zip header nor a pickle protocol opcode")]
     NotTorch,
     /// The pickle names a global that is not on the allow-list (anything but the few types of a state dict).
-    #[error(
-        "refusing global {module}.{name}: only the globals of a state dict are allowed ({allowed})"
-    )]
+    #[error("refusing global {module}.{name}: only the globals of a state dict are allowed ({allowed})")]
     RefusedGlobal {
         /// The module of the global, e.g. `os`.
         module: String,
@@ -90,9 +86,6 @@ pub enum TorchError {
 impl TorchError {
     /// A [`TorchError::Malformed`] at `pos`.
     pub(crate) fn malformed(pos: usize, detail: impl Into<String>) -> TorchError {
-        TorchError::Malformed {
-            pos,
-            detail: detail.into(),
-        }
+        TorchError::Malformed { pos, detail: detail.into() }
     }
 }

@@ -38,18 +38,12 @@ impl<'a> Legacy<'a> {
         let mut reader = Reader { bytes, pos: 0 };
         let magic = reader.pickle()?;
         if !matches!(magic.node(magic.root()), Node::BigInt(b) if **b == MAGIC) {
-            return Err(legacy(
-                "the first pickle is not PyTorch's magic number: not a PyTorch file".into(),
-            ));
+            return Err(legacy("the first pickle is not PyTorch's magic number: not a PyTorch file".into()));
         }
         let version = reader.pickle()?;
         match version.node(version.root()) {
             Node::Int(PROTOCOL_VERSION) => {}
-            other => {
-                return Err(legacy(format!(
-                    "protocol version is {other:?}, expected {PROTOCOL_VERSION}"
-                )))
-            }
+            other => return Err(legacy(format!("protocol version is {other:?}, expected {PROTOCOL_VERSION}"))),
         }
         let sys_info = reader.pickle()?;
         if sys_info.dict(sys_info.root()).is_none() {
@@ -63,17 +57,9 @@ impl<'a> Legacy<'a> {
     }
 
     /// Exactly the bytes of `numel` elements of storage `key`.
-    pub(crate) fn storage(
-        &self,
-        key: &str,
-        dtype: DType,
-        numel: u64,
-    ) -> Result<&'a [u8], TorchError> {
+    pub(crate) fn storage(&self, key: &str, dtype: DType, numel: u64) -> Result<&'a [u8], TorchError> {
         let Some(&(_, bytes)) = self.storages.get(key) else {
-            return Err(TorchError::Storage {
-                key: key.to_string(),
-                detail: "not among the stored storages".into(),
-            });
+            return Err(TorchError::Storage { key: key.to_string(), detail: "not among the stored storages".into() });
         };
         take_elements(key, bytes, dtype, numel)
     }
@@ -115,30 +101,13 @@ impl<'a> Reader<'a> {
     /// Errors inside a pickle carry offsets relative to it; say where in the file it started.
     fn at(&self, e: TorchError) -> TorchError {
         match e {
-            TorchError::Malformed { pos, detail } => TorchError::Malformed {
-                pos: pos + self.pos,
-                detail,
-            },
-            TorchError::Truncated {
-                what,
-                pos,
-                need,
-                have,
-            } => TorchError::Truncated {
-                what,
-                pos: pos + self.pos,
-                need,
-                have,
-            },
-            TorchError::Opcode {
-                opcode,
-                printable,
-                pos,
-            } => TorchError::Opcode {
-                opcode,
-                printable,
-                pos: pos + self.pos,
-            },
+            TorchError::Malformed { pos, detail } => TorchError::Malformed { pos: pos + self.pos, detail },
+            TorchError::Truncated { what, pos, need, have } => {
+                TorchError::Truncated { what, pos: pos + self.pos, need, have }
+            }
+            TorchError::Opcode { opcode, printable, pos } => {
+                TorchError::Opcode { opcode, printable, pos: pos + self.pos }
+            }
             other => other,
         }
     }
@@ -155,19 +124,14 @@ impl<'a> Reader<'a> {
         };
         let mut storages = HashMap::with_capacity(list.len().min(dtypes.len()));
         for &item in list {
-            let key = keys
-                .str(item)
-                .ok_or_else(|| legacy("a storage key is not a string".into()))?;
+            let key = keys.str(item).ok_or_else(|| legacy("a storage key is not a string".into()))?;
             let &dtype = dtypes.get(key).ok_or_else(|| TorchError::Storage {
                 key: key.to_string(),
                 detail: "listed in the file but named by no persistent id of the pickle".into(),
             })?;
             let bytes = self.storage(key, dtype)?;
             if storages.insert(key.to_string(), (dtype, bytes)).is_some() {
-                return Err(TorchError::Storage {
-                    key: key.to_string(),
-                    detail: "listed twice".into(),
-                });
+                return Err(TorchError::Storage { key: key.to_string(), detail: "listed twice".into() });
             }
         }
         Ok(storages)
@@ -175,28 +139,19 @@ impl<'a> Reader<'a> {
 
     fn storage(&mut self, key: &str, dtype: DType) -> Result<&'a [u8], TorchError> {
         let rest = &self.bytes[self.pos..];
-        let err = |detail: String| TorchError::Storage {
-            key: key.to_string(),
-            detail,
-        };
+        let err = |detail: String| TorchError::Storage { key: key.to_string(), detail };
         let Some((count, data)) = rest.split_first_chunk::<8>() else {
-            return Err(err(format!(
-                "the file ends at byte {} before its element count",
-                self.bytes.len()
-            )));
+            return Err(err(format!("the file ends at byte {} before its element count", self.bytes.len())));
         };
         let count = u64::from_le_bytes(*count);
-        let len = count
-            .checked_mul(dtype.size() as u64)
-            .filter(|&n| n <= data.len() as u64)
-            .ok_or_else(|| {
-                err(format!(
+        let len = count.checked_mul(dtype.size() as u64).filter(|&n| n <= data.len() as u64).ok_or_else(|| {
+            err(format!(
                 "claims {count} {} elements ({} bytes each) but only {} bytes remain in the file",
                 dtype.storage_name(),
                 dtype.size(),
                 data.len()
             ))
-            })?;
+        })?;
         self.pos += 8 + len as usize;
         Ok(&data[..len as usize])
     }

@@ -140,22 +140,13 @@ pub enum TorchFormat {
 
 /// Reads a PyTorch checkpoint file (zip or legacy format, told apart by content).
 pub fn read_torch_file(path: &Path) -> Result<TorchFile> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    parse(&bytes).map_err(|source| ModelError::Torch {
-        path: path.display().to_string(),
-        source,
-    })
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
+    parse(&bytes).map_err(|source| ModelError::Torch { path: path.display().to_string(), source })
 }
 
 /// Reads a PyTorch checkpoint held in memory; errors name the file `<memory>`.
 pub fn read_torch_bytes(bytes: &[u8]) -> Result<TorchFile> {
-    parse(bytes).map_err(|source| ModelError::Torch {
-        path: "<memory>".into(),
-        source,
-    })
+    parse(bytes).map_err(|source| ModelError::Torch { path: "<memory>".into(), source })
 }
 
 /// Whether a file that starts with `bytes_prefix` (give at least its first 9 bytes) is a PyTorch file
@@ -195,12 +186,7 @@ impl Source<'_, '_> {
             // The legacy writer converts every storage to little-endian.
             Source::Legacy(l) => (l.storage(key, dtype, numel)?, false),
         };
-        Ok(StorageData {
-            key,
-            bytes,
-            dtype,
-            big_endian,
-        })
+        Ok(StorageData { key, bytes, dtype, big_endian })
     }
 }
 
@@ -208,20 +194,10 @@ fn parse(bytes: &[u8]) -> std::result::Result<TorchFile, TorchError> {
     if bytes.starts_with(zip::MAGIC) {
         let archive = zip::Archive::open(bytes)?;
         let (pickle, _) = pickle::unpickle(archive.pickle)?;
-        build(
-            &pickle,
-            Source::Zip(&archive),
-            TorchFormat::Zip,
-            bytes.len(),
-        )
+        build(&pickle, Source::Zip(&archive), TorchFormat::Zip, bytes.len())
     } else if is_torch_file(bytes) {
         let legacy = legacy::Legacy::read(bytes)?;
-        build(
-            &legacy.pickle,
-            Source::Legacy(&legacy),
-            TorchFormat::Legacy,
-            bytes.len(),
-        )
+        build(&legacy.pickle, Source::Legacy(&legacy), TorchFormat::Legacy, bytes.len())
     } else {
         Err(TorchError::NotTorch)
     }
@@ -238,21 +214,10 @@ fn build(
     let mut tensors = BTreeMap::new();
     for &(key, value) in pickle.dict(found.dict).unwrap_or_default() {
         let name = pickle.str(key).unwrap_or_default();
-        tensors.insert(
-            name.to_string(),
-            read_tensor(pickle, source, name, value, &mut budget)?,
-        );
+        tensors.insert(name.to_string(), read_tensor(pickle, source, name, value, &mut budget)?);
     }
-    let state = NamedTensors {
-        tensors,
-        metadata: BTreeMap::new(),
-    };
-    Ok(TorchFile {
-        state,
-        container: found.container,
-        entries: found.entries,
-        format,
-    })
+    let state = NamedTensors { tensors, metadata: BTreeMap::new() };
+    Ok(TorchFile { state, container: found.container, entries: found.entries, format })
 }
 
 /// One tensor of the state dict: its storage's bytes, then its view, checked and copied out.
@@ -263,10 +228,7 @@ fn read_tensor(
     id: NodeId,
     budget: &mut Budget,
 ) -> std::result::Result<Value, TorchError> {
-    let not_tensor = || TorchError::Tensor {
-        name: name.to_string(),
-        detail: "not a tensor".into(),
-    };
+    let not_tensor = || TorchError::Tensor { name: name.to_string(), detail: "not a tensor".into() };
     let Node::Tensor(t) = pickle.node(id) else {
         return Err(not_tensor());
     };
@@ -276,16 +238,7 @@ fn read_tensor(
     let key = pickle.str(s.key).unwrap_or_default();
     let storage = source.storage(key, s.dtype, s.numel)?;
     let (size, stride) = (pickle.uints(t.size), pickle.uints(t.stride));
-    tensor::materialize(
-        name,
-        storage,
-        View {
-            offset: t.offset,
-            size: &size,
-            stride: &stride,
-        },
-        budget,
-    )
+    tensor::materialize(name, storage, View { offset: t.offset, size: &size, stride: &stride }, budget)
 }
 
 /// The state dict, where it was, and the scalars on the way.
@@ -299,9 +252,7 @@ struct Found {
 fn is_state_dict(pickle: &Pickle, id: NodeId) -> Option<usize> {
     let items = pickle.dict(id)?;
     let ok = !items.is_empty()
-        && items
-            .iter()
-            .all(|&(k, v)| pickle.str(k).is_some() && matches!(pickle.node(v), Node::Tensor(_)));
+        && items.iter().all(|&(k, v)| pickle.str(k).is_some() && matches!(pickle.node(v), Node::Tensor(_)));
     ok.then_some(items.len())
 }
 
@@ -310,11 +261,7 @@ fn is_state_dict(pickle: &Pickle, id: NodeId) -> Option<usize> {
 fn find_state_dict(pickle: &Pickle) -> std::result::Result<Found, TorchError> {
     let root = pickle.root();
     if is_state_dict(pickle, root).is_some() {
-        return Ok(Found {
-            dict: root,
-            container: Container::Bare,
-            entries: BTreeMap::new(),
-        });
+        return Ok(Found { dict: root, container: Container::Bare, entries: BTreeMap::new() });
     }
     // Each visited dict: (node, parent index, key that led to it).
     let mut visited: Vec<(NodeId, usize, NodeId)> = Vec::new();
@@ -364,19 +311,10 @@ fn path_to(pickle: &Pickle, visited: &[(NodeId, usize, NodeId)], index: usize) -
         let prefix: String = keys[..depth].iter().map(|k| format!("{k}.")).collect();
         collect_scalars(pickle, visited[a].0, &prefix, &mut entries);
     }
-    Found {
-        dict: visited[index].0,
-        container: Container::Key(keys),
-        entries,
-    }
+    Found { dict: visited[index].0, container: Container::Key(keys), entries }
 }
 
-fn collect_scalars(
-    pickle: &Pickle,
-    dict: NodeId,
-    prefix: &str,
-    out: &mut BTreeMap<String, String>,
-) {
+fn collect_scalars(pickle: &Pickle, dict: NodeId, prefix: &str, out: &mut BTreeMap<String, String>) {
     for &(k, v) in pickle.dict(dict).unwrap_or_default() {
         let Some(key) = pickle.str(k) else { continue };
         let text = match pickle.node(v) {

@@ -32,8 +32,7 @@ pub(crate) const MAX_DEPTH: u8 = 64;
 pub(crate) const MAX_RANK: usize = 64;
 
 /// The globals a state dict may name, for error messages.
-const ALLOWED: &str =
-    "collections.OrderedDict, torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter, \
+const ALLOWED: &str = "collections.OrderedDict, torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter, \
 torch.{Float,Half,BFloat16,Double,Long,Int,Short,Char,Byte,Bool}Storage";
 
 /// One object built by the pickle.
@@ -128,29 +127,16 @@ impl Pickle {
     /// A tuple of non-negative ints (a tensor's size or stride, checked when the tensor was built).
     pub(crate) fn uints(&self, id: NodeId) -> Vec<u64> {
         match self.node(id) {
-            Node::Tuple(items) => items
-                .iter()
-                .map(|&i| {
-                    if let Node::Int(v) = self.node(i) {
-                        *v as u64
-                    } else {
-                        0
-                    }
-                })
-                .collect(),
+            Node::Tuple(items) => {
+                items.iter().map(|&i| if let Node::Int(v) = self.node(i) { *v as u64 } else { 0 }).collect()
+            }
             _ => Vec::new(),
         }
     }
 
     /// Every storage node, in arena order.
     pub(crate) fn storages(&self) -> impl Iterator<Item = &Storage> {
-        self.nodes.iter().filter_map(|n| {
-            if let Node::Storage(s) = n {
-                Some(s)
-            } else {
-                None
-            }
-        })
+        self.nodes.iter().filter_map(|n| if let Node::Storage(s) = n { Some(s) } else { None })
     }
 }
 
@@ -186,22 +172,11 @@ pub(crate) fn unpickle(input: &[u8]) -> Result<(Pickle, usize), TorchError> {
         memo: HashMap::new(),
     };
     // Shared immutable singletons, so that a run of one-byte `None`/`True`/`()` opcodes grows only the stack.
-    for node in [
-        Node::None,
-        Node::Bool(true),
-        Node::Bool(false),
-        Node::Tuple(Vec::new()),
-    ] {
+    for node in [Node::None, Node::Bool(true), Node::Bool(false), Node::Tuple(Vec::new())] {
         m.alloc(node, 1)?;
     }
     let root = m.run()?;
-    Ok((
-        Pickle {
-            nodes: m.nodes,
-            root,
-        },
-        m.pos,
-    ))
+    Ok((Pickle { nodes: m.nodes, root }, m.pos))
 }
 
 /// Whether `b` is an opcode this machine runs (for sniffing a file's type).
@@ -485,8 +460,7 @@ impl<'a> Machine<'a> {
                 self.memo_put(id)?;
             }
             op::MEMOIZE => {
-                let id = u32::try_from(self.memo.len())
-                    .map_err(|_| TorchError::Limit("memo too large".into()))?;
+                let id = u32::try_from(self.memo.len()).map_err(|_| TorchError::Limit("memo too large".into()))?;
                 self.memo_put(id)?;
             }
             op::BINGET => {
@@ -498,16 +472,8 @@ impl<'a> Machine<'a> {
                 self.memo_get(id)?;
             }
             _ => {
-                let printable = if opcode.is_ascii_graphic() {
-                    opcode as char
-                } else {
-                    '?'
-                };
-                return Err(TorchError::Opcode {
-                    opcode,
-                    printable,
-                    pos: self.op_pos,
-                });
+                let printable = if opcode.is_ascii_graphic() { opcode as char } else { '?' };
+                return Err(TorchError::Opcode { opcode, printable, pos: self.op_pos });
             }
         }
         Ok(())
@@ -524,12 +490,7 @@ impl<'a> Machine<'a> {
                 self.pos += n;
                 Ok(bytes)
             }
-            _ => Err(TorchError::Truncated {
-                what,
-                pos: self.op_pos,
-                need: n,
-                have,
-            }),
+            _ => Err(TorchError::Truncated { what, pos: self.op_pos, need: n, have }),
         }
     }
 
@@ -566,8 +527,7 @@ impl<'a> Machine<'a> {
         let negative = bytes.last().is_some_and(|b| b & 0x80 != 0);
         let fill = if negative { 0xff } else { 0 };
         let (low, high) = bytes.split_at(bytes.len().min(8));
-        let fits = high.is_empty()
-            || (high.iter().all(|&b| b == fill) && (low[7] & 0x80 != 0) == negative);
+        let fits = high.is_empty() || (high.iter().all(|&b| b == fill) && (low[7] & 0x80 != 0) == negative);
         let node = if fits {
             let mut a = [fill; 8];
             a[..low.len()].copy_from_slice(low);
@@ -582,8 +542,7 @@ impl<'a> Machine<'a> {
     fn unicode(&mut self, n: u64) -> Result<(), TorchError> {
         let pos = self.op_pos;
         let bytes = self.take(n, "string")?;
-        let s = std::str::from_utf8(bytes)
-            .map_err(|_| TorchError::malformed(pos, "string is not UTF-8"))?;
+        let s = std::str::from_utf8(bytes).map_err(|_| TorchError::malformed(pos, "string is not UTF-8"))?;
         let node = Node::Str(s.into());
         self.push(node)?;
         Ok(())
@@ -636,19 +595,14 @@ impl<'a> Machine<'a> {
         if self.stack.len() <= self.floor() {
             return Err(self.malformed("pop from an empty stack"));
         }
-        self.stack
-            .pop()
-            .ok_or_else(|| self.malformed("pop from an empty stack"))
+        self.stack.pop().ok_or_else(|| self.malformed("pop from an empty stack"))
     }
 
     fn top(&self) -> Result<NodeId, TorchError> {
         if self.stack.len() <= self.floor() {
             return Err(self.malformed("empty stack"));
         }
-        self.stack
-            .last()
-            .copied()
-            .ok_or_else(|| self.malformed("empty stack"))
+        self.stack.last().copied().ok_or_else(|| self.malformed("empty stack"))
     }
 
     fn pop_n(&mut self, n: usize) -> Result<Vec<NodeId>, TorchError> {
@@ -659,10 +613,7 @@ impl<'a> Machine<'a> {
     }
 
     fn pop_mark(&mut self) -> Result<Vec<NodeId>, TorchError> {
-        let mark = self
-            .marks
-            .pop()
-            .ok_or_else(|| self.malformed("no MARK on the stack"))?;
+        let mark = self.marks.pop().ok_or_else(|| self.malformed("no MARK on the stack"))?;
         if mark > self.stack.len() {
             return Err(self.malformed("MARK above the stack"));
         }
@@ -679,20 +630,11 @@ impl<'a> Machine<'a> {
     }
 
     fn depth_of(&self, items: &[NodeId]) -> u8 {
-        items
-            .iter()
-            .map(|&i| self.depth.get(i as usize).copied().unwrap_or(1))
-            .max()
-            .unwrap_or(0)
-            .saturating_add(1)
+        items.iter().map(|&i| self.depth.get(i as usize).copied().unwrap_or(1)).max().unwrap_or(0).saturating_add(1)
     }
 
     /// A new tuple or list of `items`, pushed.
-    fn container(
-        &mut self,
-        make: fn(Vec<NodeId>) -> Node,
-        items: Vec<NodeId>,
-    ) -> Result<(), TorchError> {
+    fn container(&mut self, make: fn(Vec<NodeId>) -> Node, items: Vec<NodeId>) -> Result<(), TorchError> {
         let depth = self.depth_of(&items);
         let id = self.alloc(make(items), depth)?;
         self.stack.push(id);
@@ -719,12 +661,7 @@ impl<'a> Machine<'a> {
         self.deepen(id, &items)?;
         match self.nodes.get_mut(id as usize) {
             Some(Node::List(list)) => list.extend(items),
-            Some(other) => {
-                return Err(TorchError::malformed(
-                    self.op_pos,
-                    format!("APPEND to a {}", kind(other)),
-                ))
-            }
+            Some(other) => return Err(TorchError::malformed(self.op_pos, format!("APPEND to a {}", kind(other)))),
             None => return Err(self.malformed("APPEND to nothing")),
         }
         Ok(())
@@ -743,12 +680,7 @@ impl<'a> Machine<'a> {
         self.deepen(id, &flat)?;
         match self.nodes.get_mut(id as usize) {
             Some(Node::Dict(dict)) => dict.extend(pairs),
-            Some(other) => {
-                return Err(TorchError::malformed(
-                    self.op_pos,
-                    format!("SETITEM on a {}", kind(other)),
-                ))
-            }
+            Some(other) => return Err(TorchError::malformed(self.op_pos, format!("SETITEM on a {}", kind(other)))),
             None => return Err(self.malformed("SETITEM on nothing")),
         }
         Ok(())
@@ -761,10 +693,7 @@ impl<'a> Machine<'a> {
     }
 
     fn memo_get(&mut self, id: u32) -> Result<(), TorchError> {
-        let node = *self
-            .memo
-            .get(&id)
-            .ok_or_else(|| self.malformed(format!("memo id {id} was never stored")))?;
+        let node = *self.memo.get(&id).ok_or_else(|| self.malformed(format!("memo id {id} was never stored")))?;
         self.stack.push(node);
         Ok(())
     }
@@ -775,41 +704,24 @@ impl<'a> Machine<'a> {
     fn reduce(&mut self, callable: NodeId, args: NodeId) -> Result<NodeId, TorchError> {
         let global = match self.get(callable) {
             Node::Global(g) => *g,
-            other => {
-                return Err(self.malformed(format!(
-                    "REDUCE calls a {}, not an allowed global",
-                    kind(other)
-                )))
-            }
+            other => return Err(self.malformed(format!("REDUCE calls a {}, not an allowed global", kind(other)))),
         };
         let args: &[NodeId] = match self.get(args) {
             Node::Tuple(items) => items,
-            other => {
-                return Err(self.malformed(format!(
-                    "REDUCE arguments are a {}, not a tuple",
-                    kind(other)
-                )))
-            }
+            other => return Err(self.malformed(format!("REDUCE arguments are a {}, not a tuple", kind(other)))),
         };
         match global {
             Global::OrderedDict if args.is_empty() => self.alloc(Node::Dict(Vec::new()), 1),
-            Global::OrderedDict => {
-                Err(self.malformed("collections.OrderedDict called with arguments"))
-            }
+            Global::OrderedDict => Err(self.malformed("collections.OrderedDict called with arguments")),
             Global::RebuildParameter => match args.first().map(|&t| self.get(t)) {
                 Some(Node::Tensor(_)) if args.len() == 3 => Ok(args[0]),
-                _ => Err(self.malformed(
-                    "torch._utils._rebuild_parameter needs (tensor, requires_grad, hooks)",
-                )),
+                _ => Err(self.malformed("torch._utils._rebuild_parameter needs (tensor, requires_grad, hooks)")),
             },
             Global::RebuildTensorV2 => {
                 let tensor = self.rebuild_tensor(args)?;
                 self.alloc(Node::Tensor(tensor), 1)
             }
-            Global::StorageType(dtype) => Err(TorchError::RefusedCall(format!(
-                "torch.{}",
-                dtype.storage_name()
-            ))),
+            Global::StorageType(dtype) => Err(TorchError::RefusedCall(format!("torch.{}", dtype.storage_name()))),
         }
     }
 
@@ -826,24 +738,16 @@ impl<'a> Machine<'a> {
             Node::Int(v) if v >= 0 => v as u64,
             _ => return Err(bad("the storage offset is not a non-negative int")),
         };
-        let rank = self
-            .check_dims(args[2])
-            .ok_or_else(|| bad("the size is not a tuple of non-negative ints"))?;
-        let stride_rank = self
-            .check_dims(args[3])
-            .ok_or_else(|| bad("the stride is not a tuple of non-negative ints"))?;
+        let rank = self.check_dims(args[2]).ok_or_else(|| bad("the size is not a tuple of non-negative ints"))?;
+        let stride_rank =
+            self.check_dims(args[3]).ok_or_else(|| bad("the stride is not a tuple of non-negative ints"))?;
         if rank != stride_rank {
             return Err(bad(&format!("{rank} sizes but {stride_rank} strides")));
         }
         if !matches!(*self.get(args[4]), Node::Bool(_)) {
             return Err(bad("requires_grad is not a bool"));
         }
-        Ok(TensorRef {
-            storage: args[0],
-            offset,
-            size: args[2],
-            stride: args[3],
-        })
+        Ok(TensorRef { storage: args[0], offset, size: args[2], stride: args[3] })
     }
 
     /// The length of a tuple of non-negative ints of at most [`MAX_RANK`] items.
@@ -851,10 +755,7 @@ impl<'a> Machine<'a> {
         let Node::Tuple(items) = self.get(id) else {
             return None;
         };
-        let ok = items.len() <= MAX_RANK
-            && items
-                .iter()
-                .all(|&i| matches!(*self.get(i), Node::Int(v) if v >= 0));
+        let ok = items.len() <= MAX_RANK && items.iter().all(|&i| matches!(*self.get(i), Node::Int(v) if v >= 0));
         ok.then_some(items.len())
     }
 
@@ -865,9 +766,7 @@ impl<'a> Machine<'a> {
         let target = self.top()?;
         match (self.get(target), self.get(state)) {
             (Node::Dict(_), Node::Dict(_) | Node::None | Node::Tuple(_)) => Ok(()),
-            (t, s) => {
-                Err(self.malformed(format!("BUILD of a {} with a {} state", kind(t), kind(s))))
-            }
+            (t, s) => Err(self.malformed(format!("BUILD of a {} with a {} state", kind(t), kind(s)))),
         }
     }
 
@@ -879,8 +778,7 @@ impl<'a> Machine<'a> {
             return Err(bad("not a tuple"));
         };
         let node = |i: usize| self.get(items[i]);
-        if !(5..=6).contains(&items.len()) || !matches!(node(0), Node::Str(s) if &**s == "storage")
-        {
+        if !(5..=6).contains(&items.len()) || !matches!(node(0), Node::Str(s) if &**s == "storage") {
             return Err(bad("not a ('storage', type, key, location, numel) tuple"));
         }
         let Node::Global(Global::StorageType(dtype)) = *node(1) else {
@@ -894,15 +792,9 @@ impl<'a> Machine<'a> {
             _ => return Err(bad("the element count is not a non-negative int")),
         };
         if items.len() == 6 && !matches!(node(5), Node::None) {
-            return Err(bad(
-                "storage views (view_metadata, written before PyTorch 1.0) are not supported",
-            ));
+            return Err(bad("storage views (view_metadata, written before PyTorch 1.0) are not supported"));
         }
-        Ok(Storage {
-            key: items[2],
-            dtype,
-            numel,
-        })
+        Ok(Storage { key: items[2], dtype, numel })
     }
 }
 
@@ -913,17 +805,10 @@ pub(crate) fn resolve_global(module: &str, name: &str) -> Result<Global, TorchEr
         ("collections", "OrderedDict") => Some(Global::OrderedDict),
         ("torch._utils", "_rebuild_tensor_v2") => Some(Global::RebuildTensorV2),
         ("torch._utils", "_rebuild_parameter") => Some(Global::RebuildParameter),
-        ("torch", storage) => DType::STORAGES
-            .iter()
-            .find(|(n, _)| *n == storage)
-            .map(|&(_, d)| Global::StorageType(d)),
+        ("torch", storage) => DType::STORAGES.iter().find(|(n, _)| *n == storage).map(|&(_, d)| Global::StorageType(d)),
         _ => None,
     };
-    global.ok_or_else(|| TorchError::RefusedGlobal {
-        module: shorten(module),
-        name: shorten(name),
-        allowed: ALLOWED,
-    })
+    global.ok_or_else(|| TorchError::RefusedGlobal { module: shorten(module), name: shorten(name), allowed: ALLOWED })
 }
 
 /// Keeps hostile names from flooding error messages.
@@ -946,24 +831,15 @@ mod tests {
     #[test]
     fn builds_containers_and_shares_memoised_objects() {
         // {'a': [1, -2, 3.5, 'x', None, True], 'b': <same list>} via MARK/SETITEMS, BINPUT/BINGET.
-        let mut p = vec![
-            0x80, 2, b'}', b'q', 0, b'(', b'X', 1, 0, 0, 0, b'a', b']', b'q', 1, b'(',
-        ];
+        let mut p = vec![0x80, 2, b'}', b'q', 0, b'(', b'X', 1, 0, 0, 0, b'a', b']', b'q', 1, b'('];
         p.extend([b'K', 1, b'J', 0xfe, 0xff, 0xff, 0xff, b'G']);
         p.extend(3.5f64.to_be_bytes());
-        p.extend([
-            0x8c, 1, b'x', b'N', 0x88, b'e', 0x8c, 1, b'b', b'h', 1, b'u', b'.',
-        ]);
+        p.extend([0x8c, 1, b'x', b'N', 0x88, b'e', 0x8c, 1, b'b', b'h', 1, b'u', b'.']);
         let pk = run(&p).unwrap();
         let items = pk.dict(pk.root()).unwrap();
         assert_eq!(items.len(), 2);
-        assert_eq!(
-            items[0].1, items[1].1,
-            "BINGET shares the list instead of copying it"
-        );
-        let Node::List(list) = pk.node(items[0].1) else {
-            panic!("not a list")
-        };
+        assert_eq!(items[0].1, items[1].1, "BINGET shares the list instead of copying it");
+        let Node::List(list) = pk.node(items[0].1) else { panic!("not a list") };
         let kinds: Vec<_> = list.iter().map(|&i| kind(pk.node(i))).collect();
         assert_eq!(kinds, ["int", "int", "float", "str", "None", "bool"]);
         assert!(matches!(pk.node(list[1]), Node::Int(-2)));
@@ -982,15 +858,10 @@ mod tests {
             p.extend(format!("{module}\n{name}\n").bytes());
             p.extend(b"X\x02\x00\x00\x00ls\x85R.");
             let e = run(&p).unwrap_err().to_string();
-            assert!(
-                e.contains(&format!("refusing global {module}.{name}")),
-                "{e}"
-            );
+            assert!(e.contains(&format!("refusing global {module}.{name}")), "{e}");
         }
         // STACK_GLOBAL (protocol 4) goes through the same list.
-        let e = run(b"\x80\x04\x8c\x02os\x8c\x06system\x93.")
-            .unwrap_err()
-            .to_string();
+        let e = run(b"\x80\x04\x8c\x02os\x8c\x06system\x93.").unwrap_err().to_string();
         assert!(e.contains("refusing global os.system"), "{e}");
     }
 
@@ -1000,22 +871,10 @@ mod tests {
         assert!(e.contains("os.system"), "{e}");
         let e = run(b"\x80\x02(i__main__\nX\n.").unwrap_err().to_string();
         assert!(e.contains("opcode 0x69 (i) at byte 3"), "{e}");
-        assert!(run(b"\x80\x02.")
-            .unwrap_err()
-            .to_string()
-            .contains("empty stack"));
-        assert!(run(b"\x80\x02(t")
-            .unwrap_err()
-            .to_string()
-            .contains("truncated"));
-        assert!(run(b"\x80\x02X\xff\xff\xff\xff")
-            .unwrap_err()
-            .to_string()
-            .contains("needs 4294967295 bytes"));
-        assert!(run(b"\x80\x02h\x07.")
-            .unwrap_err()
-            .to_string()
-            .contains("memo id 7"));
+        assert!(run(b"\x80\x02.").unwrap_err().to_string().contains("empty stack"));
+        assert!(run(b"\x80\x02(t").unwrap_err().to_string().contains("truncated"));
+        assert!(run(b"\x80\x02X\xff\xff\xff\xff").unwrap_err().to_string().contains("needs 4294967295 bytes"));
+        assert!(run(b"\x80\x02h\x07.").unwrap_err().to_string().contains("memo id 7"));
         // A MARK hides what is below it, as in CPython.
         assert!(run(b"\x80\x02N(0a.").is_err());
     }
@@ -1047,17 +906,9 @@ mod tests {
         assert_eq!(long1(&[]), Some(0));
         assert_eq!(long1(&[0xff]), Some(-1));
         assert_eq!(long1(&[0, 0, 0, 0, 0, 0, 0, 0x10]), Some(1 << 60));
-        assert_eq!(
-            long1(&[0, 0, 0, 0, 0, 0, 0, 0x10, 0]),
-            Some(1 << 60),
-            "a redundant sign byte"
-        );
+        assert_eq!(long1(&[0, 0, 0, 0, 0, 0, 0, 0x10, 0]), Some(1 << 60), "a redundant sign byte");
         assert_eq!(long1(&[0xff; 9]), Some(-1));
-        assert_eq!(
-            long1(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0]),
-            None,
-            "2^63 does not fit"
-        );
+        assert_eq!(long1(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0]), None, "2^63 does not fit");
         assert_eq!(long1(&[0, 0, 0, 0, 0, 0, 0, 0, 1]), None);
     }
 
@@ -1065,9 +916,7 @@ mod tests {
     fn cycles_do_not_hang_or_overflow() {
         // l = []; l.append(l)
         let pk = run(b"\x80\x02]q\x00h\x00a.").unwrap();
-        let Node::List(items) = pk.node(pk.root()) else {
-            panic!()
-        };
+        let Node::List(items) = pk.node(pk.root()) else { panic!() };
         assert_eq!(items, &[pk.root()]);
     }
 }

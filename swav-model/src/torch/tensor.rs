@@ -44,10 +44,7 @@ impl DType {
 
     /// The storage class of this element type, e.g. `FloatStorage`.
     pub(crate) fn storage_name(self) -> &'static str {
-        Self::STORAGES
-            .iter()
-            .find(|(_, d)| *d == self)
-            .map_or("?", |(n, _)| n)
+        Self::STORAGES.iter().find(|(_, d)| *d == self).map_or("?", |(n, _)| n)
     }
 
     /// Bytes per element.
@@ -87,9 +84,7 @@ impl Budget {
 
     /// The budget of a file of `len` bytes.
     pub(crate) fn for_input(len: usize) -> Budget {
-        Budget {
-            left: (len as u64).saturating_mul(Self::PER_INPUT_BYTE),
-        }
+        Budget { left: (len as u64).saturating_mul(Self::PER_INPUT_BYTE) }
     }
 
     fn take(&mut self, name: &str, bytes: u64) -> Result<(), TorchError> {
@@ -140,25 +135,16 @@ pub(crate) fn materialize(
     let len = numel as usize;
     Ok(if storage.dtype.is_float() {
         let decode = float_decoder(storage.dtype, storage.big_endian);
-        Value::F32 {
-            shape,
-            data: gather(&storage, &view, len, decode),
-        }
+        Value::F32 { shape, data: gather(&storage, &view, len, decode) }
     } else {
         let decode = int_decoder(storage.dtype, storage.big_endian);
-        Value::I64 {
-            shape,
-            data: gather(&storage, &view, len, decode),
-        }
+        Value::I64 { shape, data: gather(&storage, &view, len, decode) }
     })
 }
 
 /// The view's element count, once it is known to lie inside the storage.
 fn check_view(name: &str, storage: &StorageData<'_>, view: &View<'_>) -> Result<u64, TorchError> {
-    let err = |detail: String| TorchError::Tensor {
-        name: name.to_string(),
-        detail,
-    };
+    let err = |detail: String| TorchError::Tensor { name: name.to_string(), detail };
     let available = (storage.bytes.len() / storage.dtype.size()) as u64;
     let numel = view
         .size
@@ -180,9 +166,7 @@ fn check_view(name: &str, storage: &StorageData<'_>, view: &View<'_>) -> Result<
         .size
         .iter()
         .zip(view.stride)
-        .try_fold(view.offset, |acc, (&s, &st)| {
-            (s - 1).checked_mul(st).and_then(|x| acc.checked_add(x))
-        });
+        .try_fold(view.offset, |acc, (&s, &st)| (s - 1).checked_mul(st).and_then(|x| acc.checked_add(x)));
     match last {
         Some(last) if last < available => Ok(numel),
         _ => Err(err(format!(
@@ -194,12 +178,7 @@ fn check_view(name: &str, storage: &StorageData<'_>, view: &View<'_>) -> Result<
 
 /// Copies the view's elements in row-major order. The bounds were checked by [`check_view`], so every
 /// index below is in range; the contiguous case reads one slice.
-fn gather<T>(
-    storage: &StorageData<'_>,
-    view: &View<'_>,
-    len: usize,
-    decode: fn(&[u8]) -> T,
-) -> Vec<T> {
+fn gather<T>(storage: &StorageData<'_>, view: &View<'_>, len: usize, decode: fn(&[u8]) -> T) -> Vec<T> {
     let es = storage.dtype.size();
     let mut out = Vec::with_capacity(len);
     if len == 0 {
@@ -291,22 +270,8 @@ mod tests {
     }
 
     fn read(bytes: &[u8], offset: u64, size: &[u64], stride: &[u64]) -> Result<Value, TorchError> {
-        let storage = StorageData {
-            key: "0",
-            bytes,
-            dtype: DType::F32,
-            big_endian: false,
-        };
-        materialize(
-            "t",
-            storage,
-            View {
-                offset,
-                size,
-                stride,
-            },
-            &mut Budget::for_input(1 << 20),
-        )
+        let storage = StorageData { key: "0", bytes, dtype: DType::F32, big_endian: false };
+        materialize("t", storage, View { offset, size, stride }, &mut Budget::for_input(1 << 20))
     }
 
     #[test]
@@ -314,29 +279,11 @@ mod tests {
         let bytes = f32_storage(&(0..12).map(|i| i as f32).collect::<Vec<_>>());
         // A 3x4 matrix transposed: sizes [4, 3], strides [1, 4].
         let t = read(&bytes, 0, &[4, 3], &[1, 4]).unwrap();
-        assert_eq!(
-            t,
-            Value::F32 {
-                shape: vec![4, 3],
-                data: vec![0., 4., 8., 1., 5., 9., 2., 6., 10., 3., 7., 11.]
-            }
-        );
+        assert_eq!(t, Value::F32 { shape: vec![4, 3], data: vec![0., 4., 8., 1., 5., 9., 2., 6., 10., 3., 7., 11.] });
         // Offset 5, every other element: [5, 7, 9].
-        assert_eq!(
-            read(&bytes, 5, &[3], &[2]).unwrap(),
-            Value::F32 {
-                shape: vec![3],
-                data: vec![5., 7., 9.]
-            }
-        );
+        assert_eq!(read(&bytes, 5, &[3], &[2]).unwrap(), Value::F32 { shape: vec![3], data: vec![5., 7., 9.] });
         // 0-d.
-        assert_eq!(
-            read(&bytes, 11, &[], &[]).unwrap(),
-            Value::F32 {
-                shape: vec![],
-                data: vec![11.]
-            }
-        );
+        assert_eq!(read(&bytes, 11, &[], &[]).unwrap(), Value::F32 { shape: vec![], data: vec![11.] });
     }
 
     #[test]
@@ -346,13 +293,9 @@ mod tests {
         assert!(e.contains("offset 3") && e.contains("past the end"), "{e}");
         let e = read(&bytes, 0, &[1 << 60], &[1]).unwrap_err().to_string();
         assert!(e.contains("claims 1152921504606846976 elements"), "{e}");
-        let e = read(&bytes, 0, &[1 << 30, 1 << 30], &[0, 0])
-            .unwrap_err()
-            .to_string();
+        let e = read(&bytes, 0, &[1 << 30, 1 << 30], &[0, 0]).unwrap_err().to_string();
         assert!(e.contains("claims"), "{e}");
-        let e = read(&bytes, 0, &[u64::MAX, 2], &[1, 1])
-            .unwrap_err()
-            .to_string();
+        let e = read(&bytes, 0, &[u64::MAX, 2], &[1, 1]).unwrap_err().to_string();
         assert!(e.contains("overflow"), "{e}");
         let e = read(&bytes, u64::MAX, &[1], &[1]).unwrap_err().to_string();
         assert!(e.contains("past the end"), "{e}");
@@ -362,76 +305,28 @@ mod tests {
     fn the_budget_bounds_views_that_share_a_storage() {
         let bytes = f32_storage(&[1.0; 4]);
         let mut budget = Budget { left: 40 };
-        let storage = StorageData {
-            key: "0",
-            bytes: &bytes,
-            dtype: DType::F32,
-            big_endian: false,
-        };
-        let view = View {
-            offset: 0,
-            size: &[4],
-            stride: &[1],
-        };
+        let storage = StorageData { key: "0", bytes: &bytes, dtype: DType::F32, big_endian: false };
+        let view = View { offset: 0, size: &[4], stride: &[1] };
         assert!(materialize("a", storage, view, &mut budget).is_ok());
         assert!(materialize("b", storage, view, &mut budget).is_ok());
-        let e = materialize("c", storage, view, &mut budget)
-            .unwrap_err()
-            .to_string();
+        let e = materialize("c", storage, view, &mut budget).unwrap_err().to_string();
         assert!(e.contains("`c`"), "{e}");
     }
 
     #[test]
     fn every_dtype_converts() {
         let case = |dtype, big_endian, bytes: &[u8]| {
-            let storage = StorageData {
-                key: "0",
-                bytes,
-                dtype,
-                big_endian,
-            };
-            materialize(
-                "t",
-                storage,
-                View {
-                    offset: 0,
-                    size: &[1],
-                    stride: &[1],
-                },
-                &mut Budget::for_input(64),
-            )
-            .unwrap()
+            let storage = StorageData { key: "0", bytes, dtype, big_endian };
+            materialize("t", storage, View { offset: 0, size: &[1], stride: &[1] }, &mut Budget::for_input(64)).unwrap()
         };
-        let f = |v: f32| Value::F32 {
-            shape: vec![1],
-            data: vec![v],
-        };
-        let i = |v: i64| Value::I64 {
-            shape: vec![1],
-            data: vec![v],
-        };
-        assert_eq!(
-            case(DType::F16, false, &half::f16::from_f32(1.5).to_le_bytes()),
-            f(1.5)
-        );
-        assert_eq!(
-            case(DType::F16, true, &half::f16::from_f32(1.5).to_be_bytes()),
-            f(1.5)
-        );
-        assert_eq!(
-            case(
-                DType::BF16,
-                false,
-                &half::bf16::from_f32(-2.0).to_le_bytes()
-            ),
-            f(-2.0)
-        );
+        let f = |v: f32| Value::F32 { shape: vec![1], data: vec![v] };
+        let i = |v: i64| Value::I64 { shape: vec![1], data: vec![v] };
+        assert_eq!(case(DType::F16, false, &half::f16::from_f32(1.5).to_le_bytes()), f(1.5));
+        assert_eq!(case(DType::F16, true, &half::f16::from_f32(1.5).to_be_bytes()), f(1.5));
+        assert_eq!(case(DType::BF16, false, &half::bf16::from_f32(-2.0).to_le_bytes()), f(-2.0));
         assert_eq!(case(DType::F64, true, &0.25f64.to_be_bytes()), f(0.25));
         assert_eq!(case(DType::I32, false, &(-7i32).to_le_bytes()), i(-7));
-        assert_eq!(
-            case(DType::I64, true, &(1i64 << 40).to_be_bytes()),
-            i(1 << 40)
-        );
+        assert_eq!(case(DType::I64, true, &(1i64 << 40).to_be_bytes()), i(1 << 40));
         assert_eq!(case(DType::I8, false, &[0xff]), i(-1));
         assert_eq!(case(DType::U8, false, &[0xff]), i(255));
         assert_eq!(case(DType::Bool, false, &[2]), i(1));

@@ -175,9 +175,7 @@ fn emulator() -> Option<&'static Path> {
     static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
     BIN.get_or_init(|| {
         let source = format!("{SHIM}\n{KERNELS_CU}\n{NAIVE_CU}\n{DRIVER}");
-        let hash = source.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
+        let hash = source.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         let bin = std::env::temp_dir().join(format!("swav-sinkhorn-emulator-{hash:016x}"));
         if bin.exists() {
             return Some(bin);
@@ -187,15 +185,7 @@ fn emulator() -> Option<&'static Path> {
         std::fs::write(&src, &source).unwrap();
         let built = dir.join("emulate");
         let out = match Command::new("c++")
-            .args([
-                "-std=c++20",
-                "-O2",
-                "-pthread",
-                "-Wall",
-                "-Wno-unknown-pragmas",
-                "-Werror",
-                "-o",
-            ])
+            .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-o"])
             .arg(&built)
             .arg(&src)
             .output()
@@ -232,10 +222,7 @@ fn scratch_dir(tag: &str) -> PathBuf {
 }
 
 /// Runs `plan` on the emulator with one score matrix per rank; returns every buffer of every rank.
-fn run_plan(
-    plan: &Plan,
-    scores: &[Vec<f32>],
-) -> Option<Vec<std::collections::HashMap<String, Vec<f32>>>> {
+fn run_plan(plan: &Plan, scores: &[Vec<f32>]) -> Option<Vec<std::collections::HashMap<String, Vec<f32>>>> {
     let bin = emulator()?;
     let dir = scratch_dir("run");
     let mut text = format!("world {}\n", scores.len());
@@ -244,12 +231,7 @@ fn run_plan(
     }
     for step in &plan.steps {
         match step {
-            Step::Launch {
-                kernel,
-                grid,
-                block,
-                args,
-            } => {
+            Step::Launch { kernel, grid, block, args } => {
                 text += &format!("launch {} {grid} {block}", kernel.name());
                 for a in args {
                     text += &match a {
@@ -269,25 +251,14 @@ fn run_plan(
         let bytes: Vec<u8> = s.iter().flat_map(|x| x.to_le_bytes()).collect();
         std::fs::write(dir.join(format!("Scores_{r}.bin")), bytes).unwrap();
     }
-    let out = Command::new(bin)
-        .arg(dir.join("plan.txt"))
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "emulator failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(bin).arg(dir.join("plan.txt")).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
     let mut ranks = Vec::new();
     for r in 0..scores.len() {
         let mut bufs = std::collections::HashMap::new();
         for buf in [Buf::Scores, Buf::Q].iter().chain(Buf::SCRATCH.iter()) {
             let bytes = std::fs::read(dir.join(format!("{buf:?}_{r}.bin"))).unwrap();
-            let v: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let v: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             bufs.insert(format!("{buf:?}"), v);
         }
         ranks.push(bufs);
@@ -330,17 +301,13 @@ fn emulated_kernels_match_the_cpu() {
         let params = Params::new(eps, iters);
         let scores = random_scores(rows * k, (rows * 1000 + k) as u64, scale);
         let p = Problem::new(rows, k, &params, 1).unwrap();
-        let Some(out) = run_plan(&plan::plan(&p, sms).unwrap(), std::slice::from_ref(&scores))
-        else {
+        let Some(out) = run_plan(&plan::plan(&p, sms).unwrap(), std::slice::from_ref(&scores)) else {
             return;
         };
         let gpu = &out[0]["Q"];
         let cpu = crate::sinkhorn(&scores, rows, k, &params).unwrap();
         let err = crate::relative_error(gpu, &cpu);
-        assert!(
-            err < 1e-5,
-            "{rows}x{k} eps {eps}: emulated CUDA vs CPU relative error {err}"
-        );
+        assert!(err < 1e-5, "{rows}x{k} eps {eps}: emulated CUDA vs CPU relative error {err}");
         assert_rows_sum_to_one(gpu, k);
         assert_eq!(out[0]["ColMax"][k], 0.0, "no non-finite flag");
     }
@@ -350,9 +317,7 @@ fn emulated_kernels_match_the_cpu() {
 fn emulated_distributed_run_matches_local_group() {
     let (rows, k, world) = (13, 40, 3);
     let params = Params::new(0.05, 3);
-    let scores: Vec<Vec<f32>> = (0..world)
-        .map(|r| random_scores(rows * k, 77 + r as u64, 1.0))
-        .collect();
+    let scores: Vec<Vec<f32>> = (0..world).map(|r| random_scores(rows * k, 77 + r as u64, 1.0)).collect();
     let p = Problem::new(rows, k, &params, world).unwrap();
     let Some(out) = run_plan(&plan::plan(&p, 2).unwrap(), &scores) else {
         return;
@@ -386,10 +351,7 @@ fn emulated_naive_baseline_matches_the_official_order() {
     let params = Params::new(0.05, 3);
     let scores = random_scores(rows * k, 11, 1.0);
     let p = Problem::new(rows, k, &params, 1).unwrap();
-    let Some(out) = run_plan(
-        &plan::naive_plan(&p, 3).unwrap(),
-        std::slice::from_ref(&scores),
-    ) else {
+    let Some(out) = run_plan(&plan::naive_plan(&p, 3).unwrap(), std::slice::from_ref(&scores)) else {
         return;
     };
     let official = crate::baseline::official(&scores, rows, k, 0.05, 3).unwrap();

@@ -18,8 +18,7 @@
 
 use crate::{Params, Problem, Reducer, SingleProcess, SinkhornError};
 use cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
@@ -62,9 +61,7 @@ pub fn open_stream(ordinal: usize) -> Result<Arc<CudaStream>, SinkhornError> {
     driver_available()?;
     let ctx = catch_unwind(AssertUnwindSafe(|| CudaContext::new(ordinal)))
         .map_err(|_| {
-            SinkhornError::Cuda(
-                "the CUDA driver lacks functions this build needs (update the driver)".into(),
-            )
+            SinkhornError::Cuda("the CUDA driver lacks functions this build needs (update the driver)".into())
         })?
         .map_err(|e| SinkhornError::Cuda(format!("cannot open CUDA device {ordinal}: {e}")))?;
     ctx.new_stream().map_err(driver_error)
@@ -76,35 +73,19 @@ pub trait DeviceReducer {
     /// Number of ranks.
     fn world_size(&self) -> usize;
     /// Element-wise sum over ranks, in place.
-    fn all_reduce_sum(
-        &self,
-        stream: &Arc<CudaStream>,
-        values: &mut CudaSlice<f32>,
-    ) -> Result<(), SinkhornError>;
+    fn all_reduce_sum(&self, stream: &Arc<CudaStream>, values: &mut CudaSlice<f32>) -> Result<(), SinkhornError>;
     /// Element-wise maximum over ranks, in place.
-    fn all_reduce_max(
-        &self,
-        stream: &Arc<CudaStream>,
-        values: &mut CudaSlice<f32>,
-    ) -> Result<(), SinkhornError>;
+    fn all_reduce_max(&self, stream: &Arc<CudaStream>, values: &mut CudaSlice<f32>) -> Result<(), SinkhornError>;
 }
 
 impl DeviceReducer for SingleProcess {
     fn world_size(&self) -> usize {
         1
     }
-    fn all_reduce_sum(
-        &self,
-        _: &Arc<CudaStream>,
-        _: &mut CudaSlice<f32>,
-    ) -> Result<(), SinkhornError> {
+    fn all_reduce_sum(&self, _: &Arc<CudaStream>, _: &mut CudaSlice<f32>) -> Result<(), SinkhornError> {
         Ok(())
     }
-    fn all_reduce_max(
-        &self,
-        _: &Arc<CudaStream>,
-        _: &mut CudaSlice<f32>,
-    ) -> Result<(), SinkhornError> {
+    fn all_reduce_max(&self, _: &Arc<CudaStream>, _: &mut CudaSlice<f32>) -> Result<(), SinkhornError> {
         Ok(())
     }
 }
@@ -132,18 +113,10 @@ impl<R: Reducer> DeviceReducer for HostStaged<R> {
     fn world_size(&self) -> usize {
         self.0.world_size()
     }
-    fn all_reduce_sum(
-        &self,
-        stream: &Arc<CudaStream>,
-        values: &mut CudaSlice<f32>,
-    ) -> Result<(), SinkhornError> {
+    fn all_reduce_sum(&self, stream: &Arc<CudaStream>, values: &mut CudaSlice<f32>) -> Result<(), SinkhornError> {
         self.staged(stream, values, R::all_reduce_sum)
     }
-    fn all_reduce_max(
-        &self,
-        stream: &Arc<CudaStream>,
-        values: &mut CudaSlice<f32>,
-    ) -> Result<(), SinkhornError> {
+    fn all_reduce_max(&self, stream: &Arc<CudaStream>, values: &mut CudaSlice<f32>) -> Result<(), SinkhornError> {
         self.staged(stream, values, R::all_reduce_max)
     }
 }
@@ -177,9 +150,8 @@ impl NcclReducer {
                     .into(),
             ));
         }
-        let comm = cudarc::nccl::Comm::from_rank(stream, rank, world_size, id).map_err(|e| {
-            SinkhornError::Reduce(format!("NCCL init of rank {rank}/{world_size}: {:?}", e.0))
-        })?;
+        let comm = cudarc::nccl::Comm::from_rank(stream, rank, world_size, id)
+            .map_err(|e| SinkhornError::Reduce(format!("NCCL init of rank {rank}/{world_size}: {:?}", e.0)))?;
         Ok(NcclReducer { comm })
     }
 
@@ -213,18 +185,10 @@ impl DeviceReducer for NcclReducer {
     fn world_size(&self) -> usize {
         self.comm.world_size()
     }
-    fn all_reduce_sum(
-        &self,
-        stream: &Arc<CudaStream>,
-        values: &mut CudaSlice<f32>,
-    ) -> Result<(), SinkhornError> {
+    fn all_reduce_sum(&self, stream: &Arc<CudaStream>, values: &mut CudaSlice<f32>) -> Result<(), SinkhornError> {
         self.reduce(stream, values, cudarc::nccl::ReduceOp::Sum)
     }
-    fn all_reduce_max(
-        &self,
-        stream: &Arc<CudaStream>,
-        values: &mut CudaSlice<f32>,
-    ) -> Result<(), SinkhornError> {
+    fn all_reduce_max(&self, stream: &Arc<CudaStream>, values: &mut CudaSlice<f32>) -> Result<(), SinkhornError> {
         self.reduce(stream, values, cudarc::nccl::ReduceOp::Max)
     }
 }
@@ -250,9 +214,7 @@ static KERNEL_CACHE: Mutex<Vec<(usize, Arc<Kernels>)>> = Mutex::new(Vec::new());
 
 fn kernels_for(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>, SinkhornError> {
     let key = ctx.cu_ctx() as usize;
-    let mut cache = KERNEL_CACHE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut cache = KERNEL_CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some((_, k)) = cache.iter().find(|(c, _)| *c == key) {
         return Ok(k.clone());
     }
@@ -263,20 +225,11 @@ fn kernels_for(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>, SinkhornError> {
         ));
     }
     let source = format!("{KERNELS_CU}\n{NAIVE_CU}");
-    let opts = cudarc::nvrtc::CompileOptions {
-        name: Some("swav_sinkhorn.cu".into()),
-        ..Default::default()
-    };
-    let ptx = catch_unwind(AssertUnwindSafe(|| {
-        cudarc::nvrtc::compile_ptx_with_opts(&source, opts)
-    }))
-    .map_err(|_| {
-        SinkhornError::Cuda("NVRTC lacks functions this build needs (update CUDA)".into())
-    })?
-    .map_err(|e| SinkhornError::Cuda(format!("compiling the Sinkhorn kernels with NVRTC: {e}")))?;
-    let module = ctx
-        .load_module(ptx)
-        .map_err(|e| SinkhornError::Cuda(format!("loading the kernels: {e}")))?;
+    let opts = cudarc::nvrtc::CompileOptions { name: Some("swav_sinkhorn.cu".into()), ..Default::default() };
+    let ptx = catch_unwind(AssertUnwindSafe(|| cudarc::nvrtc::compile_ptx_with_opts(&source, opts)))
+        .map_err(|_| SinkhornError::Cuda("NVRTC lacks functions this build needs (update CUDA)".into()))?
+        .map_err(|e| SinkhornError::Cuda(format!("compiling the Sinkhorn kernels with NVRTC: {e}")))?;
+    let module = ctx.load_module(ptx).map_err(|e| SinkhornError::Cuda(format!("loading the kernels: {e}")))?;
     let mut functions = Vec::new();
     for kernel in Kernel::ALL {
         let f = module
@@ -347,13 +300,7 @@ impl CudaSinkhorn {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver_error)?
             .max(1) as usize;
-        Ok(CudaSinkhorn {
-            stream: stream.clone(),
-            kernels,
-            sm_count,
-            scratch: None,
-            check_finite: true,
-        })
+        Ok(CudaSinkhorn { stream: stream.clone(), kernels, sm_count, scratch: None, check_finite: true })
     }
 
     /// The stream the kernels run on.
@@ -387,19 +334,11 @@ impl CudaSinkhorn {
         let plan = plan::plan(&p, self.sm_count)?;
         self.execute(&p, &plan, scores, reducer, q)?;
         if self.check_finite {
-            let scratch = self
-                .scratch
-                .as_ref()
-                .ok_or_else(|| SinkhornError::Cuda("no scratch".into()))?;
+            let scratch = self.scratch.as_ref().ok_or_else(|| SinkhornError::Cuda("no scratch".into()))?;
             let k = p.prototypes;
-            let flag = self
-                .stream
-                .clone_dtoh(&scratch.get(Buf::ColMax)?.slice(k..k + 1))
-                .map_err(driver_error)?;
+            let flag = self.stream.clone_dtoh(&scratch.get(Buf::ColMax)?.slice(k..k + 1)).map_err(driver_error)?;
             if flag[0] != 0.0 {
-                return Err(SinkhornError::NonFinite {
-                    this_rank: p.world_size == 1,
-                });
+                return Err(SinkhornError::NonFinite { this_rank: p.world_size == 1 });
             }
         }
         Ok(())
@@ -432,10 +371,7 @@ impl CudaSinkhorn {
         let p = Problem::new(rows, prototypes, params, reducer.world_size())?;
         p.check_len("scores", scores.len())?;
         let d_scores = self.stream.clone_htod(scores).map_err(driver_error)?;
-        let mut d_q = self
-            .stream
-            .alloc_zeros::<f32>(p.elements)
-            .map_err(driver_error)?;
+        let mut d_q = self.stream.alloc_zeros::<f32>(p.elements).map_err(driver_error)?;
         self.run(&d_scores, rows, prototypes, params, reducer, &mut d_q)?;
         self.stream.clone_dtoh(&d_q).map_err(driver_error)
     }
@@ -450,26 +386,17 @@ impl CudaSinkhorn {
     ) -> Result<(), SinkhornError> {
         for (name, len) in [("scores", scores.len()), ("q", q.len())] {
             if len < p.elements {
-                return Err(SinkhornError::Shape {
-                    buffer: name,
-                    expected: p.elements,
-                    actual: len,
-                });
+                return Err(SinkhornError::Shape { buffer: name, expected: p.elements, actual: len });
             }
         }
         let ctx = self.stream.context();
         if scores.context().cu_ctx() != ctx.cu_ctx() || q.context().cu_ctx() != ctx.cu_ctx() {
-            return Err(SinkhornError::Cuda(
-                "scores and q must live in the stream's CUDA context".into(),
-            ));
+            return Err(SinkhornError::Cuda("scores and q must live in the stream's CUDA context".into()));
         }
         self.ensure_scratch(plan)?;
         let stream = self.stream.clone();
         let kernels = self.kernels.clone();
-        let scratch = self
-            .scratch
-            .as_mut()
-            .ok_or_else(|| SinkhornError::Cuda("no scratch".into()))?;
+        let scratch = self.scratch.as_mut().ok_or_else(|| SinkhornError::Cuda("no scratch".into()))?;
         // Raw pointers, taken once: the guards order our stream after earlier writers of `scores` and
         // earlier users of `q` (when they ran on other streams), and record our use when dropped at the end.
         // Launches then push plain pointers, with no per-argument event bookkeeping.
@@ -477,12 +404,7 @@ impl CudaSinkhorn {
         let (q_ptr, _q_guard) = q.device_ptr_mut(&stream);
         for step in &plan.steps {
             match step {
-                Step::Launch {
-                    kernel,
-                    grid,
-                    block,
-                    args,
-                } => {
+                Step::Launch { kernel, grid, block, args } => {
                     let values = args
                         .iter()
                         .map(|arg| {
@@ -504,24 +426,15 @@ impl CudaSinkhorn {
                             Value::F32(v) => launch.arg(v),
                         };
                     }
-                    let cfg = LaunchConfig {
-                        grid_dim: (*grid, 1, 1),
-                        block_dim: (*block, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
+                    let cfg = LaunchConfig { grid_dim: (*grid, 1, 1), block_dim: (*block, 1, 1), shared_mem_bytes: 0 };
                     // SAFETY: the plan's arguments match the kernels' parameters (checked against the
                     // sources by the plan tests and executed by the emulation tests); every buffer holds at
                     // least the plan's length for it (ensure_scratch, and the checks above).
-                    unsafe { launch.launch(cfg) }.map_err(|e| {
-                        SinkhornError::Cuda(format!("launching {}: {e}", kernel.name()))
-                    })?;
+                    unsafe { launch.launch(cfg) }
+                        .map_err(|e| SinkhornError::Cuda(format!("launching {}: {e}", kernel.name())))?;
                 }
-                Step::AllReduceMax(buf) => {
-                    reducer.all_reduce_max(&stream, scratch.get_mut(*buf)?)?
-                }
-                Step::AllReduceSum(buf) => {
-                    reducer.all_reduce_sum(&stream, scratch.get_mut(*buf)?)?
-                }
+                Step::AllReduceMax(buf) => reducer.all_reduce_max(&stream, scratch.get_mut(*buf)?)?,
+                Step::AllReduceSum(buf) => reducer.all_reduce_sum(&stream, scratch.get_mut(*buf)?)?,
             }
         }
         Ok(())
@@ -536,19 +449,12 @@ impl CudaSinkhorn {
         let mut buffers = Vec::new();
         let mut ptrs = Vec::new();
         for buf in Buf::SCRATCH {
-            let slice = self
-                .stream
-                .alloc_zeros::<f32>(plan.len(buf))
-                .map_err(driver_error)?;
+            let slice = self.stream.alloc_zeros::<f32>(plan.len(buf)).map_err(driver_error)?;
             // Scratch is used on this stream only, so stream order is all the synchronisation it needs.
             ptrs.push((buf, slice.device_ptr(&self.stream).0));
             buffers.push((buf, slice));
         }
-        self.scratch = Some(Scratch {
-            shape,
-            buffers,
-            ptrs,
-        });
+        self.scratch = Some(Scratch { shape, buffers, ptrs });
         Ok(())
     }
 }

@@ -109,12 +109,7 @@ impl Kernel {
 
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Step {
-    Launch {
-        kernel: Kernel,
-        grid: u32,
-        block: u32,
-        args: Vec<Arg>,
-    },
+    Launch { kernel: Kernel, grid: u32, block: u32, args: Vec<Arg> },
     AllReduceMax(Buf),
     AllReduceSum(Buf),
 }
@@ -155,10 +150,7 @@ fn check_limits(p: &Problem) -> Result<(), SinkhornError> {
         )));
     }
     if p.rows > 1 << 30 {
-        return Err(SinkhornError::Unsupported(format!(
-            "{} rows: the CUDA kernels handle at most 2^30",
-            p.rows
-        )));
+        return Err(SinkhornError::Unsupported(format!("{} rows: the CUDA kernels handle at most 2^30", p.rows)));
     }
     Ok(())
 }
@@ -175,16 +167,11 @@ pub(crate) fn plan(p: &Problem, sm_count: usize) -> Result<Plan, SinkhornError> 
     check_limits(p)?;
     let (rows, k) = (p.rows, p.prototypes);
     let (tile_rows, tiles) = tiling(rows, sm_count);
-    let (row_kernel, cpt) = if k <= 8 * 512 {
-        (Kernel::RowsC8, 8)
-    } else {
-        (Kernel::RowsC32, 32)
-    };
+    let (row_kernel, cpt) = if k <= 8 * 512 { (Kernel::RowsC8, 8) } else { (Kernel::RowsC32, 32) };
     let row_block = (k.div_ceil(cpt).div_ceil(32) * 32) as u32;
     let col_grid = |n: usize| n.div_ceil(SMALL_BLOCK as usize) as u32;
 
-    let (rows_i, k_i, tiles_i, tile_rows_i) =
-        (rows as i32, k as i32, tiles as i32, tile_rows as i32);
+    let (rows_i, k_i, tiles_i, tile_rows_i) = (rows as i32, k as i32, tiles as i32, tile_rows as i32);
     let mut steps = vec![
         Step::Launch {
             kernel: Kernel::Colstats,
@@ -262,24 +249,14 @@ pub(crate) fn plan(p: &Problem, sm_count: usize) -> Result<Plan, SinkhornError> 
                 kernel: Kernel::SumTiles,
                 grid: col_grid(k),
                 block: SMALL_BLOCK,
-                args: vec![
-                    Arg::Buf(Buf::PartSum),
-                    Arg::I32(tiles_i),
-                    Arg::I32(k_i),
-                    Arg::Buf(Buf::ColSum),
-                ],
+                args: vec![Arg::Buf(Buf::PartSum), Arg::I32(tiles_i), Arg::I32(k_i), Arg::Buf(Buf::ColSum)],
             });
             if p.world_size > 1 {
                 steps.push(Step::AllReduceSum(Buf::ColSum));
             }
         }
     }
-    Ok(Plan {
-        steps,
-        rows,
-        prototypes: k,
-        tiles,
-    })
+    Ok(Plan { steps, rows, prototypes: k, tiles })
 }
 
 /// The plan of the naive baseline (`naive.cu`; one process only): exp, then every normalisation of the
@@ -287,71 +264,37 @@ pub(crate) fn plan(p: &Problem, sm_count: usize) -> Result<Plan, SinkhornError> 
 pub(crate) fn naive_plan(p: &Problem, sm_count: usize) -> Result<Plan, SinkhornError> {
     check_limits(p)?;
     if p.world_size != 1 {
-        return Err(SinkhornError::Unsupported(
-            "the naive baseline runs in one process only".into(),
-        ));
+        return Err(SinkhornError::Unsupported("the naive baseline runs in one process only".into()));
     }
     let (rows, k) = (p.rows, p.prototypes);
     let (tile_rows, tiles) = tiling(rows, sm_count);
-    let (rows_i, k_i, tiles_i, tile_rows_i) =
-        (rows as i32, k as i32, tiles as i32, tile_rows as i32);
+    let (rows_i, k_i, tiles_i, tile_rows_i) = (rows as i32, k as i32, tiles as i32, tile_rows as i32);
     let elementwise = (p.elements.div_ceil(SMALL_BLOCK as usize)).min(32 * sm_count.max(1)) as u32;
     let col_grid = k.div_ceil(SMALL_BLOCK as usize) as u32;
-    let launch = |kernel, grid, args| Step::Launch {
-        kernel,
-        grid,
-        block: SMALL_BLOCK,
-        args,
-    };
+    let launch = |kernel, grid, args| Step::Launch { kernel, grid, block: SMALL_BLOCK, args };
     let column_sums = |steps: &mut Vec<Step>| {
         steps.push(launch(
             Kernel::NaiveColsumTiles,
             tiles as u32,
-            vec![
-                Arg::Buf(Buf::Q),
-                Arg::I32(rows_i),
-                Arg::I32(k_i),
-                Arg::I32(tile_rows_i),
-                Arg::Buf(Buf::PartSum),
-            ],
+            vec![Arg::Buf(Buf::Q), Arg::I32(rows_i), Arg::I32(k_i), Arg::I32(tile_rows_i), Arg::Buf(Buf::PartSum)],
         ));
         steps.push(launch(
             Kernel::SumTiles,
             col_grid,
-            vec![
-                Arg::Buf(Buf::PartSum),
-                Arg::I32(tiles_i),
-                Arg::I32(k_i),
-                Arg::Buf(Buf::ColSum),
-            ],
+            vec![Arg::Buf(Buf::PartSum), Arg::I32(tiles_i), Arg::I32(k_i), Arg::Buf(Buf::ColSum)],
         ));
     };
     let mut steps = vec![launch(
         Kernel::NaiveExp,
         elementwise,
-        vec![
-            Arg::Buf(Buf::Scores),
-            Arg::I32(rows_i),
-            Arg::I32(k_i),
-            Arg::F32(p.epsilon),
-            Arg::Buf(Buf::Q),
-        ],
+        vec![Arg::Buf(Buf::Scores), Arg::I32(rows_i), Arg::I32(k_i), Arg::F32(p.epsilon), Arg::Buf(Buf::Q)],
     )];
     column_sums(&mut steps);
-    steps.push(launch(
-        Kernel::NaiveTotal,
-        1,
-        vec![Arg::Buf(Buf::ColSum), Arg::I32(k_i), Arg::Buf(Buf::Total)],
-    ));
+    steps.push(launch(Kernel::NaiveTotal, 1, vec![Arg::Buf(Buf::ColSum), Arg::I32(k_i), Arg::Buf(Buf::Total)]));
     steps.push(launch(
         Kernel::NaiveDivTotal,
         elementwise,
-        vec![
-            Arg::Buf(Buf::Q),
-            Arg::I32(rows_i),
-            Arg::I32(k_i),
-            Arg::Buf(Buf::Total),
-        ],
+        vec![Arg::Buf(Buf::Q), Arg::I32(rows_i), Arg::I32(k_i), Arg::Buf(Buf::Total)],
     ));
     let b = (rows * p.world_size) as f32;
     for pass in 1..=p.iterations {
@@ -359,23 +302,12 @@ pub(crate) fn naive_plan(p: &Problem, sm_count: usize) -> Result<Plan, SinkhornE
         steps.push(launch(
             Kernel::NaiveDivCols,
             elementwise,
-            vec![
-                Arg::Buf(Buf::Q),
-                Arg::I32(rows_i),
-                Arg::I32(k_i),
-                Arg::Buf(Buf::ColSum),
-                Arg::F32(k as f32),
-            ],
+            vec![Arg::Buf(Buf::Q), Arg::I32(rows_i), Arg::I32(k_i), Arg::Buf(Buf::ColSum), Arg::F32(k as f32)],
         ));
         steps.push(launch(
             Kernel::NaiveRowsum,
             rows as u32,
-            vec![
-                Arg::Buf(Buf::Q),
-                Arg::I32(rows_i),
-                Arg::I32(k_i),
-                Arg::Buf(Buf::RowSum),
-            ],
+            vec![Arg::Buf(Buf::Q), Arg::I32(rows_i), Arg::I32(k_i), Arg::Buf(Buf::RowSum)],
         ));
         let scale = if pass == p.iterations { b } else { 1.0 };
         steps.push(launch(
@@ -391,12 +323,7 @@ pub(crate) fn naive_plan(p: &Problem, sm_count: usize) -> Result<Plan, SinkhornE
             ],
         ));
     }
-    Ok(Plan {
-        steps,
-        rows,
-        prototypes: k,
-        tiles,
-    })
+    Ok(Plan { steps, rows, prototypes: k, tiles })
 }
 
 #[cfg(test)]
@@ -442,48 +369,19 @@ mod tests {
     fn every_launch_matches_the_kernel_signature() {
         let sigs = kernel_signatures();
         for kernel in Kernel::ALL {
-            assert!(
-                sigs.iter().any(|(n, _)| n == kernel.name()),
-                "{} missing from kernels.cu",
-                kernel.name()
-            );
+            assert!(sigs.iter().any(|(n, _)| n == kernel.name()), "{} missing from kernels.cu", kernel.name());
         }
-        for (rows, k, world, iters) in [
-            (4096, 3000, 1, 3),
-            (37, 11, 3, 1),
-            (5, 5000, 2, 4),
-            (1, 1, 1, 2),
-        ] {
-            let p = Problem::new(
-                rows,
-                k,
-                &Params {
-                    epsilon: 0.05,
-                    iterations: iters,
-                    threads: 0,
-                },
-                world,
-            )
-            .unwrap();
+        for (rows, k, world, iters) in [(4096, 3000, 1, 3), (37, 11, 3, 1), (5, 5000, 2, 4), (1, 1, 1, 2)] {
+            let p = Problem::new(rows, k, &Params { epsilon: 0.05, iterations: iters, threads: 0 }, world).unwrap();
             let fused = plan(&p, 132).unwrap();
-            let launches = fused
-                .steps
-                .iter()
-                .filter(|s| matches!(s, Step::Launch { .. }))
-                .count();
+            let launches = fused.steps.iter().filter(|s| matches!(s, Step::Launch { .. })).count();
             assert_eq!(launches, 2 + (world > 1) as usize + iters + (iters - 1));
             let mut steps = fused.steps;
             if world == 1 {
                 steps.extend(naive_plan(&p, 132).unwrap().steps);
             }
             for step in &steps {
-                if let Step::Launch {
-                    kernel,
-                    grid,
-                    block,
-                    args,
-                } = step
-                {
+                if let Step::Launch { kernel, grid, block, args } = step {
                     let (_, kinds) = sigs.iter().find(|(n, _)| n == kernel.name()).unwrap();
                     let got: Vec<char> = args
                         .iter()
@@ -507,22 +405,13 @@ mod tests {
                 let p = Problem::new(rows, k, &Params::default(), 1).unwrap();
                 let plan = plan(&p, 132).unwrap();
                 for step in &plan.steps {
-                    if let Step::Launch {
-                        kernel: kernel @ (Kernel::RowsC8 | Kernel::RowsC32),
-                        grid,
-                        block,
-                        args,
-                    } = step
+                    if let Step::Launch { kernel: kernel @ (Kernel::RowsC8 | Kernel::RowsC32), grid, block, args } =
+                        step
                     {
                         let cpt = if *kernel == Kernel::RowsC8 { 8 } else { 32 };
                         let limit = if *kernel == Kernel::RowsC8 { 512 } else { 1024 };
-                        assert!(
-                            *block as usize * cpt >= k && *block <= limit,
-                            "k {k} block {block}"
-                        );
-                        let Arg::I32(tile_rows) = args[3] else {
-                            panic!()
-                        };
+                        assert!(*block as usize * cpt >= k && *block <= limit, "k {k} block {block}");
+                        let Arg::I32(tile_rows) = args[3] else { panic!() };
                         assert!(*grid as usize * tile_rows as usize >= rows);
                         assert!((*grid as usize - 1) * (tile_rows as usize) < rows);
                     }

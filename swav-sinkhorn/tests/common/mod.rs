@@ -13,51 +13,28 @@ pub struct Case {
 
 impl Case {
     pub fn load(path: &Path) -> Case {
-        let bytes =
-            std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         let meta = header.metadata().clone().unwrap_or_default();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
-            assert_eq!(
-                view.dtype(),
-                safetensors::Dtype::F32,
-                "{name} in {}",
-                path.display()
-            );
-            let data = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name} in {}", path.display());
+            let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             tensors.insert(name, (view.shape().to_vec(), data));
         }
-        Case {
-            path: path.to_path_buf(),
-            meta,
-            tensors,
-        }
+        Case { path: path.to_path_buf(), meta, tensors }
     }
 
     pub fn param<T: std::str::FromStr>(&self, key: &str) -> T {
         self.meta
             .get(key)
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "{}: metadata `{key}` missing or malformed",
-                    self.path.display()
-                )
-            })
+            .unwrap_or_else(|| panic!("{}: metadata `{key}` missing or malformed", self.path.display()))
     }
 
     pub fn tensor(&self, name: &str) -> &[f32] {
-        &self
-            .tensors
-            .get(name)
-            .unwrap_or_else(|| panic!("{}: no tensor {name}", self.path.display()))
-            .1
+        &self.tensors.get(name).unwrap_or_else(|| panic!("{}: no tensor {name}", self.path.display())).1
     }
 }
 
@@ -162,20 +139,14 @@ pub fn cosine_scores(rows: usize, k: usize, dim: usize, seed: u64) -> Vec<f32> {
     let mut s = vec![0f32; rows * k];
     for i in 0..rows {
         for j in 0..k {
-            s[i * k + j] = (0..dim)
-                .map(|d| z[i * dim + d] * c[j * dim + d])
-                .sum::<f32>()
-                .clamp(-1.0, 1.0);
+            s[i * k + j] = (0..dim).map(|d| z[i * dim + d] * c[j * dim + d]).sum::<f32>().clamp(-1.0, 1.0);
         }
     }
     s
 }
 
 pub fn assert_valid_assignments(q: &[f32], k: usize, what: &str) {
-    assert!(
-        q.iter().all(|x| x.is_finite() && *x >= 0.0),
-        "{what}: non-finite or negative entries"
-    );
+    assert!(q.iter().all(|x| x.is_finite() && *x >= 0.0), "{what}: non-finite or negative entries");
     for (i, row) in q.chunks(k).enumerate() {
         let s: f64 = row.iter().map(|&x| x as f64).sum();
         assert!((s - 1.0).abs() < 1e-5, "{what}: row {i} sums to {s}");

@@ -64,7 +64,10 @@ pub struct BnCache {
 fn channels(x: &Tensor, p: &BnParams<'_>) -> Result<(usize, usize)> {
     let c = *x.shape().last().ok_or_else(|| shape_err("batchnorm", "scalar input"))?;
     if p.gamma.shape() != [c] || p.beta.shape() != [c] {
-        return Err(shape_err("batchnorm", format!("{c} channels but gamma {:?}, beta {:?}", p.gamma.shape(), p.beta.shape())));
+        return Err(shape_err(
+            "batchnorm",
+            format!("{c} channels but gamma {:?}, beta {:?}", p.gamma.shape(), p.beta.shape()),
+        ));
     }
     Ok((x.len() / c.max(1), c))
 }
@@ -128,7 +131,14 @@ pub fn batchnorm_eval_forward(
 
 /// `y = act((x - mean) rstd gamma + beta [+ residual])` in one pass. The mean is subtracted before
 /// scaling (not folded into a shift) because `x scale - mean scale` loses precision when |mean| >> std.
-fn normalize(x: &Tensor, p: &BnParams<'_>, mean: &[f32], rstd: &[f32], residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+fn normalize(
+    x: &Tensor,
+    p: &BnParams<'_>,
+    mean: &[f32],
+    rstd: &[f32],
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
     let (_, c) = channels(x, p)?;
     if let Some(r) = residual {
         x.check_same_shape("batchnorm (residual)", r)?;
@@ -210,7 +220,11 @@ pub fn batchnorm_backward(
     let mut g = fused.residual.then(|| Tensor::for_overwrite(x.shape(), x.device()));
     let chunk_vals = chunk * c;
     let pass2 = |start: usize, out: &mut [f32], gout: Option<&mut [f32]>| {
-        let src = Rows { xs: &xs[start..start + out.len()], ys: &ys[start..start + out.len()], dys: &dys[start..start + out.len()] };
+        let src = Rows {
+            xs: &xs[start..start + out.len()],
+            ys: &ys[start..start + out.len()],
+            dys: &dys[start..start + out.len()],
+        };
         if fused.relu {
             input_grad::<true>(&src, mean, &coef, out, gout)
         } else {
@@ -224,7 +238,11 @@ pub fn batchnorm_backward(
             .zip(gt.as_mut_slice().par_chunks_mut(chunk_vals))
             .enumerate()
             .for_each(|(i, (out, gout))| pass2(i * chunk_vals, out, Some(gout))),
-        None => dx.as_mut_slice().par_chunks_mut(chunk_vals).enumerate().for_each(|(i, out)| pass2(i * chunk_vals, out, None)),
+        None => dx
+            .as_mut_slice()
+            .par_chunks_mut(chunk_vals)
+            .enumerate()
+            .for_each(|(i, out)| pass2(i * chunk_vals, out, None)),
     }
     Ok((dx, g))
 }
@@ -241,7 +259,15 @@ fn masked<const RELU: bool>(y: f32, dy: f32) -> f32 {
 }
 
 /// Pass 1 of the backward over rows `r`: adds `[sum g | sum g (x - mean)]` into `acc`.
-fn grad_sums<const RELU: bool>(xs: &[f32], ys: &[f32], dys: &[f32], mean: &[f32], c: usize, r: std::ops::Range<usize>, acc: &mut [f64]) {
+fn grad_sums<const RELU: bool>(
+    xs: &[f32],
+    ys: &[f32],
+    dys: &[f32],
+    mean: &[f32],
+    c: usize,
+    r: std::ops::Range<usize>,
+    acc: &mut [f64],
+) {
     let mut sg = vec![0.0f32; c];
     let mut sgx = vec![0.0f32; c];
     for (b, row) in r.enumerate() {
@@ -274,7 +300,13 @@ struct Rows<'a> {
 }
 
 /// Pass 2 of the backward: `dx` (and `g`, the residual's gradient) for a run of whole rows.
-fn input_grad<const RELU: bool>(src: &Rows<'_>, mean: &[f32], k: &Coefficients, out: &mut [f32], mut gout: Option<&mut [f32]>) {
+fn input_grad<const RELU: bool>(
+    src: &Rows<'_>,
+    mean: &[f32],
+    k: &Coefficients,
+    out: &mut [f32],
+    mut gout: Option<&mut [f32]>,
+) {
     let c = mean.len();
     let (a, b, e) = (&k.a[..c], &k.b[..c], &k.e[..c]);
     for (row, o) in out.chunks_exact_mut(c).enumerate() {

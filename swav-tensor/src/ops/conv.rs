@@ -141,7 +141,11 @@ pub fn conv2d_backward(
         return Ok(None);
     }
     let every_class_reached = g.stride <= g.kh && g.stride <= g.kw;
-    let mut dx = if every_class_reached { Tensor::for_overwrite(x.shape(), x.device()) } else { Tensor::zeros(x.shape(), x.device()) };
+    let mut dx = if every_class_reached {
+        Tensor::for_overwrite(x.shape(), x.device())
+    } else {
+        Tensor::zeros(x.shape(), x.device())
+    };
     if let Some(v) = wino {
         let _p = crate::profile::scope("conv data grad");
         winograd::data_grad(dy.as_slice(), weight.as_slice(), &g, dx.as_mut_slice(), v);
@@ -274,7 +278,13 @@ fn data_grad_class(dy: &[f32], w: &[f32], g: &ConvGeom, c: &Class, dx: SharedMut
             for i in 0..rows {
                 gather_row(dy, g, c, p0 + i, &mut gather[i * kc..(i + 1) * kc]);
             }
-            matmul(MatMut::new(out, rows, g.cin), MatRef::new(gather, rows, kc), MatRef::new(&wc, kc, g.cin), false, Threads::Serial);
+            matmul(
+                MatMut::new(out, rows, g.cin),
+                MatRef::new(gather, rows, kc),
+                MatRef::new(&wc, kc, g.cin),
+                false,
+                Threads::Serial,
+            );
             for i in 0..rows {
                 let p = p0 + i;
                 let (b, rem) = (p / per_image, p % per_image);

@@ -28,7 +28,13 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tens
         }
     }
     let out = MatMut::new(y.as_mut_slice(), rows, fout);
-    matmul(out, MatRef::new(x.as_slice(), rows, fin), MatRef::new(w.as_slice(), fout, fin).t(), b.is_some(), Threads::Pool);
+    matmul(
+        out,
+        MatRef::new(x.as_slice(), rows, fin),
+        MatRef::new(w.as_slice(), fout, fin).t(),
+        b.is_some(),
+        Threads::Pool,
+    );
     Ok(y)
 }
 
@@ -48,7 +54,13 @@ pub fn linear_backward(
     }
     w.check_same_shape("linear_backward (dw)", dw)?;
     let dys = MatRef::new(dy.as_slice(), rows, fout);
-    matmul(MatMut::new(dw.as_mut_slice(), fout, fin), dys.t(), MatRef::new(x.as_slice(), rows, fin), true, Threads::Pool);
+    matmul(
+        MatMut::new(dw.as_mut_slice(), fout, fin),
+        dys.t(),
+        MatRef::new(x.as_slice(), rows, fin),
+        true,
+        Threads::Pool,
+    );
     if let Some(db) = db {
         if db.shape() != [fout] {
             return Err(shape_err("linear_backward", format!("db {:?} for {fout} outputs", db.shape())));

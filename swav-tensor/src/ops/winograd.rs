@@ -56,12 +56,24 @@ pub static F4: Variant = Variant {
         0.0, 4.0, 0.0, -5.0, 0.0, 1.0,
     ],
     g: &[
-        1.0 / 4.0, 0.0, 0.0, //
-        -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0, //
-        -1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0, //
-        1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0, //
-        1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0, //
-        0.0, 0.0, 1.0,
+        1.0 / 4.0,
+        0.0,
+        0.0, //
+        -1.0 / 6.0,
+        -1.0 / 6.0,
+        -1.0 / 6.0, //
+        -1.0 / 6.0,
+        1.0 / 6.0,
+        -1.0 / 6.0, //
+        1.0 / 24.0,
+        1.0 / 12.0,
+        1.0 / 6.0, //
+        1.0 / 24.0,
+        -1.0 / 12.0,
+        1.0 / 6.0, //
+        0.0,
+        0.0,
+        1.0,
     ],
     at: &[
         1.0, 1.0, 1.0, 1.0, 1.0, 0.0, //
@@ -127,7 +139,12 @@ pub fn choose(g: &ConvGeom) -> Option<&'static Variant> {
     };
     let direct = (g.oh * g.ow * 9) as f64;
     let cost = |v: &Variant| (g.oh.div_ceil(v.m) * g.ow.div_ceil(v.m) * v.a * v.a) as f64 * 1.3;
-    variants.iter().map(|&v| (cost(v), v)).filter(|(c, _)| *c < direct).min_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, v)| v)
+    variants
+        .iter()
+        .map(|&v| (cost(v), v))
+        .filter(|(c, _)| *c < direct)
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, v)| v)
 }
 
 struct Tiles {
@@ -199,7 +216,18 @@ fn weight_planes(w: &[f32], cin: usize, cout: usize, rotated: bool) -> Vec<f32> 
 
 /// Writes `V[p][slot][:] = (B^T d B)[p]` for the input tile `tile`: `v` is `a^2` planes of `plane` values.
 #[allow(clippy::too_many_arguments)]
-fn input_tile(x: &[f32], g: &ConvGeom, v: &Variant, t: &Tiles, tile: usize, d: &mut [f32], tmp: &mut [f32], out: &mut [f32], plane: usize, slot: usize) {
+fn input_tile(
+    x: &[f32],
+    g: &ConvGeom,
+    v: &Variant,
+    t: &Tiles,
+    tile: usize,
+    d: &mut [f32],
+    tmp: &mut [f32],
+    out: &mut [f32],
+    plane: usize,
+    slot: usize,
+) {
     let (a, c) = (v.a, g.cin);
     let (b, rem) = (tile / (t.th * t.tw), tile % (t.th * t.tw));
     let (y0, x0) = ((rem / t.tw * v.m) as isize - 1, (rem % t.tw * v.m) as isize - 1);
@@ -220,7 +248,10 @@ fn input_tile(x: &[f32], g: &ConvGeom, v: &Variant, t: &Tiles, tile: usize, d: &
     // tmp = B^T d, then V = tmp B.
     for i in 0..a {
         for j in 0..a {
-            combine(&mut tmp[(i * a + j) * c..(i * a + j + 1) * c], (0..a).map(|k| (v.bt[i * a + k], row(d, k * a + j, c))));
+            combine(
+                &mut tmp[(i * a + j) * c..(i * a + j + 1) * c],
+                (0..a).map(|k| (v.bt[i * a + k], row(d, k * a + j, c))),
+            );
         }
     }
     for i in 0..a {
@@ -286,7 +317,13 @@ fn forward_transformed(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Va
             for p in 0..a2 {
                 let vm = MatRef::new(&vbuf[p * n * cin..(p + 1) * n * cin], n, cin);
                 let um = MatRef::new(&u[p * cin * cout..(p + 1) * cin * cout], cin, cout);
-                matmul(MatMut::new(&mut mbuf[p * n * cout..(p + 1) * n * cout], n, cout), vm, um, false, Threads::Serial);
+                matmul(
+                    MatMut::new(&mut mbuf[p * n * cout..(p + 1) * n * cout], n, cout),
+                    vm,
+                    um,
+                    false,
+                    Threads::Serial,
+                );
             }
             for i in 0..n {
                 // SAFETY: output tiles do not overlap and each belongs to exactly one block, so the
@@ -302,7 +339,18 @@ fn forward_transformed(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Va
 /// # Safety
 /// `y` must point to the `n * oh * ow * cout` output, and no other thread may write this tile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn output_tile(mbuf: &[f32], plane: usize, slot: usize, g: &ConvGeom, v: &Variant, t: &Tiles, tile: usize, tmp: &mut [f32], res: &mut [f32], y: SharedMut) {
+unsafe fn output_tile(
+    mbuf: &[f32],
+    plane: usize,
+    slot: usize,
+    g: &ConvGeom,
+    v: &Variant,
+    t: &Tiles,
+    tile: usize,
+    tmp: &mut [f32],
+    res: &mut [f32],
+    y: SharedMut,
+) {
     let (a, m, c) = (v.a, v.m, g.cout);
     let at_ = |p: usize| &mbuf[p * plane + slot * c..p * plane + (slot + 1) * c];
     // tmp = A^T M  (m x a), res = tmp A (m x m).
@@ -365,7 +413,13 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], v: &Vari
                     for p in 0..a2 {
                         let vt = MatRef::new(&vbuf[p * n * cin..(p + 1) * n * cin], n, cin).t();
                         let dm = MatRef::new(&dmbuf[p * n * cout..(p + 1) * n * cout], n, cout);
-                        matmul(MatMut::new(&mut du[p * cin * cout..(p + 1) * cin * cout], cin, cout), vt, dm, true, Threads::Serial);
+                        matmul(
+                            MatMut::new(&mut du[p * cin * cout..(p + 1) * cin * cout], cin, cout),
+                            vt,
+                            dm,
+                            true,
+                            Threads::Serial,
+                        );
                     }
                 });
             }
@@ -406,7 +460,18 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], v: &Vari
 
 /// Writes `dM[p][slot][:] = (A dY A^T)[p]` for output tile `tile` (dY is zero outside the output).
 #[allow(clippy::too_many_arguments)]
-fn output_grad_tile(dy: &[f32], g: &ConvGeom, v: &Variant, t: &Tiles, tile: usize, d: &mut [f32], tmp: &mut [f32], out: &mut [f32], plane: usize, slot: usize) {
+fn output_grad_tile(
+    dy: &[f32],
+    g: &ConvGeom,
+    v: &Variant,
+    t: &Tiles,
+    tile: usize,
+    d: &mut [f32],
+    tmp: &mut [f32],
+    out: &mut [f32],
+    plane: usize,
+    slot: usize,
+) {
     let (a, m, c) = (v.a, v.m, g.cout);
     let (b, rem) = (tile / (t.th * t.tw), tile % (t.th * t.tw));
     let (y0, x0) = (rem / t.tw * m, rem % t.tw * m);
@@ -424,7 +489,10 @@ fn output_grad_tile(dy: &[f32], g: &ConvGeom, v: &Variant, t: &Tiles, tile: usiz
     // tmp = A dY (a x m), then dM = tmp A^T (a x a); A = (A^T)^T, so A[k][i] = at[i][k].
     for k in 0..a {
         for j in 0..m {
-            combine(&mut tmp[(k * m + j) * c..(k * m + j + 1) * c], (0..m).map(|i| (v.at[i * a + k], row(d, i * m + j, c))));
+            combine(
+                &mut tmp[(k * m + j) * c..(k * m + j + 1) * c],
+                (0..m).map(|i| (v.at[i * a + k], row(d, i * m + j, c))),
+            );
         }
     }
     for k in 0..a {

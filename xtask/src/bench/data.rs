@@ -88,7 +88,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("swav-data: {rate:.1} images/s ({:.0} crops/s) over {secs:.1} s", rate * crops.num_crops() as f64);
     if let Some(cpu) = cpu {
         // Robust to other load on the machine: images per second of CPU actually used.
-        println!("swav-data: {:.2} ms of CPU per image ({:.1} images per CPU-second)", cpu * 1e3 / images as f64, images as f64 / cpu);
+        println!(
+            "swav-data: {:.2} ms of CPU per image ({:.1} images per CPU-second)",
+            cpu * 1e3 / images as f64,
+            images as f64 / cpu
+        );
     }
     drop(loader);
 
@@ -100,7 +104,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let out = std::process::Command::new(&args.python)
             .arg(&script)
             .arg(dir)
-            .args(["--workers", &workers.to_string(), "--seconds", &args.seconds.to_string(), "--batch", &args.batch.to_string()])
+            .args([
+                "--workers",
+                &workers.to_string(),
+                "--seconds",
+                &args.seconds.to_string(),
+                "--batch",
+                &args.batch.to_string(),
+            ])
             .output()
             .with_context(|| format!("cannot run {} {}", args.python, script.display()))?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -119,7 +130,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .and_then(|l| l.split_whitespace().next()?.parse().ok());
         if let (Some(b), Some(ours)) = (base_cpu, cpu) {
             let ours_ms = ours * 1e3 / images as f64;
-            println!("baseline: {b:.2} ms of CPU per image; CPU ratio {:.2}x (robust to other load on the machine)", b / ours_ms);
+            println!(
+                "baseline: {b:.2} ms of CPU per image; CPU ratio {:.2}x (robust to other load on the machine)",
+                b / ours_ms
+            );
         }
     }
     Ok(())

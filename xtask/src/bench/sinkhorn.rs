@@ -37,9 +37,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .shapes
         .iter()
         .map(|s| {
-            let (r, k) = s
-                .split_once('x')
-                .ok_or_else(|| anyhow::anyhow!("shape `{s}` is not ROWSxPROTOTYPES"))?;
+            let (r, k) = s.split_once('x').ok_or_else(|| anyhow::anyhow!("shape `{s}` is not ROWSxPROTOTYPES"))?;
             Ok((r.trim().parse::<usize>()?, k.trim().parse::<usize>()?))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -50,17 +48,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         other => anyhow::bail!("--device must be cpu, cuda or all, not `{other}`"),
     };
     let params = Params::new(args.epsilon, args.iterations);
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!(
         "Sinkhorn-Knopp, epsilon {}, {} iterations, median of up to {} runs",
         args.epsilon, args.iterations, args.repeats
     );
-    println!(
-        "{:<12} {:<6} {:<44} {:>10} {:>9}",
-        "shape", "device", "implementation", "ms", "speed-up"
-    );
+    println!("{:<12} {:<6} {:<44} {:>10} {:>9}", "shape", "device", "implementation", "ms", "speed-up");
     for &(rows, k) in &shapes {
         let scores = random_scores(rows * k, (rows * 31 + k) as u64);
         let shape = format!("{rows}x{k}");
@@ -68,40 +61,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bench_cpu(&shape, &scores, rows, k, &params, cores, args.repeats)?;
         }
         if gpu {
-            bench_cuda(
-                &shape,
-                &scores,
-                rows,
-                k,
-                &params,
-                args.repeats,
-                args.peak_tbps,
-            )?;
+            bench_cuda(&shape, &scores, rows, k, &params, args.repeats, args.peak_tbps)?;
         }
     }
     if let Some(python) = &args.python {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/python/sinkhorn.py");
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/python/sinkhorn.py");
         for (device, on) in [("cpu", cpu), ("cuda", gpu)] {
             if !on {
                 continue;
             }
             let status = std::process::Command::new(python)
                 .arg(&script)
-                .args([
-                    "--device",
-                    device,
-                    "--threads",
-                    &cores.to_string(),
-                    "--shapes",
-                    &args.shapes.join(","),
-                ])
-                .args([
-                    "--epsilon",
-                    &args.epsilon.to_string(),
-                    "--iterations",
-                    &args.iterations.to_string(),
-                ])
+                .args(["--device", device, "--threads", &cores.to_string(), "--shapes", &args.shapes.join(",")])
+                .args(["--epsilon", &args.epsilon.to_string(), "--iterations", &args.iterations.to_string()])
                 .status()?;
             if !status.success() {
                 println!("PyTorch baseline on {device}: not measured ({status})");
@@ -120,28 +92,15 @@ fn bench_cpu(
     cores: usize,
     repeats: usize,
 ) -> anyhow::Result<()> {
-    let base = median_ms(repeats, || {
-        sk::baseline::official(scores, rows, k, params.epsilon, params.iterations).map(|_| ())
-    })?;
-    println!(
-        "{shape:<12} {:<6} {:<44} {base:>10.3} {:>9}",
-        "cpu", "baseline: official order, 1 thread", "1.00"
-    );
+    let base =
+        median_ms(repeats, || sk::baseline::official(scores, rows, k, params.epsilon, params.iterations).map(|_| ()))?;
+    println!("{shape:<12} {:<6} {:<44} {base:>10.3} {:>9}", "cpu", "baseline: official order, 1 thread", "1.00");
     let mut q = vec![0f32; rows * k];
     for threads in [1, cores] {
         let p = Params { threads, ..*params };
-        let ms = median_ms(repeats, || {
-            sk::sinkhorn_into(scores, rows, k, &p, &sk::SingleProcess, &mut q)
-        })?;
-        let name = format!(
-            "swav-sinkhorn, {threads} thread{}",
-            if threads == 1 { "" } else { "s" }
-        );
-        println!(
-            "{shape:<12} {:<6} {name:<44} {ms:>10.3} {:>8.2}x",
-            "cpu",
-            base / ms
-        );
+        let ms = median_ms(repeats, || sk::sinkhorn_into(scores, rows, k, &p, &sk::SingleProcess, &mut q))?;
+        let name = format!("swav-sinkhorn, {threads} thread{}", if threads == 1 { "" } else { "s" });
+        println!("{shape:<12} {:<6} {name:<44} {ms:>10.3} {:>8.2}x", "cpu", base / ms);
         if threads == cores && cores == 1 {
             break;
         }
@@ -232,19 +191,10 @@ fn bench_cuda(
     stream.synchronize()?;
     let wall = t0.elapsed().as_secs_f64() * 1e3 / calls as f64;
     fused.set_check_finite(true);
-    let checked = median_ms(repeats, || {
-        fused
-            .run(&d_scores, rows, k, params, &sk::SingleProcess, &mut d_q)
-            .map(|_| ())
-    })?;
-    println!(
-        "{shape:<12} {:<6} {:<44} {wall:>10.3}",
-        "cuda", "  back-to-back, wall clock per call"
-    );
-    println!(
-        "{shape:<12} {:<6} {:<44} {checked:>10.3}",
-        "cuda", "  with the NaN check (waits for the result)"
-    );
+    let checked =
+        median_ms(repeats, || fused.run(&d_scores, rows, k, params, &sk::SingleProcess, &mut d_q).map(|_| ()))?;
+    println!("{shape:<12} {:<6} {:<44} {wall:>10.3}", "cuda", "  back-to-back, wall clock per call");
+    println!("{shape:<12} {:<6} {:<44} {checked:>10.3}", "cuda", "  with the NaN check (waits for the result)");
     println!(
         "{shape:<12} {:<6} bandwidth floor (read scores + write Q once at {peak_tbps} TB/s): {floor_ms:.3} ms; \
          fused traffic model (T+1 reads + 1 write): {:.3} ms; device: {name}",
@@ -253,25 +203,16 @@ fn bench_cuda(
     );
     let q = stream.clone_dtoh(&d_q)?;
     let cpu = sk::sinkhorn(scores, rows, k, params)?;
-    println!(
-        "{shape:<12} {:<6} relative difference to the CPU: {:.1e}",
-        "cuda",
-        sk::relative_error(&q, &cpu)
-    );
+    println!("{shape:<12} {:<6} relative difference to the CPU: {:.1e}", "cuda", sk::relative_error(&q, &cpu));
     Ok(())
 }
 
 /// Median wall time of `f` in ms over up to `repeats` runs (after one warm-up), stopping after ~10 s.
-fn median_ms<E: Into<anyhow::Error>>(
-    repeats: usize,
-    mut f: impl FnMut() -> Result<(), E>,
-) -> anyhow::Result<f64> {
+fn median_ms<E: Into<anyhow::Error>>(repeats: usize, mut f: impl FnMut() -> Result<(), E>) -> anyhow::Result<f64> {
     f().map_err(Into::into)?;
     let budget = Instant::now();
     let mut times = Vec::new();
-    while times.len() < repeats.max(1)
-        && (times.len() < 3 || budget.elapsed() < Duration::from_secs(10))
-    {
+    while times.len() < repeats.max(1) && (times.len() < 3 || budget.elapsed() < Duration::from_secs(10)) {
         let t = Instant::now();
         f().map_err(Into::into)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);

@@ -7,11 +7,11 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use swav_model::{Arch, ModelConfig, SwavModel};
+use swav_tensor::{Device, Tensor};
 use swav_train::config::TrainConfig;
 use swav_train::lars::Lars;
-use swav_model::{Arch, ModelConfig, SwavModel};
 use swav_train::step::{swav_step, SwavState};
-use swav_tensor::{Device, Tensor};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -139,7 +139,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         s.batch,
         a.conv
     );
-    let mut state = SwavState { model: SwavModel::new(cfg, 0)?, optimizer: Lars::new(0.9, 1e-6, 0.001, false), queue: None };
+    let mut state =
+        SwavState { model: SwavModel::new(cfg, 0)?, optimizer: Lars::new(0.9, 1e-6, 0.001, false), queue: None };
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut times = Vec::new();
     for i in 0..a.warmup + a.steps {
@@ -168,7 +169,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if i >= a.warmup {
             times.push(dt);
         }
-        eprintln!("  step {i}: {:.1} ms (loss {:.3}){}", dt * 1e3, stats.loss, if i < a.warmup { " warm-up" } else { "" });
+        eprintln!(
+            "  step {i}: {:.1} ms (loss {:.3}){}",
+            dt * 1e3,
+            stats.loss,
+            if i < a.warmup { " warm-up" } else { "" }
+        );
     }
     let total: f64 = times.iter().sum();
     times.sort_by(f64::total_cmp);
@@ -176,7 +182,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.profile {
         println!("time per op over the measured steps (share of step time):");
         for (op, secs, calls) in swav_tensor::profile::report() {
-            println!("  {op:<20} {:>8.1} ms/step {:>5.1}%  ({} calls/step)", secs / a.steps as f64 * 1e3, 100.0 * secs / total, calls / a.steps as u64);
+            println!(
+                "  {op:<20} {:>8.1} ms/step {:>5.1}%  ({} calls/step)",
+                secs / a.steps as f64 * 1e3,
+                100.0 * secs / total,
+                calls / a.steps as u64
+            );
         }
     }
     let rss = peak_rss_mib();
@@ -190,8 +201,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let mut cmd = Command::new(py);
         cmd.arg(&script)
             .args(["--arch", &s.arch, "--crops", &crops_text, "--batch", &s.batch.to_string()])
-            .args(["--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string(), "--threads", &threads.to_string()])
-            .args(["--channels", &a.channels.to_string(), "--hidden", &a.hidden_mlp.to_string(), "--prototypes", &a.prototypes.to_string()]);
+            .args([
+                "--steps",
+                &a.steps.to_string(),
+                "--warmup",
+                &a.warmup.to_string(),
+                "--threads",
+                &threads.to_string(),
+            ])
+            .args([
+                "--channels",
+                &a.channels.to_string(),
+                "--hidden",
+                &a.hidden_mlp.to_string(),
+                "--prototypes",
+                &a.prototypes.to_string(),
+            ]);
         if a.width.is_some_and(|w| w != 64) {
             bail!("the PyTorch baseline uses torchvision's widths; --width cannot be compared");
         }
@@ -203,7 +228,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             bail!("the PyTorch baseline failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         let line = String::from_utf8_lossy(&out.stdout);
-        let v: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or("")).context("reading the baseline's JSON")?;
+        let v: serde_json::Value =
+            serde_json::from_str(line.trim().lines().last().unwrap_or("")).context("reading the baseline's JSON")?;
         let theirs = v["step_ms"].as_f64().context("step_ms")?;
         println!(
             "PyTorch {}: {theirs:.1} ms/step, peak RSS {:.0} MiB",
