@@ -5,6 +5,7 @@
 //! - [`npy`]: NumPy's `.npy` format (read and write), for features, labels and check data;
 //! - [`rng`]: SplitMix64, the reproducible random stream of the loader, the initialisation and the
 //!   evaluation (fully specified, no dependence on any crate's version);
+//! - [`isa`]: run-time choice of AVX-512, AVX2 or baseline code for hot loops written once;
 //! - [`layout`]: NCHW <-> NHWC conversion of image batches;
 //! - [`imagenet`]: the ImageNet normalisation of the official SwAV code.
 //!
@@ -23,6 +24,7 @@
 
 pub mod fs;
 pub mod imagenet;
+pub mod isa;
 pub mod layout;
 pub mod npy;
 pub mod rng;

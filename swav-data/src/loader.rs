@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
+use swav_core::isa::Isa;
 
 use crate::augment::{EvalTransform, GroupShape, Layout, MultiCropTransform, Scratch};
 use crate::codec::RecordDecoder;
@@ -50,6 +51,14 @@ pub struct LoaderConfig {
     pub shuffle: bool,
     /// Output channels (1 or 3); `None` keeps the dataset's (`Dataset::channels`).
     pub channels: Option<u8>,
+    /// The most capable instruction set the workers' kernels may use (they use the best the CPU has
+    /// up to this). Results are the same bits at every level; this exists to measure and to test.
+    #[serde(skip, default = "best_isa")]
+    pub isa: Isa,
+}
+
+fn best_isa() -> Isa {
+    Isa::Avx512
 }
 
 impl Default for LoaderConfig {
@@ -65,6 +74,7 @@ impl Default for LoaderConfig {
             drop_last: true,
             shuffle: true,
             channels: None,
+            isa: best_isa(),
         }
     }
 }
@@ -367,7 +377,8 @@ struct Engine {
 
 impl Engine {
     fn new(shared: Shared, shapes: Vec<GroupShape>, cfg: &LoaderConfig) -> Result<Engine> {
-        let (layout, workers, prefetch, batch_size) = (cfg.layout, cfg.workers, cfg.prefetch, cfg.batch_size);
+        let (layout, workers, prefetch, batch_size, isa) =
+            (cfg.layout, cfg.workers, cfg.prefetch, cfg.batch_size, cfg.isa);
         let shared = Arc::new(shared);
         let shapes: Arc<[GroupShape]> = shapes.into();
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
@@ -378,6 +389,7 @@ impl Engine {
             let handle = std::thread::Builder::new()
                 .name(format!("swav-data-{i}"))
                 .spawn(move || {
+                    swav_core::isa::set_thread_ceiling(isa);
                     let mut st = WorkerState::default();
                     while let Ok(job) = rx.recv() {
                         if shared.stop.load(Ordering::Acquire) {

@@ -4,8 +4,9 @@
 use swav_tensor::ops::batchnorm::{
     batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, BnCache, BnParams, Fused,
 };
-use swav_tensor::ops::conv::{conv2d_backward, conv2d_forward};
+use swav_tensor::ops::conv::{conv2d_backward, conv2d_forward, ConvParams};
 use swav_tensor::ops::linear::{linear_backward, linear_forward};
+use swav_tensor::ops::winograd::ConvAlgorithm;
 use swav_tensor::{Device, Tensor};
 
 use crate::init::InitRng;
@@ -18,26 +19,33 @@ pub struct Conv2d {
     pub weight: Param,
     pub stride: usize,
     pub pad: usize,
+    /// The algorithms this layer's convolutions may use (see [`SwavModel::set_conv_algorithm`](crate::SwavModel::set_conv_algorithm)).
+    pub algo: ConvAlgorithm,
 }
 
 impl Conv2d {
     pub fn new(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, rng: &mut InitRng) -> Conv2d {
         let values = rng.kaiming_normal_fan_out(cout * k * k * cin, cout * k * k);
         let weight = Tensor::from_vec(&[cout, k, k, cin], values).expect("shape matches length");
-        Conv2d { weight: Param::new(weight, Layout::Ohwi), stride, pad }
+        Conv2d { weight: Param::new(weight, Layout::Ohwi), stride, pad, algo: ConvAlgorithm::default() }
     }
 
     pub fn out_channels(&self) -> usize {
         self.weight.value.dim(0)
     }
 
+    fn params(&self) -> ConvParams {
+        ConvParams { stride: self.stride, pad: self.pad, algo: self.algo }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(conv2d_forward(x, &self.weight.value, self.stride, self.pad)?)
+        Ok(conv2d_forward(x, &self.weight.value, self.params())?)
     }
 
     pub fn backward(&mut self, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
+        let p = self.params();
         let w = &mut self.weight;
-        Ok(conv2d_backward(x, &w.value, dy, self.stride, self.pad, &mut w.grad, want_dx)?)
+        Ok(conv2d_backward(x, &w.value, dy, p, &mut w.grad, want_dx)?)
     }
 }
 

@@ -12,6 +12,7 @@
 
 use swav_tensor::ops::batchnorm::{BnCache, Fused};
 use swav_tensor::ops::pool::{global_avg_pool_backward, global_avg_pool_forward, max_pool_backward, max_pool_forward};
+use swav_tensor::ops::winograd::ConvAlgorithm;
 use swav_tensor::Tensor;
 
 use crate::config::{BlockKind, ModelConfig};
@@ -200,6 +201,17 @@ impl ResNet {
             stages.push(blocks);
         }
         Ok(ResNet { conv1, bn1, maxpool, stages, in_channels: cfg.in_channels })
+    }
+
+    /// Lets every convolution of the backbone use `algo`.
+    pub fn set_conv_algorithm(&mut self, algo: ConvAlgorithm) {
+        self.conv1.algo = algo;
+        for block in self.stages.iter_mut().flatten() {
+            block.convs.iter_mut().for_each(|c| c.algo = algo);
+            if let Some(ds) = &mut block.downsample {
+                ds.conv.algo = algo;
+            }
+        }
     }
 
     pub fn out_channels(&self) -> usize {

@@ -5,6 +5,7 @@
 //! of them. Returns the embeddings `z` and the scores `z C^T` of each prototype head.
 
 use swav_tensor::ops::normalize::{l2_normalize_backward, l2_normalize_forward};
+use swav_tensor::ops::winograd::ConvAlgorithm;
 use swav_tensor::Tensor;
 
 use crate::config::ModelConfig;
@@ -104,6 +105,12 @@ impl SwavModel {
         let (embedding, _) = l2_normalize_forward(&self.head.forward_eval(&features)?)?;
         let scores = self.prototypes.heads.iter().map(|p| p.forward(&embedding)).collect::<Result<Vec<_>>>()?;
         Ok((features, SwavOutput { embedding, scores }))
+    }
+
+    /// The convolution algorithms the backbone may use (all give the convolution; they differ in
+    /// speed and in the last bits, so a training run records its choice).
+    pub fn set_conv_algorithm(&mut self, algo: ConvAlgorithm) {
+        self.backbone.set_conv_algorithm(algo);
     }
 
     pub fn normalize_prototypes(&mut self) {

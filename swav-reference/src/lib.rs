@@ -14,6 +14,7 @@ use std::path::Path;
 
 use swav_model::checkpoint::{load_model_state, model_grads, model_state, LoadOptions, NamedTensors, Value};
 use swav_model::{Arch, ModelConfig, SwavModel};
+use swav_tensor::ops::winograd::ConvAlgorithm;
 use swav_tensor::Tensor;
 
 use swav_train::assign::codes_for_crop;
@@ -196,17 +197,8 @@ fn nchw_to_nhwc(shape: &[usize], data: &[f32]) -> Result<Tensor, ReferenceError>
 
 /// The model cases check the network's arithmetic against PyTorch's float32 semantics, so they run
 /// with direct (im2col) convolutions; Winograd's own accuracy is tested op by op against float64
-/// direct loops (swav-tensor's tests). Restores the previous setting when done.
+/// direct loops (swav-tensor's tests).
 fn model_case(case: &mut Case<'_>) -> Result<(), ReferenceError> {
-    use swav_tensor::ops::winograd::{algorithm, set_algorithm, ConvAlgorithm};
-    let previous = algorithm();
-    set_algorithm(ConvAlgorithm::Direct);
-    let result = model_case_direct(case);
-    set_algorithm(previous);
-    result
-}
-
-fn model_case_direct(case: &mut Case<'_>) -> Result<(), ReferenceError> {
     let batch: usize = case.meta("batch")?;
     let crops: String = case.meta("crops")?;
     let assign = case.meta_list("crops_for_assign")?;
@@ -238,6 +230,7 @@ fn model_case_direct(case: &mut Case<'_>) -> Result<(), ReferenceError> {
     };
     let mut model = SwavModel::new(config, 0)?;
     load_model_state(&mut model, &case.file, "param.", LoadOptions::default())?;
+    model.set_conv_algorithm(ConvAlgorithm::Direct);
 
     let crops: Vec<Tensor> = (0..sizes.len())
         .map(|i| {

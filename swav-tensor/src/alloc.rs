@@ -9,10 +9,37 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 /// Buffers smaller than this go straight back to the system allocator (cheap to get again).
 const MIN_POOLED: usize = 1 << 14;
-/// Most memory kept idle in the pool.
-const MAX_POOL_BYTES: usize = 3 << 30;
+/// Most memory kept idle in the pool unless set otherwise ([`set_pool_limit`]).
+pub const DEFAULT_POOL_LIMIT: usize = 3 << 30;
+
+static POOL_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_POOL_LIMIT);
+
+/// Sets the most memory the pool keeps idle (memory is the process's, so the limit is too); 0 turns
+/// the pool off. Buffers already pooled beyond a lowered limit are released.
+pub fn set_pool_limit(bytes: usize) {
+    POOL_LIMIT.store(bytes, Ordering::Relaxed);
+    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(pool) = guard.as_mut() {
+        while pool.bytes > bytes {
+            let Some(&len) = pool.free.keys().next() else { break };
+            let list = pool.free.get_mut(&len).expect("key just seen");
+            list.pop();
+            pool.bytes -= len * 4;
+            if list.is_empty() {
+                pool.free.remove(&len);
+            }
+        }
+    }
+}
+
+/// The current limit of idle pooled memory.
+pub fn pool_limit() -> usize {
+    POOL_LIMIT.load(Ordering::Relaxed)
+}
 
 struct Pool {
     free: HashMap<usize, Vec<Vec<f32>>>,
@@ -50,7 +77,7 @@ pub fn give(v: Vec<f32>) {
     }
     let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let pool = guard.get_or_insert_with(|| Pool { free: HashMap::new(), bytes: 0 });
-    if pool.bytes + len * 4 <= MAX_POOL_BYTES {
+    if pool.bytes + len * 4 <= pool_limit() {
         pool.bytes += len * 4;
         pool.free.entry(len).or_default().push(v);
     }
@@ -59,4 +86,24 @@ pub fn give(v: Vec<f32>) {
 /// Bytes held idle by the pool.
 pub fn pooled_bytes() -> usize {
     POOL.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |p| p.bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_keeps_at_most_its_limit() {
+        let len = MIN_POOLED * 4;
+        set_pool_limit(len * 4 * 2);
+        for _ in 0..5 {
+            give(vec![0.0; len]);
+        }
+        assert!(pooled_bytes() <= len * 4 * 2);
+        set_pool_limit(0);
+        assert_eq!(pooled_bytes(), 0);
+        give(vec![0.0; len]);
+        assert_eq!(pooled_bytes(), 0);
+        set_pool_limit(DEFAULT_POOL_LIMIT);
+    }
 }

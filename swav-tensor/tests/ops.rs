@@ -4,11 +4,12 @@
 use swav_tensor::ops::batchnorm::{
     batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, BnParams, Fused,
 };
-use swav_tensor::ops::conv::{conv2d_backward, conv2d_forward};
+use swav_tensor::ops::conv::{conv2d_backward, conv2d_forward, ConvParams};
 use swav_tensor::ops::elementwise::{add_forward, relu_backward, relu_forward};
 use swav_tensor::ops::linear::{linear_backward, linear_forward};
 use swav_tensor::ops::normalize::{l2_normalize_backward, l2_normalize_forward};
 use swav_tensor::ops::pool::{global_avg_pool_backward, global_avg_pool_forward, max_pool_backward, max_pool_forward};
+use swav_tensor::ops::winograd::ConvAlgorithm;
 use swav_tensor::Tensor;
 
 /// A small deterministic generator (SplitMix64) so the tests need no dependency.
@@ -151,16 +152,20 @@ fn conv2d_matches_direct_loops_for_every_kernel_stride_and_padding() {
         let wt = rng.tensor(&[cout, k, k, cin]);
         let dy = rng.tensor(&[n, oh, ow, cout]);
         let (y_ref, dx_ref, dw_ref) = nc.run(x.as_slice(), wt.as_slice(), dy.as_slice());
-        let y = conv2d_forward(&x, &wt, s, p).unwrap();
-        assert_eq!(y.shape(), [n, oh, ow, cout]);
-        let name = format!("conv n{n} {h}x{w} {cin}->{cout} k{k} s{s} p{p}");
-        assert_close(&format!("{name} forward"), y.as_slice(), &y_ref, 1e-5);
-        // dw accumulates onto what is already there.
-        let mut dw = Tensor::full(wt.shape(), 0.5, Default::default());
-        let dx = conv2d_backward(&x, &wt, &dy, s, p, &mut dw, true).unwrap().unwrap();
-        assert_close(&format!("{name} dx"), dx.as_slice(), &dx_ref, 1e-5);
         let dw_ref: Vec<f64> = dw_ref.iter().map(|v| v + 0.5).collect();
-        assert_close(&format!("{name} dw"), dw.as_slice(), &dw_ref, 1e-5);
+        // Every algorithm choice (Winograd F(4,3)/F(2,3) where allowed, im2col elsewhere) is exact.
+        for algo in [ConvAlgorithm::Auto, ConvAlgorithm::Winograd2, ConvAlgorithm::Direct] {
+            let params = ConvParams { stride: s, pad: p, algo };
+            let y = conv2d_forward(&x, &wt, params).unwrap();
+            assert_eq!(y.shape(), [n, oh, ow, cout]);
+            let name = format!("conv n{n} {h}x{w} {cin}->{cout} k{k} s{s} p{p} {algo}");
+            assert_close(&format!("{name} forward"), y.as_slice(), &y_ref, 1e-5);
+            // dw accumulates onto what is already there.
+            let mut dw = Tensor::full(wt.shape(), 0.5, Default::default());
+            let dx = conv2d_backward(&x, &wt, &dy, params, &mut dw, true).unwrap().unwrap();
+            assert_close(&format!("{name} dx"), dx.as_slice(), &dx_ref, 1e-5);
+            assert_close(&format!("{name} dw"), dw.as_slice(), &dw_ref, 1e-5);
+        }
     }
 }
 
@@ -170,12 +175,16 @@ fn conv2d_gradients_match_finite_differences() {
     let (s, p) = (2, 1);
     let x = rng.tensor(&[2, 7, 6, 3]);
     let wt = rng.tensor(&[4, 3, 3, 3]);
-    let y = conv2d_forward(&x, &wt, s, p).unwrap();
+    let y = conv2d_forward(&x, &wt, ConvParams::new(s, p)).unwrap();
     let r = rng.tensor(y.shape());
     let mut dw = Tensor::zeros(wt.shape(), Default::default());
-    let dx = conv2d_backward(&x, &wt, &r, s, p, &mut dw, true).unwrap().unwrap();
-    check_fd("conv dx", &x, dx.as_slice(), 1e-2, 1e-3, |x| dot(&conv2d_forward(x, &wt, s, p).unwrap(), r.as_slice()));
-    check_fd("conv dw", &wt, dw.as_slice(), 1e-2, 1e-3, |w| dot(&conv2d_forward(&x, w, s, p).unwrap(), r.as_slice()));
+    let dx = conv2d_backward(&x, &wt, &r, ConvParams::new(s, p), &mut dw, true).unwrap().unwrap();
+    check_fd("conv dx", &x, dx.as_slice(), 1e-2, 1e-3, |x| {
+        dot(&conv2d_forward(x, &wt, ConvParams::new(s, p)).unwrap(), r.as_slice())
+    });
+    check_fd("conv dw", &wt, dw.as_slice(), 1e-2, 1e-3, |w| {
+        dot(&conv2d_forward(&x, w, ConvParams::new(s, p)).unwrap(), r.as_slice())
+    });
 }
 
 #[test]
@@ -187,14 +196,14 @@ fn conv2d_large_enough_to_use_many_tiles_is_deterministic_and_correct() {
     let wt = rng.tensor(&[16, 3, 3, 8]);
     let dy = rng.tensor(&[8, 20, 20, 16]);
     let (y_ref, dx_ref, dw_ref) = nc.run(x.as_slice(), wt.as_slice(), dy.as_slice());
-    let y = conv2d_forward(&x, &wt, 1, 1).unwrap();
+    let y = conv2d_forward(&x, &wt, ConvParams::new(1, 1)).unwrap();
     assert_close("big conv forward", y.as_slice(), &y_ref, 1e-5);
     let mut dw = Tensor::zeros(wt.shape(), Default::default());
-    let dx = conv2d_backward(&x, &wt, &dy, 1, 1, &mut dw, true).unwrap().unwrap();
+    let dx = conv2d_backward(&x, &wt, &dy, ConvParams::new(1, 1), &mut dw, true).unwrap().unwrap();
     assert_close("big conv dx", dx.as_slice(), &dx_ref, 1e-5);
     assert_close("big conv dw", dw.as_slice(), &dw_ref, 1e-5);
     let mut dw2 = Tensor::zeros(wt.shape(), Default::default());
-    let dx2 = conv2d_backward(&x, &wt, &dy, 1, 1, &mut dw2, true).unwrap().unwrap();
+    let dx2 = conv2d_backward(&x, &wt, &dy, ConvParams::new(1, 1), &mut dw2, true).unwrap().unwrap();
     assert_eq!(dw.as_slice(), dw2.as_slice(), "weight gradient must be bit-identical run to run");
     assert_eq!(dx.as_slice(), dx2.as_slice());
 }
@@ -202,13 +211,12 @@ fn conv2d_large_enough_to_use_many_tiles_is_deterministic_and_correct() {
 #[test]
 fn conv2d_rejects_mismatched_shapes() {
     let x = Tensor::zeros(&[1, 4, 4, 3], Default::default());
-    assert!(conv2d_forward(&x, &Tensor::zeros(&[2, 3, 3, 4], Default::default()), 1, 1).is_err());
-    assert!(conv2d_forward(&x, &Tensor::zeros(&[2, 7, 7, 3], Default::default()), 1, 0).is_err());
+    assert!(conv2d_forward(&x, &Tensor::zeros(&[2, 3, 3, 4], Default::default()), ConvParams::new(1, 1)).is_err());
+    assert!(conv2d_forward(&x, &Tensor::zeros(&[2, 7, 7, 3], Default::default()), ConvParams::new(1, 0)).is_err());
     assert!(conv2d_forward(
         &Tensor::zeros(&[4, 4, 3], Default::default()),
         &Tensor::zeros(&[2, 3, 3, 3], Default::default()),
-        1,
-        1
+        ConvParams::new(1, 1)
     )
     .is_err());
 }

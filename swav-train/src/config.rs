@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 use swav_data::MultiCropConfig;
 use swav_model::ModelConfig;
+use swav_tensor::ops::winograd::ConvAlgorithm;
 
 use crate::TrainError;
 
@@ -67,6 +68,24 @@ pub struct TrainConfig {
     /// Checkpoints kept in the run directory (older ones are removed).
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
+    /// Convolution algorithms of the engine (`auto`, `winograd2`, `direct`): part of the run, because
+    /// the choice changes the last bits and a resumed run must make the same one to stay bit-identical.
+    #[serde(default, with = "conv_name")]
+    pub conv: ConvAlgorithm,
+}
+
+/// `ConvAlgorithm` as its name in TOML.
+mod conv_name {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use swav_tensor::ops::winograd::ConvAlgorithm;
+
+    pub fn serialize<S: Serializer>(a: &ConvAlgorithm, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(a.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ConvAlgorithm, D::Error> {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
 }
 
 fn default_wd() -> f64 {

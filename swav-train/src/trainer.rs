@@ -117,6 +117,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
         drop_last: true,
         shuffle: true,
         channels: Some(in_channels as u8),
+        ..LoaderConfig::default()
     };
     let mut loader = MultiCropLoader::new(&dataset, &config.crops, &loader_cfg)?;
     let steps_per_epoch = loader.steps_per_epoch();
@@ -148,6 +149,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
         }
         None => (SwavState { model: SwavModel::new(config.model.clone(), t.seed)?, optimizer, queue: None }, 0, 0, 0),
     };
+    state.model.set_conv_algorithm(t.conv);
     let resumed_from = (iteration > 0).then_some(iteration);
     let mut metrics = MetricsLog::open(&opts.run_dir, iteration as u64)?;
     let k = config.model.prototypes[0];

@@ -128,3 +128,18 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint()
     assert!(checkpoint::latest(&fresh).unwrap().is_none(), "nothing may be saved from a diverged state");
     assert_eq!(checkpoint::latest(&run).unwrap().unwrap().sidecar.step, before);
 }
+
+#[test]
+fn the_convolution_choice_is_part_of_the_run_and_a_resume_with_another_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures::shapes_dataset(tmp.path(), 32, 12);
+    let run = tmp.path().join("run");
+    let cfg = tiny(&["train.epochs=2", "train.conv=direct"]);
+    train(&cfg, &opts(&run, &data, Some(2))).unwrap();
+    let stored = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(stored.contains("conv = \"direct\""), "{stored}");
+    let other = tiny(&["train.epochs=2", "train.conv=auto"]);
+    let err = train(&other, &opts(&run, &data, None)).unwrap_err().to_string();
+    assert!(err.contains("conv"), "{err}");
+    assert!(config::load(config::preset("cpu-tiny").unwrap().toml, &["train.conv=fast".into()]).is_err());
+}

@@ -219,7 +219,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let out = if args.out.is_some() { pipe.out_dir.clone() } else { resolve(&pipe.out_dir) };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    swav_tensor::ops::winograd::set_algorithm(args.conv.parse().map_err(anyhow::Error::msg)?);
     let stamps = Stamps { dir: out.join("stamps") };
     if let Some(step) = args.force {
         stamps.clear_from(step);
@@ -272,9 +271,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, None) => bail!("[train] needs a preset or a config file"),
     };
     let cfg =
-        config::load(&train_source, &pipe.train.set).with_context(|| format!("training configuration ({origin})"))?;
+        config::load(&train_source, &[pipe.train.set.clone(), vec![format!("train.conv={}", args.conv)]].concat())
+            .with_context(|| format!("training configuration ({origin})"))?;
     let run_dir = out.join("run");
-    let train_key = fnv(&[&pre_key, &cfg.to_toml(), &args.conv]);
+    let train_key = fnv(&[&pre_key, &cfg.to_toml()]);
     let checkpoint = if stamps.matches("train", &train_key) {
         let found = swav_train::checkpoint::latest(&run_dir)?
             .context("the train stamp is present but the run has no checkpoint: use --force train")?;

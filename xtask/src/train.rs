@@ -36,10 +36,11 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Convolution algorithms: auto (Winograd where it needs fewer multiplications), winograd2 (only
-    /// the more accurate F(2,3)), direct (im2col GEMM only). A resumed run should keep the same choice
-    /// to stay bit-identical.
-    #[arg(long, default_value = "auto")]
-    conv: String,
+    /// the more accurate F(2,3)), direct (im2col GEMM only). Same as --set train.conv=NAME: recorded in
+    /// the run's configuration, so a resume with another choice is refused (it would not be
+    /// bit-identical).
+    #[arg(long)]
+    conv: Option<String>,
     /// Compute threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -57,13 +58,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let (data, run_dir) = (args.data.expect("required by clap"), args.run_dir.expect("required by clap"));
     Device::parse(&args.device)?;
-    swav_tensor::ops::winograd::set_algorithm(args.conv.parse().map_err(anyhow::Error::msg)?);
     if let Some(n) = args.threads {
         rayon_threads(n)?;
     }
     let mut overrides = args.set.clone();
     if let Some(e) = args.epochs {
         overrides.push(format!("train.epochs={e}"));
+    }
+    if let Some(c) = &args.conv {
+        overrides.push(format!("train.conv={c}"));
     }
     let stored = run_dir.join("config.toml");
     let (source, origin) = match (&args.config, &args.preset) {

@@ -6,6 +6,8 @@
 //! pass has variance `radius^2 / 3`, hence three passes have variance `radius^2`. We compute in f32
 //! (PIL rounds to 8 bits after each pass).
 
+use swav_core::simd_fn;
+
 /// PIL's `_gaussian_blur_radius(radius, passes = 3)`: the extended box radius `l + a`.
 pub fn extended_box_radius(sigma: f32) -> f32 {
     let sigma2 = sigma as f64 * sigma as f64 / 3.0;

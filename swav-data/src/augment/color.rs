@@ -6,6 +6,8 @@
 //! One-channel images follow torchvision's rules for grayscale inputs: brightness and contrast apply,
 //! saturation, hue and grayscale leave the image unchanged (for R = G = B they are identities anyway).
 
+use swav_core::simd_fn;
+
 /// Luma weights of `rgb_to_grayscale` (ITU-R 601-2, as torchvision writes them).
 pub const LUMA: [f32; 3] = [0.2989, 0.587, 0.114];
 

@@ -15,52 +15,13 @@
 //! Grayscale sources stay 1-channel through the pipeline (every colour operation is then either the same
 //! as on R = G = B or an identity) and are replicated to 3 channels only when written, if asked.
 
-/// Defines `fn NAME(args) -> R` that runs `body` compiled for AVX2 + FMA when the CPU has them, and
-/// for the baseline target otherwise. Rust never fuses a multiply and an add by itself, so both
-/// versions compute bit-identical results: batches do not depend on the machine's CPU.
-/// Helpers called from `body` must be `#[inline(always)]` to be compiled for AVX2 too.
-macro_rules! simd_fn {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn imp($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    imp($($arg),*)
-                }
-                if $crate::augment::simd_enabled()
-                    && std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU supports the features `avx2` is compiled for (checked just above).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            imp($($arg),*)
-        }
-    };
-}
+// The hot loops are written once and compiled per instruction set by swav-core's `simd_fn!`: the
+// same bits on every machine, the fastest code each CPU has.
+use swav_core::simd_fn;
 
 pub mod blur;
 pub mod color;
 pub mod resample;
-
-static SIMD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Allows (the default) or forbids the AVX2 versions of the kernels, process-wide. Results are the
-/// same either way; this exists to check that, and to measure the difference.
-pub fn set_simd_enabled(enabled: bool) {
-    SIMD.store(enabled, std::sync::atomic::Ordering::Relaxed);
-}
-
-#[doc(hidden)]
-#[inline(always)]
-pub fn simd_enabled() -> bool {
-    SIMD.load(std::sync::atomic::Ordering::Relaxed)
-}
 
 use serde::{Deserialize, Serialize};
 

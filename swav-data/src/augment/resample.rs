@@ -10,6 +10,7 @@
 //! the horizontal pass (it writes column `x` at `W - 1 - x`), so a crop costs two passes and no copy.
 
 use crate::image::ImageView;
+use swav_core::simd_fn;
 
 /// Resampling weights of one axis: for output pixel `i`, taps `weights[i * ksize ..][.. lens[i]]` apply
 /// to source pixels `starts[i] ..`.

@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 use super::scratch::{with_scratch, SharedMut};
-use super::winograd;
+use super::winograd::{self, ConvAlgorithm};
 use crate::error::shape_err;
 use crate::matmul::{matmul, MatMut, MatRef, Threads};
 use crate::{Result, Tensor};
@@ -77,6 +77,22 @@ impl ConvGeom {
     }
 }
 
+/// How a convolution slides and computes: stride, zero padding on every side, and the algorithms it
+/// may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvParams {
+    pub stride: usize,
+    pub pad: usize,
+    pub algo: ConvAlgorithm,
+}
+
+impl ConvParams {
+    /// Stride and padding with the default algorithm choice.
+    pub fn new(stride: usize, pad: usize) -> ConvParams {
+        ConvParams { stride, pad, algo: ConvAlgorithm::default() }
+    }
+}
+
 /// Rows of a tile whose im2col matrix is `k` wide: large enough to amortise packing the weights in
 /// the GEMM, small enough to stay in cache.
 fn tile_rows(k: usize, total: usize) -> usize {
@@ -86,12 +102,13 @@ fn tile_rows(k: usize, total: usize) -> usize {
     rows.min(per_thread)
 }
 
-pub fn conv2d_forward(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+pub fn conv2d_forward(x: &Tensor, weight: &Tensor, p: ConvParams) -> Result<Tensor> {
+    let ConvParams { stride, pad, algo } = p;
     let _p = crate::profile::scope("conv forward");
     let g = ConvGeom::new(x.shape(), weight.shape(), stride, pad)?;
     let mut y = Tensor::for_overwrite(&g.out_shape(), x.device());
     let (xs, ws) = (x.as_slice(), weight.as_slice());
-    if let Some(v) = winograd::choose(&g) {
+    if let Some(v) = winograd::choose(&g, algo) {
         winograd::forward(xs, ws, &g, y.as_mut_slice(), v);
         return Ok(y);
     }
@@ -119,17 +136,17 @@ pub fn conv2d_backward(
     x: &Tensor,
     weight: &Tensor,
     dy: &Tensor,
-    stride: usize,
-    pad: usize,
+    p: ConvParams,
     dweight: &mut Tensor,
     want_dx: bool,
 ) -> Result<Option<Tensor>> {
+    let ConvParams { stride, pad, algo } = p;
     let g = ConvGeom::new(x.shape(), weight.shape(), stride, pad)?;
     if dy.shape() != g.out_shape() {
         return Err(shape_err("conv2d_backward", format!("dy {:?} but output is {:?}", dy.shape(), g.out_shape())));
     }
     weight.check_same_shape("conv2d_backward (dweight)", dweight)?;
-    let wino = winograd::choose(&g);
+    let wino = winograd::choose(&g, algo);
     match wino {
         Some(v) => {
             let _p = crate::profile::scope("conv weight grad");

@@ -86,10 +86,12 @@ pub static F4: Variant = Variant {
 /// Fewest input and output channels for which Winograd is used.
 pub const MIN_CHANNELS: usize = 32;
 
-/// Which convolution algorithms the engine may use (process-wide).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which convolution algorithms a convolution may use; each call is given one (the layers carry it,
+/// and a training run records it in its configuration, because results differ in the last bits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ConvAlgorithm {
     /// Winograd F(4,3) or F(2,3) where it needs fewer multiplications, im2col GEMM elsewhere.
+    #[default]
     Auto,
     /// Only Winograd F(2,3) (more accurate than F(4,3)), im2col GEMM elsewhere.
     Winograd2,
@@ -97,17 +99,20 @@ pub enum ConvAlgorithm {
     Direct,
 }
 
-static ALGORITHM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-pub fn set_algorithm(a: ConvAlgorithm) {
-    ALGORITHM.store(a as u8, std::sync::atomic::Ordering::Relaxed);
+impl ConvAlgorithm {
+    /// The name used on the command line and in configurations.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvAlgorithm::Auto => "auto",
+            ConvAlgorithm::Winograd2 => "winograd2",
+            ConvAlgorithm::Direct => "direct",
+        }
+    }
 }
 
-pub fn algorithm() -> ConvAlgorithm {
-    match ALGORITHM.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => ConvAlgorithm::Auto,
-        1 => ConvAlgorithm::Winograd2,
-        _ => ConvAlgorithm::Direct,
+impl std::fmt::Display for ConvAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -123,16 +128,16 @@ impl std::str::FromStr for ConvAlgorithm {
     }
 }
 
-/// The cheapest way to compute a convolution under the current [`algorithm`]: Winograd F(2,3) or
-/// F(4,3), or `None` (im2col GEMM). Counts the multiplications of each, with a margin for
+/// The cheapest way to compute a convolution allowed by `algorithm`: Winograd F(2,3) or F(4,3), or
+/// `None` (im2col GEMM). Counts the multiplications of each, with a margin for
 /// Winograd's transforms, and requires enough channels for its per-position GEMMs to be efficient.
-pub fn choose(g: &ConvGeom) -> Option<&'static Variant> {
+pub fn choose(g: &ConvGeom, algorithm: ConvAlgorithm) -> Option<&'static Variant> {
     // Below 32 channels the per-position GEMMs are too thin and the transforms dominate (measured:
     // slower than im2col on 16-channel layers).
     if g.kh != 3 || g.kw != 3 || g.stride != 1 || g.pad != 1 || g.cin < MIN_CHANNELS || g.cout < MIN_CHANNELS {
         return None;
     }
-    let variants: &[&'static Variant] = match algorithm() {
+    let variants: &[&'static Variant] = match algorithm {
         ConvAlgorithm::Auto => &[&F4, &F2],
         ConvAlgorithm::Winograd2 => &[&F2],
         ConvAlgorithm::Direct => return None,
@@ -514,18 +519,17 @@ mod tests {
 
     #[test]
     fn the_cost_model_picks_the_expected_variant() {
-        assert_eq!(choose(&geom(28, 28, 32, 64, 1)).map(|v| v.m), Some(4));
-        assert!(choose(&geom(28, 28, 16, 16, 1)).is_none(), "too few channels");
-        assert_eq!(choose(&geom(7, 7, 64, 64, 1)).map(|v| v.m), Some(4));
-        assert_eq!(choose(&geom(2, 2, 64, 64, 1)).map(|v| v.m), Some(2));
-        assert!(choose(&geom(1, 1, 64, 64, 1)).is_none(), "one pixel: direct is cheaper");
-        assert!(choose(&geom(28, 28, 64, 64, 2)).is_none(), "strided");
-        assert!(choose(&geom(28, 28, 3, 64, 1)).is_none(), "too few input channels");
-        set_algorithm(ConvAlgorithm::Winograd2);
-        assert_eq!(choose(&geom(28, 28, 64, 64, 1)).map(|v| v.m), Some(2));
-        set_algorithm(ConvAlgorithm::Direct);
-        assert!(choose(&geom(28, 28, 64, 64, 1)).is_none());
-        set_algorithm(ConvAlgorithm::Auto);
+        let auto = |g| choose(&g, ConvAlgorithm::Auto).map(|v| v.m);
+        assert_eq!(auto(geom(28, 28, 32, 64, 1)), Some(4));
+        assert!(auto(geom(28, 28, 16, 16, 1)).is_none(), "too few channels");
+        assert_eq!(auto(geom(7, 7, 64, 64, 1)), Some(4));
+        assert_eq!(auto(geom(2, 2, 64, 64, 1)), Some(2));
+        assert!(auto(geom(1, 1, 64, 64, 1)).is_none(), "one pixel: direct is cheaper");
+        assert!(auto(geom(28, 28, 64, 64, 2)).is_none(), "strided");
+        assert!(auto(geom(28, 28, 3, 64, 1)).is_none(), "too few input channels");
+        assert_eq!(choose(&geom(28, 28, 64, 64, 1), ConvAlgorithm::Winograd2).map(|v| v.m), Some(2));
+        assert!(choose(&geom(28, 28, 64, 64, 1), ConvAlgorithm::Direct).is_none());
+        assert_eq!("winograd2".parse::<ConvAlgorithm>().map(|a| a.to_string()), Ok("winograd2".to_string()));
     }
 
     #[test]

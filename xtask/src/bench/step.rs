@@ -94,7 +94,7 @@ fn peak_rss_mib() -> Option<f64> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     Device::parse(&a.device)?;
-    swav_tensor::ops::winograd::set_algorithm(a.conv.parse().map_err(anyhow::Error::msg)?);
+    let conv: swav_tensor::ops::winograd::ConvAlgorithm = a.conv.parse().map_err(anyhow::Error::msg)?;
     let s = setup(&a)?;
     let cfg = ModelConfig {
         arch: Arch::parse(&s.arch)?,
@@ -129,6 +129,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         prefetch: 1,
         checkpoint_every_epochs: 1,
         keep_checkpoints: 1,
+        conv,
     };
     let crops_text = s.crops.iter().map(|(n, sz)| format!("{n}x{sz}")).collect::<Vec<_>>().join(",");
     let threads = rayon_threads();
@@ -141,6 +142,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     let mut state =
         SwavState { model: SwavModel::new(cfg, 0)?, optimizer: Lars::new(0.9, 1e-6, 0.001, false), queue: None };
+    state.model.set_conv_algorithm(conv);
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut times = Vec::new();
     for i in 0..a.warmup + a.steps {
