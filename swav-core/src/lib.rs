@@ -2,6 +2,7 @@
 //!
 //! - [`fs`]: atomic file writes (temporary file, fsync, rename), so a crash never leaves a partial file
 //!   under a real name;
+//! - [`lock`]: exclusive locks on run and output folders (the second process stops, naming the first);
 //! - [`npy`]: NumPy's `.npy` format (read and write), for features, labels and check data;
 //! - [`rng`]: SplitMix64, the reproducible random stream of the loader, the initialisation and the
 //!   evaluation (fully specified, no dependence on any crate's version);
@@ -26,5 +27,6 @@ pub mod fs;
 pub mod imagenet;
 pub mod isa;
 pub mod layout;
+pub mod lock;
 pub mod npy;
 pub mod rng;

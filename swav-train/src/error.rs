@@ -20,6 +20,8 @@ pub enum TrainError {
     Data(#[from] swav_data::DataError),
     #[error(transparent)]
     File(#[from] swav_core::fs::FsError),
+    #[error(transparent)]
+    Lock(#[from] swav_core::lock::LockError),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     /// Evaluation, embedding or report input that cannot be used (no labels, mismatched classes, bad

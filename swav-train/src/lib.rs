@@ -15,6 +15,7 @@ pub mod error;
 pub mod lars;
 pub mod loss;
 pub mod metrics;
+pub mod pipeline;
 pub mod queue;
 pub mod schedule;
 pub mod step;

@@ -94,6 +94,10 @@ fn normalisation(config: &Config, dataset: &Dataset) -> (Vec<f32>, Vec<f32>) {
 
 pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
+    std::fs::create_dir_all(&opts.run_dir)
+        .map_err(|source| TrainError::Io { path: opts.run_dir.display().to_string(), source })?;
+    // One process per run folder: a second one stops here, naming the first.
+    let _lock = swav_core::lock::FolderLock::acquire(&opts.run_dir)?;
     prepare_run_dir(&opts.run_dir, config)?;
     let t = &config.train;
     let dataset = Dataset::open(&opts.data_dir)?;

@@ -59,12 +59,27 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The shells' convention for "stopped by a signal" (128 + SIGINT): scripts and schedulers
+        // can tell an interrupted run from a finished one.
+        Err(err) if err.is::<Interrupted>() => std::process::ExitCode::from(130),
         Err(err) => {
             eprintln!("error: {err:#}");
             std::process::ExitCode::FAILURE
         }
     }
 }
+
+/// A command stopped by Ctrl-C or SIGTERM after saving its state (exit status 130).
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -146,8 +146,15 @@ pub struct ReportFiles {
     pub summary: Summary,
 }
 
-/// Reads `<run_dir>/metrics.jsonl` (and `eval.json` if present), writes `report.png` and `report.txt`.
+/// Reads `<run_dir>/metrics.jsonl` (and `eval.json` if present), writes `report.png` and `report.txt`
+/// into the run folder.
 pub fn write_report(run_dir: &Path) -> anyhow::Result<ReportFiles> {
+    write_report_to(run_dir, &run_dir.join("eval.json"), run_dir)
+}
+
+/// Reads the metrics of `run_dir` and the evaluation at `eval_path` (when it exists), writes
+/// `report.png` and `report.txt` into `out_dir`.
+pub fn write_report_to(run_dir: &Path, eval_path: &Path, out_dir: &Path) -> anyhow::Result<ReportFiles> {
     let metrics_path = run_dir.join("metrics.jsonl");
     if !metrics_path.is_file() {
         bail!("{}: no metrics.jsonl: is this the run directory of `cargo xtask train`?", run_dir.display());
@@ -156,12 +163,11 @@ pub fn write_report(run_dir: &Path) -> anyhow::Result<ReportFiles> {
     if metrics.rows.is_empty() {
         bail!("{}: no readable step in it yet", metrics_path.display());
     }
-    let eval_path = run_dir.join("eval.json");
-    let eval = if eval_path.is_file() { Some(EvalReport::read(&eval_path)?) } else { None };
+    let eval = if eval_path.is_file() { Some(EvalReport::read(eval_path)?) } else { None };
     let summary = summarize(&metrics, eval);
-    let png = run_dir.join("report.png");
+    let png = out_dir.join("report.png");
     swav_core::fs::atomic_write(&png, &plot_png(&metrics.rows)?)?;
-    let txt = run_dir.join("report.txt");
+    let txt = out_dir.join("report.txt");
     let text = format!("run {}\n{summary}", run_dir.display());
     swav_core::fs::atomic_write(&txt, text.as_bytes())?;
     Ok(ReportFiles { png, txt, summary })

@@ -89,15 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond interrupt: exiting without a checkpoint");
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: saving a checkpoint after this step (press Ctrl-C again to quit at once)");
-    })
-    .context("installing the Ctrl-C handler")?;
+    install_stop_handler(stop.clone())?;
 
     let m = &config.model;
     tracing::info!(
@@ -120,6 +112,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             out.steps,
             out.checkpoint.display()
         );
+        return Err(crate::Interrupted.into());
     } else {
         println!(
             "{} steps ({} epochs) done, last loss {loss}, {:.1} images/s; checkpoint {}",
@@ -134,4 +127,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn rayon_threads(n: usize) -> anyhow::Result<()> {
     swav_tensor::set_threads(n).context("setting the number of compute threads")
+}
+
+/// Ctrl-C and SIGTERM (what schedulers send before killing a job) raise `stop`: training saves a
+/// checkpoint after the current step and the command exits with status 130. A second signal exits at
+/// once, without a checkpoint (the previous one stays the newest).
+pub fn install_stop_handler(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving a checkpoint after this step (interrupt again to quit at once)");
+    })
+    .context("installing the interrupt handler")
 }

@@ -68,6 +68,20 @@ fn header(path: &Path, r: &mut dyn Read, magic: [u8; 4], dims: usize) -> Result<
     Ok((0..dims).map(|i| u32::from_be_bytes(h[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize).collect())
 }
 
+/// The number of images an IDX images file announces in its header (checked to be non-zero), without
+/// reading the pixels: what a caller needs to split the file into ranges.
+pub fn idx_image_count(images: &Path) -> Result<usize> {
+    let mut r = open(images)?;
+    let d = header(images, &mut *r, [0, 0, 8, 3], 3)?;
+    if d.contains(&0) {
+        return Err(DataError::Input {
+            path: images.to_owned(),
+            problem: format!("empty IDX images file ({} images of {}x{})", d[0], d[1], d[2]),
+        });
+    }
+    Ok(d[0])
+}
+
 /// Reads an images file and its labels file.
 pub(crate) fn read_idx(images: &Path, max_pixels: u64) -> Result<IdxData> {
     let bad = |p: &Path, problem: String| DataError::Input { path: p.to_owned(), problem };

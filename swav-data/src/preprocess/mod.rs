@@ -10,6 +10,8 @@
 
 mod decode;
 mod idx;
+
+pub use idx::idx_image_count;
 mod scan;
 
 use std::collections::BTreeMap;
