@@ -154,6 +154,12 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
         None => (SwavState { model: SwavModel::new(config.model.clone(), t.seed)?, optimizer, queue: None }, 0, 0, 0),
     };
     state.model.set_conv_algorithm(t.conv);
+    tracing::info!(
+        "run {}: {} epochs of {steps_per_epoch} steps (batch {}), from step {iteration}",
+        opts.run_dir.display(),
+        t.epochs,
+        t.batch_size
+    );
     let resumed_from = (iteration > 0).then_some(iteration);
     let mut metrics = MetricsLog::open(&opts.run_dir, iteration as u64)?;
     let k = config.model.prototypes[0];
