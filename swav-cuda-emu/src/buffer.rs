@@ -101,6 +101,11 @@ impl Buffer {
         }
     }
 
+    /// The contents as bytes (for bit-for-bit comparisons of any type).
+    pub fn bytes(&self) -> &[u8] {
+        &self.raw()[GUARD..GUARD + self.len * self.elem.size()]
+    }
+
     /// The element type.
     pub fn elem(&self) -> Elem {
         self.elem
