@@ -5,7 +5,29 @@
 // bits), a block adds its warps' results in warp order. Every thread of the block must call the block
 // reductions (they synchronise), and blockDim.x must be a multiple of 32.
 
+// bf16 storage. NVRTC has no built-in cuda_bf16.h (checked with NVRTC 13.5: "could not open source file")
+// and the nvidia-cuda-nvrtc wheel ships no headers, so unless the CUDA headers are on the include path
+// (then the official type is used), a minimal stand-in with the same name, layout and conversions is
+// defined here: cvt.rn.bf16.f32 (round to nearest even, NaN -> canonical NaN) is what cuda_bf16.h itself
+// uses on sm_80 and later. The emulator provides the header (its shim defines the type).
+#if __has_include(<cuda_bf16.h>)
 #include <cuda_bf16.h>
+#else
+struct __align__(2) __nv_bfloat16 {
+    unsigned short __x;
+};
+__device__ __forceinline__ __nv_bfloat16 __float2bfloat16(float f) {
+    __nv_bfloat16 r;
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.__x) : "f"(f));
+#else
+    const unsigned u = __float_as_uint(f);
+    r.__x = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fff : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+    return r;
+}
+__device__ __forceinline__ float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float((unsigned)h.__x << 16); }
+#endif
 
 #define SWAV_NEG_INF (-__int_as_float(0x7f800000))
 

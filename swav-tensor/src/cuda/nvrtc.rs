@@ -151,3 +151,64 @@ mod tests {
         assert_eq!((k[1].registers, k[1].shared_bytes), (8, 0));
     }
 }
+
+/// The architectures the compile check builds for: A100 (sm_80) and H100/H200 (sm_90).
+pub const CHECK_ARCHS: [&str; 2] = ["sm_80", "sm_90"];
+
+/// The compile check run by the tests of every crate with kernels: compiles each source for each of
+/// `archs`, and returns a table of every kernel's registers, spills, stack and static shared memory.
+/// Fails on a compile error, a compiler warning, a kernel missing from ptxas' report, or more than 48 KiB
+/// of static shared memory. Without NVRTC it returns `Ok(None)` after printing `SKIPPED: ...`, unless
+/// `SWAV_REQUIRE_NVRTC=1` (CI), which makes the absence an error.
+pub fn compile_check(sources: &[Source], archs: &[&str]) -> Result<Option<String>, String> {
+    if let Err(why) = available() {
+        if std::env::var("SWAV_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
+            return Err(format!("SWAV_REQUIRE_NVRTC=1 but {why}"));
+        }
+        eprintln!("SKIPPED: {why}");
+        return Ok(None);
+    }
+    let (major, minor) = version()?;
+    let mut report = format!("NVRTC {major}.{minor}\n{:<32} {:>6} {:>5} {:>6} {:>7} {:>7} {:>7}\n", "kernel", "arch", "regs", "stack", "spill-st", "spill-ld", "smem");
+    for source in sources {
+        let expected: Vec<String> = kernel_names(source);
+        for arch in archs {
+            let c = compile(source, arch)?;
+            let warnings: Vec<&str> = c.log.lines().filter(|l| l.contains("warning")).collect();
+            if !warnings.is_empty() {
+                return Err(format!("{} for {arch}: compiler warnings:\n{}", source.name, warnings.join("\n")));
+            }
+            for name in &expected {
+                let k = c
+                    .kernels
+                    .iter()
+                    .find(|k| &k.name == name)
+                    .ok_or_else(|| format!("{} for {arch}: kernel {name} missing from ptxas' report:\n{}", source.name, c.log))?;
+                if k.shared_bytes > 48 * 1024 {
+                    return Err(format!("{name} for {arch}: {} bytes of static shared memory (48 KiB at most)", k.shared_bytes));
+                }
+                report += &format!(
+                    "{:<32} {:>6} {:>5} {:>6} {:>7} {:>7} {:>7}\n",
+                    k.name, arch, k.registers, k.stack_bytes, k.spill_stores, k.spill_loads, k.shared_bytes
+                );
+            }
+        }
+    }
+    Ok(Some(report))
+}
+
+/// Names of the `extern "C" __global__` functions of `source` (a light scan: the name before the
+/// parameter list, after an optional `__launch_bounds__(...)`).
+fn kernel_names(source: &Source) -> Vec<String> {
+    let mut names = Vec::new();
+    for piece in source.code.split("extern \"C\" __global__ void").skip(1) {
+        let mut p = piece.trim_start();
+        if let Some(rest) = p.strip_prefix("__launch_bounds__") {
+            p = rest.find(')').map_or(rest, |i| &rest[i + 1..]).trim_start();
+        }
+        if let Some(open) = p.find('(') {
+            names.push(p[..open].trim().to_string());
+        }
+    }
+    names
+}
