@@ -149,3 +149,21 @@ pub fn kernel_names(sources: &[Source]) -> Result<Vec<String>, String> {
     }
     Ok(names)
 }
+
+/// Runs `plan` twice from the same `inputs`, blocks and threads in ascending then in descending order,
+/// and checks that every buffer the caller gets back (`Out`, `InOut`) has the same bits in both runs:
+/// the kernels are deterministic and free of races between threads. Returns the first run's memory.
+pub fn run_both_schedules(emu: &Emulator, plan: &Plan, inputs: &[(BufId, Buffer)]) -> Result<Memory, String> {
+    let mut runs = Vec::new();
+    for schedule in [Schedule::Forward, Schedule::Reverse] {
+        let mut mem = Memory::new(plan, inputs.to_vec())?;
+        run(emu, plan, &mut mem, schedule).map_err(|e| e.to_string())?;
+        runs.push(mem);
+    }
+    for b in &plan.buffers {
+        if matches!(b.role, Role::Out | Role::InOut) && runs[0].get(b.id).bytes() != runs[1].get(b.id).bytes() {
+            return Err(format!("{:?} differs between the forward and the reverse schedule", b.id));
+        }
+    }
+    Ok(runs.swap_remove(0))
+}

@@ -4,8 +4,8 @@
 
 use std::sync::OnceLock;
 
-use swav_tensor::cuda::emulate::{self, Buffer, Emulator, Memory, Schedule};
-use swav_tensor::cuda::plan::{BufId, Plan, Role};
+use swav_tensor::cuda::emulate::{self, Buffer, Emulator, Memory};
+use swav_tensor::cuda::plan::{BufId, Plan};
 use swav_tensor::cuda::Source;
 
 /// The emulation of `sources`, or None (the test prints SKIPPED and passes) without a C++ compiler.
@@ -13,21 +13,10 @@ pub fn emulator(cache: &'static OnceLock<Option<Emulator>>, sources: fn() -> Vec
     cache.get_or_init(|| emulate::emulator(&sources())).as_ref()
 }
 
-/// Runs `plan` twice, blocks and threads in ascending then in descending order, checks that every
-/// buffer the caller gets back (`Out`, `InOut`) is bit-identical between the two (determinism, and no
-/// race between threads), and returns the first run's memory.
+/// Runs `plan` under both schedules and checks that they agree bit for bit (see
+/// `emulate::run_both_schedules`); returns the first run's memory.
 pub fn run(emu: &Emulator, plan: &Plan, inputs: &[(BufId, Buffer)]) -> Memory {
-    let [first, second] = [Schedule::Forward, Schedule::Reverse].map(|schedule| {
-        let mut mem = Memory::new(plan, inputs.to_vec()).unwrap_or_else(|e| panic!("{e}"));
-        emulate::run(emu, plan, &mut mem, schedule).unwrap_or_else(|e| panic!("{e}"));
-        mem
-    });
-    for b in &plan.buffers {
-        if matches!(b.role, Role::Out | Role::InOut) {
-            assert!(first.get(b.id).bytes() == second.get(b.id).bytes(), "{:?} differs between the two schedules", b.id);
-        }
-    }
-    first
+    emulate::run_both_schedules(emu, plan, inputs).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// SplitMix64: deterministic inputs without a dependency.
