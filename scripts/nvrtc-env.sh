@@ -9,7 +9,7 @@
 #   python3 -m pip install nvidia-cuda-nvrtc     # once
 #   source scripts/nvrtc-env.sh                  # prints what it found
 #
-# Works when executed too (`eval "$(scripts/nvrtc-env.sh)"`): it then prints the export line.
+# Safe under `set -euo pipefail` (CI sources it). Works when executed too (`eval "$(scripts/nvrtc-env.sh)"`): it then prints the export line.
 links="${SWAV_CUDA_LINKS:-${TMPDIR:-/tmp}/swav-cuda-libs}"
 mkdir -p "$links"
 dirs=(${SWAV_CUDA_LIBS:-})
@@ -22,7 +22,7 @@ done
 dirs+=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu)
 nvrtc=""
 for d in "${dirs[@]}"; do
-    f=$(ls "$d"/libnvrtc.so* 2>/dev/null | grep -v builtins | sort -V | tail -n 1)
+    f=$(ls "$d"/libnvrtc.so* 2>/dev/null | grep -v builtins | sort -V | tail -n 1 || true)
     if [ -n "$f" ]; then nvrtc="$f"; break; fi
 done
 if [ -z "$nvrtc" ]; then
