@@ -42,7 +42,7 @@ macro_rules! typed {
         pub fn $as_mut(&mut self) -> &mut [$t] {
             self.expect(&[$(Elem::$e),+]);
             // SAFETY: as above, and `&mut self` makes the access exclusive.
-            unsafe { std::slice::from_raw_parts_mut(self.data_ptr() as *mut $t, self.len) }
+            unsafe { std::slice::from_raw_parts_mut(self.data_mut_ptr() as *mut $t, self.len) }
         }
     };
     (@first $e:ident $(| $rest:ident)*) => { Elem::$e };
@@ -122,14 +122,21 @@ impl Buffer {
     }
 
     /// The address kernels see for this buffer (for tables of pointers built on the host). Stable for
-    /// the life of the buffer.
+    /// the life of the buffer. Kernels that write through it must run while nothing else borrows the
+    /// buffer.
     pub fn device_address(&self) -> u64 {
         self.data_ptr() as u64
     }
 
-    pub(crate) fn data_ptr(&self) -> *mut u8 {
+    fn data_ptr(&self) -> *const u8 {
         // SAFETY: GUARD bytes into an allocation of at least 2 GUARD bytes.
-        unsafe { (self.words.as_ptr() as *mut u8).add(GUARD) }
+        unsafe { (self.words.as_ptr() as *const u8).add(GUARD) }
+    }
+
+    /// The data's address for a kernel argument: derived from `&mut self`, as kernels write through it.
+    pub(crate) fn data_mut_ptr(&mut self) -> *mut u8 {
+        // SAFETY: as above.
+        unsafe { (self.words.as_mut_ptr() as *mut u8).add(GUARD) }
     }
 
     /// Which guard zone a kernel wrote into, if any.
@@ -216,7 +223,7 @@ mod tests {
         let mut b = Buffer::from_f32(&[1.0, 2.0, 3.0]);
         assert_eq!(b.damaged_guard(), None);
         // SAFETY: one element past the end is inside the guard zone.
-        unsafe { *(b.data_ptr() as *mut f32).add(3) = 0.0 };
+        unsafe { *(b.data_mut_ptr() as *mut f32).add(3) = 0.0 };
         assert_eq!(b.damaged_guard(), Some("past its end"));
         let p = Buffer::poisoned(Elem::F32, 2);
         assert!(p.as_f32().iter().all(|v| v.is_nan()));

@@ -30,6 +30,8 @@
 //! Not checked: reads outside buffers, and anything about speed, occupancy or NVRTC itself (the NVRTC
 //! compile check does that part).
 
+#![warn(missing_docs)]
+
 mod buffer;
 mod compile;
 mod parse;
@@ -363,14 +365,14 @@ fn check_args(
         raw.push(match *a {
             Arg::Buf(i) => {
                 let buf = buffers
-                    .get(i)
+                    .get_mut(i)
                     .ok_or_else(|| bad(format!("`{}`: no buffer {i}", p.name)))?;
                 match p.kind {
                     ParamKind::Ptr { elem, .. } if elem == buf.elem() => RawArg {
                         kind: 0,
                         elem: elem.code(),
                         bits: 0,
-                        ptr: buf.data_ptr(),
+                        ptr: buf.data_mut_ptr(),
                     },
                     _ => {
                         return Err(bad(format!(

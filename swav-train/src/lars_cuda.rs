@@ -5,13 +5,18 @@
 //! lists as constants of the plan, and `partials`, `coef` scratch. The parameters themselves are reached
 //! through the table only.
 
+#![warn(missing_docs)]
+
 use swav_tensor::cuda::plan::{Arg, BufId, ConstData, DType, Plan, Role};
 use swav_tensor::cuda::Source;
 
 use crate::TrainError;
 
 /// The kernel file.
-pub const SOURCE: Source = Source { name: "lars.cu", code: include_str!("lars.cu") };
+pub const SOURCE: Source = Source {
+    name: "lars.cu",
+    code: include_str!("lars.cu"),
+};
 
 /// Per tensor: parameter address, gradient address, momentum address, length.
 pub const TABLE: BufId = BufId("table");
@@ -62,7 +67,10 @@ pub fn plan(tensors: &[LarsTensor], s: &LarsSettings, lr: f32) -> Result<Plan, T
     let mut first_chunk = Vec::with_capacity(tensors.len() + 1);
     for (t, tensor) in tensors.iter().enumerate() {
         if tensor.len > u32::MAX as usize {
-            return Err(TrainError::Shape(format!("lars (cuda): tensor {t} has {} values (2^32 at most)", tensor.len)));
+            return Err(TrainError::Shape(format!(
+                "lars (cuda): tensor {t} has {} values (2^32 at most)",
+                tensor.len
+            )));
         }
         first_chunk.push((chunks.len() / 2) as u32);
         if !tensor.frozen {
@@ -77,15 +85,36 @@ pub fn plan(tensors: &[LarsTensor], s: &LarsSettings, lr: f32) -> Result<Plan, T
     let mut plan = Plan::default();
     plan.buffer(TABLE, DType::U64, 4 * t, Role::In)
         .buffer(SKIP, DType::U32, 1, Role::In)
-        .buffer(CHUNKS, DType::U32, 2 * n, Role::Const(ConstData::U32(chunks)))
-        .buffer(TENSOR_CHUNKS, DType::U32, t + 1, Role::Const(ConstData::U32(first_chunk)))
+        .buffer(
+            CHUNKS,
+            DType::U32,
+            2 * n,
+            Role::Const(ConstData::U32(chunks)),
+        )
+        .buffer(
+            TENSOR_CHUNKS,
+            DType::U32,
+            t + 1,
+            Role::Const(ConstData::U32(first_chunk)),
+        )
         .buffer(PARTIALS, DType::F32, 2 * n, Role::Scratch)
         .buffer(COEF, DType::F32, 2 * t, Role::Scratch);
     if n == 0 {
         return Ok(plan); // everything frozen (or empty): nothing to launch
     }
     let chunk_len = Arg::I32(CHUNK_LEN as i32);
-    plan.launch("lars_sumsq", [n as u32, 1, 1], [256, 1, 1], vec![Arg::Buf(TABLE), Arg::Buf(CHUNKS), chunk_len, Arg::Buf(SKIP), Arg::Buf(PARTIALS)]);
+    plan.launch(
+        "lars_sumsq",
+        [n as u32, 1, 1],
+        [256, 1, 1],
+        vec![
+            Arg::Buf(TABLE),
+            Arg::Buf(CHUNKS),
+            chunk_len,
+            Arg::Buf(SKIP),
+            Arg::Buf(PARTIALS),
+        ],
+    );
     plan.launch(
         "lars_coefficients",
         [t as u32, 1, 1],
@@ -104,7 +133,15 @@ pub fn plan(tensors: &[LarsTensor], s: &LarsSettings, lr: f32) -> Result<Plan, T
         "lars_update",
         [n as u32, 1, 1],
         [256, 1, 1],
-        vec![Arg::Buf(TABLE), Arg::Buf(CHUNKS), chunk_len, Arg::Buf(COEF), Arg::F32(lr), Arg::F32(s.momentum), Arg::Buf(SKIP)],
+        vec![
+            Arg::Buf(TABLE),
+            Arg::Buf(CHUNKS),
+            chunk_len,
+            Arg::Buf(COEF),
+            Arg::F32(lr),
+            Arg::F32(s.momentum),
+            Arg::Buf(SKIP),
+        ],
     );
     Ok(plan)
 }

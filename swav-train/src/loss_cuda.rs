@@ -4,13 +4,18 @@
 //! `scores` and `loss` `[1]` out, `skip` u32 `[1]` out (1 when the loss is not finite: the optimizer
 //! then updates nothing), `assign` (the crop ids, a constant of the plan) and `row_loss` scratch.
 
+#![warn(missing_docs)]
+
 use swav_tensor::cuda::plan::{Arg, BufId, ConstData, DType, Plan, Role};
 use swav_tensor::cuda::Source;
 
 use crate::TrainError;
 
 /// The kernel file.
-pub const SOURCE: Source = Source { name: "loss.cu", code: include_str!("loss.cu") };
+pub const SOURCE: Source = Source {
+    name: "loss.cu",
+    code: include_str!("loss.cu"),
+};
 
 /// Scores of every crop, crop-major.
 pub const SCORES: BufId = BufId("scores");
@@ -28,13 +33,28 @@ pub const SKIP: BufId = BufId("skip");
 pub const ROW_LOSS: BufId = BufId("row_loss");
 
 /// The loss and its gradient for `crops` crops of `batch` images, `k` prototypes.
-pub fn plan(crops: usize, batch: usize, k: usize, crops_for_assign: &[usize], temperature: f32) -> Result<Plan, TrainError> {
+pub fn plan(
+    crops: usize,
+    batch: usize,
+    k: usize,
+    crops_for_assign: &[usize],
+    temperature: f32,
+) -> Result<Plan, TrainError> {
     let rows = crops * batch;
-    if crops < 2 || batch == 0 || k == 0 || rows * k > i32::MAX as usize * 16 || rows > i32::MAX as usize {
-        return Err(TrainError::Shape(format!("loss (cuda): {crops} crops x {batch} x {k}")));
+    if crops < 2
+        || batch == 0
+        || k == 0
+        || rows * k > i32::MAX as usize * 16
+        || rows > i32::MAX as usize
+    {
+        return Err(TrainError::Shape(format!(
+            "loss (cuda): {crops} crops x {batch} x {k}"
+        )));
     }
     if crops_for_assign.is_empty() || crops_for_assign.iter().any(|&a| a >= crops) {
-        return Err(TrainError::Shape(format!("loss (cuda): crops_for_assign {crops_for_assign:?} for {crops} crops")));
+        return Err(TrainError::Shape(format!(
+            "loss (cuda): crops_for_assign {crops_for_assign:?} for {crops} crops"
+        )));
     }
     let a = crops_for_assign.len();
     let denom = ((crops - 1) * a) as f64;
@@ -42,7 +62,14 @@ pub fn plan(crops: usize, batch: usize, k: usize, crops_for_assign: &[usize], te
     let mut plan = Plan::default();
     plan.buffer(SCORES, DType::F32, rows * k, Role::In)
         .buffer(CODES, DType::F32, a * batch * k, Role::In)
-        .buffer(ASSIGN, DType::I32, a, Role::Const(ConstData::I32(crops_for_assign.iter().map(|&c| c as i32).collect())))
+        .buffer(
+            ASSIGN,
+            DType::I32,
+            a,
+            Role::Const(ConstData::I32(
+                crops_for_assign.iter().map(|&c| c as i32).collect(),
+            )),
+        )
         .buffer(DSCORES, DType::F32, rows * k, Role::Out)
         .buffer(LOSS, DType::F32, 1, Role::Out)
         .buffer(SKIP, DType::U32, 1, Role::Out)
@@ -68,7 +95,13 @@ pub fn plan(crops: usize, batch: usize, k: usize, crops_for_assign: &[usize], te
         "swav_loss_total",
         [1, 1, 1],
         [1024, 1, 1],
-        vec![Arg::Buf(ROW_LOSS), Arg::I32(rows as i32), Arg::F32((1.0 / (batch as f64 * denom)) as f32), Arg::Buf(LOSS), Arg::Buf(SKIP)],
+        vec![
+            Arg::Buf(ROW_LOSS),
+            Arg::I32(rows as i32),
+            Arg::F32((1.0 / (batch as f64 * denom)) as f32),
+            Arg::Buf(LOSS),
+            Arg::Buf(SKIP),
+        ],
     );
     Ok(plan)
 }

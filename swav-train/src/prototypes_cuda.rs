@@ -4,13 +4,18 @@
 //! Buffers: `prototypes` fp32 `[k, d]` (in place); `codes` fp32 `[batch, k]` in, `hist` u32 `[k]` and
 //! `stats` fp32 `[2]` (entropy of the mean code, prototypes used) out, `argmax`, `colsum` scratch.
 
+#![warn(missing_docs)]
+
 use swav_tensor::cuda::plan::{Arg, BufId, DType, Plan, Role};
 use swav_tensor::cuda::Source;
 
 use crate::TrainError;
 
 /// The kernel file.
-pub const SOURCE: Source = Source { name: "prototypes.cu", code: include_str!("prototypes.cu") };
+pub const SOURCE: Source = Source {
+    name: "prototypes.cu",
+    code: include_str!("prototypes.cu"),
+};
 
 /// The prototype matrix, normalised in place.
 pub const PROTOTYPES: BufId = BufId("prototypes");
@@ -37,7 +42,12 @@ pub fn normalize(k: usize, d: usize) -> Result<Plan, TrainError> {
     check(k, d, "prototype normalisation")?;
     let mut plan = Plan::default();
     plan.buffer(PROTOTYPES, DType::F32, k * d, Role::InOut);
-    plan.launch("proto_normalize", [k as u32, 1, 1], [(d.div_ceil(32) * 32).clamp(32, 256) as u32, 1, 1], vec![Arg::Buf(PROTOTYPES), Arg::I32(d as i32)]);
+    plan.launch(
+        "proto_normalize",
+        [k as u32, 1, 1],
+        [(d.div_ceil(32) * 32).clamp(32, 256) as u32, 1, 1],
+        vec![Arg::Buf(PROTOTYPES), Arg::I32(d as i32)],
+    );
     Ok(plan)
 }
 
@@ -50,18 +60,35 @@ pub fn cluster_stats(batch: usize, k: usize) -> Result<Plan, TrainError> {
         .buffer(STATS, DType::F32, 2, Role::Out)
         .buffer(ARGMAX, DType::U32, batch, Role::Scratch)
         .buffer(COLSUM, DType::F32, k, Role::Scratch);
-    plan.launch("cluster_argmax", [batch as u32, 1, 1], [256, 1, 1], vec![Arg::Buf(CODES), Arg::I32(k as i32), Arg::Buf(ARGMAX)]);
+    plan.launch(
+        "cluster_argmax",
+        [batch as u32, 1, 1],
+        [256, 1, 1],
+        vec![Arg::Buf(CODES), Arg::I32(k as i32), Arg::Buf(ARGMAX)],
+    );
     plan.launch(
         "cluster_colsum",
         [k.div_ceil(256) as u32, 1, 1],
         [256, 1, 1],
-        vec![Arg::Buf(CODES), Arg::I32(batch as i32), Arg::I32(k as i32), Arg::Buf(COLSUM)],
+        vec![
+            Arg::Buf(CODES),
+            Arg::I32(batch as i32),
+            Arg::I32(k as i32),
+            Arg::Buf(COLSUM),
+        ],
     );
     plan.launch(
         "cluster_stats",
         [1, 1, 1],
         [1024, 1, 1],
-        vec![Arg::Buf(ARGMAX), Arg::I32(batch as i32), Arg::Buf(COLSUM), Arg::I32(k as i32), Arg::Buf(HIST), Arg::Buf(STATS)],
+        vec![
+            Arg::Buf(ARGMAX),
+            Arg::I32(batch as i32),
+            Arg::Buf(COLSUM),
+            Arg::I32(k as i32),
+            Arg::Buf(HIST),
+            Arg::Buf(STATS),
+        ],
     );
     Ok(plan)
 }

@@ -13,8 +13,14 @@ use super::Source;
 /// test prints why and passes; `SWAV_REQUIRE_EMULATOR=1` makes that a failure).
 pub fn emulator(sources: &[Source]) -> Option<Emulator> {
     let texts: Vec<String> = sources.iter().map(Source::text).collect();
-    let emu_sources: Vec<swav_cuda_emu::Source<'_>> =
-        sources.iter().zip(&texts).map(|(s, t)| swav_cuda_emu::Source { name: s.name, code: t }).collect();
+    let emu_sources: Vec<swav_cuda_emu::Source<'_>> = sources
+        .iter()
+        .zip(&texts)
+        .map(|(s, t)| swav_cuda_emu::Source {
+            name: s.name,
+            code: t,
+        })
+        .collect();
     Emulator::new_or_skip(&emu_sources)
 }
 
@@ -42,9 +48,17 @@ impl Memory {
     pub fn new(plan: &Plan, inputs: Vec<(BufId, Buffer)>) -> Result<Memory, String> {
         let mut given: HashMap<BufId, Buffer> = HashMap::new();
         for (id, b) in inputs {
-            let decl = plan.get(id).ok_or_else(|| format!("input {id:?} is not a buffer of the plan"))?;
+            let decl = plan
+                .get(id)
+                .ok_or_else(|| format!("input {id:?} is not a buffer of the plan"))?;
             if b.elem() != elem(decl.dtype) || b.len() != decl.len {
-                return Err(format!("input {id:?}: {:?} x {} for {:?} x {}", b.elem(), b.len(), decl.dtype, decl.len));
+                return Err(format!(
+                    "input {id:?}: {:?} x {} for {:?} x {}",
+                    b.elem(),
+                    b.len(),
+                    decl.dtype,
+                    decl.len
+                ));
             }
             given.insert(id, b);
         }
@@ -52,11 +66,15 @@ impl Memory {
         let mut buffers = Vec::new();
         for decl in &plan.buffers {
             let b = match (&decl.role, given.remove(&decl.id)) {
-                (Role::Const(_), Some(_)) => return Err(format!("{:?} is a constant of the plan", decl.id)),
+                (Role::Const(_), Some(_)) => {
+                    return Err(format!("{:?} is a constant of the plan", decl.id))
+                }
                 (Role::Const(ConstData::I32(v)), None) => Buffer::from_i32(v),
                 (Role::Const(ConstData::U32(v)), None) => Buffer::from_u32(v),
                 (_, Some(b)) => b,
-                (Role::In | Role::InOut, None) => return Err(format!("input {:?} missing", decl.id)),
+                (Role::In | Role::InOut, None) => {
+                    return Err(format!("input {:?} missing", decl.id))
+                }
                 (Role::Out | Role::Scratch, None) => Buffer::poisoned(elem(decl.dtype), decl.len),
             };
             index.insert(decl.id, buffers.len());
@@ -83,7 +101,12 @@ impl Memory {
 }
 
 /// Runs every launch of `plan` on `memory`, in order.
-pub fn run(emu: &Emulator, plan: &Plan, memory: &mut Memory, schedule: Schedule) -> Result<(), EmuError> {
+pub fn run(
+    emu: &Emulator,
+    plan: &Plan,
+    memory: &mut Memory,
+    schedule: Schedule,
+) -> Result<(), EmuError> {
     plan.validate().map_err(EmuError::Arguments)?;
     for l in &plan.launches {
         let args = l
@@ -99,7 +122,13 @@ pub fn run(emu: &Emulator, plan: &Plan, memory: &mut Memory, schedule: Schedule)
                 Arg::U64(v) => EmuArg::U64(v),
             })
             .collect();
-        let launch = EmuLaunch { kernel: l.kernel.to_string(), grid: l.grid, block: l.block, shared_bytes: l.shared_bytes, args };
+        let launch = EmuLaunch {
+            kernel: l.kernel.to_string(),
+            grid: l.grid,
+            block: l.block,
+            shared_bytes: l.shared_bytes,
+            args,
+        };
         emu.launch(&launch, &mut memory.buffers, schedule)?;
     }
     Ok(())
@@ -113,17 +142,29 @@ pub fn check_signatures(plan: &Plan, sources: &[Source]) -> Result<Vec<&'static 
     plan.validate()?;
     let mut sigs = Vec::new();
     for s in sources {
-        sigs.extend(swav_cuda_emu::parse_kernels(&s.text()).map_err(|e| format!("{}: {e}", s.name))?);
+        sigs.extend(
+            swav_cuda_emu::parse_kernels(&s.text()).map_err(|e| format!("{}: {e}", s.name))?,
+        );
     }
     let mut used = Vec::new();
     for l in &plan.launches {
-        let sig = sigs.iter().find(|s| s.name == l.kernel).ok_or_else(|| format!("no kernel named {}", l.kernel))?;
+        let sig = sigs
+            .iter()
+            .find(|s| s.name == l.kernel)
+            .ok_or_else(|| format!("no kernel named {}", l.kernel))?;
         if l.args.len() != sig.params.len() {
-            return Err(format!("{}: {} arguments for {} parameters", l.kernel, l.args.len(), sig.params.len()));
+            return Err(format!(
+                "{}: {} arguments for {} parameters",
+                l.kernel,
+                l.args.len(),
+                sig.params.len()
+            ));
         }
         for (a, p) in l.args.iter().zip(&sig.params) {
             let ok = match (a, p.kind) {
-                (Arg::Buf(id), ParamKind::Ptr { elem: e, .. }) => plan.get(*id).is_some_and(|b| elem(b.dtype) == e),
+                (Arg::Buf(id), ParamKind::Ptr { elem: e, .. }) => {
+                    plan.get(*id).is_some_and(|b| elem(b.dtype) == e)
+                }
                 (Arg::Null, ParamKind::Ptr { .. }) => true,
                 (Arg::I32(_), ParamKind::Scalar(Scalar::I32))
                 | (Arg::U32(_), ParamKind::Scalar(Scalar::U32))
@@ -133,7 +174,10 @@ pub fn check_signatures(plan: &Plan, sources: &[Source]) -> Result<Vec<&'static 
                 _ => false,
             };
             if !ok {
-                return Err(format!("{}: `{}` is {:?}, the plan gives {a:?}", l.kernel, p.name, p.kind));
+                return Err(format!(
+                    "{}: `{}` is {:?}, the plan gives {a:?}",
+                    l.kernel, p.name, p.kind
+                ));
             }
         }
         used.push(l.kernel);
@@ -145,7 +189,12 @@ pub fn check_signatures(plan: &Plan, sources: &[Source]) -> Result<Vec<&'static 
 pub fn kernel_names(sources: &[Source]) -> Result<Vec<String>, String> {
     let mut names = Vec::new();
     for s in sources {
-        names.extend(swav_cuda_emu::parse_kernels(&s.text()).map_err(|e| format!("{}: {e}", s.name))?.into_iter().map(|k| k.name));
+        names.extend(
+            swav_cuda_emu::parse_kernels(&s.text())
+                .map_err(|e| format!("{}: {e}", s.name))?
+                .into_iter()
+                .map(|k| k.name),
+        );
     }
     Ok(names)
 }
@@ -153,7 +202,11 @@ pub fn kernel_names(sources: &[Source]) -> Result<Vec<String>, String> {
 /// Runs `plan` twice from the same `inputs`, blocks and threads in ascending then in descending order,
 /// and checks that every buffer the caller gets back (`Out`, `InOut`) has the same bits in both runs:
 /// the kernels are deterministic and free of races between threads. Returns the first run's memory.
-pub fn run_both_schedules(emu: &Emulator, plan: &Plan, inputs: &[(BufId, Buffer)]) -> Result<Memory, String> {
+pub fn run_both_schedules(
+    emu: &Emulator,
+    plan: &Plan,
+    inputs: &[(BufId, Buffer)],
+) -> Result<Memory, String> {
     let mut runs = Vec::new();
     for schedule in [Schedule::Forward, Schedule::Reverse] {
         let mut mem = Memory::new(plan, inputs.to_vec())?;
@@ -161,8 +214,13 @@ pub fn run_both_schedules(emu: &Emulator, plan: &Plan, inputs: &[(BufId, Buffer)
         runs.push(mem);
     }
     for b in &plan.buffers {
-        if matches!(b.role, Role::Out | Role::InOut) && runs[0].get(b.id).bytes() != runs[1].get(b.id).bytes() {
-            return Err(format!("{:?} differs between the forward and the reverse schedule", b.id));
+        if matches!(b.role, Role::Out | Role::InOut)
+            && runs[0].get(b.id).bytes() != runs[1].get(b.id).bytes()
+        {
+            return Err(format!(
+                "{:?} differs between the forward and the reverse schedule",
+                b.id
+            ));
         }
     }
     Ok(runs.swap_remove(0))

@@ -8,6 +8,8 @@
 //! atomics, fixed combination order), and launch shapes depend on the problem shape only, so results are
 //! bit-identical run after run.
 
+#![warn(missing_docs)]
+
 #[cfg(feature = "emulate")]
 pub mod emulate;
 pub mod nvrtc;
@@ -37,5 +39,10 @@ impl Source {
 
 /// Every kernel file of swav-tensor.
 pub fn sources() -> Vec<Source> {
-    vec![batchnorm_cuda::SOURCE, pool_cuda::SOURCE, normalize_cuda::SOURCE, elementwise_cuda::SOURCE]
+    vec![
+        batchnorm_cuda::SOURCE,
+        pool_cuda::SOURCE,
+        normalize_cuda::SOURCE,
+        elementwise_cuda::SOURCE,
+    ]
 }

@@ -55,8 +55,10 @@ pub fn version() -> Result<(i32, i32), String> {
     available()?;
     let (mut major, mut minor) = (0, 0);
     // SAFETY: two out-pointers to live integers.
-    let status = catch_unwind(AssertUnwindSafe(|| unsafe { sys::nvrtcVersion(&mut major, &mut minor) }))
-        .map_err(|_| "nvrtcVersion is missing from the loaded library".to_string())?;
+    let status = catch_unwind(AssertUnwindSafe(|| unsafe {
+        sys::nvrtcVersion(&mut major, &mut minor)
+    }))
+    .map_err(|_| "nvrtcVersion is missing from the loaded library".to_string())?;
     status.result().map_err(|e| format!("nvrtcVersion: {e}"))?;
     Ok((major, minor))
 }
@@ -65,36 +67,59 @@ pub fn version() -> Result<(i32, i32), String> {
 /// ptxas' verbose report in the log. Errors carry the log.
 pub fn compile(source: &Source, arch: &str) -> Result<Compiled, String> {
     available()?;
-    let text = CString::new(source.text()).map_err(|_| format!("{}: NUL byte in the source", source.name))?;
+    let text = CString::new(source.text())
+        .map_err(|_| format!("{}: NUL byte in the source", source.name))?;
     let name = CString::new(source.name).map_err(|_| "NUL byte in the name".to_string())?;
-    let options = [format!("--gpu-architecture={arch}"), "--std=c++17".into(), "--ptxas-options=-v".into()];
+    let options = [
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".into(),
+        "--ptxas-options=-v".into(),
+    ];
     let run = || -> Result<Compiled, String> {
-        let prog = result::create_program(&text, Some(name.as_c_str())).map_err(|e| format!("nvrtcCreateProgram: {e}"))?;
+        let prog = result::create_program(&text, Some(name.as_c_str()))
+            .map_err(|e| format!("nvrtcCreateProgram: {e}"))?;
         // SAFETY: `prog` is live until destroyed below; options are plain strings.
         let compiled = unsafe { result::compile_program(prog, &options) };
         // SAFETY: as above.
-        let log = unsafe { result::get_program_log(prog) }.map(|l| c_chars(&l)).unwrap_or_default();
-        let cubin = compiled.map_err(|e| format!("{} for {arch}: {e}\n{log}", source.name)).and_then(|()| {
-            let mut size = 0usize;
-            // SAFETY: `prog` compiled successfully; the buffer has the size NVRTC reports.
-            unsafe {
-                sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| format!("nvrtcGetCUBINSize: {e}"))?;
-                let mut cubin = vec![0u8; size];
-                sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _).result().map_err(|e| format!("nvrtcGetCUBIN: {e}"))?;
-                Ok(cubin)
-            }
-        });
+        let log = unsafe { result::get_program_log(prog) }
+            .map(|l| c_chars(&l))
+            .unwrap_or_default();
+        let cubin = compiled
+            .map_err(|e| format!("{} for {arch}: {e}\n{log}", source.name))
+            .and_then(|()| {
+                let mut size = 0usize;
+                // SAFETY: `prog` compiled successfully; the buffer has the size NVRTC reports.
+                unsafe {
+                    sys::nvrtcGetCUBINSize(prog, &mut size)
+                        .result()
+                        .map_err(|e| format!("nvrtcGetCUBINSize: {e}"))?;
+                    let mut cubin = vec![0u8; size];
+                    sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _)
+                        .result()
+                        .map_err(|e| format!("nvrtcGetCUBIN: {e}"))?;
+                    Ok(cubin)
+                }
+            });
         // SAFETY: created above, destroyed once.
         let _ = unsafe { result::destroy_program(prog) };
         let cubin = cubin?;
         let kernels = parse_usage(&log);
-        Ok(Compiled { cubin, log, kernels })
+        Ok(Compiled {
+            cubin,
+            log,
+            kernels,
+        })
     };
-    catch_unwind(AssertUnwindSafe(run)).map_err(|_| "the loaded NVRTC lacks a function this build needs".to_string())?
+    catch_unwind(AssertUnwindSafe(run))
+        .map_err(|_| "the loaded NVRTC lacks a function this build needs".to_string())?
 }
 
 fn c_chars(v: &[std::ffi::c_char]) -> String {
-    let bytes: Vec<u8> = v.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    let bytes: Vec<u8> = v
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -116,7 +141,10 @@ pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or_default().to_string();
-            out.push(KernelUsage { name, ..Default::default() });
+            out.push(KernelUsage {
+                name,
+                ..Default::default()
+            });
         } else if let Some(k) = out.last_mut() {
             if line.contains("bytes stack frame") {
                 k.stack_bytes = number_before(line, "bytes stack frame");
@@ -129,27 +157,6 @@ pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_the_ptxas_report() {
-        let log = "ptxas info    : 0 bytes gmem\nptxas info    : Compiling entry function 'bn_apply_f32' for 'sm_80'\n\
-                   ptxas info    : Function properties for bn_apply_f32\n    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
-                   ptxas info    : Used 30 registers, 412 bytes cmem[0], 2048 bytes smem\n\
-                   ptxas info    : Compiling entry function 'k2' for 'sm_80'\nptxas info    : Function properties for k2\n\
-                   \x20   0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Used 8 registers, 360 bytes cmem[0]\n";
-        let k = parse_usage(log);
-        assert_eq!(
-            k[0],
-            KernelUsage { name: "bn_apply_f32".into(), registers: 30, stack_bytes: 8, spill_stores: 4, spill_loads: 12, shared_bytes: 2048 }
-        );
-        assert_eq!(k[1].name, "k2");
-        assert_eq!((k[1].registers, k[1].shared_bytes), (8, 0));
-    }
 }
 
 /// The architectures the compile check builds for: A100 (sm_80) and H100/H200 (sm_90).
@@ -169,27 +176,44 @@ pub fn compile_check(sources: &[Source], archs: &[&str]) -> Result<Option<String
         return Ok(None);
     }
     let (major, minor) = version()?;
-    let mut report = format!("NVRTC {major}.{minor}\n{:<32} {:>6} {:>5} {:>6} {:>7} {:>7} {:>7}\n", "kernel", "arch", "regs", "stack", "spill-st", "spill-ld", "smem");
+    let mut report = format!(
+        "NVRTC {major}.{minor}\n{:<32} {:>6} {:>5} {:>6} {:>7} {:>7} {:>7}\n",
+        "kernel", "arch", "regs", "stack", "spill-st", "spill-ld", "smem"
+    );
     for source in sources {
         let expected: Vec<String> = kernel_names(source);
         for arch in archs {
             let c = compile(source, arch)?;
             let warnings: Vec<&str> = c.log.lines().filter(|l| l.contains("warning")).collect();
             if !warnings.is_empty() {
-                return Err(format!("{} for {arch}: compiler warnings:\n{}", source.name, warnings.join("\n")));
+                return Err(format!(
+                    "{} for {arch}: compiler warnings:\n{}",
+                    source.name,
+                    warnings.join("\n")
+                ));
             }
             for name in &expected {
-                let k = c
-                    .kernels
-                    .iter()
-                    .find(|k| &k.name == name)
-                    .ok_or_else(|| format!("{} for {arch}: kernel {name} missing from ptxas' report:\n{}", source.name, c.log))?;
+                let k = c.kernels.iter().find(|k| &k.name == name).ok_or_else(|| {
+                    format!(
+                        "{} for {arch}: kernel {name} missing from ptxas' report:\n{}",
+                        source.name, c.log
+                    )
+                })?;
                 if k.shared_bytes > 48 * 1024 {
-                    return Err(format!("{name} for {arch}: {} bytes of static shared memory (48 KiB at most)", k.shared_bytes));
+                    return Err(format!(
+                        "{name} for {arch}: {} bytes of static shared memory (48 KiB at most)",
+                        k.shared_bytes
+                    ));
                 }
                 report += &format!(
                     "{:<32} {:>6} {:>5} {:>6} {:>7} {:>7} {:>7}\n",
-                    k.name, arch, k.registers, k.stack_bytes, k.spill_stores, k.spill_loads, k.shared_bytes
+                    k.name,
+                    arch,
+                    k.registers,
+                    k.stack_bytes,
+                    k.spill_stores,
+                    k.spill_loads,
+                    k.shared_bytes
                 );
             }
         }
@@ -211,4 +235,32 @@ fn kernel_names(source: &Source) -> Vec<String> {
         }
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_ptxas_report() {
+        let log = "ptxas info    : 0 bytes gmem\nptxas info    : Compiling entry function 'bn_apply_f32' for 'sm_80'\n\
+                   ptxas info    : Function properties for bn_apply_f32\n    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
+                   ptxas info    : Used 30 registers, 412 bytes cmem[0], 2048 bytes smem\n\
+                   ptxas info    : Compiling entry function 'k2' for 'sm_80'\nptxas info    : Function properties for k2\n\
+                   \x20   0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Used 8 registers, 360 bytes cmem[0]\n";
+        let k = parse_usage(log);
+        assert_eq!(
+            k[0],
+            KernelUsage {
+                name: "bn_apply_f32".into(),
+                registers: 30,
+                stack_bytes: 8,
+                spill_stores: 4,
+                spill_loads: 12,
+                shared_bytes: 2048
+            }
+        );
+        assert_eq!(k[1].name, "k2");
+        assert_eq!((k[1].registers, k[1].shared_bytes), (8, 0));
+    }
 }

@@ -140,19 +140,41 @@ pub const ELEMENTWISE_MAX_GRID: usize = 1 << 16;
 
 /// Grid of a grid-stride launch over `n` elements.
 pub fn elementwise_grid(n: usize) -> [u32; 3] {
-    [n.div_ceil(ELEMENTWISE_BLOCK as usize).clamp(1, ELEMENTWISE_MAX_GRID) as u32, 1, 1]
+    [
+        n.div_ceil(ELEMENTWISE_BLOCK as usize)
+            .clamp(1, ELEMENTWISE_MAX_GRID) as u32,
+        1,
+        1,
+    ]
 }
 
 impl Plan {
     /// Declares a buffer.
     pub fn buffer(&mut self, id: BufId, dtype: DType, len: usize, role: Role) -> &mut Plan {
-        self.buffers.push(Buffer { id, dtype, len, role });
+        self.buffers.push(Buffer {
+            id,
+            dtype,
+            len,
+            role,
+        });
         self
     }
 
     /// Appends a launch without dynamic shared memory.
-    pub fn launch(&mut self, kernel: &'static str, grid: [u32; 3], block: [u32; 3], args: Vec<Arg>) -> &mut Plan {
-        self.launches.push(Launch { kernel, grid, block, shared_bytes: 0, args });
+    pub fn launch(
+        &mut self,
+        kernel: &'static str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        args: Vec<Arg>,
+    ) -> &mut Plan {
+        self.launches.push(Launch {
+            kernel,
+            grid,
+            block,
+            shared_bytes: 0,
+            args,
+        });
         self
     }
 
@@ -174,7 +196,10 @@ impl Plan {
                     ConstData::U32(v) => (DType::U32, v.len()),
                 };
                 if dtype != b.dtype || len != b.len {
-                    return Err(format!("constant buffer {:?}: {len} values of {dtype:?} for {:?} x {}", b.id, b.dtype, b.len));
+                    return Err(format!(
+                        "constant buffer {:?}: {len} values of {dtype:?} for {:?} x {}",
+                        b.id, b.dtype, b.len
+                    ));
                 }
             }
         }
@@ -183,11 +208,18 @@ impl Plan {
             if threads == 0 || threads > 1024 || l.block[2] > 64 {
                 return Err(format!("{}: block {:?}", l.kernel, l.block));
             }
-            if l.grid.contains(&0) || l.grid[0] > i32::MAX as u32 || l.grid[1] > 65535 || l.grid[2] > 65535 {
+            if l.grid.contains(&0)
+                || l.grid[0] > i32::MAX as u32
+                || l.grid[1] > 65535
+                || l.grid[2] > 65535
+            {
                 return Err(format!("{}: grid {:?}", l.kernel, l.grid));
             }
             if l.shared_bytes > 48 * 1024 {
-                return Err(format!("{}: {} bytes of dynamic shared memory", l.kernel, l.shared_bytes));
+                return Err(format!(
+                    "{}: {} bytes of dynamic shared memory",
+                    l.kernel, l.shared_bytes
+                ));
             }
             for a in &l.args {
                 if let Arg::Buf(id) = a {

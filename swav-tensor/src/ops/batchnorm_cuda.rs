@@ -5,14 +5,21 @@
 //! type, `rows x channels`; everything per channel is fp32 `[channels]`; `partials` is
 //! `[tiles, 2 channels]` and `coef` `[3 channels]` of scratch.
 
-use crate::cuda::plan::{elementwise_grid, Arg, BufId, DType, Plan, Role, Storage, ELEMENTWISE_BLOCK};
+#![warn(missing_docs)]
+
+use crate::cuda::plan::{
+    elementwise_grid, Arg, BufId, DType, Plan, Role, Storage, ELEMENTWISE_BLOCK,
+};
 use crate::cuda::Source;
 use crate::error::shape_err;
 use crate::ops::batchnorm::Fused;
 use crate::Result;
 
 /// The kernel file.
-pub const SOURCE: Source = Source { name: "batchnorm.cu", code: include_str!("batchnorm.cu") };
+pub const SOURCE: Source = Source {
+    name: "batchnorm.cu",
+    code: include_str!("batchnorm.cu"),
+};
 
 /// Buffer names of the batch-norm plans.
 pub mod buf {
@@ -71,8 +78,15 @@ pub struct BnShape {
 
 impl BnShape {
     fn check(&self) -> Result<()> {
-        if self.channels == 0 || self.rows == 0 || self.rows > i32::MAX as usize || self.channels > i32::MAX as usize {
-            return Err(shape_err("batchnorm (cuda)", format!("{} rows x {} channels", self.rows, self.channels)));
+        if self.channels == 0
+            || self.rows == 0
+            || self.rows > i32::MAX as usize
+            || self.channels > i32::MAX as usize
+        {
+            return Err(shape_err(
+                "batchnorm (cuda)",
+                format!("{} rows x {} channels", self.rows, self.channels),
+            ));
         }
         Ok(())
     }
@@ -89,7 +103,11 @@ impl BnShape {
 
     fn reduce_grid(&self) -> [u32; 3] {
         let (_, tiles) = self.tiling();
-        [self.channels.div_ceil(CHANNELS_PER_BLOCK) as u32, tiles as u32, 1]
+        [
+            self.channels.div_ceil(CHANNELS_PER_BLOCK) as u32,
+            tiles as u32,
+            1,
+        ]
     }
 
     fn combine_grid(&self) -> [u32; 3] {
@@ -109,7 +127,11 @@ fn activation_buffers(plan: &mut Plan, s: BnShape, storage: Storage, fused: Fuse
 }
 
 fn apply(plan: &mut Plan, s: BnShape, storage: Storage, fused: Fused, mean: BufId) {
-    let residual = if fused.residual { Arg::Buf(RESIDUAL) } else { Arg::Null };
+    let residual = if fused.residual {
+        Arg::Buf(RESIDUAL)
+    } else {
+        Arg::Null
+    };
     plan.buffer(Y, storage.dtype(), s.len(), Role::Out);
     plan.launch(
         storage.pick("bn_apply_f32", "bn_apply_bf16"),
@@ -132,10 +154,22 @@ fn apply(plan: &mut Plan, s: BnShape, storage: Storage, fused: Fused, mean: BufI
 
 /// Training-mode forward: batch statistics (saved in `mean`, `rstd`), running statistics updated,
 /// `y = relu?(bn(x) [+ residual])`. Needs at least two rows, like the CPU op.
-pub fn train_forward(s: BnShape, storage: Storage, fused: Fused, momentum: f32, eps: f32) -> Result<Plan> {
+pub fn train_forward(
+    s: BnShape,
+    storage: Storage,
+    fused: Fused,
+    momentum: f32,
+    eps: f32,
+) -> Result<Plan> {
     s.check()?;
     if s.rows < 2 {
-        return Err(shape_err("batchnorm (cuda)", format!("training mode needs more than one value per channel, got {}", s.rows)));
+        return Err(shape_err(
+            "batchnorm (cuda)",
+            format!(
+                "training mode needs more than one value per channel, got {}",
+                s.rows
+            ),
+        ));
     }
     let (tile_rows, tiles) = s.tiling();
     let c = s.channels;
@@ -150,7 +184,13 @@ pub fn train_forward(s: BnShape, storage: Storage, fused: Fused, momentum: f32, 
         storage.pick("bn_stats_partial_f32", "bn_stats_partial_bf16"),
         s.reduce_grid(),
         REDUCE_BLOCK,
-        vec![Arg::Buf(X), Arg::I32(s.rows as i32), Arg::I32(c as i32), Arg::I32(tile_rows as i32), Arg::Buf(PARTIALS)],
+        vec![
+            Arg::Buf(X),
+            Arg::I32(s.rows as i32),
+            Arg::I32(c as i32),
+            Arg::I32(tile_rows as i32),
+            Arg::Buf(PARTIALS),
+        ],
     );
     plan.launch(
         storage.pick("bn_stats_combine_f32", "bn_stats_combine_bf16"),
@@ -187,7 +227,12 @@ pub fn eval_forward(s: BnShape, storage: Storage, fused: Fused, eps: f32) -> Res
         "bn_rstd_from_var",
         [c.div_ceil(ELEMENTWISE_BLOCK as usize) as u32, 1, 1],
         [ELEMENTWISE_BLOCK, 1, 1],
-        vec![Arg::Buf(RUNNING_VAR), Arg::I32(c as i32), Arg::F32(eps), Arg::Buf(RSTD)],
+        vec![
+            Arg::Buf(RUNNING_VAR),
+            Arg::I32(c as i32),
+            Arg::F32(eps),
+            Arg::Buf(RSTD),
+        ],
     );
     apply(&mut plan, s, storage, fused, RUNNING_MEAN);
     Ok(plan)
@@ -261,7 +306,11 @@ pub fn backward(s: BnShape, storage: Storage, fused: Fused) -> Result<Plan> {
             Arg::I32(c as i32),
             relu,
             Arg::Buf(DX),
-            if fused.residual { Arg::Buf(DRESIDUAL) } else { Arg::Null },
+            if fused.residual {
+                Arg::Buf(DRESIDUAL)
+            } else {
+                Arg::Null
+            },
         ],
     );
     Ok(plan)

@@ -2,13 +2,18 @@
 //!
 //! Buffers, all fp32: `x`, `y`, `dy`, `dx` `[rows, d]`, `norms` `[rows]`.
 
+#![warn(missing_docs)]
+
 use crate::cuda::plan::{Arg, BufId, DType, Plan, Role};
 use crate::cuda::Source;
 use crate::error::shape_err;
 use crate::Result;
 
 /// The kernel file.
-pub const SOURCE: Source = Source { name: "normalize.cu", code: include_str!("normalize.cu") };
+pub const SOURCE: Source = Source {
+    name: "normalize.cu",
+    code: include_str!("normalize.cu"),
+};
 
 /// Input rows.
 pub const X: BufId = BufId("x");
@@ -28,7 +33,10 @@ pub fn row_block(d: usize) -> u32 {
 
 fn check(rows: usize, d: usize) -> Result<()> {
     if rows == 0 || d == 0 || rows > i32::MAX as usize || d > i32::MAX as usize {
-        return Err(shape_err("l2_normalize (cuda)", format!("{rows} rows of {d}")));
+        return Err(shape_err(
+            "l2_normalize (cuda)",
+            format!("{rows} rows of {d}"),
+        ));
     }
     Ok(())
 }
@@ -44,7 +52,12 @@ pub fn forward(rows: usize, d: usize) -> Result<Plan> {
         "l2norm_forward",
         [rows as u32, 1, 1],
         [row_block(d), 1, 1],
-        vec![Arg::Buf(X), Arg::I32(d as i32), Arg::Buf(Y), Arg::Buf(NORMS)],
+        vec![
+            Arg::Buf(X),
+            Arg::I32(d as i32),
+            Arg::Buf(Y),
+            Arg::Buf(NORMS),
+        ],
     );
     Ok(plan)
 }
@@ -61,7 +74,13 @@ pub fn backward(rows: usize, d: usize) -> Result<Plan> {
         "l2norm_backward",
         [rows as u32, 1, 1],
         [row_block(d), 1, 1],
-        vec![Arg::Buf(Y), Arg::Buf(NORMS), Arg::Buf(DY), Arg::I32(d as i32), Arg::Buf(DX)],
+        vec![
+            Arg::Buf(Y),
+            Arg::Buf(NORMS),
+            Arg::Buf(DY),
+            Arg::I32(d as i32),
+            Arg::Buf(DX),
+        ],
     );
     Ok(plan)
 }

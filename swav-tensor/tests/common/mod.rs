@@ -9,7 +9,10 @@ use swav_tensor::cuda::plan::{BufId, Plan};
 use swav_tensor::cuda::Source;
 
 /// The emulation of `sources`, or None (the test prints SKIPPED and passes) without a C++ compiler.
-pub fn emulator(cache: &'static OnceLock<Option<Emulator>>, sources: fn() -> Vec<Source>) -> Option<&'static Emulator> {
+pub fn emulator(
+    cache: &'static OnceLock<Option<Emulator>>,
+    sources: fn() -> Vec<Source>,
+) -> Option<&'static Emulator> {
     cache.get_or_init(|| emulate::emulator(&sources())).as_ref()
 }
 
@@ -42,7 +45,12 @@ impl Rng {
 /// `||got - want|| / ||want||` (in f64; 0 when both are zero).
 pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "lengths");
-    let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w as f64).powi(2)).sum::<f64>().sqrt();
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum::<f64>().sqrt();
     if den == 0.0 {
         num
