@@ -1,7 +1,12 @@
 //! The CUDA side of the engine, as data: kernel sources (one `.cu` file beside each op's CPU code, in
 //! `ops/`), their launch plans ([`plan`]), and the NVRTC compile check ([`nvrtc`]). The runtime that
 //! allocates device memory and runs plans on a stream is separate; without a GPU, tests run the same
-//! plans on the kernel emulator (feature `emulate`, see [`emulate`](crate::cuda)).
+//! plans on the kernel emulator (module `emulate`, behind the `emulate` feature that the tests enable).
+//!
+//! Adding a kernel: write it in the op's `.cu` file (`extern "C"`, parameters of the types the emulator
+//! knows), add its launch to the op's plan function in `<op>_cuda.rs`, and the existing tests pick it
+//! up: the signature check fails until a plan launches it, the NVRTC check compiles it, and a parity
+//! test against the CPU op belongs in `tests/cuda_kernels.rs`.
 //!
 //! Every kernel is `extern "C"`, with one variant per activation storage type (`_f32`, `_bf16`) where
 //! activations are involved; arithmetic and accumulation are fp32, reductions deterministic (no float
