@@ -38,7 +38,10 @@ impl Source {
     /// The text to compile: the common helpers, then the file (with a `#line` so that messages point
     /// into the file).
     pub fn text(&self) -> String {
-        format!("{COMMON}\n#line 1 \"{}\"\n{}", self.name, self.code)
+        format!(
+            "#line 1 \"common.cuh\"\n{COMMON}\n#line 1 \"{}\"\n{}",
+            self.name, self.code
+        )
     }
 }
 
