@@ -15,6 +15,7 @@
 //!   on thread scheduling: the same inputs give bit-identical outputs run after run.
 
 pub mod alloc;
+pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod matmul;

@@ -13,12 +13,21 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod lars;
+pub mod lars_cuda;
 pub mod loss;
+pub mod loss_cuda;
 pub mod metrics;
 pub mod pipeline;
+pub mod prototypes_cuda;
 pub mod queue;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
 
 pub use error::TrainError;
+
+/// The CUDA kernel files of this crate (`loss.cu`, `lars.cu`, `prototypes.cu`), for the compile check and
+/// the runtime.
+pub fn cuda_sources() -> Vec<swav_tensor::cuda::Source> {
+    vec![loss_cuda::SOURCE, lars_cuda::SOURCE, prototypes_cuda::SOURCE]
+}

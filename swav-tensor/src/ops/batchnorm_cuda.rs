@@ -1,0 +1,276 @@
+//! Launch plans of the batch-norm kernels (`batchnorm.cu`; the formulas are in its header and in
+//! `batchnorm.rs`, the CPU twin).
+//!
+//! Buffers (names in [`buf`]): activations `x`, `y`, `residual`, `dy`, `dx`, `dresidual` in the storage
+//! type, `rows x channels`; everything per channel is fp32 `[channels]`; `partials` is
+//! `[tiles, 2 channels]` and `coef` `[3 channels]` of scratch.
+
+#![warn(missing_docs)]
+
+use crate::cuda::plan::{elementwise_grid, Arg, BufId, DType, Plan, Role, Storage, ELEMENTWISE_BLOCK};
+use crate::cuda::Source;
+use crate::error::shape_err;
+use crate::ops::batchnorm::Fused;
+use crate::Result;
+
+/// The kernel file.
+pub const SOURCE: Source = Source { name: "batchnorm.cu", code: include_str!("batchnorm.cu") };
+
+/// Buffer names of the batch-norm plans.
+pub mod buf {
+    use crate::cuda::plan::BufId;
+    /// Input activation.
+    pub const X: BufId = BufId("x");
+    /// Added before the ReLU when fused.
+    pub const RESIDUAL: BufId = BufId("residual");
+    /// Scale, `[c]`.
+    pub const GAMMA: BufId = BufId("gamma");
+    /// Shift, `[c]`.
+    pub const BETA: BufId = BufId("beta");
+    /// Running mean, `[c]`.
+    pub const RUNNING_MEAN: BufId = BufId("running_mean");
+    /// Running (unbiased) variance, `[c]`.
+    pub const RUNNING_VAR: BufId = BufId("running_var");
+    /// Batch mean saved by the training forward for the backward, `[c]`.
+    pub const MEAN: BufId = BufId("mean");
+    /// `1 / sqrt(var + eps)` saved by the training forward, `[c]`.
+    pub const RSTD: BufId = BufId("rstd");
+    /// Output activation.
+    pub const Y: BufId = BufId("y");
+    /// Gradient of `y`.
+    pub const DY: BufId = BufId("dy");
+    /// Gradient of `x`.
+    pub const DX: BufId = BufId("dx");
+    /// Gradient of the residual (`= dy` masked by the ReLU).
+    pub const DRESIDUAL: BufId = BufId("dresidual");
+    /// Gradient of gamma, accumulated, `[c]`.
+    pub const DGAMMA: BufId = BufId("dgamma");
+    /// Gradient of beta, accumulated, `[c]`.
+    pub const DBETA: BufId = BufId("dbeta");
+    /// Per-tile partial sums (scratch).
+    pub const PARTIALS: BufId = BufId("partials");
+    /// dx coefficients (scratch).
+    pub const COEF: BufId = BufId("coef");
+}
+use buf::*;
+
+/// Channels per block and row lanes per block of the reduction kernels (`BN_CH`, `BN_LANES`).
+const CHANNELS_PER_BLOCK: usize = 32;
+const ROW_LANES: u32 = 8;
+/// Tiles per channel group at most (fewer partials to combine) and rows per tile at least (enough work
+/// per block).
+const MAX_TILES: usize = 512;
+const MIN_TILE_ROWS: usize = 64;
+
+/// A `rows x channels` activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BnShape {
+    /// `n h w` for BatchNorm2d, `n` for BatchNorm1d.
+    pub rows: usize,
+    /// Channels (the last dimension).
+    pub channels: usize,
+}
+
+impl BnShape {
+    fn check(&self) -> Result<()> {
+        if self.channels == 0 || self.rows == 0 || self.rows > i32::MAX as usize || self.channels > i32::MAX as usize {
+            return Err(shape_err("batchnorm (cuda)", format!("{} rows x {} channels", self.rows, self.channels)));
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.rows * self.channels
+    }
+
+    /// Rows per tile and number of tiles: from the shape only, so results do not depend on the GPU.
+    pub fn tiling(&self) -> (usize, usize) {
+        let tile_rows = self.rows.div_ceil(MAX_TILES).max(MIN_TILE_ROWS);
+        (tile_rows, self.rows.div_ceil(tile_rows))
+    }
+
+    fn reduce_grid(&self) -> [u32; 3] {
+        let (_, tiles) = self.tiling();
+        [self.channels.div_ceil(CHANNELS_PER_BLOCK) as u32, tiles as u32, 1]
+    }
+
+    fn combine_grid(&self) -> [u32; 3] {
+        [self.channels.div_ceil(CHANNELS_PER_BLOCK) as u32, 1, 1]
+    }
+}
+
+const REDUCE_BLOCK: [u32; 3] = [CHANNELS_PER_BLOCK as u32, ROW_LANES, 1];
+
+fn activation_buffers(plan: &mut Plan, s: BnShape, storage: Storage, fused: Fused) {
+    plan.buffer(X, storage.dtype(), s.len(), Role::In);
+    if fused.residual {
+        plan.buffer(RESIDUAL, storage.dtype(), s.len(), Role::In);
+    }
+    plan.buffer(GAMMA, DType::F32, s.channels, Role::In);
+    plan.buffer(BETA, DType::F32, s.channels, Role::In);
+}
+
+fn apply(plan: &mut Plan, s: BnShape, storage: Storage, fused: Fused, mean: BufId) {
+    let residual = if fused.residual { Arg::Buf(RESIDUAL) } else { Arg::Null };
+    plan.buffer(Y, storage.dtype(), s.len(), Role::Out);
+    plan.launch(
+        storage.pick("bn_apply_f32", "bn_apply_bf16"),
+        elementwise_grid(s.len()),
+        [ELEMENTWISE_BLOCK, 1, 1],
+        vec![
+            Arg::Buf(X),
+            residual,
+            Arg::Buf(mean),
+            Arg::Buf(RSTD),
+            Arg::Buf(GAMMA),
+            Arg::Buf(BETA),
+            Arg::I64(s.len() as i64),
+            Arg::I32(s.channels as i32),
+            Arg::I32(fused.relu as i32),
+            Arg::Buf(Y),
+        ],
+    );
+}
+
+/// Training-mode forward: batch statistics (saved in `mean`, `rstd`), running statistics updated,
+/// `y = relu?(bn(x) [+ residual])`. Needs at least two rows, like the CPU op.
+pub fn train_forward(s: BnShape, storage: Storage, fused: Fused, momentum: f32, eps: f32) -> Result<Plan> {
+    s.check()?;
+    if s.rows < 2 {
+        return Err(shape_err(
+            "batchnorm (cuda)",
+            format!("training mode needs more than one value per channel, got {}", s.rows),
+        ));
+    }
+    let (tile_rows, tiles) = s.tiling();
+    let c = s.channels;
+    let mut plan = Plan::default();
+    activation_buffers(&mut plan, s, storage, fused);
+    plan.buffer(RUNNING_MEAN, DType::F32, c, Role::InOut)
+        .buffer(RUNNING_VAR, DType::F32, c, Role::InOut)
+        .buffer(MEAN, DType::F32, c, Role::Out)
+        .buffer(RSTD, DType::F32, c, Role::Out)
+        .buffer(PARTIALS, DType::F32, 2 * c * tiles, Role::Scratch);
+    plan.launch(
+        storage.pick("bn_stats_partial_f32", "bn_stats_partial_bf16"),
+        s.reduce_grid(),
+        REDUCE_BLOCK,
+        vec![Arg::Buf(X), Arg::I32(s.rows as i32), Arg::I32(c as i32), Arg::I32(tile_rows as i32), Arg::Buf(PARTIALS)],
+    );
+    plan.launch(
+        storage.pick("bn_stats_combine_f32", "bn_stats_combine_bf16"),
+        s.combine_grid(),
+        REDUCE_BLOCK,
+        vec![
+            Arg::Buf(X),
+            Arg::Buf(PARTIALS),
+            Arg::I32(tiles as i32),
+            Arg::I32(s.rows as i32),
+            Arg::I32(c as i32),
+            Arg::F32(momentum),
+            Arg::F32(eps),
+            Arg::Buf(MEAN),
+            Arg::Buf(RSTD),
+            Arg::Buf(RUNNING_MEAN),
+            Arg::Buf(RUNNING_VAR),
+        ],
+    );
+    apply(&mut plan, s, storage, fused, MEAN);
+    Ok(plan)
+}
+
+/// Evaluation-mode forward with the running statistics (`rstd` is scratch here).
+pub fn eval_forward(s: BnShape, storage: Storage, fused: Fused, eps: f32) -> Result<Plan> {
+    s.check()?;
+    let c = s.channels;
+    let mut plan = Plan::default();
+    activation_buffers(&mut plan, s, storage, fused);
+    plan.buffer(RUNNING_MEAN, DType::F32, c, Role::In).buffer(RUNNING_VAR, DType::F32, c, Role::In).buffer(
+        RSTD,
+        DType::F32,
+        c,
+        Role::Scratch,
+    );
+    plan.launch(
+        "bn_rstd_from_var",
+        [c.div_ceil(ELEMENTWISE_BLOCK as usize) as u32, 1, 1],
+        [ELEMENTWISE_BLOCK, 1, 1],
+        vec![Arg::Buf(RUNNING_VAR), Arg::I32(c as i32), Arg::F32(eps), Arg::Buf(RSTD)],
+    );
+    apply(&mut plan, s, storage, fused, RUNNING_MEAN);
+    Ok(plan)
+}
+
+/// Backward of the training forward: `dx` (and `dresidual` when the forward had a residual);
+/// `dgamma`, `dbeta` accumulated. Reads the forward's `x`, `y`, `mean`, `rstd`.
+pub fn backward(s: BnShape, storage: Storage, fused: Fused) -> Result<Plan> {
+    s.check()?;
+    let (tile_rows, tiles) = s.tiling();
+    let (c, act) = (s.channels, storage.dtype());
+    let mut plan = Plan::default();
+    plan.buffer(X, act, s.len(), Role::In)
+        .buffer(Y, act, s.len(), Role::In)
+        .buffer(DY, act, s.len(), Role::In)
+        .buffer(MEAN, DType::F32, c, Role::In)
+        .buffer(RSTD, DType::F32, c, Role::In)
+        .buffer(GAMMA, DType::F32, c, Role::In)
+        .buffer(DGAMMA, DType::F32, c, Role::InOut)
+        .buffer(DBETA, DType::F32, c, Role::InOut)
+        .buffer(DX, act, s.len(), Role::Out)
+        .buffer(PARTIALS, DType::F32, 2 * c * tiles, Role::Scratch)
+        .buffer(COEF, DType::F32, 3 * c, Role::Scratch);
+    if fused.residual {
+        plan.buffer(DRESIDUAL, act, s.len(), Role::Out);
+    }
+    let relu = Arg::I32(fused.relu as i32);
+    plan.launch(
+        storage.pick("bn_backward_partial_f32", "bn_backward_partial_bf16"),
+        s.reduce_grid(),
+        REDUCE_BLOCK,
+        vec![
+            Arg::Buf(X),
+            Arg::Buf(Y),
+            Arg::Buf(DY),
+            Arg::Buf(MEAN),
+            Arg::I32(s.rows as i32),
+            Arg::I32(c as i32),
+            Arg::I32(tile_rows as i32),
+            relu,
+            Arg::Buf(PARTIALS),
+        ],
+    );
+    plan.launch(
+        "bn_backward_combine",
+        s.combine_grid(),
+        REDUCE_BLOCK,
+        vec![
+            Arg::Buf(PARTIALS),
+            Arg::I32(tiles as i32),
+            Arg::I32(s.rows as i32),
+            Arg::I32(c as i32),
+            Arg::Buf(RSTD),
+            Arg::Buf(GAMMA),
+            Arg::Buf(DGAMMA),
+            Arg::Buf(DBETA),
+            Arg::Buf(COEF),
+        ],
+    );
+    plan.launch(
+        storage.pick("bn_backward_dx_f32", "bn_backward_dx_bf16"),
+        elementwise_grid(s.len()),
+        [ELEMENTWISE_BLOCK, 1, 1],
+        vec![
+            Arg::Buf(X),
+            Arg::Buf(Y),
+            Arg::Buf(DY),
+            Arg::Buf(MEAN),
+            Arg::Buf(COEF),
+            Arg::I64(s.len() as i64),
+            Arg::I32(c as i32),
+            relu,
+            Arg::Buf(DX),
+            if fused.residual { Arg::Buf(DRESIDUAL) } else { Arg::Null },
+        ],
+    );
+    Ok(plan)
+}
