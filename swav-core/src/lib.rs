@@ -8,6 +8,7 @@
 //!   evaluation (fully specified, no dependence on any crate's version);
 //! - [`isa`]: run-time choice of AVX-512, AVX2 or baseline code for hot loops written once;
 //! - [`layout`]: NCHW <-> NHWC conversion of image batches;
+//! - [`sys`]: the memory and cores of the machine, to bound what inputs may ask for;
 //! - [`imagenet`]: the ImageNet normalisation of the official SwAV code.
 //!
 //! ```
@@ -30,3 +31,4 @@ pub mod layout;
 pub mod lock;
 pub mod npy;
 pub mod rng;
+pub mod sys;

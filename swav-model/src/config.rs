@@ -170,6 +170,47 @@ impl ModelConfig {
         total + self.prototypes.iter().map(|&k| k as u128 * d).sum::<u128>()
     }
 
+    /// Activation values one image of `size x size` pixels produces in a training-mode forward of the
+    /// backbone (every convolution's output, which the batch norm after it keeps too), by arithmetic on
+    /// the configuration: with [`ModelConfig::state_values`], the basis of a run's memory estimate.
+    pub fn activation_values(&self, size: usize) -> u128 {
+        let out = |s: u128, k: u128, stride: u128, pad: u128| (s + 2 * pad).saturating_sub(k) / stride + 1;
+        let w = self.width() as u128;
+        let mut s = size as u128;
+        let mut total;
+        if self.small_stem {
+            total = s * s * w;
+        } else {
+            s = out(s, 7, 2, 3);
+            total = s * s * w;
+            s = out(s, 3, 2, 1);
+        }
+        let mut cin = w;
+        for (stage, &depth) in self.arch.depths().iter().enumerate() {
+            let planes = w << stage;
+            for b in 0..depth {
+                let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+                let so = out(s, 3, stride, 1);
+                let cout = match self.arch.block() {
+                    BlockKind::Basic => {
+                        total += 2 * so * so * planes;
+                        planes
+                    }
+                    BlockKind::Bottleneck => {
+                        total += s * s * planes + so * so * (planes + 4 * planes);
+                        4 * planes
+                    }
+                };
+                if stride != 1 || cin != cout {
+                    total += so * so * cout;
+                }
+                s = so;
+                cin = cout;
+            }
+        }
+        total
+    }
+
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |what: &str| Err(ModelError::Config(what.to_string()));
         if self.width() == 0 {

@@ -1,17 +1,25 @@
-//! Training checkpoints in `<run-dir>/checkpoints/`. A checkpoint at step N is three files:
-//! - `step-N.safetensors`: the model alone (torchvision / official names, config in the metadata, plus
-//!   `mean`, `std`, `input_size` for evaluation and export): loadable anywhere without the rest;
+//! Training checkpoints in `<run-dir>/checkpoints/`. A checkpoint at step N is three files whose names
+//! come from N alone (`step-NNNNNNNN`), never from what a file says:
+//! - `step-N.safetensors`: the model file (swav-model's `ModelFile`: torchvision / official names,
+//!   configuration and preprocessing in the metadata): loadable anywhere without the rest;
 //! - `step-N.train.safetensors`: optimiser momentum (`momentum.<param>`) and queue (`queue.<j>`);
-//! - `step-N.json`: the sidecar (step, epoch, position in the epoch, configuration), written last.
+//! - `step-N.json`: the sidecar (step, epoch, position in the epoch, configuration and the SHA-256 of
+//!   the two other files), written last.
+//!
 //! Every file is written atomically and the sidecar only after the two others, so a checkpoint whose
-//! sidecar exists is complete: a crash at any moment leaves the previous checkpoints intact.
+//! sidecar exists is complete: a crash at any moment leaves the previous checkpoints intact, and what
+//! a crash leaves behind is removed by [`clean_incomplete`] at the next start. A checkpoint is hostile
+//! until checked: resuming verifies both checksums, the sidecar's step against its name and the model
+//! file's, and every momentum buffer and queue against the model and the configuration.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use swav_core::fs::atomic_write;
+use sha2::{Digest, Sha256};
+use swav_core::fs::{atomic_write, remove_stale_temporaries};
 use swav_model::checkpoint::{NamedTensors, Value};
+use swav_model::param::{Slot, Visit};
 use swav_model::{ModelFile, Preprocessing};
 
 use crate::config::Config;
@@ -20,21 +28,33 @@ use crate::queue::Queue;
 use crate::step::SwavState;
 use crate::TrainError;
 
-pub const SIDECAR_FORMAT: &str = "swav-rs-checkpoint-1";
+/// The sidecar format written now.
+pub const SIDECAR_FORMAT: &str = "swav-rs-checkpoint-2";
+/// The earlier format (no checksums), still read.
+const SIDECAR_FORMAT_1: &str = "swav-rs-checkpoint-1";
 
+/// The JSON sidecar of a checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Sidecar {
+    /// [`SIDECAR_FORMAT`].
     pub format: String,
     /// Iterations completed.
     pub step: usize,
     /// The epoch to continue with, and the batches of it already done.
     pub epoch: usize,
+    /// Batches of `epoch` already done.
     pub step_in_epoch: usize,
+    /// Batches per epoch of the data the run was made with.
     pub steps_per_epoch: usize,
     /// Loss of the last step, when one ran.
     pub loss: Option<f64>,
-    pub model_file: String,
-    pub train_file: String,
+    /// SHA-256 of the model file (absent in format 1).
+    #[serde(default)]
+    pub model_sha256: Option<String>,
+    /// SHA-256 of the optimiser-state file (absent in format 1).
+    #[serde(default)]
+    pub train_sha256: Option<String>,
+    /// The resolved configuration of the run.
     pub config: Config,
 }
 
@@ -48,29 +68,55 @@ pub struct ModelMeta {
     pub extra: BTreeMap<String, String>,
 }
 
-/// A checkpoint found in a run directory.
+/// A complete checkpoint found in a run directory.
 #[derive(Clone, Debug)]
 pub struct Found {
+    /// Its sidecar.
     pub sidecar: Sidecar,
+    /// The checkpoints folder.
     pub dir: PathBuf,
 }
 
+/// `step-NNNNNNNN`: the stem of every file of the checkpoint at `step`.
+pub fn stem(step: usize) -> String {
+    format!("step-{step:08}")
+}
+
+/// The step of a checkpoint file name (`step-N.json`, `step-N.safetensors`, `step-N.train.safetensors`),
+/// for names of exactly that pattern.
+fn step_of(name: &str, suffix: &str) -> Option<usize> {
+    let digits = name.strip_prefix("step-")?.strip_suffix(suffix)?;
+    (digits.len() >= 8 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
+}
+
 impl Found {
+    /// The model file.
     pub fn model_path(&self) -> PathBuf {
-        self.dir.join(&self.sidecar.model_file)
+        self.dir.join(format!("{}.safetensors", stem(self.sidecar.step)))
     }
 
+    /// The optimiser-state file.
     pub fn train_path(&self) -> PathBuf {
-        self.dir.join(&self.sidecar.train_file)
+        self.dir.join(format!("{}.train.safetensors", stem(self.sidecar.step)))
+    }
+
+    fn sidecar_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.json", stem(self.sidecar.step)))
     }
 }
 
+/// The checkpoints folder of a run.
 pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io { path: path.display().to_string(), source }
+}
+
+fn sha256_of(path: &Path) -> Result<String, TrainError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Saves the state and removes the oldest checkpoints beyond `keep`. `model_meta` goes into the model
@@ -84,11 +130,11 @@ pub fn save(
 ) -> Result<PathBuf, TrainError> {
     let dir = checkpoint_dir(run_dir);
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let stem = format!("step-{:08}", sidecar.step);
+    let found = Found { sidecar: sidecar.clone(), dir: dir.clone() };
     let mut meta = model_meta.extra.clone();
     meta.insert("step".into(), sidecar.step.to_string());
     meta.insert("epoch".into(), sidecar.epoch.to_string());
-    let model_path = dir.join(format!("{stem}.safetensors"));
+    let model_path = found.model_path();
     ModelFile::write(&mut state.model, &model_meta.preprocessing, &meta, &model_path)?;
 
     let mut train = NamedTensors::default();
@@ -100,22 +146,23 @@ pub fn save(
             train.tensors.insert(format!("queue.{j}"), Value::from_tensor(rows));
         }
     }
-    let train_path = dir.join(format!("{stem}.train.safetensors"));
+    let train_path = found.train_path();
     train.write(&train_path)?;
 
     let side = Sidecar {
-        model_file: format!("{stem}.safetensors"),
-        train_file: format!("{stem}.train.safetensors"),
+        format: SIDECAR_FORMAT.into(),
+        model_sha256: Some(sha256_of(&model_path)?),
+        train_sha256: Some(sha256_of(&train_path)?),
         ..sidecar.clone()
     };
     let json = serde_json::to_vec_pretty(&side).expect("sidecar serialises");
-    let side_path = dir.join(format!("{stem}.json"));
-    atomic_write(&side_path, &json)?;
-    prune(&dir, keep)?;
+    atomic_write(&found.sidecar_path(), &json)?;
+    prune(run_dir, keep)?;
     Ok(model_path)
 }
 
-/// Every complete checkpoint, oldest first. Unreadable sidecars are reported, not skipped silently.
+/// Every complete checkpoint, oldest first. Unreadable or inconsistent sidecars are reported, not
+/// skipped silently.
 pub fn list(run_dir: &Path) -> Result<Vec<Found>, TrainError> {
     let dir = checkpoint_dir(run_dir);
     if !dir.exists() {
@@ -124,24 +171,21 @@ pub fn list(run_dir: &Path) -> Result<Vec<Found>, TrainError> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
         let path = entry.map_err(io(&dir))?.path();
-        let is_sidecar = path.extension().is_some_and(|e| e == "json")
-            && path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-"));
-        if !is_sidecar {
-            continue;
-        }
+        let Some(step) = path.file_name().and_then(|n| step_of(&n.to_string_lossy(), ".json")) else { continue };
         let bytes = std::fs::read(&path).map_err(io(&path))?;
-        let sidecar: Sidecar = serde_json::from_slice(&bytes).map_err(|e| {
+        let bad = |why: String| {
             TrainError::Checkpoint(format!(
-                "{}: unreadable checkpoint sidecar ({e}); move it away to resume from an older one",
+                "{}: {why}; move it away to resume from an older checkpoint",
                 path.display()
             ))
-        })?;
-        if sidecar.format != SIDECAR_FORMAT {
-            return Err(TrainError::Checkpoint(format!(
-                "{}: unknown checkpoint format `{}`",
-                path.display(),
-                sidecar.format
-            )));
+        };
+        let sidecar: Sidecar =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("unreadable checkpoint sidecar ({e})")))?;
+        if sidecar.format != SIDECAR_FORMAT && sidecar.format != SIDECAR_FORMAT_1 {
+            return Err(bad(format!("unknown checkpoint format `{}`", sidecar.format)));
+        }
+        if sidecar.step != step {
+            return Err(bad(format!("the sidecar says step {} but is the file of step {step}", sidecar.step)));
         }
         found.push(Found { sidecar, dir: dir.clone() });
     }
@@ -149,49 +193,133 @@ pub fn list(run_dir: &Path) -> Result<Vec<Found>, TrainError> {
     Ok(found)
 }
 
+/// The newest complete checkpoint.
 pub fn latest(run_dir: &Path) -> Result<Option<Found>, TrainError> {
     Ok(list(run_dir)?.pop())
 }
 
-fn prune(dir: &Path, keep: usize) -> Result<(), TrainError> {
-    let run_dir = dir.parent().unwrap_or(dir);
+fn remove_if_present(path: &Path) -> Result<(), TrainError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+fn prune(run_dir: &Path, keep: usize) -> Result<(), TrainError> {
     let all = list(run_dir)?;
     for old in all.iter().take(all.len().saturating_sub(keep)) {
         // Sidecar first: a half-pruned checkpoint is then never mistaken for a complete one.
-        let side = old.dir.join(format!("step-{:08}.json", old.sidecar.step));
-        for path in [side, old.model_path(), old.train_path()] {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&path)(e)),
-            }
+        for path in [old.sidecar_path(), old.model_path(), old.train_path()] {
+            remove_if_present(&path)?;
         }
     }
     Ok(())
 }
 
-/// Restores model, optimiser state and queue from a checkpoint.
-pub fn restore(found: &Found, optimizer: Lars) -> Result<SwavState, TrainError> {
-    let model = ModelFile::read(&found.model_path())?.model;
-    if model.config != found.sidecar.config.model {
-        return Err(TrainError::Checkpoint(format!(
-            "{}: its model configuration differs from the sidecar's",
-            found.model_path().display()
-        )));
+/// Removes what an interrupted save left: temporary files of processes that no longer run, and
+/// checkpoint files without a sidecar (written before a crash that came before the sidecar). Returns
+/// the removed paths. Call it with the run folder locked.
+pub fn clean_incomplete(run_dir: &Path) -> Result<Vec<PathBuf>, TrainError> {
+    let dir = checkpoint_dir(run_dir);
+    let mut removed = remove_stale_temporaries(run_dir)?;
+    removed.extend(remove_stale_temporaries(&dir)?);
+    if !dir.exists() {
+        return Ok(removed);
     }
-    let train = NamedTensors::read(&found.train_path())?;
+    for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+        let path = entry.map_err(io(&dir))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let step = step_of(&name, ".train.safetensors").or_else(|| step_of(&name, ".safetensors"));
+        if let Some(step) = step {
+            if !dir.join(format!("{}.json", stem(step))).exists() {
+                remove_if_present(&path)?;
+                removed.push(path);
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Restores model, optimiser state and queue from a checkpoint of the run configured by `config`,
+/// checking everything it reads (see the module docs).
+pub fn restore(found: &Found, config: &Config, optimizer: Lars) -> Result<SwavState, TrainError> {
+    let bad = |path: &Path, why: String| TrainError::Checkpoint(format!("{}: {why}", path.display()));
+    for (path, want) in
+        [(found.model_path(), &found.sidecar.model_sha256), (found.train_path(), &found.sidecar.train_sha256)]
+    {
+        if let Some(want) = want {
+            let got = sha256_of(&path)?;
+            if &got != want {
+                return Err(bad(
+                    &path,
+                    format!("its SHA-256 is {got}, the sidecar recorded {want}: the file is damaged"),
+                ));
+            }
+        }
+    }
+    let file = ModelFile::read(&found.model_path())?;
+    let mut model = file.model;
+    if model.config != found.sidecar.config.model {
+        return Err(bad(&found.model_path(), "its model configuration differs from the sidecar's".into()));
+    }
+    if file.metadata.get("step").is_some_and(|s| s != &found.sidecar.step.to_string()) {
+        return Err(bad(
+            &found.model_path(),
+            format!("it is the model of step {}, not {}", file.metadata["step"], found.sidecar.step),
+        ));
+    }
+    // Every buffer must belong to a parameter of this model, with its shape.
+    let mut shapes = BTreeMap::new();
+    model.visit("", &mut |name, slot| {
+        if let Slot::Param(p) = slot {
+            shapes.insert(name.to_string(), p.value.shape().to_vec());
+        }
+    });
+    let train_path = found.train_path();
+    let train = NamedTensors::read(&train_path)?;
     let mut optimizer = optimizer;
     optimizer.buffers.clear();
     let mut queue_rows = BTreeMap::new();
-    for name in train.tensors.keys() {
+    let t = &config.train;
+    for (name, value) in &train.tensors {
         if let Some(param) = name.strip_prefix("momentum.") {
+            match shapes.get(param) {
+                Some(shape) if shape.as_slice() == value.shape() => {}
+                Some(shape) => {
+                    return Err(bad(
+                        &train_path,
+                        format!("`{name}` has shape {:?}, the parameter {shape:?}", value.shape()),
+                    ))
+                }
+                None => {
+                    return Err(bad(&train_path, format!("`{name}` is the momentum of no parameter of this model")))
+                }
+            }
             optimizer.buffers.insert(param.to_string(), train.tensor(name)?);
         } else if let Some(j) = name.strip_prefix("queue.") {
-            let j: usize = j.parse().map_err(|_| {
-                TrainError::Checkpoint(format!("{}: bad tensor name `{name}`", found.train_path().display()))
-            })?;
+            let j: usize = j.parse().map_err(|_| bad(&train_path, format!("bad tensor name `{name}`")))?;
+            let want = [t.queue_length, config.model.feat_dim];
+            if j >= t.crops_for_assign.len() || value.shape() != want {
+                return Err(bad(
+                    &train_path,
+                    format!(
+                        "`{name}` of shape {:?} is not a queue of this run ({} of {want:?})",
+                        value.shape(),
+                        t.crops_for_assign.len()
+                    ),
+                ));
+            }
             queue_rows.insert(j, train.tensor(name)?);
+        } else {
+            return Err(bad(&train_path, format!("unexpected tensor `{name}`")));
         }
+    }
+    if !queue_rows.is_empty() && queue_rows.len() != t.crops_for_assign.len() {
+        return Err(bad(
+            &train_path,
+            format!("{} queues for {} assigned crops", queue_rows.len(), t.crops_for_assign.len()),
+        ));
     }
     let queue = (!queue_rows.is_empty()).then(|| Queue { rows: queue_rows.into_values().collect() });
     Ok(SwavState { model, optimizer, queue })

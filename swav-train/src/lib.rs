@@ -10,12 +10,14 @@
 
 pub mod assign;
 pub mod checkpoint;
+mod collapse;
 pub mod config;
 pub mod error;
 pub mod lars;
 pub mod lars_cuda;
 pub mod loss;
 pub mod loss_cuda;
+pub mod memory;
 pub mod metrics;
 pub mod pipeline;
 pub mod prototypes_cuda;

@@ -2,11 +2,14 @@
 //! metrics, progress and the guards a long run needs.
 //!
 //! - The run directory holds `config.toml` (the resolved configuration), `metrics.jsonl` and
-//!   `checkpoints/`. Starting again in the same directory resumes from the newest checkpoint; the
-//!   result is bit-identical to a run that never stopped (the loader's randomness depends only on
-//!   (seed, epoch, image), the ops are deterministic, and momentum, queue and BN statistics are saved).
+//!   `checkpoints/`, and is locked while a process trains in it. Starting again in the same directory
+//!   resumes from the newest checkpoint; the result is bit-identical to a run that never stopped (the
+//!   loader's randomness depends only on (seed, epoch, image), the ops are deterministic, and momentum,
+//!   queue and BN statistics are saved).
+//! - Before anything is allocated, the run's memory is estimated from its configuration and a run
+//!   that cannot fit in the machine's available memory (or `max_memory`) is refused with the estimate.
 //! - A checkpoint is written every `checkpoint_every_epochs`, at the end, at `max_steps`, and when the
-//!   `stop` flag is raised (Ctrl-C).
+//!   `stop` flag is raised (Ctrl-C, SIGTERM).
 //! - A non-finite loss stops the run with an error before anything is saved, so the last good
 //!   checkpoint stays the newest one. A loss stuck near ln(K) with few prototypes in use raises a
 //!   collapse warning with the usual remedies.
@@ -17,21 +20,26 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use swav_data::{Dataset, Layout, LoaderConfig, MultiCropLoader};
+use swav_data::{Batch, Dataset, Layout, LoaderConfig, MultiCropLoader};
 use swav_model::{Preprocessing, SwavModel};
 use swav_tensor::Tensor;
 
 use crate::checkpoint::{self, ModelMeta, Sidecar, SIDECAR_FORMAT};
+use crate::collapse::CollapseWatch;
 use crate::config::Config;
 use crate::lars::Lars;
+use crate::memory;
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::queue::Queue;
 use crate::schedule::LrSchedule;
-use crate::step::{swav_step, StepStats, SwavState};
+use crate::step::{swav_step, SwavState};
 use crate::TrainError;
 
+/// How to run a training (the configuration says what to train).
 pub struct TrainOptions {
+    /// The run folder (created if needed; an existing run resumes).
     pub run_dir: PathBuf,
+    /// The dataset folder written by `preprocess`.
     pub data_dir: PathBuf,
     /// Stop (with a checkpoint) once this many iterations are done in total.
     pub max_steps: Option<usize>,
@@ -39,26 +47,48 @@ pub struct TrainOptions {
     pub stop: Arc<AtomicBool>,
     /// Show a progress bar (when stderr is a terminal).
     pub progress: bool,
+    /// Refuse a run whose estimated memory exceeds this many bytes (default: the memory the system
+    /// has available).
+    pub max_memory: Option<u64>,
 }
 
+impl TrainOptions {
+    /// Options for training on `data_dir` in `run_dir`, with the defaults (no step limit, no stop
+    /// flag raised, no progress bar, memory limited by the machine).
+    pub fn new(run_dir: &Path, data_dir: &Path) -> TrainOptions {
+        TrainOptions {
+            run_dir: run_dir.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            max_steps: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            progress: false,
+            max_memory: None,
+        }
+    }
+}
+
+/// What a call of [`train`] did.
 #[derive(Clone, Debug)]
 pub struct TrainOutcome {
+    /// Iterations done in total (over every call).
     pub steps: usize,
+    /// Epochs completed in total.
     pub epochs_completed: usize,
+    /// The newest model file.
     pub checkpoint: PathBuf,
+    /// Whether the stop flag ended the call.
     pub interrupted: bool,
+    /// The loss of the last step.
     pub last_loss: Option<f64>,
     /// Images per second over the steps run by this call.
     pub images_per_s: f64,
-    /// Whether this call continued an earlier run.
+    /// The step this call continued from, when it continued an earlier run.
     pub resumed_from: Option<usize>,
 }
 
 /// Writes `config.toml` for a new run, or checks that a resumed run asks for the same configuration
 /// (only `train.epochs` may change, to extend a run).
 fn prepare_run_dir(run_dir: &Path, config: &Config) -> Result<(), TrainError> {
-    let io = |source| TrainError::Io { path: run_dir.display().to_string(), source };
-    std::fs::create_dir_all(run_dir).map_err(io)?;
     let path = run_dir.join("config.toml");
     if path.exists() {
         let text = std::fs::read_to_string(&path)
@@ -92,24 +122,57 @@ fn normalisation(config: &Config, dataset: &Dataset) -> (Vec<f32>, Vec<f32>) {
     (mean, std)
 }
 
+/// Refuses, with the estimate, a run that cannot fit in memory.
+fn check_memory(config: &Config, max_memory: Option<u64>) -> Result<(), TrainError> {
+    let (limit, what) = match (max_memory, swav_core::sys::available_memory()) {
+        (Some(m), _) => (m, "the limit given"),
+        (None, Some(m)) => (m, "the memory available on this machine"),
+        (None, None) => return Ok(()),
+    };
+    let e = memory::estimate(config);
+    if e.total() > limit as u128 {
+        let h = swav_core::sys::human_bytes;
+        return Err(TrainError::Config(format!(
+            "this run needs about {} (parameters {}, activations {}, loader {}) but {what} is {}: lower train.batch_size, the crop sizes or counts, model.prototypes or the width",
+            h(e.total()),
+            h(e.parameters),
+            h(e.activations),
+            h(e.loader),
+            h(limit as u128)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks what the options ask for before any work starts.
+fn check_options(config: &Config, opts: &TrainOptions) -> Result<usize, TrainError> {
+    if opts.max_steps == Some(0) {
+        return Err(TrainError::Config("--max-steps 0 would do nothing: give at least 1".into()));
+    }
+    let requested =
+        if config.train.workers > 0 { config.train.workers } else { swav_core::sys::cores().saturating_sub(1).max(1) };
+    let (workers, note) = swav_core::sys::cap_threads(requested, "train.workers");
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+    }
+    Ok(workers)
+}
+
+/// Trains (or resumes) the run of `config` in `opts.run_dir`.
 pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
+    let workers = check_options(config, opts)?;
+    check_memory(config, opts.max_memory)?;
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|source| TrainError::Io { path: opts.run_dir.display().to_string(), source })?;
     // One process per run folder: a second one stops here, naming the first.
     let _lock = swav_core::lock::FolderLock::acquire(&opts.run_dir)?;
-    prepare_run_dir(&opts.run_dir, config)?;
-    let t = &config.train;
-    let dataset = Dataset::open(&opts.data_dir)?;
-    let in_channels = config.model.in_channels;
-    if in_channels != 1 && in_channels != 3 {
-        return Err(TrainError::Config(format!("model.in_channels = {in_channels}: images have 1 or 3 channels")));
+    for path in checkpoint::clean_incomplete(&opts.run_dir)? {
+        tracing::warn!("removed {}, left by an interrupted save", path.display());
     }
-    let workers = if t.workers > 0 {
-        t.workers
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).max(1)
-    };
+    prepare_run_dir(&opts.run_dir, config)?;
+    let dataset = Dataset::open(&opts.data_dir)?;
+    let t = &config.train;
     let loader_cfg = LoaderConfig {
         batch_size: t.batch_size,
         seed: t.seed,
@@ -120,186 +183,241 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
         layout: Layout::Nhwc,
         drop_last: true,
         shuffle: true,
-        channels: Some(in_channels as u8),
+        channels: Some(config.model.in_channels as u8),
         ..LoaderConfig::default()
     };
     let mut loader = MultiCropLoader::new(&dataset, &config.crops, &loader_cfg)?;
-    let steps_per_epoch = loader.steps_per_epoch();
-    let schedule = LrSchedule::new(t.base_lr, t.final_lr, t.start_warmup, t.warmup_epochs, t.epochs, steps_per_epoch);
-    let (mean, std) = normalisation(config, &dataset);
-    let model_meta = ModelMeta {
-        preprocessing: Preprocessing::recorded(&config.model, mean, std, config.crops.groups[0].size)?,
-        extra: BTreeMap::from([("train_data".to_string(), opts.data_dir.display().to_string())]),
-    };
-
-    let optimizer = Lars::new(t.momentum, t.weight_decay, t.trust_coefficient, t.lars);
-    let (mut state, mut iteration, mut epoch, mut skip) = match checkpoint::latest(&opts.run_dir)? {
-        Some(found) => {
-            if found.sidecar.steps_per_epoch != steps_per_epoch {
-                return Err(TrainError::Checkpoint(format!(
-                    "the checkpoint was made with {} steps per epoch, the data now gives {steps_per_epoch}: is --data the same dataset?",
-                    found.sidecar.steps_per_epoch
-                )));
-            }
-            let s = found.sidecar.clone();
-            tracing::info!(
-                "resuming from step {} (epoch {}, batch {} of {})",
-                s.step,
-                s.epoch,
-                s.step_in_epoch,
-                steps_per_epoch
-            );
-            (checkpoint::restore(&found, optimizer)?, s.step, s.epoch, s.step_in_epoch)
+    let mut run = Run::start(config, opts, &dataset, loader.steps_per_epoch())?;
+    while run.epoch < t.epochs {
+        if let Some(outcome) = run.epoch(&mut loader)? {
+            return Ok(outcome);
         }
-        None => (SwavState { model: SwavModel::new(config.model.clone(), t.seed)?, optimizer, queue: None }, 0, 0, 0),
-    };
-    state.model.set_conv_algorithm(t.conv);
-    tracing::info!(
-        "run {}: {} epochs of {steps_per_epoch} steps (batch {}), from step {iteration}",
-        opts.run_dir.display(),
-        t.epochs,
-        t.batch_size
-    );
-    let resumed_from = (iteration > 0).then_some(iteration);
-    let mut metrics = MetricsLog::open(&opts.run_dir, iteration as u64)?;
-    let k = config.model.prototypes[0];
-    let mut collapse = CollapseWatch::new(k, steps_per_epoch);
+    }
+    run.finish()
+}
 
-    let progress = progress_bar(opts.progress, schedule.total_steps() as u64, iteration as u64);
-    let started = Instant::now();
-    let first_iteration = iteration;
-    let mut last_loss = None;
-    let save = |state: &mut SwavState, iteration: usize, epoch: usize, step_in_epoch: usize, loss: Option<f64>| {
-        let sidecar = Sidecar {
-            format: SIDECAR_FORMAT.into(),
-            step: iteration,
-            epoch,
-            step_in_epoch,
-            steps_per_epoch,
-            loss,
-            model_file: String::new(),
-            train_file: String::new(),
-            config: config.clone(),
+/// One training run in progress: the state a step updates and everything around it.
+struct Run<'a> {
+    config: &'a Config,
+    opts: &'a TrainOptions,
+    state: SwavState,
+    schedule: LrSchedule,
+    steps_per_epoch: usize,
+    model_meta: ModelMeta,
+    metrics: MetricsLog,
+    collapse: CollapseWatch,
+    progress: indicatif::ProgressBar,
+    /// Iterations done, the epoch in progress and the batches of it already done.
+    iteration: usize,
+    epoch: usize,
+    skip: usize,
+    last_loss: Option<f64>,
+    checkpoint: Option<PathBuf>,
+    started: Instant,
+    first_iteration: usize,
+    resumed_from: Option<usize>,
+}
+
+impl<'a> Run<'a> {
+    /// A fresh state, or the newest checkpoint's.
+    fn start(
+        config: &'a Config,
+        opts: &'a TrainOptions,
+        dataset: &Dataset,
+        steps_per_epoch: usize,
+    ) -> Result<Run<'a>, TrainError> {
+        let t = &config.train;
+        let schedule =
+            LrSchedule::new(t.base_lr, t.final_lr, t.start_warmup, t.warmup_epochs, t.epochs, steps_per_epoch);
+        let (mean, std) = normalisation(config, dataset);
+        let model_meta = ModelMeta {
+            preprocessing: Preprocessing::recorded(&config.model, mean, std, config.crops.groups[0].size).map_err(
+                |e| {
+                    TrainError::Config(format!(
+                        "crops.augment.mean / std for model.in_channels = {}: {e}",
+                        config.model.in_channels
+                    ))
+                },
+            )?,
+            extra: BTreeMap::from([("train_data".to_string(), opts.data_dir.display().to_string())]),
         };
-        checkpoint::save(&opts.run_dir, state, &sidecar, &model_meta, t.keep_checkpoints)
-    };
-    let mut checkpoint_path = checkpoint::latest(&opts.run_dir)?.map(|f| f.model_path());
+        let optimizer = Lars::new(t.momentum, t.weight_decay, t.trust_coefficient, t.lars);
+        let newest = checkpoint::latest(&opts.run_dir)?;
+        let (mut state, iteration, epoch, skip) = match &newest {
+            Some(found) => {
+                let s = &found.sidecar;
+                if s.steps_per_epoch != steps_per_epoch {
+                    return Err(TrainError::Checkpoint(format!(
+                        "the checkpoint was made with {} steps per epoch, the data now gives {steps_per_epoch}: is --data the same dataset?",
+                        s.steps_per_epoch
+                    )));
+                }
+                tracing::info!(
+                    "resuming from step {} (epoch {}, batch {} of {steps_per_epoch})",
+                    s.step,
+                    s.epoch,
+                    s.step_in_epoch
+                );
+                (checkpoint::restore(found, config, optimizer)?, s.step, s.epoch, s.step_in_epoch)
+            }
+            None => {
+                (SwavState { model: SwavModel::new(config.model.clone(), t.seed)?, optimizer, queue: None }, 0, 0, 0)
+            }
+        };
+        state.model.set_conv_algorithm(t.conv);
+        tracing::info!(
+            "run {}: {} epochs of {steps_per_epoch} steps (batch {}), from step {iteration}",
+            opts.run_dir.display(),
+            t.epochs,
+            t.batch_size
+        );
+        let progress = progress_bar(opts.progress, schedule.total_steps() as u64, iteration as u64);
+        Ok(Run {
+            config,
+            opts,
+            state,
+            schedule,
+            steps_per_epoch,
+            model_meta,
+            metrics: MetricsLog::open(&opts.run_dir, iteration as u64)?,
+            collapse: CollapseWatch::new(config.model.prototypes[0], steps_per_epoch),
+            progress,
+            iteration,
+            epoch,
+            skip,
+            last_loss: None,
+            checkpoint: newest.map(|f| f.model_path()),
+            started: Instant::now(),
+            first_iteration: iteration,
+            resumed_from: (iteration > 0).then_some(iteration),
+        })
+    }
 
-    while epoch < t.epochs {
-        if t.queue_length > 0 && epoch >= t.epoch_queue_starts && state.queue.is_none() {
-            state.queue = Some(Queue::new(t.crops_for_assign.len(), t.queue_length, config.model.feat_dim));
+    /// Runs the rest of the current epoch; returns the outcome when the run stops inside it (stop flag
+    /// or `max_steps`).
+    fn epoch(&mut self, loader: &mut MultiCropLoader) -> Result<Option<TrainOutcome>, TrainError> {
+        let t = &self.config.train;
+        if t.queue_length > 0 && self.epoch >= t.epoch_queue_starts && self.state.queue.is_none() {
+            self.state.queue = Some(Queue::new(t.crops_for_assign.len(), t.queue_length, self.config.model.feat_dim));
         }
-        let mut batches = loader.epoch(epoch as u64);
+        let mut batches = loader.epoch(self.epoch as u64);
         // Resuming inside an epoch: the batches before the checkpoint are prepared and dropped (their
         // content depends only on (seed, epoch, image), so the rest of the epoch is unchanged).
-        for _ in 0..skip {
+        for _ in 0..self.skip {
             batches.next().transpose()?;
         }
-        let mut step_in_epoch = skip;
-        skip = 0;
+        let mut step_in_epoch = std::mem::take(&mut self.skip);
         let mut wait_start = Instant::now();
         while let Some(batch) = batches.next() {
-            let batch = batch?;
-            let step_start = Instant::now();
-            let waited = (step_start - wait_start).as_secs_f64();
-            let bs = batch.len();
-            let groups = batch.groups().map(|g| Tensor::from_slice(&g.shape, g.data)).collect::<Result<Vec<_>, _>>()?;
-            drop(batch);
-            let lr = schedule.lr(iteration);
-            let stats: StepStats = swav_step(&mut state, t, groups, bs, iteration, lr)?;
-            if !stats.loss.is_finite() {
-                progress.abandon();
-                return Err(TrainError::NonFinite {
-                    step: iteration,
-                    loss: stats.loss,
-                    checkpoint: checkpoint_path.as_ref().map_or("none yet".into(), |p| p.display().to_string()),
-                });
-            }
-            iteration += 1;
+            let waited = wait_start.elapsed().as_secs_f64();
+            self.step(batch?, waited)?;
             step_in_epoch += 1;
-            last_loss = Some(stats.loss);
-            let step_time = step_start.elapsed().as_secs_f64() + waited;
-            let images_per_s = bs as f64 / step_time.max(1e-9);
-            let m = StepMetrics {
-                step: iteration as u64 - 1,
-                epoch: Some(epoch as u64),
-                loss: Some(stats.loss),
-                lr: Some(lr),
-                images_per_s: Some(images_per_s),
-                data_wait: Some(waited / step_time.max(1e-9)),
-                cluster_entropy: Some(stats.cluster_entropy),
-                clusters_used: Some(stats.clusters_used as u64),
-                elapsed_s: Some(started.elapsed().as_secs_f64()),
-            };
-            metrics.write(&m)?;
-            progress.set_position(iteration as u64);
-            progress
-                .set_message(format!("epoch {epoch} loss {:.4} lr {:.4} {:.0} img/s", stats.loss, lr, images_per_s));
-            if !progress.is_hidden() && iteration % 50 == 0 || progress.is_hidden() && iteration % 20 == 0 {
-                tracing::debug!(step = iteration, loss = stats.loss, lr, "progress");
-            }
-            collapse.observe(iteration, &stats, iteration >= t.freeze_prototypes_niters);
-
-            let interrupted = opts.stop.load(Ordering::SeqCst);
-            let at_max = opts.max_steps.is_some_and(|m| iteration >= m);
-            if interrupted || at_max {
-                let (e, s) = if step_in_epoch == steps_per_epoch { (epoch + 1, 0) } else { (epoch, step_in_epoch) };
-                let path = save(&mut state, iteration, e, s, last_loss)?;
-                progress.finish_and_clear();
-                return Ok(outcome(
-                    iteration,
-                    e,
-                    path,
-                    interrupted,
-                    last_loss,
-                    started,
-                    first_iteration,
-                    bs,
-                    resumed_from,
-                ));
+            let interrupted = self.opts.stop.load(Ordering::SeqCst);
+            if interrupted || self.opts.max_steps.is_some_and(|m| self.iteration >= m) {
+                let (e, s) = if step_in_epoch == self.steps_per_epoch {
+                    (self.epoch + 1, 0)
+                } else {
+                    (self.epoch, step_in_epoch)
+                };
+                let path = self.save(e, s)?;
+                self.progress.finish_and_clear();
+                return Ok(Some(self.outcome(e, path, interrupted)));
             }
             wait_start = Instant::now();
         }
         drop(batches);
-        epoch += 1;
-        tracing::info!(
-            "epoch {epoch}/{} done: step {iteration}, loss {}",
-            t.epochs,
-            last_loss.map_or("-".into(), |l| format!("{l:.4}"))
-        );
-        if epoch % t.checkpoint_every_epochs == 0 || epoch == t.epochs {
-            checkpoint_path = Some(save(&mut state, iteration, epoch, 0, last_loss)?);
+        self.epoch += 1;
+        let loss = self.last_loss.map_or("-".into(), |l| format!("{l:.4}"));
+        tracing::info!("epoch {}/{} done: step {}, loss {loss}", self.epoch, t.epochs, self.iteration);
+        if self.epoch % t.checkpoint_every_epochs == 0 || self.epoch == t.epochs {
+            self.checkpoint = Some(self.save(self.epoch, 0)?);
         }
+        Ok(None)
     }
-    progress.finish_and_clear();
-    let path = match checkpoint_path {
-        Some(p) => p,
-        None => save(&mut state, iteration, epoch, 0, last_loss)?,
-    };
-    Ok(outcome(iteration, epoch, path, false, last_loss, started, first_iteration, t.batch_size, resumed_from))
-}
 
-#[allow(clippy::too_many_arguments)]
-fn outcome(
-    steps: usize,
-    epochs_completed: usize,
-    checkpoint: PathBuf,
-    interrupted: bool,
-    last_loss: Option<f64>,
-    started: Instant,
-    first: usize,
-    batch: usize,
-    resumed_from: Option<usize>,
-) -> TrainOutcome {
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    TrainOutcome {
-        steps,
-        epochs_completed,
-        checkpoint,
-        interrupted,
-        last_loss,
-        images_per_s: ((steps - first) * batch) as f64 / secs,
-        resumed_from,
+    /// One iteration on `batch`, its metrics and progress.
+    fn step(&mut self, batch: Batch, waited: f64) -> Result<(), TrainError> {
+        let step_start = Instant::now();
+        let bs = batch.len();
+        let groups = batch.groups().map(|g| Tensor::from_slice(&g.shape, g.data)).collect::<Result<Vec<_>, _>>()?;
+        drop(batch);
+        let lr = self.schedule.lr(self.iteration);
+        let stats = swav_step(&mut self.state, &self.config.train, groups, bs, self.iteration, lr)?;
+        if !stats.loss.is_finite() {
+            self.progress.abandon();
+            return Err(TrainError::NonFinite {
+                step: self.iteration,
+                loss: stats.loss,
+                checkpoint: self.checkpoint.as_ref().map_or("none yet".into(), |p| p.display().to_string()),
+            });
+        }
+        self.iteration += 1;
+        self.last_loss = Some(stats.loss);
+        let step_time = (step_start.elapsed().as_secs_f64() + waited).max(1e-9);
+        let images_per_s = bs as f64 / step_time;
+        self.metrics.write(&StepMetrics {
+            step: self.iteration as u64 - 1,
+            epoch: Some(self.epoch as u64),
+            loss: Some(stats.loss),
+            lr: Some(lr),
+            images_per_s: Some(images_per_s),
+            data_wait: Some(waited / step_time),
+            cluster_entropy: Some(stats.cluster_entropy),
+            clusters_used: Some(stats.clusters_used as u64),
+            elapsed_s: Some(self.started.elapsed().as_secs_f64()),
+        })?;
+        self.progress.set_position(self.iteration as u64);
+        self.progress
+            .set_message(format!("epoch {} loss {:.4} lr {lr:.4} {images_per_s:.0} img/s", self.epoch, stats.loss));
+        let active = self.iteration >= self.config.train.freeze_prototypes_niters;
+        self.collapse.observe(self.iteration, &stats, active);
+        Ok(())
+    }
+
+    /// Saves a checkpoint positioned at batch `step_in_epoch` of `epoch`.
+    fn save(&mut self, epoch: usize, step_in_epoch: usize) -> Result<PathBuf, TrainError> {
+        let sidecar = Sidecar {
+            format: SIDECAR_FORMAT.into(),
+            step: self.iteration,
+            epoch,
+            step_in_epoch,
+            steps_per_epoch: self.steps_per_epoch,
+            loss: self.last_loss,
+            model_sha256: None,
+            train_sha256: None,
+            config: self.config.clone(),
+        };
+        checkpoint::save(
+            &self.opts.run_dir,
+            &mut self.state,
+            &sidecar,
+            &self.model_meta,
+            self.config.train.keep_checkpoints,
+        )
+    }
+
+    /// The end of the last epoch.
+    fn finish(mut self) -> Result<TrainOutcome, TrainError> {
+        self.progress.finish_and_clear();
+        let path = match self.checkpoint.clone() {
+            Some(p) => p,
+            None => self.save(self.epoch, 0)?,
+        };
+        Ok(self.outcome(self.epoch, path, false))
+    }
+
+    fn outcome(&self, epochs_completed: usize, checkpoint: PathBuf, interrupted: bool) -> TrainOutcome {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let images = (self.iteration - self.first_iteration) * self.config.train.batch_size;
+        TrainOutcome {
+            steps: self.iteration,
+            epochs_completed,
+            checkpoint,
+            interrupted,
+            last_loss: self.last_loss,
+            images_per_s: images as f64 / secs,
+            resumed_from: self.resumed_from,
+        }
     }
 }
 
@@ -312,54 +430,4 @@ fn progress_bar(show: bool, total: u64, position: u64) -> indicatif::ProgressBar
     );
     bar.set_position(position);
     bar
-}
-
-/// Warns (at most once per epoch) when the loss stays within 2% of ln(K) and the codes of a batch use
-/// fewer than 10% of the prototypes on average: the signature of a collapse.
-struct CollapseWatch {
-    ln_k: f64,
-    k: usize,
-    window: usize,
-    losses: Vec<f64>,
-    used: Vec<usize>,
-    last_warning: Option<usize>,
-}
-
-impl CollapseWatch {
-    fn new(k: usize, steps_per_epoch: usize) -> CollapseWatch {
-        CollapseWatch {
-            ln_k: (k as f64).ln(),
-            k,
-            window: steps_per_epoch.clamp(10, 200),
-            losses: Vec::new(),
-            used: Vec::new(),
-            last_warning: None,
-        }
-    }
-
-    fn observe(&mut self, iteration: usize, s: &StepStats, active: bool) {
-        if !active {
-            return;
-        }
-        self.losses.push(s.loss);
-        self.used.push(s.clusters_used);
-        if self.losses.len() > self.window {
-            self.losses.remove(0);
-            self.used.remove(0);
-        }
-        if self.losses.len() < self.window || self.last_warning.is_some_and(|w| iteration < w + self.window) {
-            return;
-        }
-        let mean_loss = self.losses.iter().sum::<f64>() / self.losses.len() as f64;
-        let mean_used = self.used.iter().sum::<usize>() as f64 / self.used.len() as f64;
-        if (mean_loss - self.ln_k).abs() < 0.02 * self.ln_k && mean_used < 0.1 * self.k as f64 {
-            tracing::warn!(
-                "possible collapse: loss {mean_loss:.3} stays at ln(K) = {:.3} and batches use {mean_used:.1} of {} prototypes; \
-                 try freezing the prototypes longer (train.freeze_prototypes_niters), a lower train.epsilon, or a smaller/later queue",
-                self.ln_k,
-                self.k
-            );
-            self.last_warning = Some(iteration);
-        }
-    }
 }

@@ -19,13 +19,7 @@ fn tiny(overrides: &[&str]) -> Config {
 }
 
 fn opts(run: &Path, data: &Path, max_steps: Option<usize>) -> TrainOptions {
-    TrainOptions {
-        run_dir: run.to_path_buf(),
-        data_dir: data.to_path_buf(),
-        max_steps,
-        stop: Arc::new(AtomicBool::new(false)),
-        progress: false,
-    }
+    TrainOptions { max_steps, stop: Arc::new(AtomicBool::new(false)), ..TrainOptions::new(run, data) }
 }
 
 /// All tensors of the newest checkpoint: model file and optimiser/queue file.

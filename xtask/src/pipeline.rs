@@ -227,6 +227,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
         crate::train::install_stop_handler(stop.clone())?;
         let opts = TrainOptions {
+            max_memory: None,
             run_dir: run_dir.clone(),
             data_dir: train_dir.clone(),
             max_steps: None,

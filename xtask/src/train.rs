@@ -41,9 +41,13 @@ pub struct Args {
     /// bit-identical).
     #[arg(long)]
     conv: Option<String>,
-    /// Compute threads (default: one per core).
+    /// Compute threads (default: one per core; at most a few per core are used).
     #[arg(long)]
     threads: Option<usize>,
+    /// Refuse to start when the run's estimated memory exceeds this (bytes, or with a K/M/G/T
+    /// suffix; default: the memory the machine has available).
+    #[arg(long, value_parser = parse_bytes)]
+    max_memory: Option<u64>,
     /// Print the built-in presets and exit.
     #[arg(long)]
     list_presets: bool,
@@ -102,8 +106,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config.train.batch_size,
         config.train.epochs
     );
-    let opts =
-        TrainOptions { run_dir: run_dir.clone(), data_dir: data, max_steps: args.max_steps, stop, progress: true };
+    let opts = TrainOptions {
+        max_steps: args.max_steps,
+        stop,
+        progress: true,
+        max_memory: args.max_memory,
+        ..TrainOptions::new(&run_dir, &data)
+    };
     let out = train(&config, &opts)?;
     let loss = out.last_loss.map_or("-".into(), |l| format!("{l:.4}"));
     if out.interrupted {
@@ -126,6 +135,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn rayon_threads(n: usize) -> anyhow::Result<()> {
+    let (n, note) = swav_core::sys::cap_threads(n, "--threads");
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+    }
     swav_tensor::set_threads(n).context("setting the number of compute threads")
 }
 
@@ -141,4 +154,27 @@ pub fn install_stop_handler(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         eprintln!("\ninterrupt: saving a checkpoint after this step (interrupt again to quit at once)");
     })
     .context("installing the interrupt handler")
+}
+
+/// `123`, `512M`, `8G`, `1.5T` (powers of 1024) as bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("`{s}`: unknown unit `{c}` (K, M, G, T)")),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (e.g. 8G)"))?;
+    if !(v.is_finite() && v > 0.0) || v * mult as f64 > u64::MAX as f64 {
+        return Err(format!("`{s}` is not a positive size"));
+    }
+    Ok((v * mult as f64) as u64)
 }
