@@ -110,6 +110,32 @@ fn model_channels(model: &SwavModel) -> Result<u8, EvalError> {
     }
 }
 
+/// Refuses a batch size and image size whose batches cannot fit in the memory available (an input
+/// size read from a model file, or given by hand, can ask for tens of gigabytes): the loader's
+/// batches in flight plus a few of the largest activations of the forward, per image.
+fn check_batch_memory(model: &SwavModel, t: &EvalConfig, opts: &ExtractOptions, channels: u8) -> Result<(), EvalError> {
+    if opts.batch_size == 0 {
+        return Err(EvalError::Invalid("the feature extraction batch size must be at least 1".into()));
+    }
+    let pixels = (t.crop as u128).pow(2) * channels as u128;
+    let per_image = 4 * (3 * pixels + 4 * model.config.peak_activation_values(t.crop));
+    let need = per_image * opts.batch_size as u128;
+    if let Some(available) = swav_core::sys::available_memory() {
+        if need > available as u128 {
+            let h = swav_core::sys::human_bytes;
+            return Err(EvalError::Invalid(format!(
+                "batches of {} images of {}x{} need about {} but {} is available: lower the batch size or the input size",
+                opts.batch_size,
+                t.crop,
+                t.crop,
+                h(need),
+                h(available as u128)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Pooled backbone features `[dataset.len(), feature_dim]` of every image, in index order, with the
 /// dataset's labels. `progress(done, total)` is called after each batch.
 pub fn extract_features(
@@ -120,9 +146,14 @@ pub fn extract_features(
     progress: &dyn Fn(usize, usize),
 ) -> Result<Features, EvalError> {
     let channels = model_channels(model)?;
+    check_batch_memory(model, transform, opts, channels)?;
+    let (workers, note) = swav_core::sys::cap_threads(opts.workers, "feature extraction workers");
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+    }
     let cfg = LoaderConfig {
         batch_size: opts.batch_size,
-        workers: opts.workers,
+        workers,
         layout: Layout::Nhwc,
         channels: Some(channels),
         ..LoaderConfig::default()

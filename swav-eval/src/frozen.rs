@@ -187,6 +187,8 @@ pub fn evaluate(
     progress: &dyn Fn(Progress<'_>),
 ) -> Result<EvalReport, EvalError> {
     let start = Instant::now();
+    opts.knn.validate()?;
+    opts.probe.validate()?;
     check_labelled(train, test)?;
     let file = ModelFile::read_with(checkpoint, &Overrides { input_size: opts.input_size, ..Overrides::default() })?;
     let (model, transform) = (&file.model, input_transform(&file.preprocessing)?);

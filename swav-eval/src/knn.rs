@@ -26,6 +26,19 @@ pub struct KnnConfig {
     pub temperature: f32,
 }
 
+impl KnnConfig {
+    /// Refuses settings that cannot classify (checked before any feature is extracted).
+    pub fn validate(&self) -> Result<(), EvalError> {
+        if self.k == 0 || !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(EvalError::Invalid(format!(
+                "k-NN needs k >= 1 and a positive temperature (got k = {}, temperature = {})",
+                self.k, self.temperature
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for KnnConfig {
     fn default() -> Self {
         KnnConfig { k: 200, temperature: 0.1 }
@@ -62,12 +75,7 @@ pub fn knn_predict(train: &Features, test: &Features, cfg: &KnnConfig) -> Result
     if train.n == 0 {
         return Err(EvalError::Invalid("k-NN classification needs at least one training image".into()));
     }
-    if cfg.k == 0 || !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
-        return Err(EvalError::Invalid(format!(
-            "k-NN needs k >= 1 and a positive temperature (got k = {}, temperature = {})",
-            cfg.k, cfg.temperature
-        )));
-    }
+    cfg.validate()?;
     train.check_finite("training features")?;
     test.check_finite("test features")?;
     let k = cfg.k.min(train.n);

@@ -33,6 +33,23 @@ pub struct ProbeConfig {
     pub seed: u64,
 }
 
+impl ProbeConfig {
+    /// Refuses settings that cannot train (checked before any feature is extracted).
+    pub fn validate(&self) -> Result<(), EvalError> {
+        if self.epochs == 0
+            || self.batch_size == 0
+            || !(self.lr.is_finite() && self.lr > 0.0)
+            || !(0.0..1.0).contains(&self.momentum)
+            || !(self.weight_decay.is_finite() && self.weight_decay >= 0.0)
+        {
+            return Err(EvalError::Invalid(format!(
+                "linear probe settings: need epochs >= 1, batch_size >= 1, lr > 0, 0 <= momentum < 1, weight_decay >= 0 (got {self:?})"
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for ProbeConfig {
     fn default() -> Self {
         ProbeConfig { epochs: 30, batch_size: 256, lr: 0.1, momentum: 0.9, weight_decay: 1e-4, seed: 0 }
@@ -109,16 +126,7 @@ pub fn train_linear_probe(train: &Features, cfg: &ProbeConfig) -> Result<LinearP
     if train.n == 0 || train.dim == 0 {
         return Err(EvalError::Invalid("the linear probe needs at least one training image".into()));
     }
-    if cfg.epochs == 0
-        || cfg.batch_size == 0
-        || !(cfg.lr.is_finite() && cfg.lr > 0.0)
-        || !(0.0..1.0).contains(&cfg.momentum)
-        || !(cfg.weight_decay.is_finite() && cfg.weight_decay >= 0.0)
-    {
-        return Err(EvalError::Invalid(format!(
-            "linear probe settings: need epochs >= 1, batch_size >= 1, lr > 0, 0 <= momentum < 1, weight_decay >= 0 (got {cfg:?})"
-        )));
-    }
+    cfg.validate()?;
     train.check_finite("training features")?;
     let (n, d) = (train.n, train.dim);
     let c = train.classes.max(labels.iter().max().map_or(0, |&m| m as usize + 1)).max(1);

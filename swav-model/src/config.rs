@@ -174,15 +174,26 @@ impl ModelConfig {
     /// backbone (every convolution's output, which the batch norm after it keeps too), by arithmetic on
     /// the configuration: with [`ModelConfig::state_values`], the basis of a run's memory estimate.
     pub fn activation_values(&self, size: usize) -> u128 {
+        self.conv_outputs(size).iter().sum()
+    }
+
+    /// The largest convolution output of one image of `size x size` pixels: an evaluation-mode forward
+    /// holds a few of these at a time.
+    pub fn peak_activation_values(&self, size: usize) -> u128 {
+        self.conv_outputs(size).into_iter().max().unwrap_or(0)
+    }
+
+    /// The number of values of every convolution's output, for one image of `size x size` pixels.
+    fn conv_outputs(&self, size: usize) -> Vec<u128> {
         let out = |s: u128, k: u128, stride: u128, pad: u128| (s + 2 * pad).saturating_sub(k) / stride + 1;
         let w = self.width() as u128;
         let mut s = size as u128;
-        let mut total;
+        let mut outputs = Vec::new();
         if self.small_stem {
-            total = s * s * w;
+            outputs.push(s * s * w);
         } else {
             s = out(s, 7, 2, 3);
-            total = s * s * w;
+            outputs.push(s * s * w);
             s = out(s, 3, 2, 1);
         }
         let mut cin = w;
@@ -193,22 +204,22 @@ impl ModelConfig {
                 let so = out(s, 3, stride, 1);
                 let cout = match self.arch.block() {
                     BlockKind::Basic => {
-                        total += 2 * so * so * planes;
+                        outputs.extend([so * so * planes, so * so * planes]);
                         planes
                     }
                     BlockKind::Bottleneck => {
-                        total += s * s * planes + so * so * (planes + 4 * planes);
+                        outputs.extend([s * s * planes, so * so * planes, so * so * 4 * planes]);
                         4 * planes
                     }
                 };
                 if stride != 1 || cin != cout {
-                    total += so * so * cout;
+                    outputs.push(so * so * cout);
                 }
                 s = so;
                 cin = cout;
             }
         }
-        total
+        outputs
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {

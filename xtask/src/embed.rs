@@ -34,6 +34,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut outputs = vec![(args.output.as_path(), "features file (--output)")];
+    outputs.extend(args.labels.as_deref().map(|l| (l, "labels file (--labels)")));
+    swav_core::fs::check_outputs(&[(&args.checkpoint, "model file"), (&args.data, "dataset")], &outputs)?;
     let data = Dataset::open(&args.data).context("opening the data")?;
     let opts =
         ExtractOptions { batch_size: args.batch, workers: args.workers.unwrap_or(ExtractOptions::default().workers) };

@@ -64,6 +64,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    swav_core::fs::check_outputs(
+        &[(&args.checkpoint, "model file"), (&args.train_data, "training data"), (&args.test_data, "test data")],
+        &[(&args.output, "report (--output)")],
+    )?;
     let train = Dataset::open(&args.train_data).context("opening the training data")?;
     let test = Dataset::open(&args.test_data).context("opening the test data")?;
     let opts = EvalOptions {

@@ -53,12 +53,16 @@ fn parse_batch(s: &str) -> Result<BatchDim, String> {
         return Ok(BatchDim::Dynamic);
     }
     match s.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(BatchDim::Fixed(n)),
+        // ONNX dimensions are int64.
+        Ok(n) if n > 0 && i64::try_from(n).is_ok() => Ok(BatchDim::Fixed(n)),
         _ => Err(format!("`{s}`: expected `dynamic` or a positive batch size")),
     }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut outputs = vec![(args.output.as_path(), "ONNX file (--output)")];
+    outputs.extend(args.check_data.as_deref().map(|d| (d, "check data folder (--check-data)")));
+    swav_core::fs::check_outputs(&[(&args.checkpoint, "model file")], &outputs)?;
     let overrides = Overrides { mean: args.mean.clone(), std: args.std.clone(), input_size: args.input_size };
     let file = ModelFile::read_with(&args.checkpoint, &overrides).with_context(|| {
         let sidecar = args.checkpoint.extension().is_some_and(|e| e == "json");

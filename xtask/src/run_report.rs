@@ -184,6 +184,9 @@ fn register_font() {
     });
 }
 
+/// The largest magnitude a plotted value may have.
+const PLOT_LIMIT: f64 = 1e15;
+
 /// Width and height of the report image.
 pub const PNG_SIZE: (u32, u32) = (1200, 800);
 
@@ -207,7 +210,9 @@ fn draw(buf: &mut [u8], rows: &[StepMetrics]) -> Result<(), Box<dyn std::error::
     let root = BitMapBackend::with_buffer(buf, PNG_SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let pick = |f: fn(&StepMetrics) -> Option<f64>| -> Vec<(f64, f64)> {
-        rows.iter().filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v))).collect()
+        // Values beyond any loss, rate or throughput a run has are left out: axes spanning +-1e308
+        // would overflow the range arithmetic (and make the tick search spin).
+        rows.iter().filter_map(|r| f(r).filter(|v| v.abs() <= PLOT_LIMIT).map(|v| (r.step as f64, v))).collect()
     };
     let panels: [Series; 4] = [
         ("loss (black: moving average)", pick(|r| r.loss), RED, false, true),
@@ -379,5 +384,23 @@ mod tests {
             }
         }
         assert!(red > 1000 && magenta > 1000, "{red} red, {magenta} magenta pixels");
+    }
+
+    #[test]
+    fn absurd_values_do_not_hang_the_plot() {
+        // One series spanning +-1e308, another with a huge step range: the plot finishes.
+        let rows: Vec<StepMetrics> = (0..50u64)
+            .map(|step| StepMetrics {
+                step: step * 1_000_000_000_000,
+                loss: Some(if step % 2 == 0 { 1e308 } else { -1e308 }),
+                lr: Some(if step == 3 { f64::MAX } else { 0.1 }),
+                images_per_s: Some(1e-300),
+                ..Default::default()
+            })
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(plot_png(&rows).map(|p| p.len())).unwrap());
+        let done = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the plot finishes");
+        assert!(done.unwrap() > 0);
     }
 }

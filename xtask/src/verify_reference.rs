@@ -11,13 +11,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut failed = 0;
+    let (mut failed, mut unreadable) = (0, 0);
     for file in &args.files {
         let report = match verify_case(file) {
             Ok(r) => r,
             Err(e) => {
-                println!("{}: ERROR {e}", file.display());
-                failed += 1;
+                println!("{}: CANNOT RUN: {e}", file.display());
+                unreadable += 1;
                 continue;
             }
         };
@@ -37,8 +37,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         failed += report.checks.iter().filter(|c| !c.pass()).count();
     }
-    if failed > 0 {
-        bail!("{failed} tensor(s) out of tolerance");
+    match (unreadable, failed) {
+        (0, 0) => {}
+        (0, f) => bail!("{f} tensor(s) out of tolerance"),
+        (u, 0) => bail!("{u} file(s) could not be run (unreadable, or not a reference case); every tensor of the others is within tolerance"),
+        (u, f) => bail!("{u} file(s) could not be run (unreadable, or not a reference case) and {f} tensor(s) out of tolerance"),
     }
     println!("all reference checks pass");
     Ok(())
