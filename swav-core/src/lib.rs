@@ -1,5 +1,6 @@
 //! The small foundations every swav-rs crate shares, each with exactly one home:
 //!
+//! - [`alloc_count`]: a counting allocator, for tests that bound what an input can make code allocate;
 //! - [`fs`]: atomic file writes (temporary file, fsync, rename), so a crash never leaves a partial file
 //!   under a real name;
 //! - [`lock`]: exclusive locks on run and output folders (the second process stops, naming the first);
@@ -24,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+pub mod alloc_count;
 pub mod fs;
 pub mod imagenet;
 pub mod isa;
