@@ -204,6 +204,14 @@ fn read_detected(
     mut origin: Origin,
     overrides: &Overrides,
 ) -> Result<ModelFile> {
+    // The trainer's optimizer state (`step-N.train.safetensors`) is safetensors without a config too.
+    let training_state = |k: &String| k.starts_with("momentum.") || k.starts_with("queue.");
+    if !state.tensors.is_empty() && state.tensors.keys().all(training_state) {
+        return Err(ModelError::Format {
+            path: path.display().to_string(),
+            detail: "this is a training-state file (momentum buffers and queue): pass the model file beside it, step-NNNNNNNN.safetensors".into(),
+        });
+    }
     let detection = detect(&state, None).map_err(|e| match e {
         ModelError::Unrecognised { detail, .. } => {
             ModelError::Unrecognised { path: path.display().to_string(), detail }

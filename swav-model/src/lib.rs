@@ -18,6 +18,7 @@
 
 pub mod checkpoint;
 pub mod config;
+#[warn(missing_docs)]
 pub mod detect;
 pub mod error;
 pub mod file;
@@ -26,6 +27,7 @@ pub mod init;
 pub mod layers;
 pub mod param;
 pub mod preprocessing;
+#[warn(missing_docs)]
 pub mod pretrained;
 pub mod resnet;
 pub mod swav;

@@ -240,6 +240,14 @@ fn hostile_foreign_files_are_refused_before_allocation() {
     let err = ModelFile::read(&write("extra.safetensors", &extra)).err().unwrap().to_string();
     assert!(err.contains("attention.weight"), "{err}");
 
+    // The trainer's optimizer state is not a model, and is named as what it is.
+    let mut train_state = NamedTensors::default();
+    for (k, v) in &state.tensors {
+        train_state.tensors.insert(format!("momentum.{k}"), v.clone());
+    }
+    let err = ModelFile::read(&write("step-1.train.safetensors", &train_state)).err().unwrap().to_string();
+    assert!(err.contains("training-state file") && err.contains("step-1.train.safetensors"), "{err}");
+
     // A PyTorch file the reader refuses is reported as such, with its path.
     let err = ModelFile::read(&dir().join("hostile_os_system.pth")).err().unwrap().to_string();
     assert!(err.contains("hostile_os_system.pth") && err.contains("refusing global os.system"), "{err}");
