@@ -223,8 +223,14 @@ fn stage_depth(shapes: &BTreeMap<&str, &[usize]>, stage: usize) -> Result<usize>
         return Err(unrecognised(format!("no `layer{stage}.*` tensors: a ResNet has four stages")));
     }
     if blocks.iter().copied().ne(0..n) {
-        let missing: Vec<usize> = (0..=*blocks.last().unwrap_or(&0)).filter(|b| !blocks.contains(b)).collect();
-        return Err(unrecognised(format!("`layer{stage}` has blocks {blocks:?}: block(s) {missing:?} are missing")));
+        // Some index below n is missing (n indices, not 0..n); list a few, never a range the file
+        // could make huge (`layer1.99999999999.*`).
+        let missing: Vec<usize> = (0..n).filter(|b| !blocks.contains(b)).take(8).collect();
+        let shown: Vec<usize> = blocks.iter().copied().take(16).collect();
+        let more = if n > 16 { " ..." } else { "" };
+        return Err(unrecognised(format!(
+            "`layer{stage}` has blocks {shown:?}{more}: block(s) {missing:?} are missing"
+        )));
     }
     Ok(n)
 }

@@ -302,6 +302,11 @@ fn what_cannot_be_recognised_is_named() {
             edited(&r50, |t| t.retain(|(k, _)| !k.starts_with("layer3.2."))),
             vec!["`layer3`", "[2] are missing"],
         ),
+        (
+            "absurd block index",
+            edited(&r18, |t| t.push(("layer2.99999999999.conv1.weight".into(), vec![16, 16, 3, 3]))),
+            vec!["`layer2` has blocks [0, 1, 99999999999]", "[2] are missing"],
+        ),
         ("no stage", edited(&r18, |t| t.retain(|(k, _)| !k.starts_with("layer4."))), vec!["no `layer4.*`"]),
         (
             "half a head",
