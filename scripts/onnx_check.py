@@ -2,7 +2,10 @@
 """Check models written by `cargo xtask export` with the official tools.
 
 For each MODEL.onnx and the folder written by `--check-data DIR`:
-  - onnx.checker.check_model(full_check=True): valid ONNX, strict shape inference passes;
+  - onnx.checker.check_model(path, full_check=True): valid ONNX, strict shape inference passes, and for
+    a model with external data, its data file and the tensors' locations are valid;
+  - with external data (`--external-data`, or a model over 2 GiB): one data file beside the model,
+    every external tensor at an offset that is a multiple of 4096 and inside that file;
   - only standard operators of the default domain; one float32 NCHW input `images`;
     the preprocessing (mean, std, input_size) in the metadata;
   - onnxruntime's outputs for DIR/images.npy against swav-model's (DIR/<output>.npy):
@@ -11,10 +14,10 @@ For each MODEL.onnx and the folder written by `--check-data DIR`:
 
 Usage: python3 scripts/onnx_check.py MODEL.onnx CHECK_DIR [MODEL.onnx CHECK_DIR ...]
        python3 scripts/onnx_check.py --ci
-`--ci` (what .ci/run does) first writes two random model files (swav-export's `random_checkpoint`
+`--ci` (what .ci/run does) first writes three random model files (swav-export's `random_checkpoint`
 example), exports them with `cargo xtask export ... --check-data` (ResNet-50 with the head, default
-opset, folded batch norms; ResNet-18 small stem, backbone only, opset 13, BatchNormalization nodes)
-into target/onnx-check/, then checks both.
+opset, folded batch norms; ResNet-18 small stem, backbone only, opset 13, BatchNormalization nodes;
+ResNet-18 with the head and forced external data) into target/onnx-check/, then checks all three.
 Needs: pip install onnx onnxruntime numpy
 """
 
@@ -42,9 +45,35 @@ def rel_err(got, want):
     return float(np.abs(got - want).max()) / scale
 
 
+def check_external_data(model_path, model):
+    """Validates the external data layout; returns a one-line summary, or None without external data."""
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return None
+    folder = os.path.dirname(os.path.abspath(model_path))
+    locations = set()
+    for t in external:
+        info = {e.key: e.value for e in t.external_data}
+        assert not t.raw_data, f"{t.name}: external tensor also has raw_data"
+        location, offset, length = info["location"], int(info["offset"]), int(info["length"])
+        assert os.path.basename(location) == location, f"{t.name}: location {location!r} is not beside the model"
+        assert offset % 4096 == 0, f"{t.name}: offset {offset} is not a multiple of 4096"
+        expected = int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        assert length == expected, f"{t.name}: length {length}, dims {list(t.dims)} need {expected}"
+        size = os.path.getsize(os.path.join(folder, location))
+        assert offset + length <= size, f"{t.name}: bytes {offset}..{offset + length} past the end of {location} ({size})"
+        locations.add(location)
+    assert len(locations) == 1, f"external data in several files: {sorted(locations)}"
+    location = locations.pop()
+    return (f"external data: {len(external)} of {len(model.graph.initializer)} tensors in {location} "
+            f"({os.path.getsize(os.path.join(folder, location))} bytes), offsets 4096-aligned")
+
+
 def check(model_path, data_dir):
-    model = onnx.load(model_path)
-    onnx.checker.check_model(model, full_check=True)
+    # The path form also checks external data files; the graph is inspected without loading them.
+    onnx.checker.check_model(model_path, full_check=True)
+    model = onnx.load(model_path, load_external_data=False)
+    external = check_external_data(model_path, model)
     opset = {o.domain: o.version for o in model.opset_import}
     ops = sorted({n.op_type for n in model.graph.node})
     foreign = [(n.op_type, n.domain) for n in model.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in STANDARD_OPS]
@@ -83,6 +112,8 @@ def check(model_path, data_dir):
 
     print(f"{model_path}: onnx {onnx.__version__} checker ok, opset {opset.get('', opset.get('ai.onnx'))}, IR {model.ir_version}, "
           f"ops {ops}, input {dims}, metadata mean {mean} std {std} input_size {size}")
+    if external:
+        print(f"  {external}")
     print(f"  onnxruntime {ort.__version__} vs swav-model on {images.shape[0]} images of {images.shape[2]}x{images.shape[3]}:")
     failed = []
     for name, e in errors.items():
@@ -102,6 +133,7 @@ def ci_models():
     cases = [
         ("r50", ["resnet50", "16", "standard", "64"], ["--with-head", "--check-batch", "3"]),
         ("r18s", ["resnet18", "16", "small", "32"], ["--opset", "13", "--no-fold-batchnorm"]),
+        ("r18x", ["resnet18", "16", "standard", "48"], ["--with-head", "--external-data"]),
     ]
     args = []
     for name, model, export in cases:

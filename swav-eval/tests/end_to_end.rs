@@ -191,7 +191,8 @@ fn errors_name_the_problem() {
     let e = err(evaluate(&ckpt, &labelled, &two_classes, &opts, &|_| {}));
     assert!(e.contains("different classes"), "{e}");
 
-    // Not a model file: random bytes, a safetensors file without the swav-rs configuration, a directory.
+    // Not a model file: random bytes, a safetensors file whose network cannot be recognised from its
+    // shapes (a file without the swav-rs configuration is detected), a directory.
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"definitely not safetensors").unwrap();
     let e = err(evaluate(&junk, &labelled, &labelled, &opts, &|_| {}));
@@ -201,7 +202,7 @@ fn errors_name_the_problem() {
     state.tensors.insert("conv1.weight".into(), swav_model::checkpoint::Value::F32 { shape: vec![1], data: vec![0.0] });
     state.write(&foreign).unwrap();
     let e = err(evaluate(&foreign, &labelled, &labelled, &opts, &|_| {}));
-    assert!(e.contains("not a swav-rs model file"), "{e}");
+    assert!(e.contains("foreign.safetensors") && e.contains("cannot recognise the network"), "{e}");
     let e = err(evaluate(dir.path(), &labelled, &labelled, &opts, &|_| {}));
     assert!(e.contains("is a directory"), "{e}");
 

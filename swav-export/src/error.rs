@@ -11,7 +11,8 @@ pub enum ExportError {
     /// on load, so this names a tensor of a model assembled by hand).
     #[error("tensor `{name}`: {detail}")]
     Tensor { name: String, detail: String },
-    #[error("the ONNX model would take {bytes} bytes; a single protobuf file holds at most 2 GiB (external data is not supported)")]
+    /// Even with every large tensor in external data, the graph itself would exceed protobuf's 2 GiB.
+    #[error("the ONNX model would take {bytes} bytes with its tensors in external data; a protobuf file holds at most 2 GiB")]
     TooLarge { bytes: usize },
     #[error("check data {path}: {detail}")]
     CheckData { path: String, detail: String },

@@ -29,8 +29,8 @@ use swav_model::layers::{BatchNorm, Conv2d, Linear};
 use swav_model::resnet::Block;
 use swav_model::SwavModel;
 
-use crate::graph::{value_info, Attr, Dim, Graph};
-use crate::proto::{field as f, Msg};
+use crate::graph::{value_info, Attr, Dim, Graph, Initializer};
+use crate::proto::{data_location, field as f, len_delimited, Msg};
 use crate::{ExportError, Result};
 use swav_model::file::{META_INPUT_SIZE, META_MEAN, META_STD};
 use swav_model::Preprocessing;
@@ -43,6 +43,19 @@ pub const DEFAULT_OPSET: i64 = 17;
 pub const L2_EPS: f32 = 1e-12;
 
 pub const INPUT_NAME: &str = "images";
+
+/// The largest protobuf message (2 GiB - 1): an ONNX model whose tensors would make it larger keeps
+/// them in an external data file instead (ResNet-50w5 with its head: 2.4 GB of weights).
+pub const PROTOBUF_LIMIT: usize = i32::MAX as usize;
+/// With external data, tensors of at least this many bytes go to the data file and smaller ones stay
+/// in the protobuf (the `onnx` package's default `size_threshold`).
+pub const EXTERNAL_MIN_BYTES: usize = 1024;
+/// Offsets in the external data file are multiples of this: the ONNX specification asks for
+/// multiples of the page size (4096) so that runtimes can memory-map the tensors.
+pub const EXTERNAL_ALIGNMENT: usize = 4096;
+/// The data file that [`to_onnx`] refers to; [`crate::export_to_file`] names it after the output
+/// instead ([`data_file_name`]).
+pub const DEFAULT_DATA_LOCATION: &str = "model.onnx.data";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchDim {
@@ -62,6 +75,9 @@ pub struct ExportOptions {
     /// Declare height and width as the preprocessing's `input_size` instead of symbolic `height` /
     /// `width` (the network itself takes any size).
     pub static_input_size: bool,
+    /// Store the tensors in an external data file beside the `.onnx` even when the model would fit in
+    /// one protobuf file. Models that would not fit ([`PROTOBUF_LIMIT`]) always use external data.
+    pub external_data: bool,
 }
 
 impl Default for ExportOptions {
@@ -72,6 +88,7 @@ impl Default for ExportOptions {
             batch: BatchDim::Dynamic,
             fold_batchnorm: true,
             static_input_size: false,
+            external_data: false,
         }
     }
 }
@@ -83,11 +100,25 @@ pub struct ValueInfo {
     pub dims: Vec<Dim>,
 }
 
+/// The external data file of an exported model: the tensors' bytes, each at an offset that is a
+/// multiple of [`EXTERNAL_ALIGNMENT`], zeros between them.
+#[derive(Clone, Debug)]
+pub struct ExternalData {
+    /// The file name the `.onnx` refers to (`location`), relative to the `.onnx` file's folder.
+    pub location: String,
+    /// The file's contents.
+    pub bytes: Vec<u8>,
+    /// How many tensors are in it.
+    pub tensors: usize,
+}
+
 /// An encoded ONNX model and what it holds.
 #[derive(Clone, Debug)]
 pub struct Exported {
-    /// The serialised `ModelProto`.
+    /// The serialised `ModelProto` (the `.onnx` file).
     pub bytes: Vec<u8>,
+    /// With external data, the data file that must lie beside the `.onnx` file under its location.
+    pub external: Option<ExternalData>,
     pub input: ValueInfo,
     pub outputs: Vec<ValueInfo>,
     pub op_types: BTreeSet<String>,
@@ -121,8 +152,32 @@ pub fn ir_version(opset: i64) -> i64 {
     }
 }
 
-/// Encodes the model's evaluation-mode forward as an ONNX model.
+/// The data file name of an export to `output`: its file name plus `.data` (`model.onnx.data`).
+pub fn data_file_name(output: &std::path::Path) -> String {
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model.onnx".into());
+    format!("{name}.data")
+}
+
+/// Encodes the model's evaluation-mode forward as an ONNX model. With external data (forced, or a
+/// model over [`PROTOBUF_LIMIT`]) the tensors refer to a data file named [`DEFAULT_DATA_LOCATION`];
+/// [`to_onnx_with_location`] or [`crate::export_to_file`] name it otherwise.
 pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> Result<Exported> {
+    to_onnx_with_location(model, pre, opts, DEFAULT_DATA_LOCATION)
+}
+
+/// [`to_onnx`], with external data (if any) in the file `location` (a file name: it is written beside
+/// the `.onnx` file).
+pub fn to_onnx_with_location(
+    model: &SwavModel,
+    pre: &Preprocessing,
+    opts: &ExportOptions,
+    location: &str,
+) -> Result<Exported> {
+    if location.is_empty() || location.contains(['/', '\\']) || location == "." || location == ".." {
+        return Err(ExportError::Options(format!(
+            "external data location `{location}` must be a plain file name, written beside the .onnx file"
+        )));
+    }
     if !OPSETS.contains(&opts.opset) {
         return Err(ExportError::Options(format!(
             "opset {} is not supported (use {} to {})",
@@ -189,33 +244,56 @@ pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> 
     let metadata = metadata(model, pre, opts, &names)?;
     let ir = ir_version(opts.opset);
     let node_count = g.nodes.len();
+    // The graph without its initialisers, which go last: where their bytes go depends on the size of
+    // the whole model, known exactly before anything is encoded.
     let graph = Msg::new()
         .msgs(f::GRAPH_NODE, std::mem::take(&mut g.nodes))
         .string(f::GRAPH_NAME, if opts.with_head { "swav" } else { "swav_backbone" })
-        .msgs(f::GRAPH_INITIALIZER, std::mem::take(&mut g.initializers))
         .string(f::GRAPH_DOC_STRING, &graph_doc(model, opts))
         .msg(f::GRAPH_INPUT, value_info(INPUT_NAME, &input.dims, &input_doc(pre)))
         .msgs(f::GRAPH_OUTPUT, outputs.iter().map(|(v, doc)| value_info(&v.name, &v.dims, doc)));
-    let model_proto = Msg::new()
-        .int(f::MODEL_IR_VERSION, ir)
-        .string(f::MODEL_PRODUCER_NAME, "swav-rs")
-        .string(f::MODEL_PRODUCER_VERSION, env!("CARGO_PKG_VERSION"))
-        .string(
-            f::MODEL_DOC_STRING,
-            "SwAV-pretrained backbone exported by swav-rs; see the metadata for the preprocessing.",
-        )
-        .msg(f::MODEL_GRAPH, graph)
-        .msg(f::MODEL_OPSET_IMPORT, Msg::new().string(f::OPSET_DOMAIN, "").int(f::OPSET_VERSION, opts.opset))
-        .msgs(
-            f::MODEL_METADATA_PROPS,
-            metadata.iter().map(|(k, v)| Msg::new().string(f::ENTRY_KEY, k).string(f::ENTRY_VALUE, v)),
-        );
+    let model_proto = |graph: Msg| {
+        Msg::new()
+            .int(f::MODEL_IR_VERSION, ir)
+            .string(f::MODEL_PRODUCER_NAME, "swav-rs")
+            .string(f::MODEL_PRODUCER_VERSION, env!("CARGO_PKG_VERSION"))
+            .string(
+                f::MODEL_DOC_STRING,
+                "SwAV-pretrained backbone exported by swav-rs; see the metadata for the preprocessing.",
+            )
+            .msg(f::MODEL_GRAPH, graph)
+            .msg(f::MODEL_OPSET_IMPORT, Msg::new().string(f::OPSET_DOMAIN, "").int(f::OPSET_VERSION, opts.opset))
+            .msgs(
+                f::MODEL_METADATA_PROPS,
+                metadata.iter().map(|(k, v)| Msg::new().string(f::ENTRY_KEY, k).string(f::ENTRY_VALUE, v)),
+            )
+    };
+    let initializers = std::mem::take(&mut g.initializers);
+    let inline_graph_len = graph.encoded_len()
+        + initializers
+            .iter()
+            .map(|t| {
+                let tensor = t.header().encoded_len() + len_delimited(f::TENSOR_RAW_DATA, t.raw.len());
+                len_delimited(f::GRAPH_INITIALIZER, tensor)
+            })
+            .sum::<usize>();
+    let inline_len = model_proto(Msg::new()).encoded_len() - len_delimited(f::MODEL_GRAPH, 0)
+        + len_delimited(f::MODEL_GRAPH, inline_graph_len);
+    let (tensors, external) = if opts.external_data || inline_len > PROTOBUF_LIMIT {
+        let (tensors, data) = externalize(initializers, location);
+        (tensors, Some(data))
+    } else {
+        (initializers.into_iter().map(|t| t.header().bytes(f::TENSOR_RAW_DATA, t.raw)).collect(), None)
+    };
+    let model_proto = model_proto(graph.msgs(f::GRAPH_INITIALIZER, tensors));
     let len = model_proto.encoded_len();
-    if len > i32::MAX as usize {
+    debug_assert!(external.is_some() || len == inline_len, "size estimate {inline_len}, encoded {len}");
+    if len > PROTOBUF_LIMIT {
         return Err(ExportError::TooLarge { bytes: len });
     }
     Ok(Exported {
         bytes: model_proto.encode(),
+        external,
         input,
         outputs: outputs.into_iter().map(|(v, _)| v).collect(),
         op_types: std::mem::take(&mut g.op_types),
@@ -224,6 +302,39 @@ pub fn to_onnx(model: &SwavModel, pre: &Preprocessing, opts: &ExportOptions) -> 
         ir_version: ir,
         metadata,
     })
+}
+
+/// Moves the bytes of every tensor of at least [`EXTERNAL_MIN_BYTES`] into one data file (offsets
+/// aligned to [`EXTERNAL_ALIGNMENT`]) and refers to them by `location`, `offset` and `length` with
+/// `data_location = EXTERNAL`; smaller tensors stay inline. Each tensor's bytes are dropped once
+/// copied, so the weights are held about twice at most, not three times.
+fn externalize(initializers: Vec<Initializer>, location: &str) -> (Vec<Msg>, ExternalData) {
+    let external = |t: &Initializer| t.raw.len() >= EXTERNAL_MIN_BYTES;
+    let total: usize =
+        initializers.iter().filter(|t| external(t)).map(|t| t.raw.len().next_multiple_of(EXTERNAL_ALIGNMENT)).sum();
+    let mut data = Vec::with_capacity(total);
+    let mut tensors = Vec::with_capacity(initializers.len());
+    let mut count = 0;
+    let entry = |key: &str, value: &str| Msg::new().string(f::ENTRY_KEY, key).string(f::ENTRY_VALUE, value);
+    for t in initializers {
+        let header = t.header();
+        if !external(&t) {
+            tensors.push(header.bytes(f::TENSOR_RAW_DATA, t.raw));
+            continue;
+        }
+        data.resize(data.len().next_multiple_of(EXTERNAL_ALIGNMENT), 0);
+        let offset = data.len();
+        data.extend_from_slice(&t.raw);
+        let entries = [
+            entry("location", location),
+            entry("offset", &offset.to_string()),
+            entry("length", &t.raw.len().to_string()),
+        ];
+        tensors
+            .push(header.msgs(f::TENSOR_EXTERNAL_DATA, entries).int(f::TENSOR_DATA_LOCATION, data_location::EXTERNAL));
+        count += 1;
+    }
+    (tensors, ExternalData { location: location.to_string(), bytes: data, tensors: count })
 }
 
 const FEATURES_DOC: &str =

@@ -12,9 +12,29 @@ use crate::proto::{attr_type, data_type, field as f, Msg};
 pub(crate) struct Graph {
     pub opset: i64,
     pub nodes: Vec<Msg>,
-    pub initializers: Vec<Msg>,
+    pub initializers: Vec<Initializer>,
     pub op_types: BTreeSet<String>,
     pub parameters: usize,
+}
+
+/// An initialiser before encoding: where its bytes go (inside the protobuf, or into an external data
+/// file) is decided once the whole model's size is known.
+pub(crate) struct Initializer {
+    pub name: String,
+    pub dims: Vec<i64>,
+    pub dtype: i64,
+    /// Little-endian values.
+    pub raw: Vec<u8>,
+}
+
+impl Initializer {
+    /// The `TensorProto` without its data.
+    pub fn header(&self) -> Msg {
+        Msg::new()
+            .ints(f::TENSOR_DIMS, &self.dims)
+            .int(f::TENSOR_DATA_TYPE, self.dtype)
+            .string(f::TENSOR_NAME, &self.name)
+    }
 }
 
 /// A node attribute.
@@ -73,12 +93,7 @@ impl Graph {
 
     fn push_tensor(&mut self, name: &str, dims: &[usize], dtype: i64, raw: Vec<u8>) -> String {
         let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
-        let t = Msg::new()
-            .ints(f::TENSOR_DIMS, &dims)
-            .int(f::TENSOR_DATA_TYPE, dtype)
-            .string(f::TENSOR_NAME, name)
-            .bytes(f::TENSOR_RAW_DATA, raw);
-        self.initializers.push(t);
+        self.initializers.push(Initializer { name: name.to_string(), dims, dtype, raw });
         name.to_string()
     }
 

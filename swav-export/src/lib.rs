@@ -11,6 +11,11 @@
 //! - [`export`]: the walk from [`SwavModel`] to an ONNX graph (batch norms folded by default).
 //! - [`check`]: random inputs and swav-model's reference outputs as `.npy`, to check any runtime.
 //!
+//! A model whose tensors would make the protobuf exceed 2 GiB (ResNet-50w5 with its head) is written
+//! with ONNX external data: `model.onnx` plus `model.onnx.data` beside it, every tensor of at least
+//! 1 KiB stored there at a 4096-aligned offset (`data_location = EXTERNAL`, `location`, `offset`,
+//! `length`). [`ExportOptions::external_data`] forces it for any model.
+//!
 //! ```no_run
 //! use swav_export::{export_checkpoint, ExportOptions};
 //! use swav_model::Overrides;
@@ -31,7 +36,10 @@ use std::path::Path;
 use swav_model::{ModelFile, Overrides, Preprocessing};
 
 pub use error::{ExportError, Result};
-pub use export::{output_names, to_onnx, BatchDim, ExportOptions, Exported, ValueInfo, DEFAULT_OPSET, OPSETS};
+pub use export::{
+    data_file_name, output_names, to_onnx, to_onnx_with_location, BatchDim, ExportOptions, Exported, ExternalData,
+    ValueInfo, DEFAULT_OPSET, OPSETS,
+};
 pub use graph::Dim;
 
 /// Writes `bytes` atomically: a crash never leaves a partial file under `path`.
@@ -40,8 +48,38 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| ExportError::Write { path: e.path.display().to_string(), source: e.source })
 }
 
+/// Writes an exported model to `output`: its external data file first (beside `output`, under the
+/// name its tensors refer to), then the `.onnx` file, each atomically. A crash between the two leaves
+/// the new data file beside the previous `.onnx` file; exporting again repairs it.
+pub fn write_exported(output: &Path, exported: &Exported) -> Result<()> {
+    if let Some(data) = &exported.external {
+        let path = output.with_file_name(&data.location);
+        if path == output {
+            return Err(ExportError::Options(format!(
+                "the external data file and the model would both be {}",
+                output.display()
+            )));
+        }
+        write_atomic(&path, &data.bytes)?;
+    }
+    write_atomic(output, &exported.bytes)
+}
+
+/// Exports `model` to `output` (see [`write_exported`]); external data, when used, goes to
+/// [`data_file_name`]`(output)` beside it (`model.onnx` -> `model.onnx.data`).
+pub fn export_to_file(
+    model: &swav_model::SwavModel,
+    pre: &Preprocessing,
+    opts: &ExportOptions,
+    output: &Path,
+) -> Result<Exported> {
+    let exported = to_onnx_with_location(model, pre, opts, &data_file_name(output))?;
+    write_exported(output, &exported)?;
+    Ok(exported)
+}
+
 /// Reads the model file `checkpoint` (with `overrides` of its preprocessing), exports it and writes
-/// `output` atomically.
+/// `output` (and its data file, with external data) atomically.
 pub fn export_checkpoint(
     checkpoint: &Path,
     output: &Path,
@@ -49,8 +87,7 @@ pub fn export_checkpoint(
     opts: &ExportOptions,
 ) -> Result<(Exported, Preprocessing)> {
     let file = ModelFile::read_with(checkpoint, overrides)?;
-    let exported = to_onnx(&file.model, &file.preprocessing, opts)?;
-    write_atomic(output, &exported.bytes)?;
+    let exported = export_to_file(&file.model, &file.preprocessing, opts, output)?;
     Ok((exported, file.preprocessing))
 }
 

@@ -48,6 +48,8 @@ pub mod field {
     pub const TENSOR_DATA_TYPE: u32 = 2;
     pub const TENSOR_NAME: u32 = 8;
     pub const TENSOR_RAW_DATA: u32 = 9;
+    pub const TENSOR_EXTERNAL_DATA: u32 = 13;
+    pub const TENSOR_DATA_LOCATION: u32 = 14;
     // ValueInfoProto
     pub const VALUE_NAME: u32 = 1;
     pub const VALUE_TYPE: u32 = 2;
@@ -66,6 +68,17 @@ pub mod field {
 pub mod data_type {
     pub const FLOAT: i64 = 1;
     pub const INT64: i64 = 7;
+}
+
+/// `TensorProto.DataLocation` values.
+pub mod data_location {
+    /// The tensor's bytes are in the file given by its `external_data` entries.
+    pub const EXTERNAL: i64 = 1;
+}
+
+/// Encoded size of a length-delimited field (bytes or a message) of `len` bytes: tag, length, payload.
+pub fn len_delimited(field: u32, len: usize) -> usize {
+    tag_len(field) + varint_len(len as u64) + len
 }
 
 /// `AttributeProto.AttributeType` values used here.

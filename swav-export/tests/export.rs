@@ -258,10 +258,12 @@ fn broken_checkpoints_name_the_tensor_and_leave_the_output_alone() {
     let e = run(&misshaped);
     assert!(e.contains("layer2.0.conv1.weight") && e.contains("[16, 8, 1, 3]") && e.contains("[16, 8, 3, 3]"), "{e}");
 
-    let no_config = dir.path().join("foreign.safetensors");
-    NamedTensors { tensors: model_state(&mut m).tensors, metadata: BTreeMap::new() }.write(&no_config).unwrap();
-    let e = run(&no_config);
-    assert!(e.contains("model_config"), "{e}");
+    let bad_config = dir.path().join("bad-config.safetensors");
+    write_state(&mut m, &bad_config, |s| {
+        s.metadata.insert(META_CONFIG.into(), "{\"arch\": \"resnet9\"}".into());
+    });
+    let e = run(&bad_config);
+    assert!(e.contains("model_config") && e.contains("resnet9"), "{e}");
 
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"not a checkpoint").unwrap();
@@ -282,4 +284,77 @@ fn broken_checkpoints_name_the_tensor_and_leave_the_output_alone() {
     let e =
         export_checkpoint(&good, &dir.path().join("no/such/dir/model.onnx"), &Overrides::default(), &opts).unwrap_err();
     assert!(matches!(e, ExportError::Write { .. }) && e.to_string().contains("model.onnx"), "{e}");
+}
+
+#[test]
+fn foreign_state_dicts_export_with_default_preprocessing() {
+    // A safetensors state dict without swav-rs metadata: the network is detected from its shapes and
+    // the preprocessing recorded in the ONNX metadata is the defaults, said to be defaults.
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = SwavModel::new(small(Arch::Resnet18, false), 4).unwrap();
+    let foreign = dir.path().join("foreign.safetensors");
+    NamedTensors { tensors: model_state(&mut m).tensors, metadata: BTreeMap::new() }.write(&foreign).unwrap();
+    let out = dir.path().join("foreign.onnx");
+    let (exported, pre) = export_checkpoint(&foreign, &out, &Overrides::default(), &ExportOptions::default()).unwrap();
+    assert_eq!((pre.mean, pre.std, pre.input_size), (IMAGENET_MEAN.to_vec(), IMAGENET_STD.to_vec(), 224));
+    let meta = metadata(&parse(&exported.bytes));
+    assert_eq!(meta["preprocessing_source"], r#"{"mean":"default","std":"default","input_size":"default"}"#);
+    let config: ModelConfig = serde_json::from_str(&meta["model_config"]).unwrap();
+    assert_eq!(config, m.config.canonical());
+    assert!(exported.external.is_none());
+    assert!(!dir.path().join("foreign.onnx.data").exists());
+}
+
+#[test]
+fn external_data_locations_must_be_plain_file_names() {
+    let m = SwavModel::new(small(Arch::Resnet18, true), 0).unwrap();
+    let pre = Preprocessing::resolve(&m.config, &BTreeMap::new(), &Overrides::default()).unwrap();
+    let opts = ExportOptions { external_data: true, ..Default::default() };
+    for bad in ["", "../x.data", "sub/x.data", ".."] {
+        let e = swav_export::to_onnx_with_location(&m, &pre, &opts, bad).unwrap_err();
+        assert!(matches!(e, ExportError::Options(_)), "{bad}: {e}");
+    }
+    assert_eq!(swav_export::data_file_name(Path::new("out/model.onnx")), "model.onnx.data");
+    let e = swav_export::to_onnx(&m, &pre, &opts).unwrap();
+    assert_eq!(e.external.unwrap().location, swav_export::export::DEFAULT_DATA_LOCATION);
+}
+
+/// The model that motivated external data: ResNet-50w5 with the official head holds 2.4 GB of
+/// weights, over protobuf's 2 GiB, so the export switches to external data by itself. Needs about
+/// 8 GB of memory and a minute: `cargo test -p swav-export --release -- --ignored`.
+#[test]
+#[ignore]
+fn resnet50w5_with_head_switches_to_external_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ModelConfig { arch: Arch::Resnet50w5, width: None, ..ModelConfig::swav_resnet50() };
+    let m = SwavModel::new(config, 0).unwrap();
+    let pre = Preprocessing::resolve(&m.config, &BTreeMap::new(), &Overrides::default()).unwrap();
+    let out = dir.path().join("w5.onnx");
+    let opts = ExportOptions { with_head: true, ..Default::default() };
+    let exported = swav_export::export_to_file(&m, &pre, &opts, &out).unwrap();
+    let data = exported.external.as_ref().expect("over 2 GiB: external data");
+    assert!(exported.parameters as u64 * 4 > i32::MAX as u64, "{} parameters", exported.parameters);
+    assert!(exported.bytes.len() < 1 << 20, "the .onnx holds the graph only: {} bytes", exported.bytes.len());
+    let on_disk = std::fs::metadata(dir.path().join("w5.onnx.data")).unwrap().len();
+    assert_eq!(on_disk, data.bytes.len() as u64);
+    let p = parse(&std::fs::read(&out).unwrap());
+    let mut end = 0;
+    for t in &p.graph.as_ref().unwrap().initializer {
+        if t.data_location == Some(1) {
+            let entry = |k: &str| t.external_data.iter().find(|e| e.key == k).unwrap().value.parse::<u64>().unwrap();
+            let (offset, length) = (entry("offset"), entry("length"));
+            assert_eq!(offset % 4096, 0, "{}", t.name);
+            assert_eq!(length, t.dims.iter().product::<i64>() as u64 * 4, "{}", t.name);
+            assert!(offset >= end, "{}: overlaps the previous tensor", t.name);
+            end = offset + length;
+        }
+    }
+    assert_eq!(end, on_disk, "the data file ends with the last tensor");
+    eprintln!(
+        "resnet50w5 + head: {:.2}M parameters, .onnx {} bytes, data {:.2} GB in {} tensors",
+        exported.parameters as f64 / 1e6,
+        exported.bytes.len(),
+        on_disk as f64 / 1e9,
+        data.tensors
+    );
 }

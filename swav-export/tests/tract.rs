@@ -1,6 +1,7 @@
 //! Exported models run in tract (a pure-Rust ONNX runtime) and agree with swav-model's evaluation-mode
 //! forward: ResNet-18, ResNet-50 and the small-image stem, with and without the head, batch norms
-//! folded or not, every supported opset form, several batch sizes from one file.
+//! folded or not, every supported opset form, several batch sizes from one file; and a model written
+//! with ONNX external data, which tract loads from its path.
 
 mod common;
 use common::small;
@@ -9,7 +10,7 @@ use std::collections::BTreeMap;
 
 use swav_core::layout::nchw_to_nhwc;
 use swav_export::check::{random_images, read_npy, write_check_data, NamedArray};
-use swav_export::{to_onnx, BatchDim, Dim, ExportOptions};
+use swav_export::{export_to_file, to_onnx, BatchDim, Dim, ExportOptions};
 use swav_model::param::{Slot, Visit};
 use swav_model::{Arch, ModelConfig, SwavModel};
 use swav_model::{Overrides, Preprocessing};
@@ -55,11 +56,21 @@ fn preprocessing(m: &SwavModel) -> Preprocessing {
 /// Runs an ONNX model in tract on NCHW images; returns every output with its shape.
 fn run_tract(bytes: &[u8], images: &NamedArray) -> Vec<NamedArray> {
     let proto = tract_onnx::onnx().proto_model_for_read(&mut &bytes[..]).expect("tract parses the protobuf");
+    let model = tract_onnx::onnx().model_for_proto_model(&proto).expect("tract loads the model");
+    run_loaded(&proto, model, images)
+}
+
+/// Runs an ONNX model file in tract (which resolves external data relative to the file).
+fn run_tract_file(path: &std::path::Path, images: &NamedArray) -> Vec<NamedArray> {
+    let proto = tract_onnx::onnx().proto_model_for_path(path).expect("tract parses the protobuf");
+    let model = tract_onnx::onnx().model_for_path(path).expect("tract loads the model and its external data");
+    run_loaded(&proto, model, images)
+}
+
+fn run_loaded(proto: &tract_onnx::pb::ModelProto, model: InferenceModel, images: &NamedArray) -> Vec<NamedArray> {
     let names: Vec<String> = proto.graph.as_ref().unwrap().output.iter().map(|o| o.name.clone()).collect();
     let shape: Vec<usize> = images.shape.clone();
-    let plan = tract_onnx::onnx()
-        .model_for_proto_model(&proto)
-        .expect("tract loads the model")
+    let plan = model
         .with_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), &shape))
         .unwrap()
         .into_optimized()
@@ -214,4 +225,67 @@ fn check_data_agrees_with_tract() {
         assert_eq!(g.shape, want.shape);
         assert!(rel_err(&g.data, &want.data) < TOLERANCE, "{}", g.name);
     }
+}
+
+#[test]
+fn external_data_is_aligned_complete_and_runs_in_tract() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(ModelConfig { prototypes: vec![10, 5], ..small(Arch::Resnet50, false) }, 11);
+    let pre = preprocessing(&m);
+    let inline = to_onnx(&m, &pre, &ExportOptions { with_head: true, ..Default::default() }).unwrap();
+    assert!(inline.external.is_none(), "a small model stays in one file unless asked");
+    let opts = ExportOptions { with_head: true, external_data: true, ..Default::default() };
+    let out = dir.path().join("swav.onnx");
+    let exported = export_to_file(&m, &pre, &opts, &out).unwrap();
+    let data = exported.external.as_ref().expect("external data was forced");
+    assert_eq!(data.location, "swav.onnx.data");
+    assert_eq!(std::fs::read(&out).unwrap(), exported.bytes);
+    let on_disk = std::fs::read(dir.path().join("swav.onnx.data")).unwrap();
+    assert_eq!(on_disk, data.bytes);
+    assert!(exported.bytes.len() * 10 < inline.bytes.len(), "{} vs {}", exported.bytes.len(), inline.bytes.len());
+
+    // Every tensor's bytes are where its entries say, aligned, and equal to the inline export's.
+    let parse = |b: &[u8]| tract_onnx::onnx().proto_model_for_read(&mut &b[..]).unwrap();
+    let (ext, inl) = (parse(&exported.bytes), parse(&inline.bytes));
+    let inline_raw: BTreeMap<&str, &[u8]> =
+        inl.graph.as_ref().unwrap().initializer.iter().map(|t| (t.name.as_str(), t.raw_data.as_slice())).collect();
+    let inits = &ext.graph.as_ref().unwrap().initializer;
+    assert_eq!(inits.len(), inline_raw.len());
+    let mut external = 0;
+    for t in inits {
+        let want = inline_raw[t.name.as_str()];
+        if t.data_location == Some(1) {
+            let entry = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone()).unwrap();
+            assert_eq!(entry("location"), "swav.onnx.data", "{}", t.name);
+            let (offset, length): (usize, usize) = (entry("offset").parse().unwrap(), entry("length").parse().unwrap());
+            assert_eq!(offset % 4096, 0, "{}: offset {offset}", t.name);
+            assert!(t.raw_data.is_empty() && length >= 1024, "{}", t.name);
+            assert_eq!(&on_disk[offset..offset + length], want, "{}", t.name);
+            external += 1;
+        } else {
+            assert!(t.external_data.is_empty() && t.raw_data.len() < 1024, "{}", t.name);
+            assert_eq!(t.raw_data, want, "{}", t.name);
+        }
+    }
+    assert_eq!(external, data.tensors);
+    assert!(external > 50, "{external} tensors in the data file");
+
+    // tract resolves the data file beside the model, wherever the pair is moved.
+    let moved = dir.path().join("elsewhere");
+    std::fs::create_dir(&moved).unwrap();
+    for name in ["swav.onnx", "swav.onnx.data"] {
+        std::fs::rename(dir.path().join(name), moved.join(name)).unwrap();
+    }
+    let images = random_images(2, 3, 40, 200);
+    let got = run_tract_file(&moved.join("swav.onnx"), &images);
+    let want = reference(&m, &images, true);
+    assert_eq!(got.len(), want.len());
+    for (g, (name, w)) in got.iter().zip(&want) {
+        assert_eq!(&g.name, name);
+        let e = rel_err(&g.data, w.as_slice());
+        assert!(e < TOLERANCE, "{name}: relative error {e:e}");
+    }
+    // Without its data file the model does not load.
+    std::fs::remove_file(moved.join("swav.onnx.data")).unwrap();
+    assert!(tract_onnx::onnx().model_for_path(moved.join("swav.onnx")).is_err());
 }

@@ -134,10 +134,50 @@ impl ModelConfig {
         self.width() * 8 * expansion
     }
 
+    /// The same network under its one canonical description: the arch that names the width
+    /// (`resnet50` at width 128 is `resnet50w2`) and `width` only where it is not the arch's default.
+    /// Two configurations build the same network exactly when their canonical forms are equal, which
+    /// is what a configuration detected from a state dict (always canonical) is compared with.
+    /// `head_bn` is `true` when the head is a single linear layer (`hidden_mlp = 0`), where it has no
+    /// effect.
+    pub fn canonical(&self) -> ModelConfig {
+        let width = self.width();
+        let arch = match (self.arch.block(), width) {
+            (BlockKind::Bottleneck, 64) => Arch::Resnet50,
+            (BlockKind::Bottleneck, 128) => Arch::Resnet50w2,
+            (BlockKind::Bottleneck, 256) => Arch::Resnet50w4,
+            (BlockKind::Bottleneck, 320) => Arch::Resnet50w5,
+            (BlockKind::Bottleneck, _) => Arch::Resnet50,
+            (BlockKind::Basic, _) => self.arch,
+        };
+        let width = (width != arch.default_width()).then_some(width);
+        let head_bn = self.head_bn || self.hidden_mlp == 0;
+        ModelConfig { arch, width, head_bn, ..self.clone() }
+    }
+
     /// Number of values in the model's state (parameters, running statistics and batch counters), by
     /// arithmetic on the configuration alone: a file's claims are checked with it before a network is
     /// allocated. In u128, so that absurd configurations cannot overflow.
     pub fn state_values(&self) -> u128 {
+        self.backbone_state_values() + self.head_state_values()
+    }
+
+    /// The part of [`ModelConfig::state_values`] in the backbone (`conv1`, `bn1`, `layer*`): what a
+    /// backbone-only file must hold.
+    pub fn backbone_state_values(&self) -> u128 {
+        self.backbone_values().0
+    }
+
+    /// The part of [`ModelConfig::state_values`] in the projection head and the prototypes.
+    pub fn head_state_values(&self) -> u128 {
+        let bn = |c: u128| 4 * c + 1;
+        let (f, h, d) = (self.backbone_values().1, self.hidden_mlp as u128, self.feat_dim as u128);
+        let head = if h == 0 { f * d + d } else { f * h + h + h * d + d + if self.head_bn { bn(h) } else { 0 } };
+        head + self.prototypes.iter().map(|&k| k as u128 * d).sum::<u128>()
+    }
+
+    /// (values of the backbone's state, channels of its features).
+    fn backbone_values(&self) -> (u128, u128) {
         let w = self.width() as u128;
         let conv = |cin: u128, cout: u128, k: u128| cin * cout * k * k;
         let bn = |c: u128| 4 * c + 1;
@@ -165,9 +205,7 @@ impl ModelConfig {
                 cin = cout;
             }
         }
-        let (f, h, d) = (cin, self.hidden_mlp as u128, self.feat_dim as u128);
-        total += if h == 0 { f * d + d } else { f * h + h + h * d + d + if self.head_bn { bn(h) } else { 0 } };
-        total + self.prototypes.iter().map(|&k| k as u128 * d).sum::<u128>()
+        (total, cin)
     }
 
     /// Activation values one image of `size x size` pixels produces in a training-mode forward of the

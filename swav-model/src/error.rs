@@ -24,6 +24,9 @@ pub enum ModelError {
     Metadata { key: String, value: String, detail: String },
     #[error("preprocessing: {0}")]
     Preprocessing(String),
+    /// A state dict whose network [`crate::detect`] cannot recognise from its names and shapes.
+    #[error("cannot recognise the network in {path}: {detail}")]
+    Unrecognised { path: String, detail: String },
     /// A PyTorch checkpoint that [`crate::torch`] refused; `path` is `<memory>` for bytes.
     #[error("PyTorch checkpoint {path}: {source}")]
     Torch { path: String, source: crate::torch::TorchError },

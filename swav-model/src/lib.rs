@@ -6,14 +6,20 @@
 //!   (one or several bias-free linear heads).
 //! - [`swav::SwavModel`]: backbone + head + prototypes with the multi-crop forward of the official code
 //!   (the backbone runs once per run of crops of equal resolution) and its backward.
-//! - [`file::ModelFile`]: the model file (network + preprocessing), its only reader and writer;
-//!   [`checkpoint`]: the named tensors under it, with torchvision / official SwAV parameter names.
+//! - [`file::ModelFile`]: the model file (network + preprocessing), its only reader and writer; it
+//!   also reads PyTorch checkpoints ([`torch`]) and foreign safetensors state dicts, whose network
+//!   [`detect`] recognises from the tensor names and shapes; [`checkpoint`]: the named tensors under
+//!   it, with torchvision / official SwAV parameter names.
+//! - [`pretrained`]: pretrained starts, the weights of any model file (whole, or backbone only) loaded
+//!   into a network built for training.
 //!
 //! Layers keep their parameters and accumulate gradients into them; forward functions return the
 //! activations their backward needs (no tape), in the style of llm.c.
 
 pub mod checkpoint;
 pub mod config;
+#[warn(missing_docs)]
+pub mod detect;
 pub mod error;
 pub mod file;
 pub mod head;
@@ -21,16 +27,20 @@ pub mod init;
 pub mod layers;
 pub mod param;
 pub mod preprocessing;
+#[warn(missing_docs)]
+pub mod pretrained;
 pub mod resnet;
 pub mod swav;
 #[warn(missing_docs)]
 pub mod torch;
 
 pub use config::{Arch, ModelConfig};
+pub use detect::{detect, Detection};
 pub use error::ModelError;
-pub use file::ModelFile;
+pub use file::{FileKind, ModelFile, Origin};
 pub use param::{Param, Slot};
 pub use preprocessing::{Overrides, Preprocessing, Source};
+pub use pretrained::{init_from_file, InitReport, InitScope};
 pub use swav::SwavModel;
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -408,8 +408,9 @@ fn opcode_floods_stay_within_the_allocation_bound() {
 }
 
 /// With `SWAV_TORCH_CHECKPOINT=/path/to/swav_800ep_pretrain.pth.tar` (the official release, or any file
-/// with the official ResNet-50 names), checks that it reads and loads into the official configuration
-/// with no tensor missing or left over. Without the variable this test does nothing.
+/// with the official ResNet-50 names), checks that it reads, is recognised as the official configuration
+/// and loads into it with no tensor missing or left over, directly and as a model file. Without the
+/// variable this test does nothing.
 #[test]
 fn the_official_checkpoint_loads_when_available() {
     let Some(path) = std::env::var_os("SWAV_TORCH_CHECKPOINT") else {
@@ -419,8 +420,13 @@ fn the_official_checkpoint_loads_when_available() {
     let start = std::time::Instant::now();
     let file = read_torch_file(Path::new(&path)).unwrap();
     let read = start.elapsed();
+    let detected = swav_model::detect(&file.state, None).unwrap();
+    assert_eq!(detected.config, ModelConfig::swav_resnet50(), "the network recognised from its shapes");
+    assert!(detected.head && detected.ignored.is_empty());
     let mut model = SwavModel::new(ModelConfig::swav_resnet50(), 0).unwrap();
     let report = load_model_state(&mut model, &file.state, "", LoadOptions::default()).unwrap();
+    let as_model_file = swav_model::ModelFile::read(Path::new(&path)).unwrap();
+    assert_eq!(as_model_file.model.config, ModelConfig::swav_resnet50());
     eprintln!(
         "{:?}: {:?} format, {}, {} tensors read in {read:.2?}, {} loaded",
         path,

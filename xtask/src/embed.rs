@@ -10,7 +10,8 @@ use swav_eval::features::ExtractOptions;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model file written by training (`<run-dir>/checkpoints/step-N.safetensors`).
+    /// Model file written by training (`<run-dir>/checkpoints/step-N.safetensors`), an imported one,
+    /// or directly a PyTorch checkpoint / safetensors state dict (network detected from its shapes).
     #[arg(long)]
     checkpoint: PathBuf,
     /// Dataset directory written by `cargo xtask preprocess`.

@@ -19,7 +19,8 @@ enum BaselineKind {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model file written by training (`<run-dir>/checkpoints/step-N.safetensors`).
+    /// Model file written by training (`<run-dir>/checkpoints/step-N.safetensors`), an imported one,
+    /// or directly a PyTorch checkpoint / safetensors state dict (network detected from its shapes).
     #[arg(long)]
     checkpoint: PathBuf,
     /// Labelled dataset the k-NN memory and the linear probe are built from (`cargo xtask preprocess`).

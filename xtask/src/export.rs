@@ -9,12 +9,17 @@ use swav_model::{ModelFile, Overrides, Preprocessing, Source};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model file written by training (`<run>/checkpoints/step-N.safetensors`) or any swav-rs model file.
+    /// Model file written by training (`<run>/checkpoints/step-N.safetensors`), any swav-rs model file,
+    /// a PyTorch checkpoint (.pth, .pth.tar) or a safetensors state dict (network detected from its shapes).
     #[arg(long)]
     checkpoint: PathBuf,
     /// The ONNX file to write (atomically: an existing file is replaced only once the new one is complete).
     #[arg(long)]
     output: PathBuf,
+    /// Store the weights in `<output>.data` beside the ONNX file (ONNX external data). Automatic for
+    /// models over protobuf's 2 GiB (ResNet-50w5).
+    #[arg(long)]
+    external_data: bool,
     /// Also output `embedding` (L2-normalised projection) and `scores` (one output per prototype head).
     #[arg(long)]
     with_head: bool,
@@ -72,15 +77,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })?;
     let (model, pre) = (&file.model, &file.preprocessing);
     warn_defaults(pre);
+    if args.with_head && !file.origin.head {
+        tracing::warn!(
+            "{} holds no trained projection head or prototypes: `embedding` and `scores` come from a fresh initialisation; only `features` are meaningful",
+            args.checkpoint.display()
+        );
+    }
     let opts = ExportOptions {
         with_head: args.with_head,
         opset: args.opset,
         batch: args.batch,
         fold_batchnorm: !args.no_fold_batchnorm,
         static_input_size: args.static_input_size,
+        external_data: args.external_data,
     };
-    let exported = swav_export::to_onnx(model, pre, &opts).context("building the ONNX model")?;
-    swav_export::write_atomic(&args.output, &exported.bytes)?;
+    let exported = swav_export::export_to_file(model, pre, &opts, &args.output)
+        .with_context(|| format!("exporting to {}", args.output.display()))?;
 
     let c = &model.config;
     println!(
@@ -95,6 +107,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         exported.nodes,
         exported.parameters as f64 / 1e6
     );
+    if let Some(data) = &exported.external {
+        println!(
+            "  external data: {} tensors ({:.1} MiB) in {}",
+            data.tensors,
+            data.bytes.len() as f64 / (1 << 20) as f64,
+            args.output.with_file_name(&data.location).display()
+        );
+    }
     let dims = |d: &[swav_export::Dim]| d.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
     println!("  input  {} [{}]", exported.input.name, dims(&exported.input.dims));
     for o in &exported.outputs {

@@ -7,6 +7,7 @@ mod bench;
 mod embed;
 mod eval;
 mod export;
+mod import;
 mod pipeline;
 mod preprocess;
 mod report;
@@ -35,6 +36,8 @@ enum Command {
     Bench(bench::Args),
     /// Export a model file to ONNX (backbone features, optionally head and prototype scores).
     Export(export::Args),
+    /// Turn a PyTorch checkpoint (official SwAV, torchvision) or safetensors state dict into a model file.
+    Import(import::Args),
     /// k-NN and linear-probe accuracy of a checkpoint's features (optionally beside a random network).
     Eval(eval::Args),
     /// Write a dataset's pooled features (and labels) as NumPy .npy files.
@@ -53,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::VerifyReference(args) => verify_reference::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Export(args) => export::run(args),
+        Command::Import(args) => import::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Embed(args) => embed::run(args),
         Command::Report(args) => report::run(args),
