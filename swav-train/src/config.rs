@@ -72,6 +72,15 @@ pub struct TrainConfig {
     /// the choice changes the last bits and a resumed run must make the same one to stay bit-identical.
     #[serde(default, with = "conv_name")]
     pub conv: ConvAlgorithm,
+    /// Start a new run from the weights of this model file (swav-rs, PyTorch `.pth`/`.pth.tar`, or a
+    /// safetensors state dict) instead of a random initialisation: a fresh optimiser, the schedule from
+    /// step 0. Recorded so that the run says where it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
+    /// With `init`: take only the backbone (`conv1`, `bn1`, `layer*`); the head and prototypes start
+    /// from their random initialisation.
+    #[serde(default)]
+    pub init_backbone_only: bool,
 }
 
 /// `ConvAlgorithm` as its name in TOML.
@@ -290,6 +299,9 @@ impl Config {
         }
         if t.checkpoint_every_epochs == 0 {
             return bad("train.checkpoint_every_epochs", "must be at least 1".into());
+        }
+        if t.init_backbone_only && t.init.is_none() {
+            return bad("train.init_backbone_only", "needs train.init (the model file to start from)".into());
         }
         if t.prefetch == 0 {
             return bad("train.prefetch", "must be at least 1".into());

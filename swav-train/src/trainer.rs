@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use swav_data::{Batch, Dataset, Layout, LoaderConfig, MultiCropLoader};
+use swav_model::pretrained::{init_from_file, InitScope};
 use swav_model::{Preprocessing, SwavModel};
 use swav_tensor::Tensor;
 
@@ -120,6 +121,23 @@ fn normalisation(config: &Config, dataset: &Dataset) -> (Vec<f32>, Vec<f32>) {
     let mean = a.mean.clone().unwrap_or_else(|| dataset.manifest().pixel_mean.iter().map(|&v| v as f32).collect());
     let std = a.std.clone().unwrap_or_else(|| dataset.manifest().pixel_std.iter().map(|&v| v as f32).collect());
     (mean, std)
+}
+
+/// The network a new run starts from: a random initialisation, or the weights of `train.init`.
+fn initial_model(config: &Config) -> Result<SwavModel, TrainError> {
+    let t = &config.train;
+    let mut model = SwavModel::new(config.model.clone(), t.seed)?;
+    if let Some(path) = &t.init {
+        let scope = if t.init_backbone_only { InitScope::Backbone } else { InitScope::Whole };
+        let report = init_from_file(&mut model, Path::new(path), scope)
+            .map_err(|e| TrainError::Config(format!("train.init = {path}: {e}")))?;
+        tracing::info!(
+            "starting from {path}: {} tensors loaded, {} kept from the random initialisation",
+            report.loaded.len(),
+            report.kept.len()
+        );
+    }
+    Ok(model)
 }
 
 /// Refuses, with the estimate, a run that cannot fit in memory.
@@ -260,9 +278,7 @@ impl<'a> Run<'a> {
                 );
                 (checkpoint::restore(found, config, optimizer)?, s.step, s.epoch, s.step_in_epoch)
             }
-            None => {
-                (SwavState { model: SwavModel::new(config.model.clone(), t.seed)?, optimizer, queue: None }, 0, 0, 0)
-            }
+            None => (SwavState { model: initial_model(config)?, optimizer, queue: None }, 0, 0, 0),
         };
         state.model.set_conv_algorithm(t.conv);
         tracing::info!(

@@ -137,3 +137,38 @@ fn the_convolution_choice_is_part_of_the_run_and_a_resume_with_another_is_refuse
     assert!(err.contains("conv"), "{err}");
     assert!(config::load(config::preset("cpu-tiny").unwrap().toml, &["train.conv=fast".into()]).is_err());
 }
+
+#[test]
+fn a_new_run_starts_from_given_weights_whole_or_backbone_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures::shapes_dataset(tmp.path(), 32, 12);
+    let first = tmp.path().join("first");
+    train(&tiny(&["train.epochs=2"]), &opts(&first, &data, Some(4))).unwrap();
+    let source = checkpoint::latest(&first).unwrap().unwrap().model_path();
+    let source_state = NamedTensors::read(&source).unwrap();
+    let src = source.display().to_string();
+    // A zero learning rate leaves the weights where the start put them (the BN statistics move).
+    let frozen = ["train.epochs=1", "train.base_lr=0", "train.final_lr=0", "train.seed=5"];
+    for (backbone_only, name) in [(false, "whole"), (true, "backbone")] {
+        let mut set: Vec<String> = frozen.iter().map(|s| s.to_string()).collect();
+        set.push(format!("train.init=\"{src}\""));
+        set.push(format!("train.init_backbone_only={backbone_only}"));
+        let cfg = tiny(&set.iter().map(String::as_str).collect::<Vec<_>>());
+        let run = tmp.path().join(name);
+        train(&cfg, &opts(&run, &data, Some(1))).unwrap();
+        let stored = std::fs::read_to_string(run.join("config.toml")).unwrap();
+        assert!(stored.contains(&src), "the run records where it started: {stored}");
+        let (_, model, _) = newest_state(&run);
+        assert_eq!(model.tensors["layer1.0.conv1.weight"], source_state.tensors["layer1.0.conv1.weight"], "{name}");
+        let same_head = model.tensors["projection_head.0.weight"] == source_state.tensors["projection_head.0.weight"];
+        assert_eq!(same_head, !backbone_only, "{name}: the head comes from the file only for a whole start");
+    }
+    // A start from a file of another network is refused before training, naming the setting.
+    let err = train(
+        &tiny(&["train.epochs=1", "model.width=8", &format!("train.init=\"{src}\"")]),
+        &opts(&tmp.path().join("other"), &data, Some(1)),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("train.init"), "{err}");
+}

@@ -41,6 +41,13 @@ pub struct Args {
     /// bit-identical).
     #[arg(long)]
     conv: Option<String>,
+    /// Start a new run from the weights of this model file (swav-rs, PyTorch .pth/.pth.tar, or a
+    /// safetensors state dict; same as --set train.init=PATH): fresh optimiser, schedule from step 0.
+    #[arg(long, value_name = "MODEL_FILE")]
+    init: Option<PathBuf>,
+    /// With --init: take only the backbone; the head and prototypes start from a random initialisation.
+    #[arg(long, requires = "init")]
+    init_backbone_only: bool,
     /// Compute threads (default: one per core; at most a few per core are used).
     #[arg(long)]
     threads: Option<usize>,
@@ -71,6 +78,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(c) = &args.conv {
         overrides.push(format!("train.conv={c}"));
+    }
+    if let Some(init) = &args.init {
+        // Absolute, so that the recorded start stays true whatever the working folder of a resume.
+        let init = std::fs::canonicalize(init).with_context(|| format!("--init {}", init.display()))?;
+        overrides.push(format!("train.init={}", toml::Value::String(init.display().to_string())));
+        overrides.push(format!("train.init_backbone_only={}", args.init_backbone_only));
     }
     let stored = run_dir.join("config.toml");
     let (source, origin) = match (&args.config, &args.preset) {

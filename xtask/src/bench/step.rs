@@ -130,6 +130,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         checkpoint_every_epochs: 1,
         keep_checkpoints: 1,
         conv,
+        init: None,
+        init_backbone_only: false,
     };
     let crops_text = s.crops.iter().map(|(n, sz)| format!("{n}x{sz}")).collect::<Vec<_>>().join(",");
     let threads = rayon_threads();
