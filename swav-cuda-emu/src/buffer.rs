@@ -79,6 +79,15 @@ impl Buffer {
     typed!(from_i64, as_i64, as_i64_mut, i64, I64);
     typed!(from_u64, as_u64, as_u64_mut, u64, U64);
 
+    /// A buffer of `elem` holding a copy of `bytes` (whose length must be a multiple of the element
+    /// size): device memory seen through a kernel parameter's type.
+    pub fn from_bytes(elem: Elem, bytes: &[u8]) -> Buffer {
+        assert_eq!(bytes.len() % elem.size(), 0, "{} bytes are not whole {elem:?} elements", bytes.len());
+        let mut b = Buffer::filled(elem, bytes.len() / elem.size(), 0);
+        b.raw_mut()[GUARD..GUARD + bytes.len()].copy_from_slice(bytes);
+        b
+    }
+
     /// A bf16 buffer holding `data` rounded as CUDA's `__float2bfloat16` does.
     pub fn from_f32_as_bf16(data: &[f32]) -> Buffer {
         let bits: Vec<u16> = data.iter().map(|&v| bf16_from_f32(v)).collect();

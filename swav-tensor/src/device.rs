@@ -1,25 +1,29 @@
-//! Where tensors live and ops run. The CPU backend is complete; the CUDA backend slots in here as a
-//! second variant, and every op dispatches on the device of its inputs.
+//! Where tensors live and ops run: the CPU, or a CUDA device by ordinal. Every op dispatches on the
+//! device of its inputs, so a model is one code path for both.
 
 use std::fmt;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// A device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Device {
+    /// Host memory, the CPU engine.
     #[default]
     Cpu,
+    /// CUDA device `n` (see `cuda::runtime`: opened on first use).
+    Cuda(usize),
 }
 
 impl Device {
-    /// Parses a device name as given on the command line (`cpu`, `cuda`, `cuda:1`).
+    /// Parses a device name as given on the command line (`cpu`, `cuda`, `cuda:1`). Whether the device
+    /// exists is checked when it is opened.
     pub fn parse(name: &str) -> crate::Result<Device> {
         match name {
             "cpu" => Ok(Device::Cpu),
-            n if n == "cuda" || n.starts_with("cuda:") => Err(crate::TensorError::Device(
-                "the CUDA training backend is not available in this build of the engine yet; \
-                 use --device cpu (Sinkhorn has its own CUDA path in swav-sinkhorn)"
-                    .into(),
-            )),
-            other => Err(crate::TensorError::Device(format!("unknown device `{other}` (expected cpu or cuda[:N])"))),
+            "cuda" => Ok(Device::Cuda(0)),
+            n => match n.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(Device::Cuda(i)),
+                _ => Err(crate::TensorError::Device(format!("unknown device `{n}` (expected cpu, cuda or cuda:N)"))),
+            },
         }
     }
 
@@ -27,12 +31,32 @@ impl Device {
     pub fn threads(&self) -> usize {
         rayon::current_num_threads()
     }
+
+    /// Whether this is a CUDA device.
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
 }
 
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_print_back() {
+        for name in ["cpu", "cuda:0", "cuda:3"] {
+            assert_eq!(Device::parse(name).unwrap().to_string(), name);
+        }
+        assert_eq!(Device::parse("cuda").unwrap(), Device::Cuda(0));
+        assert!(Device::parse("gpu").is_err() && Device::parse("cuda:x").is_err());
     }
 }

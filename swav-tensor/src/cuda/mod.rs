@@ -15,10 +15,17 @@
 
 #![warn(missing_docs)]
 
+pub mod calls;
+#[cfg(feature = "cuda")]
+pub mod driver;
 #[cfg(feature = "emulate")]
 pub mod emulate;
+#[cfg(feature = "emulate")]
+pub mod emulated;
+#[cfg(feature = "cuda")]
 pub mod nvrtc;
 pub mod plan;
+pub mod runtime;
 
 use crate::ops::{batchnorm_cuda, elementwise_cuda, normalize_cuda, pool_cuda};
 

@@ -96,6 +96,31 @@ pub fn compile(source: &Source, arch: &str) -> Result<Compiled, String> {
     catch_unwind(AssertUnwindSafe(run)).map_err(|_| "the loaded NVRTC lacks a function this build needs".to_string())?
 }
 
+/// Compiles `source` to PTX for a virtual architecture (`"compute_80"`): the fallback image for a
+/// device this NVRTC cannot make a cubin for; the driver compiles the PTX for the device. The text is
+/// NUL-terminated, as the driver's module loader wants.
+pub fn compile_ptx(source: &Source, arch: &str) -> Result<Vec<u8>, String> {
+    available()?;
+    let text = CString::new(source.text()).map_err(|_| format!("{}: NUL byte in the source", source.name))?;
+    let name = CString::new(source.name).map_err(|_| "NUL byte in the name".to_string())?;
+    let options = [format!("--gpu-architecture={arch}"), "--std=c++17".into()];
+    let run = || -> Result<Vec<u8>, String> {
+        let prog =
+            result::create_program(&text, Some(name.as_c_str())).map_err(|e| format!("nvrtcCreateProgram: {e}"))?;
+        // SAFETY: `prog` is live until destroyed below.
+        let out = unsafe { result::compile_program(prog, &options) }.map_err(|e| format!("{} for {arch}: {e}", source.name)).and_then(|()| {
+            // SAFETY: `prog` compiled successfully.
+            unsafe { result::get_ptx(prog) }.map_err(|e| format!("nvrtcGetPTX: {e}"))
+        });
+        // SAFETY: created above, destroyed once.
+        let _ = unsafe { result::destroy_program(prog) };
+        let mut ptx: Vec<u8> = out?.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        ptx.push(0);
+        Ok(ptx)
+    };
+    catch_unwind(AssertUnwindSafe(run)).map_err(|_| "the loaded NVRTC lacks a function this build needs".to_string())?
+}
+
 fn c_chars(v: &[std::ffi::c_char]) -> String {
     let bytes: Vec<u8> = v.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     String::from_utf8_lossy(&bytes).into_owned()

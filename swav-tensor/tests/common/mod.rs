@@ -70,3 +70,17 @@ pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f32], scale: &[f32],
 pub fn bf16_rounded(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| emulate::round_bf16(x)).collect()
 }
+
+/// The emulated CUDA device registered as `cuda:0` of this test process (once), or None without a C++
+/// compiler (the test prints SKIPPED and passes; `SWAV_REQUIRE_EMULATOR=1` makes that a failure).
+pub fn emulated_device() -> Option<swav_tensor::Device> {
+    static DEVICE: OnceLock<Option<swav_tensor::Device>> = OnceLock::new();
+    *DEVICE.get_or_init(|| {
+        // The compiler check: a trivial emulator build.
+        let probe = swav_cuda_emu::Source { name: "probe.cu", code: "extern \"C\" __global__ void probe(int n) {}" };
+        swav_cuda_emu::Emulator::new_or_skip(&[probe])?;
+        let backend = swav_tensor::cuda::emulated::EmulatedBackend::new();
+        swav_tensor::cuda::runtime::register(0, Box::new(backend)).expect("cuda:0 registered once");
+        Some(swav_tensor::Device::Cuda(0))
+    })
+}
