@@ -50,7 +50,7 @@ impl ProjectionHead {
                         let (a, c) = bn.forward_train(&h, None, true)?;
                         (a, Some(c))
                     }
-                    None => (relu_forward(&h), None),
+                    None => (relu_forward(&h)?, None),
                 };
                 let out = fc2.forward(&a)?;
                 Ok((out, HeadActs { input: x, hidden: Some((h, a, cache)) }))
@@ -65,7 +65,7 @@ impl ProjectionHead {
                 let h = fc1.forward(x)?;
                 let a = match bn {
                     Some(bn) => bn.forward_eval(&h, None, true)?,
-                    None => relu_forward(&h),
+                    None => relu_forward(&h)?,
                 };
                 fc2.forward(&a)
             }

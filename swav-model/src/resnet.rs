@@ -11,7 +11,9 @@
 //! twice: it is the previous block's output, passed back in by [`ResNet::backward`].
 
 use swav_tensor::ops::batchnorm::{BnCache, Fused};
-use swav_tensor::ops::pool::{global_avg_pool_backward, global_avg_pool_forward, max_pool_backward, max_pool_forward};
+use swav_tensor::ops::pool::{
+    global_avg_pool_backward, global_avg_pool_forward, max_pool_backward, max_pool_forward, PoolIndices,
+};
 use swav_tensor::ops::winograd::ConvAlgorithm;
 use swav_tensor::Tensor;
 
@@ -171,7 +173,7 @@ pub struct ResNetActs {
     stem_conv: Tensor,
     stem_cache: BnCache,
     stem_out: Tensor,
-    pool_idx: Option<Vec<u32>>,
+    pool_idx: Option<PoolIndices>,
     pooled: Option<Tensor>,
     blocks: Vec<BlockActs>,
 }
@@ -270,7 +272,7 @@ impl ResNet {
         let ResNetActs { input, stem_conv, stem_cache, stem_out, pool_idx, pooled, blocks } = acts;
         let stem_final = pooled.as_ref().unwrap_or(&stem_out);
         let last = blocks.last().map_or(stem_final, |b| &b.out);
-        let mut d = global_avg_pool_backward(last.shape(), dfeatures)?;
+        let mut d = global_avg_pool_backward(last, dfeatures)?;
         let mut all: Vec<&mut Block> = self.stages.iter_mut().flatten().collect();
         for (i, block) in all.iter_mut().enumerate().rev() {
             let input = if i == 0 { stem_final } else { &blocks[i - 1].out };

@@ -36,7 +36,7 @@ pub struct SwavActs {
     backbone: Vec<ResNetActs>,
     group_rows: Vec<usize>,
     head: HeadActs,
-    norms: Vec<f32>,
+    norms: Tensor,
 }
 
 impl SwavModel {

@@ -124,8 +124,8 @@ fn batchnorm_training_forward_matches_the_cpu() {
             let what = |b: &str| format!("{rows}x{c} {storage:?} {fused:?}: {b}");
             assert_close(&what("y"), &m.f32(buf::Y), y.as_slice(), tol(storage));
             // Statistics are fp32 whatever the storage: compare them on the same (stored) inputs tightly.
-            assert_close(&what("mean"), &m.f32(buf::MEAN), &cache.mean, 1e-5);
-            assert_close(&what("rstd"), &m.f32(buf::RSTD), &cache.rstd, 1e-5);
+            assert_close(&what("mean"), &m.f32(buf::MEAN), cache.mean.as_slice(), 1e-5);
+            assert_close(&what("rstd"), &m.f32(buf::RSTD), cache.rstd.as_slice(), 1e-5);
             assert_close(&what("running mean"), &m.f32(buf::RUNNING_MEAN), rm.as_slice(), 1e-5);
             assert_close(&what("running var"), &m.f32(buf::RUNNING_VAR), rv.as_slice(), 1e-5);
         }
@@ -247,7 +247,7 @@ fn batchnorm_backward_matches_the_cpu_and_accumulates_parameter_gradients() {
             let what = |b: &str| format!("{rows}x{c} {storage:?} {fused:?}: {b}");
             // dx = gamma rstd (g - mean g - xhat mean(g xhat)) cancels (to nothing with two rows): measure
             // its error against the size of the first term, gamma rstd g.
-            let scale: Vec<f32> = cdx_terms(&as_stored(&dy, storage), &k.gamma, &cache.rstd);
+            let scale: Vec<f32> = cdx_terms(&as_stored(&dy, storage), &k.gamma, cache.rstd.as_slice());
             common::assert_close_scaled(&what("dx"), &dx, cdx.as_slice(), &scale, tol(storage));
             assert_close(&what("dgamma"), &dgamma, dg.as_slice(), tol(storage));
             assert_close(&what("dbeta"), &dbeta, db.as_slice(), tol(storage));
@@ -331,11 +331,12 @@ fn max_pool_matches_the_cpu_bit_for_bit() {
             let fwd = pool::max_pool_forward(&shape, k, s, p, storage).unwrap();
             let m = run(emu, &fwd, &[(pool::X, act(&x, storage))]);
             assert_eq!(m.f32(pool::Y), y.as_slice(), "{shape:?} {storage:?} y");
-            assert_eq!(m.get(pool::IDX).as_u32(), &idx[..], "{shape:?} {storage:?} argmax");
+            let idx_cpu = idx.as_cpu().unwrap();
+            assert_eq!(m.get(pool::IDX).as_u32(), idx_cpu, "{shape:?} {storage:?} argmax");
             let dy = as_stored(&Rng(40 + i as u64).vec(y.len(), 0.0, 1.0), storage);
             let dx = max_pool_backward(&shape, &idx, &tensor(y.shape(), &dy)).unwrap();
             let bwd = pool::max_pool_backward(&shape, k, s, p, storage).unwrap();
-            let m = run(emu, &bwd, &[(pool::DY, act(&dy, storage)), (pool::IDX, Buffer::from_u32(&idx))]);
+            let m = run(emu, &bwd, &[(pool::DY, act(&dy, storage)), (pool::IDX, Buffer::from_u32(idx_cpu))]);
             let want = as_stored(dx.as_slice(), storage);
             assert_eq!(m.f32(pool::DX), want, "{shape:?} {storage:?} dx (gather vs scatter)");
         }
@@ -353,7 +354,7 @@ fn global_average_pool_matches_the_cpu() {
             let m = run(emu, &pool::global_avg_pool_forward(&shape, storage).unwrap(), &[(pool::X, act(&x, storage))]);
             assert_close(&format!("{shape:?} {storage:?} y"), &m.f32(pool::Y), y.as_slice(), 1e-5);
             let dy = Rng(70 + i as u64).vec(shape[0] * shape[3], 0.0, 1.0);
-            let dx = global_avg_pool_backward(&shape, &tensor(&[shape[0], shape[3]], &dy)).unwrap();
+            let dx = global_avg_pool_backward(&tensor(&shape, &vec![0.0; shape.iter().product()]), &tensor(&[shape[0], shape[3]], &dy)).unwrap();
             let m = run(
                 emu,
                 &pool::global_avg_pool_backward(&shape, storage).unwrap(),
@@ -377,7 +378,7 @@ fn l2_normalize_matches_the_cpu_and_finite_differences() {
         let (y, norms) = l2_normalize_forward(&tensor(&[rows, d], &x)).unwrap();
         let m = run(emu, &l2::forward(rows, d).unwrap(), &[(l2::X, Buffer::from_f32(&x))]);
         assert_close(&format!("{rows}x{d} y"), &m.f32(l2::Y), y.as_slice(), 1e-5);
-        assert_close(&format!("{rows}x{d} norms"), &m.f32(l2::NORMS), &norms, 1e-5);
+        assert_close(&format!("{rows}x{d} norms"), &m.f32(l2::NORMS), norms.as_slice(), 1e-5);
         let dy = Rng(90 + i as u64).vec(rows * d, 0.0, 1.0);
         let dx = l2_normalize_backward(&y, &norms, &tensor(&[rows, d], &dy)).unwrap();
         let bwd = l2::backward(rows, d).unwrap();
@@ -386,7 +387,7 @@ fn l2_normalize_matches_the_cpu_and_finite_differences() {
             &bwd,
             &[
                 (l2::Y, Buffer::from_f32(y.as_slice())),
-                (l2::NORMS, Buffer::from_f32(&norms)),
+                (l2::NORMS, Buffer::from_f32(norms.as_slice())),
                 (l2::DY, Buffer::from_f32(&dy)),
             ],
         )

@@ -54,14 +54,15 @@ pub struct BnParams<'a> {
     pub eps: f32,
 }
 
-/// What the backward of a training-mode forward needs besides `x` and `y`.
+/// What the backward of a training-mode forward needs besides `x` and `y`: the batch mean and
+/// `1 / sqrt(var + eps)` per channel (`[c]`, f32), on the device of the activations.
 #[derive(Clone, Debug)]
 pub struct BnCache {
-    pub mean: Vec<f32>,
-    pub rstd: Vec<f32>,
+    pub mean: Tensor,
+    pub rstd: Tensor,
 }
 
-fn channels(x: &Tensor, p: &BnParams<'_>) -> Result<(usize, usize)> {
+pub(crate) fn channels(x: &Tensor, p: &BnParams<'_>) -> Result<(usize, usize)> {
     let c = *x.shape().last().ok_or_else(|| shape_err("batchnorm", "scalar input"))?;
     if p.gamma.shape() != [c] || p.beta.shape() != [c] {
         return Err(shape_err(
@@ -84,6 +85,9 @@ pub fn batchnorm_train_forward(
     relu: bool,
 ) -> Result<(Tensor, BnCache)> {
     let _p = crate::profile::scope("bn forward");
+    if let Some(rt) = x.runtime() {
+        return super::batchnorm_cuda::train_forward_on(rt, x, p, running_mean, running_var, momentum, residual, relu);
+    }
     let (rows, c) = channels(x, p)?;
     if rows < 2 {
         return Err(shape_err("batchnorm", format!("training mode needs more than one value per channel, got {rows}")));
@@ -113,7 +117,7 @@ pub fn batchnorm_train_forward(
         rv[ch] = (1.0 - momentum) * rv[ch] + momentum * (var * n / (n - 1.0)) as f32;
     }
     let y = normalize(x, p, &mean, &rstd, residual, relu)?;
-    Ok((y, BnCache { mean, rstd }))
+    Ok((y, BnCache { mean: Tensor::from_vec(&[c], mean)?, rstd: Tensor::from_vec(&[c], rstd)? }))
 }
 
 /// Evaluation-mode forward with the running statistics.
@@ -125,6 +129,9 @@ pub fn batchnorm_eval_forward(
     residual: Option<&Tensor>,
     relu: bool,
 ) -> Result<Tensor> {
+    if let Some(rt) = x.runtime() {
+        return super::batchnorm_cuda::eval_forward_on(rt, x, p, running_mean, running_var, residual, relu);
+    }
     let rstd: Vec<f32> = running_var.as_slice().iter().map(|&v| 1.0 / (v + p.eps).sqrt()).collect();
     normalize(x, p, running_mean.as_slice(), &rstd, residual, relu)
 }
@@ -186,11 +193,14 @@ pub fn batchnorm_backward(
     dbeta: &mut Tensor,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let _p = crate::profile::scope("bn backward");
+    if let Some(rt) = x.runtime() {
+        return super::batchnorm_cuda::backward_on(rt, x, y, dy, p, cache, fused, dgamma, dbeta);
+    }
     let (rows, c) = channels(x, p)?;
     x.check_same_shape("batchnorm_backward (dy)", dy)?;
     x.check_same_shape("batchnorm_backward (y)", y)?;
     let (xs, ys, dys) = (x.as_slice(), y.as_slice(), dy.as_slice());
-    let (mean, rstd) = (&cache.mean[..c], &cache.rstd[..c]);
+    let (mean, rstd) = (&cache.mean.as_slice()[..c], &cache.rstd.as_slice()[..c]);
     // Pass 1: per-channel sums of g and g (x - mean), g = dy masked by the ReLU. Rows are summed in
     // f32 over short blocks (vectorised), the blocks in f64.
     let chunk = rows_per_chunk(c, CHUNK_VALUES);

@@ -10,8 +10,11 @@
 use crate::cuda::plan::{elementwise_grid, Arg, BufId, DType, Plan, Role, Storage, ELEMENTWISE_BLOCK};
 use crate::cuda::Source;
 use crate::error::shape_err;
-use crate::ops::batchnorm::Fused;
-use crate::Result;
+use crate::cuda::runtime::DeviceRuntime;
+use crate::ops::batchnorm::{channels, BnCache, BnParams, Fused};
+use crate::ops::check_device;
+use crate::{Result, Tensor};
+use std::sync::Arc;
 
 /// The kernel file.
 pub const SOURCE: Source = Source { name: "batchnorm.cu", code: include_str!("batchnorm.cu") };
@@ -273,4 +276,114 @@ pub fn backward(s: BnShape, storage: Storage, fused: Fused) -> Result<Plan> {
         ],
     );
     Ok(plan)
+}
+
+/// The device path of [`crate::ops::batchnorm::batchnorm_train_forward`]: batch statistics and the
+/// normalised output on the device of `x` (its dtype); running statistics updated in place.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_forward_on(
+    rt: &Arc<DeviceRuntime>,
+    x: &Tensor,
+    p: &BnParams<'_>,
+    running_mean: &mut Tensor,
+    running_var: &mut Tensor,
+    momentum: f32,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<(Tensor, BnCache)> {
+    let (rows, c) = channels(x, p)?;
+    check_device("batchnorm (cuda)", rt, &[x, p.gamma, p.beta, running_mean, running_var])?;
+    if let Some(r) = residual {
+        x.check_same_shape("batchnorm (residual)", r)?;
+        check_device("batchnorm (cuda)", rt, &[r])?;
+    }
+    let fused = Fused { residual: residual.is_some(), relu };
+    let plan = train_forward(BnShape { rows, channels: c }, x.dtype(), fused, momentum, p.eps)?;
+    let y = Tensor::device_uninit(rt, x.shape(), x.dtype())?;
+    let mean = Tensor::device_uninit(rt, &[c], Storage::F32)?;
+    let rstd = Tensor::device_uninit(rt, &[c], Storage::F32)?;
+    let mut bind = vec![
+        (X, x.ptr()),
+        (GAMMA, p.gamma.ptr()),
+        (BETA, p.beta.ptr()),
+        (RUNNING_MEAN, running_mean.ptr()),
+        (RUNNING_VAR, running_var.ptr()),
+        (MEAN, mean.ptr()),
+        (RSTD, rstd.ptr()),
+        (Y, y.ptr()),
+    ];
+    bind.extend(residual.map(|r| (RESIDUAL, r.ptr())));
+    rt.run(&SOURCE, &plan, &bind)?;
+    Ok((y, BnCache { mean, rstd }))
+}
+
+/// The device path of [`crate::ops::batchnorm::batchnorm_eval_forward`].
+pub(crate) fn eval_forward_on(
+    rt: &Arc<DeviceRuntime>,
+    x: &Tensor,
+    p: &BnParams<'_>,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    let (rows, c) = channels(x, p)?;
+    check_device("batchnorm (cuda)", rt, &[x, p.gamma, p.beta, running_mean, running_var])?;
+    if let Some(r) = residual {
+        x.check_same_shape("batchnorm (residual)", r)?;
+        check_device("batchnorm (cuda)", rt, &[r])?;
+    }
+    let fused = Fused { residual: residual.is_some(), relu };
+    let plan = eval_forward(BnShape { rows, channels: c }, x.dtype(), fused, p.eps)?;
+    let y = Tensor::device_uninit(rt, x.shape(), x.dtype())?;
+    let mut bind = vec![
+        (X, x.ptr()),
+        (GAMMA, p.gamma.ptr()),
+        (BETA, p.beta.ptr()),
+        (RUNNING_MEAN, running_mean.ptr()),
+        (RUNNING_VAR, running_var.ptr()),
+        (Y, y.ptr()),
+    ];
+    bind.extend(residual.map(|r| (RESIDUAL, r.ptr())));
+    rt.run(&SOURCE, &plan, &bind)?;
+    Ok(y)
+}
+
+/// The device path of [`crate::ops::batchnorm::batchnorm_backward`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_on(
+    rt: &Arc<DeviceRuntime>,
+    x: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    p: &BnParams<'_>,
+    cache: &BnCache,
+    fused: Fused,
+    dgamma: &mut Tensor,
+    dbeta: &mut Tensor,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (rows, c) = channels(x, p)?;
+    x.check_same_shape("batchnorm_backward (dy)", dy)?;
+    x.check_same_shape("batchnorm_backward (y)", y)?;
+    check_device("batchnorm_backward (cuda)", rt, &[x, y, dy, p.gamma, &cache.mean, &cache.rstd, dgamma, dbeta])?;
+    if dy.dtype() != x.dtype() || y.dtype() != x.dtype() {
+        return Err(shape_err("batchnorm_backward (cuda)", "x, y and dy must have one dtype"));
+    }
+    let plan = backward(BnShape { rows, channels: c }, x.dtype(), fused)?;
+    let dx = Tensor::device_uninit(rt, x.shape(), x.dtype())?;
+    let dres = if fused.residual { Some(Tensor::device_uninit(rt, x.shape(), x.dtype())?) } else { None };
+    let mut bind = vec![
+        (X, x.ptr()),
+        (Y, y.ptr()),
+        (DY, dy.ptr()),
+        (MEAN, cache.mean.ptr()),
+        (RSTD, cache.rstd.ptr()),
+        (GAMMA, p.gamma.ptr()),
+        (DGAMMA, dgamma.ptr()),
+        (DBETA, dbeta.ptr()),
+        (DX, dx.ptr()),
+    ];
+    bind.extend(dres.as_ref().map(|d| (DRESIDUAL, d.ptr())));
+    rt.run(&SOURCE, &plan, &bind)?;
+    Ok((dx, dres))
 }

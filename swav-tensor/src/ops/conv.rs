@@ -103,6 +103,9 @@ fn tile_rows(k: usize, total: usize) -> usize {
 }
 
 pub fn conv2d_forward(x: &Tensor, weight: &Tensor, p: ConvParams) -> Result<Tensor> {
+    if let Some(rt) = x.runtime() {
+        return super::conv_cuda::forward_on(rt, x, weight, p);
+    }
     let ConvParams { stride, pad, algo } = p;
     let _p = crate::profile::scope("conv forward");
     let g = ConvGeom::new(x.shape(), weight.shape(), stride, pad)?;
@@ -140,6 +143,9 @@ pub fn conv2d_backward(
     dweight: &mut Tensor,
     want_dx: bool,
 ) -> Result<Option<Tensor>> {
+    if let Some(rt) = x.runtime() {
+        return super::conv_cuda::backward_on(rt, x, weight, dy, p, dweight, want_dx);
+    }
     let ConvParams { stride, pad, algo } = p;
     let g = ConvGeom::new(x.shape(), weight.shape(), stride, pad)?;
     if dy.shape() != g.out_shape() {

@@ -7,15 +7,22 @@ use crate::{Result, Tensor};
 
 const CHUNK: usize = 1 << 15;
 
-pub fn relu_forward(x: &Tensor) -> Tensor {
+/// `max(x, 0)`.
+pub fn relu_forward(x: &Tensor) -> Result<Tensor> {
+    if let Some(rt) = x.runtime() {
+        return super::linear_cuda::relu_on(rt, x);
+    }
     let mut y = x.clone();
     y.as_mut_slice().par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
-    y
+    Ok(y)
 }
 
 /// `dx = dy * [y > 0]`, where `y` is the forward's output.
 pub fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     y.check_same_shape("relu_backward", dy)?;
+    if let Some(rt) = y.runtime() {
+        return super::linear_cuda::relu_backward_on(rt, y, dy);
+    }
     let mut dx = dy.clone();
     dx.as_mut_slice().par_chunks_mut(CHUNK).zip(y.as_slice().par_chunks(CHUNK)).for_each(|(d, y)| {
         for (d, &y) in d.iter_mut().zip(y) {
@@ -30,6 +37,11 @@ pub fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
 /// `a + b`; its backward passes `dy` to both inputs unchanged.
 pub fn add_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.check_same_shape("add", b)?;
+    if a.runtime().is_some() {
+        let mut y = a.clone();
+        y.add_assign(b)?;
+        return Ok(y);
+    }
     let mut y = a.clone();
     y.as_mut_slice().par_chunks_mut(CHUNK).zip(b.as_slice().par_chunks(CHUNK)).for_each(|(y, b)| {
         for (y, &b) in y.iter_mut().zip(b) {

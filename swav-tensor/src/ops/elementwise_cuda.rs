@@ -68,3 +68,39 @@ pub fn fill(n: usize, storage: Storage, v: f32) -> Result<Plan> {
     plan.buffer(X, storage.dtype(), n, Role::Out);
     Ok(plan)
 }
+
+/// The bias of a linear layer: `y` (`rows x cols`) += `x` (`[cols]`) on every row.
+pub fn add_rows(rows: usize, cols: usize) -> Result<Plan> {
+    check(rows * cols)?;
+    let n = rows * cols;
+    let mut plan = single("ew_add_rows_f32", n, vec![Arg::Buf(Y), Arg::Buf(X), Arg::I64(n as i64), Arg::I32(cols as i32)]);
+    plan.buffer(Y, Storage::F32.dtype(), n, Role::InOut).buffer(X, Storage::F32.dtype(), cols, Role::In);
+    Ok(plan)
+}
+
+/// The gradient of a linear layer's bias: `y` (`[cols]`) += the column sums of `x` (`rows x cols`).
+pub fn col_sum_add(rows: usize, cols: usize) -> Result<Plan> {
+    check(rows * cols)?;
+    let mut plan = single("ew_col_sum_add_f32", cols, vec![Arg::Buf(X), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::Buf(Y)]);
+    plan.buffer(X, Storage::F32.dtype(), rows * cols, Role::In).buffer(Y, Storage::F32.dtype(), cols, Role::InOut);
+    Ok(plan)
+}
+
+/// The gradient of `y` flowing into a ReLU's output (`x` is that output here).
+pub const DY: BufId = BufId("dy");
+
+/// `y = max(x, 0)` (f32).
+pub fn relu(n: usize) -> Result<Plan> {
+    check(n)?;
+    let mut plan = single("ew_relu_f32", n, vec![Arg::Buf(X), Arg::I64(n as i64), Arg::Buf(Y)]);
+    plan.buffer(X, Storage::F32.dtype(), n, Role::In).buffer(Y, Storage::F32.dtype(), n, Role::Out);
+    Ok(plan)
+}
+
+/// `y = dy` where the forward's output `x` is positive, else 0 (f32).
+pub fn relu_backward(n: usize) -> Result<Plan> {
+    check(n)?;
+    let mut plan = single("ew_relu_backward_f32", n, vec![Arg::Buf(X), Arg::Buf(DY), Arg::I64(n as i64), Arg::Buf(Y)]);
+    plan.buffer(X, Storage::F32.dtype(), n, Role::In).buffer(DY, Storage::F32.dtype(), n, Role::In).buffer(Y, Storage::F32.dtype(), n, Role::Out);
+    Ok(plan)
+}

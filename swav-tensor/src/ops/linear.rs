@@ -18,6 +18,14 @@ fn dims(x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize)> {
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let _p = crate::profile::scope("linear");
     let (rows, fin, fout) = dims(x, w)?;
+    if let Some(b) = b {
+        if b.shape() != [fout] {
+            return Err(shape_err("linear", format!("bias {:?} for {fout} outputs", b.shape())));
+        }
+    }
+    if let Some(rt) = x.runtime() {
+        return super::linear_cuda::forward_on(rt, x, w, b, (rows, fin, fout));
+    }
     let mut y = Tensor::zeros(&[rows, fout], x.device());
     if let Some(b) = b {
         if b.shape() != [fout] {
@@ -53,6 +61,14 @@ pub fn linear_backward(
         return Err(shape_err("linear_backward", format!("dy {:?} for output [{rows}, {fout}]", dy.shape())));
     }
     w.check_same_shape("linear_backward (dw)", dw)?;
+    if let Some(db) = &db {
+        if db.shape() != [fout] {
+            return Err(shape_err("linear_backward", format!("db {:?} for {fout} outputs", db.shape())));
+        }
+    }
+    if let Some(rt) = x.runtime() {
+        return super::linear_cuda::backward_on(rt, x, w, dy, dw, db, want_dx);
+    }
     let dys = MatRef::new(dy.as_slice(), rows, fout);
     matmul(
         MatMut::new(dw.as_mut_slice(), fout, fin),

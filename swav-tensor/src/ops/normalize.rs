@@ -7,11 +7,14 @@ use crate::{Result, Tensor};
 
 pub const NORM_EPS: f32 = 1e-12;
 
-/// Returns `y` and the norms (before clamping) for the backward.
-pub fn l2_normalize_forward(x: &Tensor) -> Result<(Tensor, Vec<f32>)> {
-    let &[_, d] = x.shape() else {
+/// Returns `y` and the norms (`[rows]`, before clamping) for the backward.
+pub fn l2_normalize_forward(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let &[rows, d] = x.shape() else {
         return Err(shape_err("l2_normalize", format!("input {:?} must be 2-D", x.shape())));
     };
+    if let Some(rt) = x.runtime() {
+        return super::normalize_cuda::forward_on(rt, x, rows, d);
+    }
     let mut y = x.clone();
     let mut norms = Vec::with_capacity(x.dim(0));
     for row in y.as_mut_slice().chunks_exact_mut(d.max(1)) {
@@ -20,11 +23,19 @@ pub fn l2_normalize_forward(x: &Tensor) -> Result<(Tensor, Vec<f32>)> {
         row.iter_mut().for_each(|v| *v *= inv);
         norms.push(norm);
     }
-    Ok((y, norms))
+    Ok((y, Tensor::from_vec(&[rows], norms)?))
 }
 
-pub fn l2_normalize_backward(y: &Tensor, norms: &[f32], dy: &Tensor) -> Result<Tensor> {
+/// `dx` from the forward's output `y`, its norms and `dy`.
+pub fn l2_normalize_backward(y: &Tensor, norms: &Tensor, dy: &Tensor) -> Result<Tensor> {
     y.check_same_shape("l2_normalize_backward", dy)?;
+    if norms.shape() != [y.dim(0)] {
+        return Err(shape_err("l2_normalize_backward", format!("norms {:?} for {} rows", norms.shape(), y.dim(0))));
+    }
+    if let Some(rt) = y.runtime() {
+        return super::normalize_cuda::backward_on(rt, y, norms, dy);
+    }
+    let norms = norms.as_slice();
     let d = y.dim(1).max(1);
     let mut dx = dy.clone();
     for ((row, yr), &norm) in dx.as_mut_slice().chunks_exact_mut(d).zip(y.as_slice().chunks_exact(d)).zip(norms) {

@@ -4,7 +4,11 @@
 
 #![warn(missing_docs)]
 
-use crate::cuda::plan::{Arg, BufId, DType, Plan, Role};
+use crate::cuda::plan::{Arg, BufId, DType, Plan, Role, Storage};
+use crate::cuda::runtime::DeviceRuntime;
+use crate::ops::check_device;
+use crate::Tensor;
+use std::sync::Arc;
 use crate::cuda::Source;
 use crate::error::shape_err;
 use crate::Result;
@@ -69,4 +73,25 @@ pub fn backward(rows: usize, d: usize) -> Result<Plan> {
         vec![Arg::Buf(Y), Arg::Buf(NORMS), Arg::Buf(DY), Arg::I32(d as i32), Arg::Buf(DX)],
     );
     Ok(plan)
+}
+
+/// The device path of [`crate::ops::normalize::l2_normalize_forward`] (f32).
+pub(crate) fn forward_on(rt: &Arc<DeviceRuntime>, x: &Tensor, rows: usize, d: usize) -> Result<(Tensor, Tensor)> {
+    let y = Tensor::device_uninit(rt, &[rows, d], Storage::F32)?;
+    let norms = Tensor::device_uninit(rt, &[rows], Storage::F32)?;
+    if rows > 0 && d > 0 {
+        rt.run(&SOURCE, &forward(rows, d)?, &[(X, x.ptr()), (Y, y.ptr()), (NORMS, norms.ptr())])?;
+    }
+    Ok((y, norms))
+}
+
+/// The device path of [`crate::ops::normalize::l2_normalize_backward`] (f32).
+pub(crate) fn backward_on(rt: &Arc<DeviceRuntime>, y: &Tensor, norms: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    check_device("l2_normalize_backward (cuda)", rt, &[y, norms, dy])?;
+    let (rows, d) = (y.dim(0), y.dim(1));
+    let dx = Tensor::device_uninit(rt, &[rows, d], Storage::F32)?;
+    if rows > 0 && d > 0 {
+        rt.run(&SOURCE, &backward(rows, d)?, &[(Y, y.ptr()), (NORMS, norms.ptr()), (DY, dy.ptr()), (DX, dx.ptr())])?;
+    }
+    Ok(dx)
 }

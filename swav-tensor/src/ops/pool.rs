@@ -37,12 +37,50 @@ impl PoolGeom {
     }
 }
 
+/// The argmax of each output of a max-pool forward (a flat index into its input), on the device of
+/// the pooled tensor: what its backward needs.
+#[derive(Debug)]
+pub struct PoolIndices(pub(crate) Indices);
+
+#[derive(Debug)]
+pub(crate) enum Indices {
+    Cpu(Vec<u32>),
+    /// u32 indices on the device, with the window the backward's gather needs.
+    Cuda { buf: crate::cuda::runtime::DeviceBuffer, len: usize, k: usize, stride: usize, pad: usize },
+}
+
+impl PoolIndices {
+    /// Number of indices (= outputs).
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            Indices::Cpu(v) => v.len(),
+            Indices::Cuda { len, .. } => *len,
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The indices of a CPU max-pool.
+    pub fn as_cpu(&self) -> Option<&[u32]> {
+        match &self.0 {
+            Indices::Cpu(v) => Some(v),
+            Indices::Cuda { .. } => None,
+        }
+    }
+}
+
 /// Returns the pooled tensor and the argmax indices (into the input) for the backward.
-pub fn max_pool_forward(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<(Tensor, Vec<u32>)> {
+pub fn max_pool_forward(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<(Tensor, PoolIndices)> {
     let _p = crate::profile::scope("max pool");
     let g = PoolGeom::new(x.shape(), k, stride, pad)?;
     if x.len() > u32::MAX as usize {
         return Err(shape_err("max_pool", "input larger than 2^32 values"));
+    }
+    if let Some(rt) = x.runtime() {
+        return super::pool_cuda::max_pool_forward_on(rt, x, &g);
     }
     let mut y = Tensor::for_overwrite(&[g.n, g.oh, g.ow, g.c], x.device());
     let mut idx = vec![0u32; y.len()];
@@ -77,14 +115,21 @@ pub fn max_pool_forward(x: &Tensor, k: usize, stride: usize, pad: usize) -> Resu
             }
         }
     });
-    Ok((y, idx))
+    Ok((y, PoolIndices(Indices::Cpu(idx))))
 }
 
-pub fn max_pool_backward(x_shape: &[usize], idx: &[u32], dy: &Tensor) -> Result<Tensor> {
+/// Adds each output gradient to the input its forward chose.
+pub fn max_pool_backward(x_shape: &[usize], idx: &PoolIndices, dy: &Tensor) -> Result<Tensor> {
     let _p = crate::profile::scope("max pool");
     if idx.len() != dy.len() {
         return Err(shape_err("max_pool_backward", format!("{} indices for {} gradients", idx.len(), dy.len())));
     }
+    let idx = match &idx.0 {
+        Indices::Cpu(v) => v,
+        Indices::Cuda { buf, k, stride, pad, .. } => {
+            return super::pool_cuda::max_pool_backward_on(buf, x_shape, (*k, *stride, *pad), dy);
+        }
+    };
     let n = x_shape[0];
     let mut dx = Tensor::zeros(x_shape, dy.device());
     let per_in = dx.len() / n.max(1);
@@ -105,6 +150,9 @@ pub fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
     let &[n, h, w, c] = x.shape() else {
         return Err(shape_err("global_avg_pool", format!("input {:?} must be NHWC", x.shape())));
     };
+    if let Some(rt) = x.runtime() {
+        return super::pool_cuda::avg_pool_forward_on(rt, x);
+    }
     let mut y = Tensor::zeros(&[n, c], x.device());
     let xs = x.as_slice();
     let inv = 1.0 / (h * w) as f32;
@@ -122,13 +170,19 @@ pub fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
-pub fn global_avg_pool_backward(x_shape: &[usize], dy: &Tensor) -> Result<Tensor> {
+/// Spreads each gradient evenly over the pixels of its image; `x` is the forward's input (its shape,
+/// device and dtype are those of the result).
+pub fn global_avg_pool_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let _p = crate::profile::scope("avg pool");
+    let x_shape = x.shape();
     let &[n, h, w, c] = x_shape else {
         return Err(shape_err("global_avg_pool_backward", format!("input shape {x_shape:?} must be NHWC")));
     };
     if dy.shape() != [n, c] {
         return Err(shape_err("global_avg_pool_backward", format!("dy {:?} for input {x_shape:?}", dy.shape())));
+    }
+    if let Some(rt) = dy.runtime() {
+        return super::pool_cuda::avg_pool_backward_on(rt, x, dy);
     }
     let mut dx = Tensor::for_overwrite(x_shape, dy.device());
     let inv = 1.0 / (h * w) as f32;

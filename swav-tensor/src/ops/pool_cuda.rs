@@ -7,6 +7,11 @@
 #![warn(missing_docs)]
 
 use crate::cuda::plan::{elementwise_grid, Arg, BufId, DType, Plan, Role, Storage, ELEMENTWISE_BLOCK};
+use crate::cuda::runtime::{DeviceBuffer, DeviceRuntime};
+use crate::ops::check_device;
+use crate::ops::pool::{Indices, PoolIndices};
+use crate::Tensor;
+use std::sync::Arc;
 use crate::cuda::Source;
 use crate::error::shape_err;
 use crate::ops::pool::PoolGeom;
@@ -124,4 +129,48 @@ pub fn global_avg_pool_backward(x_shape: &[usize], storage: Storage) -> Result<P
         vec![Arg::Buf(DY), Arg::I32(n as i32), Arg::I32(hw as i32), Arg::I32(c as i32), Arg::Buf(DX)],
     );
     Ok(plan)
+}
+
+/// The device path of [`crate::ops::pool::max_pool_forward`] (activations in their dtype).
+pub(crate) fn max_pool_forward_on(rt: &Arc<DeviceRuntime>, x: &Tensor, g: &PoolGeom) -> Result<(Tensor, PoolIndices)> {
+    let plan = max_pool_forward(x.shape(), g.k, g.stride, g.pad, x.dtype())?;
+    let out = g.n * g.oh * g.ow * g.c;
+    let y = Tensor::device_uninit(rt, &[g.n, g.oh, g.ow, g.c], x.dtype())?;
+    let idx = rt.alloc(out * 4)?;
+    rt.run(&SOURCE, &plan, &[(X, x.ptr()), (Y, y.ptr()), (IDX, idx.ptr())])?;
+    Ok((y, PoolIndices(Indices::Cuda { buf: idx, len: out, k: g.k, stride: g.stride, pad: g.pad })))
+}
+
+/// The device path of [`crate::ops::pool::max_pool_backward`]: a gather, deterministic.
+pub(crate) fn max_pool_backward_on(
+    idx: &DeviceBuffer,
+    x_shape: &[usize],
+    (k, stride, pad): (usize, usize, usize),
+    dy: &Tensor,
+) -> Result<Tensor> {
+    let rt = idx.runtime();
+    check_device("max_pool_backward (cuda)", rt, &[dy])?;
+    let plan = max_pool_backward(x_shape, k, stride, pad, dy.dtype())?;
+    let dx = Tensor::device_uninit(rt, x_shape, dy.dtype())?;
+    rt.run(&SOURCE, &plan, &[(DY, dy.ptr()), (IDX, idx.ptr()), (DX, dx.ptr())])?;
+    Ok(dx)
+}
+
+/// The device path of [`crate::ops::pool::global_avg_pool_forward`]: f32 features whatever the
+/// activations' dtype.
+pub(crate) fn avg_pool_forward_on(rt: &Arc<DeviceRuntime>, x: &Tensor) -> Result<Tensor> {
+    let plan = global_avg_pool_forward(x.shape(), x.dtype())?;
+    let y = Tensor::device_uninit(rt, &[x.dim(0), x.dim(3)], Storage::F32)?;
+    rt.run(&SOURCE, &plan, &[(X, x.ptr()), (Y, y.ptr())])?;
+    Ok(y)
+}
+
+/// The device path of [`crate::ops::pool::global_avg_pool_backward`]: `dx` in the dtype of the
+/// forward's input `x` (`dy` is f32).
+pub(crate) fn avg_pool_backward_on(rt: &Arc<DeviceRuntime>, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    check_device("global_avg_pool_backward (cuda)", rt, &[x, dy])?;
+    let plan = global_avg_pool_backward(x.shape(), x.dtype())?;
+    let dx = Tensor::device_uninit(rt, x.shape(), x.dtype())?;
+    rt.run(&SOURCE, &plan, &[(DY, dy.ptr()), (DX, dx.ptr())])?;
+    Ok(dx)
 }

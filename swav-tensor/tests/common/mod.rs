@@ -71,7 +71,10 @@ pub fn bf16_rounded(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| emulate::round_bf16(x)).collect()
 }
 
-/// The emulated CUDA device registered as `cuda:0` of this test process (once), or None without a C++
+/// The ordinal the emulated device is registered under in tests (far from real devices' ordinals).
+pub const EMULATED: usize = 99;
+
+/// The emulated CUDA device registered as `cuda:99` of this test process (once), or None without a C++
 /// compiler (the test prints SKIPPED and passes; `SWAV_REQUIRE_EMULATOR=1` makes that a failure).
 pub fn emulated_device() -> Option<swav_tensor::Device> {
     static DEVICE: OnceLock<Option<swav_tensor::Device>> = OnceLock::new();
@@ -80,7 +83,22 @@ pub fn emulated_device() -> Option<swav_tensor::Device> {
         let probe = swav_cuda_emu::Source { name: "probe.cu", code: "extern \"C\" __global__ void probe(int n) {}" };
         swav_cuda_emu::Emulator::new_or_skip(&[probe])?;
         let backend = swav_tensor::cuda::emulated::EmulatedBackend::new();
-        swav_tensor::cuda::runtime::register(0, Box::new(backend)).expect("cuda:0 registered once");
-        Some(swav_tensor::Device::Cuda(0))
+        swav_tensor::cuda::runtime::register(EMULATED, Box::new(backend)).expect("registered once");
+        Some(swav_tensor::Device::Cuda(EMULATED))
     })
+}
+
+/// The real CUDA device 0 when this machine has one (and the libraries load), else None after printing
+/// why; with `SWAV_REQUIRE_CUDA=1` (the GPU check script) its absence is a failure.
+pub fn real_device() -> Option<swav_tensor::Device> {
+    match swav_tensor::cuda::runtime::runtime(0) {
+        Ok(_) => Some(swav_tensor::Device::Cuda(0)),
+        Err(e) => {
+            if std::env::var("SWAV_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+                panic!("SWAV_REQUIRE_CUDA=1 but there is no usable CUDA device: {e}");
+            }
+            eprintln!("SKIPPED on a GPU: {e}");
+            None
+        }
+    }
 }
