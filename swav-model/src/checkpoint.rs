@@ -190,7 +190,7 @@ pub fn oihw_to_ohwi(shape: &[usize], data: &[f32]) -> (Vec<usize>, Vec<f32>) {
 fn to_torch(t: &Tensor, layout: Layout) -> Value {
     match layout {
         Layout::Ohwi => {
-            let (shape, data) = ohwi_to_oihw(t.shape(), t.as_slice());
+            let (shape, data) = ohwi_to_oihw(t.shape(), &t.to_vec());
             Value::F32 { shape, data }
         }
         Layout::Plain => Value::from_tensor(t),

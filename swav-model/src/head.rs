@@ -119,8 +119,12 @@ impl Prototypes {
     }
 
     /// Scales every prototype (row) to unit L2 norm, as the official code does before each step.
-    pub fn normalize(&mut self) {
+    pub fn normalize(&mut self) -> Result<()> {
         for head in &mut self.heads {
+            if head.weight.value.runtime().is_some() {
+                head.weight.value = swav_tensor::ops::normalize::l2_normalize_forward(&head.weight.value)?.0;
+                continue;
+            }
             let d = head.weight.value.dim(1);
             for row in head.weight.value.as_mut_slice().chunks_exact_mut(d) {
                 let norm = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt() as f32;
@@ -128,6 +132,7 @@ impl Prototypes {
                 row.iter_mut().for_each(|v| *v *= inv);
             }
         }
+        Ok(())
     }
 }
 

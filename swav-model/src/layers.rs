@@ -38,14 +38,27 @@ impl Conv2d {
         ConvParams { stride: self.stride, pad: self.pad, algo: self.algo }
     }
 
+    /// The weight in the dtype of the activations: under mixed precision the convolution runs in bf16
+    /// on a copy of the fp32 master weight (made per call: the weights change every step, and a copy
+    /// costs far less than the convolution).
+    fn weight_for<'a>(w: &'a Tensor, x: &Tensor) -> Result<std::borrow::Cow<'a, Tensor>> {
+        Ok(if x.dtype() == w.dtype() {
+            std::borrow::Cow::Borrowed(w)
+        } else {
+            std::borrow::Cow::Owned(w.to_dtype(x.dtype())?)
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(conv2d_forward(x, &self.weight.value, self.params())?)
+        let w = Self::weight_for(&self.weight.value, x)?;
+        Ok(conv2d_forward(x, &w, self.params())?)
     }
 
     pub fn backward(&mut self, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
         let p = self.params();
-        let w = &mut self.weight;
-        Ok(conv2d_backward(x, &w.value, dy, p, &mut w.grad, want_dx)?)
+        let Param { value, grad, .. } = &mut self.weight;
+        let w = Self::weight_for(value, x)?;
+        Ok(conv2d_backward(x, &w, dy, p, grad, want_dx)?)
     }
 }
 

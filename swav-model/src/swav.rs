@@ -6,12 +6,12 @@
 
 use swav_tensor::ops::normalize::{l2_normalize_backward, l2_normalize_forward};
 use swav_tensor::ops::winograd::ConvAlgorithm;
-use swav_tensor::Tensor;
+use swav_tensor::{Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::head::{HeadActs, ProjectionHead, Prototypes};
 use crate::init::InitRng;
-use crate::param::{Visit, Visitor};
+use crate::param::{Slot, Visit, Visitor};
 use crate::resnet::{ResNet, ResNetActs};
 use crate::{ModelError, Result};
 
@@ -113,8 +113,39 @@ impl SwavModel {
         self.backbone.set_conv_algorithm(algo);
     }
 
-    pub fn normalize_prototypes(&mut self) {
-        self.prototypes.normalize();
+    /// Scales every prototype to unit L2 norm.
+    pub fn normalize_prototypes(&mut self) -> Result<()> {
+        self.prototypes.normalize()
+    }
+
+    /// Moves every parameter, gradient and running statistic to `device` (batch counters stay on the
+    /// host). The model then runs every op on that device.
+    pub fn to_device(&mut self, device: Device) -> Result<()> {
+        let mut error = None;
+        self.visit("", &mut |name, slot| {
+            if error.is_some() {
+                return;
+            }
+            let moved = match slot {
+                Slot::Param(p) => {
+                    p.value.to_device(device).and_then(|v| Ok((v, p.grad.to_device(device)?))).map(|(v, g)| {
+                        p.value = v;
+                        p.grad = g;
+                    })
+                }
+                Slot::Buffer(t) => t.to_device(device).map(|v| *t = v),
+                Slot::Counter(_) => Ok(()),
+            };
+            if let Err(e) = moved {
+                error = Some(ModelError::Input(format!("moving `{name}` to {device}: {e}")));
+            }
+        });
+        error.map_or(Ok(()), Err)
+    }
+
+    /// Where the model's parameters are.
+    pub fn device(&self) -> Device {
+        self.prototypes.heads.first().map_or(Device::Cpu, |h| h.weight.value.device())
     }
 }
 

@@ -74,6 +74,7 @@
 //! GPUs.
 
 mod cpu;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 mod error;
 mod math;
@@ -191,11 +192,13 @@ pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
 /// CPU and CUDA use the same bits).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Problem {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) rows: usize,
     pub(crate) prototypes: usize,
     pub(crate) world_size: usize,
     pub(crate) iterations: usize,
     pub(crate) elements: usize,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) epsilon: f32,
     pub(crate) inv_eps: f32,
     pub(crate) inv_k: f32,

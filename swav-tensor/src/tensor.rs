@@ -54,7 +54,8 @@ impl Clone for Tensor {
             }
             Memory::Cuda { buf, dtype } => {
                 let rt = buf.runtime().clone();
-                let copy = rt.alloc(buf.bytes()).and_then(|b| rt.backend().copy(b.ptr(), buf.ptr(), buf.bytes()).map(|()| b));
+                let copy =
+                    rt.alloc(buf.bytes()).and_then(|b| rt.backend().copy(b.ptr(), buf.ptr(), buf.bytes()).map(|()| b));
                 let copy = copy.unwrap_or_else(|e| panic!("copying a tensor on {}: {e}", self.device()));
                 Tensor { shape: self.shape.clone(), memory: Memory::Cuda { buf: copy, dtype: *dtype } }
             }
@@ -119,7 +120,8 @@ impl Tensor {
     /// A CUDA tensor of `dtype` whose values are unspecified.
     pub fn device_uninit(rt: &Arc<DeviceRuntime>, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        let bytes = n.checked_mul(dtype_bytes(dtype)).ok_or_else(|| shape_err("tensor", format!("{shape:?} is too large")))?;
+        let bytes =
+            n.checked_mul(dtype_bytes(dtype)).ok_or_else(|| shape_err("tensor", format!("{shape:?} is too large")))?;
         Ok(Tensor { shape: shape.to_vec(), memory: Memory::Cuda { buf: rt.alloc(bytes)?, dtype } })
     }
 
@@ -210,7 +212,9 @@ impl Tensor {
 
     /// The device address of a CUDA tensor (panics for a CPU tensor: an op's dispatch error).
     pub fn ptr(&self) -> DevPtr {
-        self.device_block().unwrap_or_else(|| panic!("a CPU tensor {:?} where a device tensor was expected", self.shape)).0
+        self.device_block()
+            .unwrap_or_else(|| panic!("a CPU tensor {:?} where a device tensor was expected", self.shape))
+            .0
     }
 
     fn cpu_only(&self) -> ! {
@@ -287,7 +291,11 @@ impl Tensor {
         let rt = self.runtime().ok_or_else(|| shape_err("to_dtype", "CPU tensors are f32 only"))?;
         let out = Tensor::device_uninit(rt, &self.shape, dtype)?;
         let plan = elementwise_cuda::cast(self.len(), self.dtype(), dtype)?;
-        rt.run(&elementwise_cuda::SOURCE, &plan, &[(elementwise_cuda::X, self.ptr()), (elementwise_cuda::Y, out.ptr())])?;
+        rt.run(
+            &elementwise_cuda::SOURCE,
+            &plan,
+            &[(elementwise_cuda::X, self.ptr()), (elementwise_cuda::Y, out.ptr())],
+        )?;
         Ok(out)
     }
 
@@ -335,7 +343,11 @@ impl Tensor {
                 }
                 let rt = buf.runtime().clone();
                 let plan = elementwise_cuda::add(other.len(), *dtype)?;
-                rt.run(&elementwise_cuda::SOURCE, &plan, &[(elementwise_cuda::Y, buf.ptr()), (elementwise_cuda::X, other.ptr())])?;
+                rt.run(
+                    &elementwise_cuda::SOURCE,
+                    &plan,
+                    &[(elementwise_cuda::Y, buf.ptr()), (elementwise_cuda::X, other.ptr())],
+                )?;
             }
         }
         Ok(())
@@ -382,7 +394,10 @@ impl Tensor {
         let mut rows = 0;
         for p in parts {
             if &p.shape[1..] != inner || p.device() != first.device() || p.dtype() != first.dtype() {
-                return Err(shape_err("cat", format!("{:?} on {} vs {:?} on {}", p.shape, p.device(), first.shape, first.device())));
+                return Err(shape_err(
+                    "cat",
+                    format!("{:?} on {} vs {:?} on {}", p.shape, p.device(), first.shape, first.device()),
+                ));
             }
             rows += p.shape[0];
         }
@@ -431,6 +446,8 @@ impl Tensor {
 fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
     match dtype {
         DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        DType::Bf16 => bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
+        DType::Bf16 => {
+            bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
+        }
     }
 }

@@ -354,7 +354,11 @@ fn global_average_pool_matches_the_cpu() {
             let m = run(emu, &pool::global_avg_pool_forward(&shape, storage).unwrap(), &[(pool::X, act(&x, storage))]);
             assert_close(&format!("{shape:?} {storage:?} y"), &m.f32(pool::Y), y.as_slice(), 1e-5);
             let dy = Rng(70 + i as u64).vec(shape[0] * shape[3], 0.0, 1.0);
-            let dx = global_avg_pool_backward(&tensor(&shape, &vec![0.0; shape.iter().product()]), &tensor(&[shape[0], shape[3]], &dy)).unwrap();
+            let dx = global_avg_pool_backward(
+                &tensor(&shape, &vec![0.0; shape.iter().product()]),
+                &tensor(&[shape[0], shape[3]], &dy),
+            )
+            .unwrap();
             let m = run(
                 emu,
                 &pool::global_avg_pool_backward(&shape, storage).unwrap(),

@@ -7,7 +7,9 @@ mod common;
 
 use common::{emulated_device, real_device, rel_err, Rng};
 use swav_tensor::cuda::calls::swav_round_bf16;
-use swav_tensor::ops::batchnorm::{batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, BnParams, Fused};
+use swav_tensor::ops::batchnorm::{
+    batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, BnParams, Fused,
+};
 use swav_tensor::ops::conv::{conv2d_backward, conv2d_forward, ConvParams};
 use swav_tensor::ops::elementwise::{relu_backward, relu_forward};
 use swav_tensor::ops::linear::{linear_backward, linear_forward};
@@ -51,7 +53,13 @@ fn devices() -> Vec<Device> {
 fn conv_ops(dev: Device, dtype: DType) {
     let mut rng = Rng(1);
     // (n, h, w, cin, cout, k, stride, pad): stems, 3x3 s1/s2, 1x1 s1/s2.
-    for (n, h, w, cin, cout, k, s, p) in [(2, 9, 7, 3, 8, 3, 1, 1), (2, 8, 8, 8, 16, 3, 2, 1), (3, 5, 5, 16, 8, 1, 1, 0), (2, 7, 7, 8, 16, 1, 2, 0), (1, 13, 11, 3, 8, 7, 2, 3)] {
+    for (n, h, w, cin, cout, k, s, p) in [
+        (2, 9, 7, 3, 8, 3, 1, 1),
+        (2, 8, 8, 8, 16, 3, 2, 1),
+        (3, 5, 5, 16, 8, 1, 1, 0),
+        (2, 7, 7, 8, 16, 1, 2, 0),
+        (1, 13, 11, 3, 8, 7, 2, 3),
+    ] {
         let name = format!("conv {n}x{h}x{w}x{cin}->{cout} k{k} s{s} p{p} {dtype:?} on {dev}");
         let params = ConvParams { stride: s, pad: p, algo: ConvAlgorithm::Direct };
         let x = rounded(&t(&[n, h, w, cin], rng.vec(n * h * w * cin, 0.0, 1.0)), dtype);
@@ -98,7 +106,8 @@ fn batchnorm_ops(dev: Device, dtype: DType) {
             let (xd, resd, dyd) = (on(&x, dev, dtype), on(&res, dev, dtype), on(&dy, dev, dtype));
             let residual_d = fused.residual.then_some(&resd);
             let (mut rmd, mut rvd) = (rm0.to_device(dev).unwrap(), rv0.to_device(dev).unwrap());
-            let (yd, cached) = batchnorm_train_forward(&xd, &pd, &mut rmd, &mut rvd, 0.1, residual_d, fused.relu).unwrap();
+            let (yd, cached) =
+                batchnorm_train_forward(&xd, &pd, &mut rmd, &mut rvd, 0.1, residual_d, fused.relu).unwrap();
             close(&format!("{name} y"), &yd, &y, tol(dtype));
             close(&format!("{name} running mean"), &rmd, &rm, 1e-4);
             close(&format!("{name} running var"), &rvd, &rv, 1e-4);
@@ -112,8 +121,15 @@ fn batchnorm_ops(dev: Device, dtype: DType) {
             if let (Some(a), Some(b)) = (dresd, dres) {
                 close(&format!("{name} dresidual"), &a, &b, tol(dtype));
             }
-            let yed = batchnorm_eval_forward(&xd, &pd, &rm.to_device(dev).unwrap(), &rv.to_device(dev).unwrap(), residual_d, fused.relu)
-                .unwrap();
+            let yed = batchnorm_eval_forward(
+                &xd,
+                &pd,
+                &rm.to_device(dev).unwrap(),
+                &rv.to_device(dev).unwrap(),
+                residual_d,
+                fused.relu,
+            )
+            .unwrap();
             close(&format!("{name} eval y"), &yed, &ye, tol(dtype));
         }
     }
@@ -156,7 +172,8 @@ fn f32_ops(dev: Device) {
         let dy = t(y.shape(), rng.vec(y.len(), 0.0, 1.0));
         let (mut dw, mut db) = (Tensor::full(w.shape(), 0.5, Device::Cpu), Tensor::full(&[fout], 0.5, Device::Cpu));
         let dx = linear_backward(&x, &w, &dy, &mut dw, Some(&mut db), true).unwrap().unwrap();
-        let (xd, wd, bd, dyd) = (on(&x, dev, DType::F32), on(&w, dev, DType::F32), on(&b, dev, DType::F32), on(&dy, dev, DType::F32));
+        let (xd, wd, bd, dyd) =
+            (on(&x, dev, DType::F32), on(&w, dev, DType::F32), on(&b, dev, DType::F32), on(&dy, dev, DType::F32));
         close(&format!("{name} y"), &linear_forward(&xd, &wd, Some(&bd)).unwrap(), &y, 1e-4);
         let (mut ddw, mut ddb) = (Tensor::full(w.shape(), 0.5, dev), Tensor::full(&[fout], 0.5, dev));
         let ddx = linear_backward(&xd, &wd, &dyd, &mut ddw, Some(&mut ddb), true).unwrap().unwrap();

@@ -322,5 +322,5 @@ pub fn restore(found: &Found, config: &Config, optimizer: Lars) -> Result<SwavSt
         ));
     }
     let queue = (!queue_rows.is_empty()).then(|| Queue { rows: queue_rows.into_values().collect() });
-    Ok(SwavState { model, optimizer, queue })
+    Ok(SwavState { queue, ..SwavState::new(model, optimizer) })
 }

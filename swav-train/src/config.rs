@@ -77,10 +77,26 @@ pub struct TrainConfig {
     /// step 0. Recorded so that the run says where it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
+    /// Storage of the activations on a CUDA device: `bf16` (mixed precision like PyTorch's autocast:
+    /// convolutions, batch norms and pools in bf16 with fp32 accumulation; pooled features, head,
+    /// scores, loss and Sinkhorn in fp32; fp32 master weights) or `fp32`. Absent: bf16 on CUDA; the CPU
+    /// engine computes in fp32 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
     /// With `init`: take only the backbone (`conv1`, `bn1`, `layer*`); the head and prototypes start
     /// from their random initialisation.
     #[serde(default)]
     pub init_backbone_only: bool,
+}
+
+/// How activations are stored on a CUDA device (see `TrainConfig::precision`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// fp32 everywhere.
+    Fp32,
+    /// bf16 activations, fp32 accumulation and master weights.
+    Bf16,
 }
 
 /// `ConvAlgorithm` as its name in TOML.

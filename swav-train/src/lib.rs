@@ -12,6 +12,7 @@ pub mod assign;
 pub mod checkpoint;
 mod collapse;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod lars;
 pub mod lars_cuda;

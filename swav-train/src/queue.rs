@@ -4,8 +4,11 @@
 //! off the end). It starts as zeros and is used only once full, i.e. once its last row is non-zero;
 //! its scores are recomputed with the current prototypes at every step.
 
-use swav_tensor::Tensor;
+use swav_tensor::{Device, Tensor};
 
+use crate::TrainError;
+
+/// The queue: one `[length, dim]` tensor per assigned crop, newest rows first.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Queue {
     /// One `[length, dim]` tensor per assigned crop, newest rows first.
@@ -13,27 +16,38 @@ pub struct Queue {
 }
 
 impl Queue {
-    pub fn new(assigned_crops: usize, length: usize, dim: usize) -> Queue {
-        Queue { rows: (0..assigned_crops).map(|_| Tensor::zeros(&[length, dim], Default::default())).collect() }
+    /// An empty (all-zero) queue of `length` rows of `dim` per assigned crop, on `device`.
+    pub fn new(assigned_crops: usize, length: usize, dim: usize, device: Device) -> Queue {
+        Queue { rows: (0..assigned_crops).map(|_| Tensor::zeros(&[length, dim], device)).collect() }
     }
 
+    /// Rows per assigned crop.
     pub fn length(&self) -> usize {
         self.rows.first().map_or(0, |t| t.dim(0))
     }
 
     /// Full: the oldest row of the queue of assigned crop `j` has been written.
-    pub fn is_full(&self, j: usize) -> bool {
+    pub fn is_full(&self, j: usize) -> Result<bool, TrainError> {
         let t = &self.rows[j];
-        let d = t.dim(1);
-        t.as_slice()[(t.dim(0) - 1) * d..].iter().any(|&v| v != 0.0)
+        let last = t.narrow(t.dim(0) - 1, 1)?;
+        Ok(last.to_vec().iter().any(|&v| v != 0.0))
     }
 
-    /// Shifts the queue of crop `j` by the batch and writes `embeddings` (`[batch, dim]`) at the front.
-    pub fn push(&mut self, j: usize, embeddings: &[f32]) {
-        let t = self.rows[j].as_mut_slice();
-        let n = embeddings.len().min(t.len());
-        t.copy_within(0..t.len() - n, n);
-        t[..n].copy_from_slice(&embeddings[..n]);
+    /// Shifts the queue of crop `j` by the batch and writes `embeddings` (`[batch, dim]`, same device)
+    /// at the front.
+    pub fn push(&mut self, j: usize, embeddings: &Tensor) -> Result<(), TrainError> {
+        let t = &mut self.rows[j];
+        let n = embeddings.dim(0).min(t.dim(0));
+        if t.device() == Device::Cpu {
+            let (len, dim) = (t.len(), t.dim(1));
+            let t = t.as_mut_slice();
+            t.copy_within(0..len - n * dim, n * dim);
+            t[..n * dim].copy_from_slice(&embeddings.as_slice()[..n * dim]);
+        } else {
+            let kept = t.narrow(0, t.dim(0) - n)?;
+            *t = Tensor::cat(&[&embeddings.narrow(0, n)?, &kept])?;
+        }
+        Ok(())
     }
 }
 
@@ -43,16 +57,17 @@ mod tests {
 
     #[test]
     fn fills_front_first_and_reports_full_when_the_last_row_is_written() {
-        let mut q = Queue::new(1, 6, 2);
-        assert!(!q.is_full(0));
-        q.push(0, &[1.0, 1.0, 2.0, 2.0]);
+        let rows = |v: &[f32]| Tensor::from_slice(&[2, 2], v).unwrap();
+        let mut q = Queue::new(1, 6, 2, Device::Cpu);
+        assert!(!q.is_full(0).unwrap());
+        q.push(0, &rows(&[1.0, 1.0, 2.0, 2.0])).unwrap();
         assert_eq!(&q.rows[0].as_slice()[..4], &[1.0, 1.0, 2.0, 2.0]);
-        q.push(0, &[3.0, 3.0, 4.0, 4.0]);
-        assert!(!q.is_full(0));
-        q.push(0, &[5.0, 5.0, 6.0, 6.0]);
-        assert!(q.is_full(0));
+        q.push(0, &rows(&[3.0, 3.0, 4.0, 4.0])).unwrap();
+        assert!(!q.is_full(0).unwrap());
+        q.push(0, &rows(&[5.0, 5.0, 6.0, 6.0])).unwrap();
+        assert!(q.is_full(0).unwrap());
         assert_eq!(q.rows[0].as_slice(), &[5.0, 5.0, 6.0, 6.0, 3.0, 3.0, 4.0, 4.0, 1.0, 1.0, 2.0, 2.0]);
-        q.push(0, &[7.0, 7.0, 8.0, 8.0]);
+        q.push(0, &rows(&[7.0, 7.0, 8.0, 8.0])).unwrap();
         assert_eq!(&q.rows[0].as_slice()[..4], &[7.0, 7.0, 8.0, 8.0]);
         assert_eq!(&q.rows[0].as_slice()[8..], &[3.0, 3.0, 4.0, 4.0]);
     }

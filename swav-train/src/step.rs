@@ -16,6 +16,7 @@ use swav_tensor::{profile, Tensor};
 
 use crate::assign::codes_for_crop;
 use crate::config::TrainConfig;
+use crate::device::{self, DeviceSinkhorn};
 use crate::lars::Lars;
 use crate::loss::swapped_prediction_loss;
 use crate::queue::Queue;
@@ -37,9 +38,19 @@ pub struct SwavState {
     pub model: SwavModel,
     pub optimizer: Lars,
     pub queue: Option<Queue>,
+    /// Sinkhorn's device kernels, compiled on first use (unused on the CPU).
+    pub device_sinkhorn: DeviceSinkhorn,
 }
 
-/// Runs one iteration on `groups` (crop groups `[count * batch, h, w, c]`, crop-major, in crop order).
+impl SwavState {
+    /// A state with no queue and no momentum yet.
+    pub fn new(model: SwavModel, optimizer: Lars) -> SwavState {
+        SwavState { model, optimizer, queue: None, device_sinkhorn: DeviceSinkhorn::default() }
+    }
+}
+
+/// Runs one iteration on `groups` (crop groups `[count * batch, h, w, c]`, crop-major, in crop order,
+/// on the model's device).
 pub fn swav_step(
     state: &mut SwavState,
     cfg: &TrainConfig,
@@ -49,55 +60,74 @@ pub fn swav_step(
     lr: f64,
 ) -> Result<StepStats, TrainError> {
     let crops: usize = groups.iter().map(|g| g.dim(0) / batch).sum();
+    let on_device = state.model.device().is_cuda();
     let model = &mut state.model;
 
-    model.normalize_prototypes();
+    model.normalize_prototypes()?;
     model.zero_grad();
     let (out, acts) = model.forward_train(groups)?;
-    let scores = out.scores[0].as_slice();
-    let k = out.scores[0].dim(1);
-    if let Some(bad) = scores.iter().find(|v| !v.is_finite()) {
-        // The network diverged: report it as a non-finite loss before anything is updated.
-        return Ok(StepStats { loss: *bad as f64, cluster_entropy: f64::NAN, clusters_used: 0 });
+    let scores = &out.scores[0];
+    if !on_device {
+        if let Some(bad) = scores.as_slice().iter().find(|v| !v.is_finite()) {
+            // The network diverged: report it as a non-finite loss before anything is updated.
+            return Ok(StepStats { loss: *bad as f64, cluster_entropy: f64::NAN, clusters_used: 0 });
+        }
     }
-    let dim = out.embedding.dim(1);
 
     let sinkhorn = swav_sinkhorn::Params::new(cfg.epsilon, cfg.sinkhorn_iterations);
     let codes_scope = profile::scope("codes (sinkhorn)");
     let mut codes = Vec::with_capacity(cfg.crops_for_assign.len());
     for (j, &crop) in cfg.crops_for_assign.iter().enumerate() {
-        let rows = crop * batch..(crop + 1) * batch;
+        let crop_scores = scores.narrow(crop * batch, batch)?;
         let queue_scores = match &state.queue {
-            Some(q) if q.is_full(j) => Some(linear_forward(&q.rows[j], &model.prototypes.heads[0].weight.value, None)?),
+            Some(q) if q.is_full(j)? => {
+                Some(linear_forward(&q.rows[j], &model.prototypes.heads[0].weight.value, None)?)
+            }
             _ => None,
         };
-        let q = codes_for_crop(
-            &scores[rows.start * k..rows.end * k],
-            queue_scores.as_ref().map(Tensor::as_slice),
-            batch,
-            k,
-            &sinkhorn,
-        )?;
+        let q = if on_device {
+            device::codes_for_crop(&mut state.device_sinkhorn, &crop_scores, queue_scores.as_ref(), &sinkhorn)?
+        } else {
+            let (k, q) = (scores.dim(1), queue_scores.as_ref().map(Tensor::as_slice));
+            Tensor::from_vec(&[batch, k], codes_for_crop(crop_scores.as_slice(), q, batch, k, &sinkhorn)?)?
+        };
         codes.push(q);
         if let Some(queue) = &mut state.queue {
-            queue.push(j, &out.embedding.as_slice()[rows.start * dim..rows.end * dim]);
+            queue.push(j, &out.embedding.narrow(crop * batch, batch)?)?;
         }
     }
-
     drop(codes_scope);
+
     let loss_scope = profile::scope("loss");
-    let loss = swapped_prediction_loss(scores, k, batch, crops, &cfg.crops_for_assign, &codes, cfg.temperature)?;
-    if !loss.loss.is_finite() {
-        return Ok(StepStats { loss: loss.loss, cluster_entropy: f64::NAN, clusters_used: 0 });
-    }
+    let (loss, dscores, skip) = if on_device {
+        let l = device::swapped_prediction_loss(scores, &codes, batch, &cfg.crops_for_assign, cfg.temperature)?;
+        (l.loss, l.dscores, Some(l.skip))
+    } else {
+        let k = scores.dim(1);
+        let host: Vec<Vec<f32>> = codes.iter().map(|c| c.as_slice().to_vec()).collect();
+        let l =
+            swapped_prediction_loss(scores.as_slice(), k, batch, crops, &cfg.crops_for_assign, &host, cfg.temperature)?;
+        (l.loss, Tensor::from_vec(scores.shape(), l.dscores)?, None)
+    };
     drop(loss_scope);
-    let dscores = Tensor::from_vec(out.scores[0].shape(), loss.dscores)?;
+    if !loss.is_finite() && skip.is_none() {
+        return Ok(StepStats { loss, cluster_entropy: f64::NAN, clusters_used: 0 });
+    }
     model.backward(acts, &out, &[dscores])?;
 
     let _optimizer_scope = profile::scope("optimizer");
     let frozen = iteration < cfg.freeze_prototypes_niters;
-    state.optimizer.step(model, lr, |name| frozen && name.starts_with("prototypes."));
-    Ok(cluster_stats(&codes[0], k, loss.loss))
+    let frozen = |name: &str| frozen && name.starts_with("prototypes.");
+    match &skip {
+        // On the device the update reads the loss kernel's flag: a non-finite loss updates nothing.
+        Some(skip) => device::lars_step(&mut state.optimizer, model, lr, frozen, skip)?,
+        None => state.optimizer.step(model, lr, frozen),
+    }
+    if on_device {
+        let (cluster_entropy, clusters_used) = device::cluster_stats(&codes[0])?;
+        return Ok(StepStats { loss, cluster_entropy, clusters_used });
+    }
+    Ok(cluster_stats(codes[0].as_slice(), scores.dim(1), loss))
 }
 
 fn cluster_stats(codes: &[f32], k: usize, loss: f64) -> StepStats {

@@ -23,11 +23,11 @@ use std::time::Instant;
 use swav_data::{Batch, Dataset, Layout, LoaderConfig, MultiCropLoader};
 use swav_model::pretrained::{init_from_file, InitScope};
 use swav_model::{Preprocessing, SwavModel};
-use swav_tensor::Tensor;
+use swav_tensor::{DType, Device, Tensor};
 
 use crate::checkpoint::{self, ModelMeta, Sidecar, SIDECAR_FORMAT};
 use crate::collapse::CollapseWatch;
-use crate::config::Config;
+use crate::config::{Config, Precision};
 use crate::lars::Lars;
 use crate::memory;
 use crate::metrics::{MetricsLog, StepMetrics};
@@ -51,6 +51,8 @@ pub struct TrainOptions {
     /// Refuse a run whose estimated memory exceeds this many bytes (default: the memory the system
     /// has available).
     pub max_memory: Option<u64>,
+    /// Where the model trains (the loader always runs on the host).
+    pub device: Device,
 }
 
 impl TrainOptions {
@@ -64,6 +66,7 @@ impl TrainOptions {
             stop: Arc::new(AtomicBool::new(false)),
             progress: false,
             max_memory: None,
+            device: Device::Cpu,
         }
     }
 }
@@ -140,14 +143,47 @@ fn initial_model(config: &Config) -> Result<SwavModel, TrainError> {
     Ok(model)
 }
 
+/// The storage of activations: `train.precision`, or bf16 on CUDA and fp32 on the CPU by default.
+fn activation_dtype(config: &Config, device: Device) -> Result<DType, TrainError> {
+    match (config.train.precision, device.is_cuda()) {
+        (Some(Precision::Bf16), false) => Err(TrainError::Config(
+            "train.precision = \"bf16\" is for CUDA devices: the CPU engine computes in fp32".into(),
+        )),
+        (Some(Precision::Fp32), _) | (None, false) => Ok(DType::F32),
+        (Some(Precision::Bf16), true) | (None, true) => Ok(DType::Bf16),
+    }
+}
+
+/// Moves the model, the momentum buffers and the queue to `device`.
+fn move_state(state: &mut SwavState, device: Device) -> Result<(), TrainError> {
+    if state.model.device() == device {
+        return Ok(());
+    }
+    state.model.to_device(device)?;
+    for buf in state.optimizer.buffers.values_mut() {
+        *buf = buf.to_device(device)?;
+    }
+    if let Some(q) = &mut state.queue {
+        for rows in &mut q.rows {
+            *rows = rows.to_device(device)?;
+        }
+    }
+    Ok(())
+}
+
 /// Refuses, with the estimate, a run that cannot fit in memory.
-fn check_memory(config: &Config, max_memory: Option<u64>) -> Result<(), TrainError> {
+/// On a CUDA device only the loader's batches stay in host memory; the device's own memory is the
+/// device's business (the allocator reports what it runs out of).
+fn check_memory(config: &Config, max_memory: Option<u64>, device: Device) -> Result<(), TrainError> {
     let (limit, what) = match (max_memory, swav_core::sys::available_memory()) {
         (Some(m), _) => (m, "the limit given"),
         (None, Some(m)) => (m, "the memory available on this machine"),
         (None, None) => return Ok(()),
     };
-    let e = memory::estimate(config);
+    let mut e = memory::estimate(config);
+    if device.is_cuda() {
+        (e.parameters, e.activations) = (0, 0);
+    }
     if e.total() > limit as u128 {
         let h = swav_core::sys::human_bytes;
         return Err(TrainError::Config(format!(
@@ -180,7 +216,7 @@ fn check_options(config: &Config, opts: &TrainOptions) -> Result<usize, TrainErr
 pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
     let workers = check_options(config, opts)?;
-    check_memory(config, opts.max_memory)?;
+    check_memory(config, opts.max_memory, opts.device)?;
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|source| TrainError::Io { path: opts.run_dir.display().to_string(), source })?;
     // One process per run folder: a second one stops here, naming the first.
@@ -217,6 +253,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
 /// One training run in progress: the state a step updates and everything around it.
 struct Run<'a> {
     config: &'a Config,
+    /// The storage of the crops on the device (bf16 under mixed precision).
+    activations: DType,
     opts: &'a TrainOptions,
     state: SwavState,
     schedule: LrSchedule,
@@ -278,9 +316,11 @@ impl<'a> Run<'a> {
                 );
                 (checkpoint::restore(found, config, optimizer)?, s.step, s.epoch, s.step_in_epoch)
             }
-            None => (SwavState { model: initial_model(config)?, optimizer, queue: None }, 0, 0, 0),
+            None => (SwavState::new(initial_model(config)?, optimizer), 0, 0, 0),
         };
         state.model.set_conv_algorithm(t.conv);
+        let activations = activation_dtype(config, opts.device)?;
+        move_state(&mut state, opts.device)?;
         tracing::info!(
             "run {}: {} epochs of {steps_per_epoch} steps (batch {}), from step {iteration}",
             opts.run_dir.display(),
@@ -290,6 +330,7 @@ impl<'a> Run<'a> {
         let progress = progress_bar(opts.progress, schedule.total_steps() as u64, iteration as u64);
         Ok(Run {
             config,
+            activations,
             opts,
             state,
             schedule,
@@ -314,7 +355,9 @@ impl<'a> Run<'a> {
     fn epoch(&mut self, loader: &mut MultiCropLoader) -> Result<Option<TrainOutcome>, TrainError> {
         let t = &self.config.train;
         if t.queue_length > 0 && self.epoch >= t.epoch_queue_starts && self.state.queue.is_none() {
-            self.state.queue = Some(Queue::new(t.crops_for_assign.len(), t.queue_length, self.config.model.feat_dim));
+            let device = self.state.model.device();
+            self.state.queue =
+                Some(Queue::new(t.crops_for_assign.len(), t.queue_length, self.config.model.feat_dim, device));
         }
         let mut batches = loader.epoch(self.epoch as u64);
         // Resuming inside an epoch: the batches before the checkpoint are prepared and dropped (their
@@ -355,7 +398,13 @@ impl<'a> Run<'a> {
     fn step(&mut self, batch: Batch, waited: f64) -> Result<(), TrainError> {
         let step_start = Instant::now();
         let bs = batch.len();
-        let groups = batch.groups().map(|g| Tensor::from_slice(&g.shape, g.data)).collect::<Result<Vec<_>, _>>()?;
+        let mut groups = batch.groups().map(|g| Tensor::from_slice(&g.shape, g.data)).collect::<Result<Vec<_>, _>>()?;
+        if self.opts.device.is_cuda() {
+            groups = groups
+                .iter()
+                .map(|g| g.to_device(self.opts.device).and_then(|g| g.to_dtype(self.activations)))
+                .collect::<Result<Vec<_>, _>>()?;
+        }
         drop(batch);
         let lr = self.schedule.lr(self.iteration);
         let stats = swav_step(&mut self.state, &self.config.train, groups, bs, self.iteration, lr)?;

@@ -138,7 +138,12 @@ impl ConvCall {
         let o = |i: usize, k: usize, p: usize, s: usize, d: usize| (i + 2 * p - ((k - 1) * d + 1)) / s + 1;
         let [n, _, h, w] = self.x.dims;
         let c = &self.conv;
-        [n, self.w.k, o(h, self.w.r, c.pad[0], c.stride[0], c.dilation[0]), o(w, self.w.s, c.pad[1], c.stride[1], c.dilation[1])]
+        [
+            n,
+            self.w.k,
+            o(h, self.w.r, c.pad[0], c.stride[0], c.dilation[0]),
+            o(w, self.w.s, c.pad[1], c.stride[1], c.dilation[1]),
+        ]
     }
 
     /// Checks what cuDNN would refuse: channel counts that disagree, an output that is not what the
@@ -289,24 +294,64 @@ pub struct GemmCall {
 impl GemmCall {
     /// `y [rows, out] = x [rows, in] w^T` with `w [out, in]` (PyTorch's Linear): `y^T = w' x'`.
     pub fn linear_forward(rows: usize, fin: usize, fout: usize, ab: Storage, out: Storage) -> GemmCall {
-        GemmCall { trans_a: true, trans_b: false, m: fout, n: rows, k: fin, lda: fin, ldb: fin, ldc: fout, ab, c: out, alpha: 1.0, beta: 0.0 }
+        GemmCall {
+            trans_a: true,
+            trans_b: false,
+            m: fout,
+            n: rows,
+            k: fin,
+            lda: fin,
+            ldb: fin,
+            ldc: fout,
+            ab,
+            c: out,
+            alpha: 1.0,
+            beta: 0.0,
+        }
     }
 
     /// `dx [rows, in] = dy [rows, out] w [out, in]`.
     pub fn linear_data_grad(rows: usize, fin: usize, fout: usize, ab: Storage, out: Storage) -> GemmCall {
-        GemmCall { trans_a: false, trans_b: false, m: fin, n: rows, k: fout, lda: fin, ldb: fout, ldc: fin, ab, c: out, alpha: 1.0, beta: 0.0 }
+        GemmCall {
+            trans_a: false,
+            trans_b: false,
+            m: fin,
+            n: rows,
+            k: fout,
+            lda: fin,
+            ldb: fout,
+            ldc: fin,
+            ab,
+            c: out,
+            alpha: 1.0,
+            beta: 0.0,
+        }
     }
 
     /// `dw [out, in] += dy^T x` (accumulates, like every parameter gradient of the engine).
     pub fn linear_weight_grad(rows: usize, fin: usize, fout: usize, ab: Storage) -> GemmCall {
-        GemmCall { trans_a: false, trans_b: true, m: fin, n: fout, k: rows, lda: fin, ldb: fout, ldc: fin, ab, c: Storage::F32, alpha: 1.0, beta: 1.0 }
+        GemmCall {
+            trans_a: false,
+            trans_b: true,
+            m: fin,
+            n: fout,
+            k: rows,
+            lda: fin,
+            ldb: fout,
+            ldc: fin,
+            ab,
+            c: Storage::F32,
+            alpha: 1.0,
+            beta: 1.0,
+        }
     }
 
     /// Elements `A`, `B` and `C` must hold (column-major spans).
     pub fn spans(&self) -> (usize, usize, usize) {
         let (ar, ac) = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
         let (br, bc) = if self.trans_b { (self.n, self.k) } else { (self.k, self.n) };
-        let span = |rows: usize, cols: usize, ld: usize| if rows == 0 || cols == 0 { 0 } else { (cols - 1) * ld + rows };
+        let span =
+            |rows: usize, cols: usize, ld: usize| if rows == 0 || cols == 0 { 0 } else { (cols - 1) * ld + rows };
         (span(ar, ac, self.lda), span(br, bc, self.ldb), span(self.m, self.n, self.ldc))
     }
 

@@ -70,7 +70,10 @@ impl DriverBackend {
             }
         };
         // SAFETY: each only tries to dlopen its library.
-        present("the CUDA driver (libcuda.so)", std::panic::catch_unwind(|| unsafe { drv_sys::is_culib_present() }).unwrap_or(false))?;
+        present(
+            "the CUDA driver (libcuda.so)",
+            std::panic::catch_unwind(|| unsafe { drv_sys::is_culib_present() }).unwrap_or(false),
+        )?;
         let ctx = CudaContext::new(ordinal).map_err(|e| err(format!("no CUDA device {ordinal}: {e}")))?;
         // SAFETY: disabling event tracking is what stream capture requires; this backend orders all
         // work on one stream itself.
@@ -78,8 +81,14 @@ impl DriverBackend {
         let stream = ctx.new_stream().map_err(err)?;
         let (major, minor) = ctx.compute_capability().map_err(err)?;
         let name = ctx.name().map_err(err)?;
-        present("cuBLAS (libcublas.so)", std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false))?;
-        present("cuDNN (libcudnn.so)", std::panic::catch_unwind(|| unsafe { dnn_sys::is_culib_present() }).unwrap_or(false))?;
+        present(
+            "cuBLAS (libcublas.so)",
+            std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false),
+        )?;
+        present(
+            "cuDNN (libcudnn.so)",
+            std::panic::catch_unwind(|| unsafe { dnn_sys::is_culib_present() }).unwrap_or(false),
+        )?;
         nvrtc::available().map_err(err)?;
         let cublas = blas::create_handle().map_err(|e| err(format!("cublasCreate: {e:?}")))?;
         let cudnn = dnn::create_handle().map_err(|e| err(format!("cudnnCreate: {e:?}")))?;
@@ -104,6 +113,11 @@ impl DriverBackend {
         })
     }
 
+    /// The compute stream every call of this backend is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Handles> {
         self.handles.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -123,17 +137,20 @@ impl DriverBackend {
                 Ok(c) => c.cubin,
                 // An NVRTC older than the device: PTX for the oldest supported architecture, which the
                 // driver compiles for the device.
-                Err(cubin_err) => nvrtc::compile_ptx(source, "compute_80")
-                    .map_err(|e| err(format!("{}: no cubin for {} ({cubin_err}) and no PTX ({e})", source.name, self.arch)))?,
+                Err(cubin_err) => nvrtc::compile_ptx(source, "compute_80").map_err(|e| {
+                    err(format!("{}: no cubin for {} ({cubin_err}) and no PTX ({e})", source.name, self.arch))
+                })?,
             };
             // SAFETY: a complete cubin or NUL-terminated PTX image from NVRTC.
-            let module = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| err(format!("loading {}: {e}", source.name)))?;
+            let module = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }
+                .map_err(|e| err(format!("loading {}: {e}", source.name)))?;
             h.modules.insert(source.name, module);
         }
         let module = h.modules[source.name];
         let cname = CString::new(kernel).map_err(|_| err("kernel name with a NUL byte"))?;
         // SAFETY: a loaded module.
-        let f = unsafe { drv::module::get_function(module, cname) }.map_err(|e| err(format!("{kernel} in {}: {e}", source.name)))?;
+        let f = unsafe { drv::module::get_function(module, cname) }
+            .map_err(|e| err(format!("{kernel} in {}: {e}", source.name)))?;
         h.functions.insert((source.name, kernel), f);
         Ok(f)
     }
@@ -186,7 +203,8 @@ impl ConvDescriptors {
             let dims = [c_int(d.dims[0])?, c_int(d.dims[1])?, c_int(d.dims[2])?, c_int(d.dims[3])?];
             let strides = [c_int(d.strides[0])?, c_int(d.strides[1])?, c_int(d.strides[2])?, c_int(d.strides[3])?];
             // SAFETY: a fresh descriptor.
-            unsafe { dnn::set_tensor4d_descriptor_ex(t, dnn_type(d.storage), dims, strides) }.map_err(|x| e("cudnnSetTensor4dDescriptorEx", x))?;
+            unsafe { dnn::set_tensor4d_descriptor_ex(t, dnn_type(d.storage), dims, strides) }
+                .map_err(|x| e("cudnnSetTensor4dDescriptorEx", x))?;
             Ok(t)
         };
         let x = tensor(&call.x)?;
@@ -250,8 +268,17 @@ fn rank_algorithms(h: &Handles, call: &ConvCall, d: &ConvDescriptors) -> Result<
         match call.pass {
             ConvPass::Forward => {
                 let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionFwdAlgoPerf_t>(); N as usize];
-                dnn::get_convolution_forward_algorithm(h.cudnn, d.x, d.w, d.conv, d.y, N, &mut count, perf.as_mut_ptr())
-                    .map_err(|e| err(format!("cudnnGetConvolutionForwardAlgorithm_v7: {e:?}")))?;
+                dnn::get_convolution_forward_algorithm(
+                    h.cudnn,
+                    d.x,
+                    d.w,
+                    d.conv,
+                    d.y,
+                    N,
+                    &mut count,
+                    perf.as_mut_ptr(),
+                )
+                .map_err(|e| err(format!("cudnnGetConvolutionForwardAlgorithm_v7: {e:?}")))?;
                 for p in &perf[..count as usize] {
                     if p.status == dnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
                         out.push((p.algo as i32, p.memory));
@@ -260,8 +287,17 @@ fn rank_algorithms(h: &Handles, call: &ConvCall, d: &ConvDescriptors) -> Result<
             }
             ConvPass::BackwardData => {
                 let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionBwdDataAlgoPerf_t>(); N as usize];
-                dnn::get_convolution_backward_data_algorithm(h.cudnn, d.w, d.y, d.conv, d.x, N, &mut count, perf.as_mut_ptr())
-                    .map_err(|e| err(format!("cudnnGetConvolutionBackwardDataAlgorithm_v7: {e:?}")))?;
+                dnn::get_convolution_backward_data_algorithm(
+                    h.cudnn,
+                    d.w,
+                    d.y,
+                    d.conv,
+                    d.x,
+                    N,
+                    &mut count,
+                    perf.as_mut_ptr(),
+                )
+                .map_err(|e| err(format!("cudnnGetConvolutionBackwardDataAlgorithm_v7: {e:?}")))?;
                 for p in &perf[..count as usize] {
                     if p.status == dnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
                         out.push((p.algo as i32, p.memory));
@@ -270,8 +306,17 @@ fn rank_algorithms(h: &Handles, call: &ConvCall, d: &ConvDescriptors) -> Result<
             }
             ConvPass::BackwardFilter => {
                 let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); N as usize];
-                dnn::get_convolution_backward_filter_algorithm(h.cudnn, d.x, d.y, d.conv, d.w, N, &mut count, perf.as_mut_ptr())
-                    .map_err(|e| err(format!("cudnnGetConvolutionBackwardFilterAlgorithm_v7: {e:?}")))?;
+                dnn::get_convolution_backward_filter_algorithm(
+                    h.cudnn,
+                    d.x,
+                    d.y,
+                    d.conv,
+                    d.w,
+                    N,
+                    &mut count,
+                    perf.as_mut_ptr(),
+                )
+                .map_err(|e| err(format!("cudnnGetConvolutionBackwardFilterAlgorithm_v7: {e:?}")))?;
                 for p in &perf[..count as usize] {
                     if p.status == dnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
                         out.push((p.algo as i32, p.memory));
@@ -374,19 +419,49 @@ impl Backend for DriverBackend {
             let r = unsafe {
                 match call.pass {
                     ConvPass::Forward => dnn::convolution_forward(
-                        h.cudnn, a, d.x, ptrs.x as *const c_void, d.w, ptrs.w as *const c_void, d.conv,
+                        h.cudnn,
+                        a,
+                        d.x,
+                        ptrs.x as *const c_void,
+                        d.w,
+                        ptrs.w as *const c_void,
+                        d.conv,
                         std::mem::transmute::<i32, dnn_sys::cudnnConvolutionFwdAlgo_t>(algo),
-                        ws as *mut c_void, ws_bytes, b, d.y, ptrs.y as *mut c_void,
+                        ws as *mut c_void,
+                        ws_bytes,
+                        b,
+                        d.y,
+                        ptrs.y as *mut c_void,
                     ),
                     ConvPass::BackwardData => dnn::convolution_backward_data(
-                        h.cudnn, a, d.w, ptrs.w as *const c_void, d.y, ptrs.y as *const c_void, d.conv,
+                        h.cudnn,
+                        a,
+                        d.w,
+                        ptrs.w as *const c_void,
+                        d.y,
+                        ptrs.y as *const c_void,
+                        d.conv,
                         std::mem::transmute::<i32, dnn_sys::cudnnConvolutionBwdDataAlgo_t>(algo),
-                        ws as *mut c_void, ws_bytes, b, d.x, ptrs.x as *mut c_void,
+                        ws as *mut c_void,
+                        ws_bytes,
+                        b,
+                        d.x,
+                        ptrs.x as *mut c_void,
                     ),
                     ConvPass::BackwardFilter => dnn::convolution_backward_filter(
-                        h.cudnn, a, d.x, ptrs.x as *const c_void, d.y, ptrs.y as *const c_void, d.conv,
+                        h.cudnn,
+                        a,
+                        d.x,
+                        ptrs.x as *const c_void,
+                        d.y,
+                        ptrs.y as *const c_void,
+                        d.conv,
                         std::mem::transmute::<i32, dnn_sys::cudnnConvolutionBwdFilterAlgo_t>(algo),
-                        ws as *mut c_void, ws_bytes, b, d.w, ptrs.w as *mut c_void,
+                        ws as *mut c_void,
+                        ws_bytes,
+                        b,
+                        d.w,
+                        ptrs.w as *mut c_void,
                     ),
                 }
             };
@@ -408,7 +483,13 @@ impl Backend for DriverBackend {
     fn gemm(&self, call: &GemmCall, a: DevPtr, b: DevPtr, c: DevPtr) -> Result<()> {
         call.validate()?;
         let h = self.lock();
-        let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
         let (alpha, beta) = (call.alpha, call.beta);
         // SAFETY: the buffers hold the spans the (validated) call describes; fp32 scalars for a
         // CUBLAS_COMPUTE_32F computation.
@@ -440,5 +521,9 @@ impl Backend for DriverBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(err)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }

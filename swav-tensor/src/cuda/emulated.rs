@@ -57,7 +57,9 @@ fn elem_of(kind: &ParamKind) -> Option<Elem> {
 fn to_f32(bytes: &[u8], storage: Storage) -> Vec<f32> {
     match storage {
         Storage::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Storage::Bf16 => bytes.chunks_exact(2).map(|c| swav_cuda_emu::bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+        Storage::Bf16 => {
+            bytes.chunks_exact(2).map(|c| swav_cuda_emu::bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()
+        }
     }
 }
 
@@ -86,7 +88,8 @@ impl EmulatedBackend {
 
     /// The block holding `ptr` and the offset of `ptr` in it.
     fn locate(memory: &BTreeMap<DevPtr, Block>, ptr: DevPtr) -> Result<(DevPtr, usize)> {
-        let (&base, block) = memory.range(..=ptr).next_back().ok_or_else(|| err(format!("{ptr:#x} is not device memory")))?;
+        let (&base, block) =
+            memory.range(..=ptr).next_back().ok_or_else(|| err(format!("{ptr:#x} is not device memory")))?;
         let offset = (ptr - base) as usize;
         if offset >= block.bytes.max(1) {
             return Err(err(format!("{ptr:#x} is past the end of its block")));
@@ -99,14 +102,18 @@ impl EmulatedBackend {
         let mem = self.memory.lock().unwrap_or_else(|e| e.into_inner());
         let (base, off) = Self::locate(&mem, ptr)?;
         let data = mem[&base].data();
-        data.get(off..off + len).map(<[u8]>::to_vec).ok_or_else(|| err(format!("read of {len} bytes at {ptr:#x} overruns its block")))
+        data.get(off..off + len)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| err(format!("read of {len} bytes at {ptr:#x} overruns its block")))
     }
 
     fn write(&self, ptr: DevPtr, bytes: &[u8]) -> Result<()> {
         let mut mem = self.memory.lock().unwrap_or_else(|e| e.into_inner());
         let (base, off) = Self::locate(&mem, ptr)?;
         let data = mem.get_mut(&base).expect("located").data_mut();
-        let dst = data.get_mut(off..off + bytes.len()).ok_or_else(|| err(format!("write of {} bytes at {ptr:#x} overruns its block", bytes.len())))?;
+        let dst = data
+            .get_mut(off..off + bytes.len())
+            .ok_or_else(|| err(format!("write of {} bytes at {ptr:#x} overruns its block", bytes.len())))?;
         dst.copy_from_slice(bytes);
         Ok(())
     }
@@ -161,7 +168,9 @@ impl Backend for EmulatedBackend {
             emulators.insert(source.name, emu);
         }
         let emu = &emulators[source.name];
-        let sig = emu.signature(launch.kernel).ok_or_else(|| err(format!("no kernel {} in {}", launch.kernel, source.name)))?;
+        let sig = emu
+            .signature(launch.kernel)
+            .ok_or_else(|| err(format!("no kernel {} in {}", launch.kernel, source.name)))?;
         let mut buffers = Vec::new();
         let mut bound: Vec<DevPtr> = Vec::new();
         let mut emu_args = Vec::with_capacity(args.len());
@@ -169,9 +178,12 @@ impl Backend for EmulatedBackend {
             emu_args.push(match *a {
                 LaunchArg::Ptr(0) => EmuArg::Null,
                 // The same block passed twice (an in-place op) is one buffer, as on a device.
-                LaunchArg::Ptr(ptr) if bound.contains(&ptr) => EmuArg::Buf(bound.iter().position(|&b| b == ptr).expect("contained")),
+                LaunchArg::Ptr(ptr) if bound.contains(&ptr) => {
+                    EmuArg::Buf(bound.iter().position(|&b| b == ptr).expect("contained"))
+                }
                 LaunchArg::Ptr(ptr) => {
-                    let elem = elem_of(&p.kind).ok_or_else(|| err(format!("{}: `{}` is not a pointer", launch.kernel, p.name)))?;
+                    let elem = elem_of(&p.kind)
+                        .ok_or_else(|| err(format!("{}: `{}` is not a pointer", launch.kernel, p.name)))?;
                     let len = self.block_len(ptr)? / elem.size() * elem.size();
                     buffers.push(Buffer::from_bytes(elem, &self.read(ptr, len)?));
                     bound.push(ptr);
@@ -184,7 +196,13 @@ impl Backend for EmulatedBackend {
                 LaunchArg::U64(v) => EmuArg::U64(v),
             });
         }
-        let l = EmuLaunch { kernel: launch.kernel.to_string(), grid: launch.grid, block: launch.block, shared_bytes: launch.shared_bytes, args: emu_args };
+        let l = EmuLaunch {
+            kernel: launch.kernel.to_string(),
+            grid: launch.grid,
+            block: launch.block,
+            shared_bytes: launch.shared_bytes,
+            args: emu_args,
+        };
         emu.launch(&l, &mut buffers, Schedule::Forward).map_err(err)?;
         for (ptr, buf) in bound.iter().zip(&buffers) {
             self.write(*ptr, buf.bytes())?;
@@ -225,5 +243,9 @@ impl Backend for EmulatedBackend {
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }

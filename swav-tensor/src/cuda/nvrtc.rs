@@ -108,10 +108,12 @@ pub fn compile_ptx(source: &Source, arch: &str) -> Result<Vec<u8>, String> {
         let prog =
             result::create_program(&text, Some(name.as_c_str())).map_err(|e| format!("nvrtcCreateProgram: {e}"))?;
         // SAFETY: `prog` is live until destroyed below.
-        let out = unsafe { result::compile_program(prog, &options) }.map_err(|e| format!("{} for {arch}: {e}", source.name)).and_then(|()| {
-            // SAFETY: `prog` compiled successfully.
-            unsafe { result::get_ptx(prog) }.map_err(|e| format!("nvrtcGetPTX: {e}"))
-        });
+        let out = unsafe { result::compile_program(prog, &options) }
+            .map_err(|e| format!("{} for {arch}: {e}", source.name))
+            .and_then(|()| {
+                // SAFETY: `prog` compiled successfully.
+                unsafe { result::get_ptx(prog) }.map_err(|e| format!("nvrtcGetPTX: {e}"))
+            });
         // SAFETY: created above, destroyed once.
         let _ = unsafe { result::destroy_program(prog) };
         let mut ptx: Vec<u8> = out?.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();

@@ -76,6 +76,9 @@ pub trait Backend: Send + Sync {
     fn gemm(&self, call: &GemmCall, a: DevPtr, b: DevPtr, c: DevPtr) -> Result<()>;
     /// Waits for everything queued.
     fn synchronize(&self) -> Result<()>;
+    /// The backend itself, for code that needs the real device's handles (e.g. its cudarc stream, to
+    /// run another crate's kernels on it).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// Blocks are rounded up to this many bytes, so that sizes that differ a little share blocks.
@@ -113,7 +116,12 @@ impl std::fmt::Debug for DeviceRuntime {
 impl DeviceRuntime {
     /// A runtime for device `ordinal` over `backend`.
     pub fn new(ordinal: usize, backend: Box<dyn Backend>) -> DeviceRuntime {
-        DeviceRuntime { ordinal, backend, free_blocks: Mutex::new(BTreeMap::new()), stats: Mutex::new(AllocStats::default()) }
+        DeviceRuntime {
+            ordinal,
+            backend,
+            free_blocks: Mutex::new(BTreeMap::new()),
+            stats: Mutex::new(AllocStats::default()),
+        }
     }
 
     /// The device's ordinal.
@@ -211,7 +219,9 @@ impl DeviceRuntime {
                     p
                 }
                 (_, Some(p)) => p,
-                (_, None) => return Err(TensorError::Device(format!("{}: buffer {:?} is not bound", source.name, b.id))),
+                (_, None) => {
+                    return Err(TensorError::Device(format!("{}: buffer {:?} is not bound", source.name, b.id)))
+                }
             };
             addr.insert(b.id, ptr);
         }

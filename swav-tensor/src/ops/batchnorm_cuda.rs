@@ -8,9 +8,9 @@
 #![warn(missing_docs)]
 
 use crate::cuda::plan::{elementwise_grid, Arg, BufId, DType, Plan, Role, Storage, ELEMENTWISE_BLOCK};
+use crate::cuda::runtime::DeviceRuntime;
 use crate::cuda::Source;
 use crate::error::shape_err;
-use crate::cuda::runtime::DeviceRuntime;
 use crate::ops::batchnorm::{channels, BnCache, BnParams, Fused};
 use crate::ops::check_device;
 use crate::{Result, Tensor};

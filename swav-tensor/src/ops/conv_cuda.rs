@@ -45,10 +45,16 @@ pub(crate) fn backward_on(
     check_device("conv2d_backward (cuda)", rt, &[x, w, dy, dweight])?;
     let g = geom(x, w, p)?;
     if dy.shape() != g.out_shape() || dy.dtype() != x.dtype() {
-        return Err(shape_err("conv2d_backward (cuda)", format!("dy {:?} {:?} for output {:?}", dy.shape(), dy.dtype(), g.out_shape())));
+        return Err(shape_err(
+            "conv2d_backward (cuda)",
+            format!("dy {:?} {:?} for output {:?}", dy.shape(), dy.dtype(), g.out_shape()),
+        ));
     }
     if dweight.dtype() != DType::F32 || dweight.shape() != w.shape() {
-        return Err(shape_err("conv2d_backward (cuda)", "the weight gradient must be an f32 tensor of the weight's shape"));
+        return Err(shape_err(
+            "conv2d_backward (cuda)",
+            "the weight gradient must be an f32 tensor of the weight's shape",
+        ));
     }
     let filter = ConvCall::new(&g, ConvPass::BackwardFilter, x.dtype());
     match x.dtype() {

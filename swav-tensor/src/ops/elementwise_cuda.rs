@@ -73,7 +73,8 @@ pub fn fill(n: usize, storage: Storage, v: f32) -> Result<Plan> {
 pub fn add_rows(rows: usize, cols: usize) -> Result<Plan> {
     check(rows * cols)?;
     let n = rows * cols;
-    let mut plan = single("ew_add_rows_f32", n, vec![Arg::Buf(Y), Arg::Buf(X), Arg::I64(n as i64), Arg::I32(cols as i32)]);
+    let mut plan =
+        single("ew_add_rows_f32", n, vec![Arg::Buf(Y), Arg::Buf(X), Arg::I64(n as i64), Arg::I32(cols as i32)]);
     plan.buffer(Y, Storage::F32.dtype(), n, Role::InOut).buffer(X, Storage::F32.dtype(), cols, Role::In);
     Ok(plan)
 }
@@ -81,7 +82,11 @@ pub fn add_rows(rows: usize, cols: usize) -> Result<Plan> {
 /// The gradient of a linear layer's bias: `y` (`[cols]`) += the column sums of `x` (`rows x cols`).
 pub fn col_sum_add(rows: usize, cols: usize) -> Result<Plan> {
     check(rows * cols)?;
-    let mut plan = single("ew_col_sum_add_f32", cols, vec![Arg::Buf(X), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::Buf(Y)]);
+    let mut plan = single(
+        "ew_col_sum_add_f32",
+        cols,
+        vec![Arg::Buf(X), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::Buf(Y)],
+    );
     plan.buffer(X, Storage::F32.dtype(), rows * cols, Role::In).buffer(Y, Storage::F32.dtype(), cols, Role::InOut);
     Ok(plan)
 }
@@ -101,6 +106,11 @@ pub fn relu(n: usize) -> Result<Plan> {
 pub fn relu_backward(n: usize) -> Result<Plan> {
     check(n)?;
     let mut plan = single("ew_relu_backward_f32", n, vec![Arg::Buf(X), Arg::Buf(DY), Arg::I64(n as i64), Arg::Buf(Y)]);
-    plan.buffer(X, Storage::F32.dtype(), n, Role::In).buffer(DY, Storage::F32.dtype(), n, Role::In).buffer(Y, Storage::F32.dtype(), n, Role::Out);
+    plan.buffer(X, Storage::F32.dtype(), n, Role::In).buffer(DY, Storage::F32.dtype(), n, Role::In).buffer(
+        Y,
+        Storage::F32.dtype(),
+        n,
+        Role::Out,
+    );
     Ok(plan)
 }

@@ -17,10 +17,17 @@ pub mod winograd;
 
 /// Checks that every tensor of a device op is on the device of its first input (an op never moves
 /// data between devices by itself).
-pub(crate) fn check_device(op: &'static str, rt: &std::sync::Arc<crate::cuda::runtime::DeviceRuntime>, tensors: &[&crate::Tensor]) -> crate::Result<()> {
+pub(crate) fn check_device(
+    op: &'static str,
+    rt: &std::sync::Arc<crate::cuda::runtime::DeviceRuntime>,
+    tensors: &[&crate::Tensor],
+) -> crate::Result<()> {
     let device = crate::Device::Cuda(rt.ordinal());
     match tensors.iter().find(|t| t.device() != device) {
-        Some(t) => Err(crate::error::shape_err(op, format!("an operand {:?} is on {}, the input on {device}", t.shape(), t.device()))),
+        Some(t) => Err(crate::error::shape_err(
+            op,
+            format!("an operand {:?} is on {}, the input on {device}", t.shape(), t.device()),
+        )),
         None => Ok(()),
     }
 }

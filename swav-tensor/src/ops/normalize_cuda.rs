@@ -6,12 +6,12 @@
 
 use crate::cuda::plan::{Arg, BufId, DType, Plan, Role, Storage};
 use crate::cuda::runtime::DeviceRuntime;
-use crate::ops::check_device;
-use crate::Tensor;
-use std::sync::Arc;
 use crate::cuda::Source;
 use crate::error::shape_err;
+use crate::ops::check_device;
 use crate::Result;
+use crate::Tensor;
+use std::sync::Arc;
 
 /// The kernel file.
 pub const SOURCE: Source = Source { name: "normalize.cu", code: include_str!("normalize.cu") };

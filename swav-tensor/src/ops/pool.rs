@@ -46,7 +46,13 @@ pub struct PoolIndices(pub(crate) Indices);
 pub(crate) enum Indices {
     Cpu(Vec<u32>),
     /// u32 indices on the device, with the window the backward's gather needs.
-    Cuda { buf: crate::cuda::runtime::DeviceBuffer, len: usize, k: usize, stride: usize, pad: usize },
+    Cuda {
+        buf: crate::cuda::runtime::DeviceBuffer,
+        len: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
 }
 
 impl PoolIndices {

@@ -8,14 +8,14 @@
 
 use crate::cuda::plan::{elementwise_grid, Arg, BufId, DType, Plan, Role, Storage, ELEMENTWISE_BLOCK};
 use crate::cuda::runtime::{DeviceBuffer, DeviceRuntime};
-use crate::ops::check_device;
-use crate::ops::pool::{Indices, PoolIndices};
-use crate::Tensor;
-use std::sync::Arc;
 use crate::cuda::Source;
 use crate::error::shape_err;
+use crate::ops::check_device;
 use crate::ops::pool::PoolGeom;
+use crate::ops::pool::{Indices, PoolIndices};
 use crate::Result;
+use crate::Tensor;
+use std::sync::Arc;
 
 /// The kernel file.
 pub const SOURCE: Source = Source { name: "pool.cu", code: include_str!("pool.cu") };

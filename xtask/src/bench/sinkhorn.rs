@@ -5,7 +5,9 @@
 //! traffic of each and the bandwidth it implies.
 
 use std::time::{Duration, Instant};
-use swav_sinkhorn::{self as sk, cuda, Params};
+#[cfg(feature = "cuda")]
+use swav_sinkhorn::cuda;
+use swav_sinkhorn::{self as sk, Params};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -115,6 +117,13 @@ fn bench_cpu(
     Ok(())
 }
 
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda(shape: &str, _: &[f32], _: usize, _: usize, _: &Params, _: usize, _: f64) -> anyhow::Result<()> {
+    println!("{shape:<12} {:<6} not measured: this build has no CUDA support (the `cuda` feature)", "cuda");
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
 fn bench_cuda(
     shape: &str,
     scores: &[f32],
