@@ -130,8 +130,8 @@ impl Manifest {
         if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(not_a_dataset("manifest.json is not a JSON object".into()));
         }
-        let probe: VersionProbe = serde_json::from_slice(&text)
-            .map_err(|e| not_a_dataset(format!("manifest.json cannot be read ({e})")))?;
+        let probe: VersionProbe =
+            serde_json::from_slice(&text).map_err(|e| not_a_dataset(format!("manifest.json cannot be read ({e})")))?;
         match probe.format_version {
             None => return Err(not_a_dataset("manifest.json has no format_version".into())),
             Some(v) => match v.as_u64().map(u32::try_from) {
@@ -180,7 +180,8 @@ impl Manifest {
                 return Err(format!("lists the shard {} twice", e.file));
             }
             // Every record costs at least its header and its index entry.
-            let room = e.bytes.saturating_sub((HEADER_LEN + FOOTER_LEN) as u64) / (RECORD_HEADER_LEN + INDEX_ENTRY_LEN) as u64;
+            let room =
+                e.bytes.saturating_sub((HEADER_LEN + FOOTER_LEN) as u64) / (RECORD_HEADER_LEN + INDEX_ENTRY_LEN) as u64;
             if e.records as u64 > room {
                 return Err(format!(
                     "{}: claims {} records in {} bytes (at most {room} fit)",

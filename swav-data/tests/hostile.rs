@@ -2,9 +2,9 @@
 //! sizes, counts, labels, channels). Opening and reading them fails with the file and record named, never
 //! with a panic, an abort or an allocation sized by the lie: a counting allocator measures every read.
 
+mod common;
 #[path = "common/counting_alloc.rs"]
 mod counting_alloc;
-mod common;
 
 use std::path::{Path, PathBuf};
 
@@ -144,9 +144,7 @@ fn a_zstd_payload_must_announce_the_size_the_record_claims() {
 
 /// Position of the height field of the first SOF marker of a JPEG.
 fn sof_height_at(jpeg: &[u8]) -> usize {
-    (0..jpeg.len() - 1)
-        .find(|&i| jpeg[i] == 0xff && matches!(jpeg[i + 1], 0xc0 | 0xc1 | 0xc2))
-        .expect("a SOF marker")
+    (0..jpeg.len() - 1).find(|&i| jpeg[i] == 0xff && matches!(jpeg[i + 1], 0xc0..=0xc2)).expect("a SOF marker")
         + 5
 }
 
