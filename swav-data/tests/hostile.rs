@@ -144,8 +144,7 @@ fn a_zstd_payload_must_announce_the_size_the_record_claims() {
 
 /// Position of the height field of the first SOF marker of a JPEG.
 fn sof_height_at(jpeg: &[u8]) -> usize {
-    (0..jpeg.len() - 1).find(|&i| jpeg[i] == 0xff && matches!(jpeg[i + 1], 0xc0..=0xc2)).expect("a SOF marker")
-        + 5
+    (0..jpeg.len() - 1).find(|&i| jpeg[i] == 0xff && matches!(jpeg[i + 1], 0xc0..=0xc2)).expect("a SOF marker") + 5
 }
 
 #[test]

@@ -72,3 +72,13 @@ pub fn measure<R>(f: impl FnOnce() -> R) -> (R, usize) {
     let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
     (r, peak)
 }
+
+/// Heap bytes live now (for diagnostics inside a measurement).
+pub fn live() -> usize {
+    CURRENT.load(Ordering::Relaxed)
+}
+
+/// The peak since the measurement started (for diagnostics inside a measurement).
+pub fn peak_so_far() -> usize {
+    PEAK.load(Ordering::Relaxed)
+}
