@@ -81,6 +81,13 @@ pub(crate) fn jpeg_options(channels: u8, strict: bool) -> zune_core::options::De
         .jpeg_set_out_colorspace(space)
 }
 
+/// Whether a JPEG of `len` bytes can describe a `height x width` image (see `JPEG_MAX_PIXELS_PER_BYTE`).
+/// Exotic but valid files (a first component subsampled against another) may describe more; preprocess
+/// re-encodes those instead of storing them, so that every record it writes passes this check.
+pub(crate) fn jpeg_size_is_plausible(len: usize, height: u32, width: u32) -> bool {
+    height as u64 * width as u64 <= len as u64 * JPEG_MAX_PIXELS_PER_BYTE
+}
+
 /// Empties `buf` and makes room for `n` bytes, failing (instead of aborting) when the memory is not there.
 /// Nothing is written, so untouched pages of a big reservation cost no physical memory.
 pub(crate) fn reserve(buf: &mut Vec<u8>, n: usize, what: &str) -> Result<(), String> {
@@ -228,8 +235,7 @@ impl RecordDecoder {
                 }
             }
             Codec::Jpeg => {
-                let pixels = height as u64 * width as u64;
-                if pixels > payload.len() as u64 * JPEG_MAX_PIXELS_PER_BYTE {
+                if !jpeg_size_is_plausible(payload.len(), height, width) {
                     return Err(format!(
                         "claims a {width}x{height} image, but a JPEG of {} bytes cannot describe more than {} pixels",
                         payload.len(),

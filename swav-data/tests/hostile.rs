@@ -325,3 +325,29 @@ fn special_files_in_a_dataset_do_not_hang_the_reader() {
     let msg = opened(dir.clone()).unwrap_err();
     assert!(msg.contains("manifest.json") && msg.contains("regular file"), "{msg}");
 }
+
+#[test]
+fn the_most_compressible_honest_images_pass_the_payload_checks() {
+    // Uniform images compress best: the payload checks (zstd's maximum ratio, the JPEG bytes-per-pixel
+    // floor) must still accept them, whether preprocess encoded them or kept an input JPEG unchanged.
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let white = image::RgbImage::from_pixel(2000, 1500, image::Rgb([255, 255, 255]));
+    save_png(&input.join("a.png"), &white);
+    save_jpeg(&input.join("b.jpg"), &image::RgbImage::from_pixel(1999, 1501, image::Rgb([0, 0, 0])), 50);
+    image::GrayImage::from_pixel(3000, 1000, image::Luma([7])).save(input.join("c.png")).unwrap();
+    for codec in [Codec::RawZstd, Codec::Jpeg] {
+        let out = tmp.path().join(codec.name());
+        let mut opts = options(&input, &out);
+        opts.codec = codec;
+        let report = run(&opts).unwrap();
+        assert_eq!(report.written, 3, "{:?}", report.skipped);
+        let ds = Dataset::open(&out).unwrap();
+        for (i, (w, h, c)) in [(2000, 1500, 3), (1999, 1501, 3), (3000, 1000, 1)].into_iter().enumerate() {
+            let img = ds.image(i).unwrap_or_else(|e| panic!("{}: image {i}: {e}", codec.name()));
+            assert_eq!((img.width, img.height, img.channels), (w, h, c));
+        }
+        ds.verify().unwrap();
+    }
+}

@@ -365,7 +365,11 @@ fn process_one(
             ),
         };
     }
-    let payload = if opts.codec == Codec::Jpeg && decoded.is_jpeg && !resized {
+    let keep_original = opts.codec == Codec::Jpeg
+        && decoded.is_jpeg
+        && !resized
+        && codec::jpeg_size_is_plausible(bytes.len(), image.height, image.width);
+    let payload = if keep_original {
         // The original JPEG, unchanged (its decoded pixels were checked above).
         Ok(bytes.clone())
     } else {
