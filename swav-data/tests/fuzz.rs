@@ -10,7 +10,7 @@
 //!   `ALLOC_PER_INPUT_BYTE` x (manifest + shard bytes) + `ALLOC_CONSTANT`.
 //!
 //! The cases come from a fixed seed (`SplitMix64`), so a failure is reproducible: the message names the
-//! case and its mutations. `SWAV_FUZZ_CASES=N` runs more cases (default 1500 per target),
+//! case and its mutations. `SWAV_FUZZ_CASES=N` runs more cases (default 1000 per target),
 //! `SWAV_FUZZ_SEED=S` other ones.
 //! (zstd's own decompression context is allocated by C code the counter does not see: one constant
 //! context per decoder, never sized by the input.)
@@ -34,7 +34,7 @@ const ALLOC_PER_INPUT_BYTE: usize = 16;
 const ALLOC_CONSTANT: usize = 512 << 10;
 
 fn cases() -> u64 {
-    std::env::var("SWAV_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1500)
+    std::env::var("SWAV_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
 }
 
 fn seed() -> u64 {
