@@ -11,7 +11,9 @@
 //!
 //! The cases come from a fixed seed (`SplitMix64`), so a failure is reproducible: the message names the
 //! case and its mutations. `SWAV_FUZZ_CASES=N` runs more cases (default 1000 per target),
-//! `SWAV_FUZZ_SEED=S` other ones.
+//! `SWAV_FUZZ_SEED=S` other ones; `SWAV_FUZZ_FIRST=K` starts at case K (to replay a failure) and
+//! `SWAV_FUZZ_DEBUG=1` prints what opening each mutant gave. Run it with `--nocapture` to see the
+//! measured peaks.
 //! (zstd's own decompression context is allocated by C code the counter does not see: one constant
 //! context per decoder, never sized by the input.)
 
