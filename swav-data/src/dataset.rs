@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::codec::RecordDecoder;
 use crate::error::{DataError, Result};
 use crate::image::Image;
-use crate::manifest::{Manifest, FORMAT_VERSION};
+use crate::manifest::Manifest;
 use crate::shard::ShardReader;
 
 /// A dataset written by `preprocess`: `len()` images, optional labels, random access by index.
@@ -43,58 +43,28 @@ pub struct VerifyReport {
 }
 
 impl Dataset {
-    /// Opens the dataset in `dir`: reads `manifest.json`, maps every shard and checks each shard's size,
-    /// footer and index checksum (records are checked each time they are read).
+    /// Opens the dataset in `dir`: reads and checks `manifest.json`, maps every shard and checks each
+    /// shard's size, footer, index checksum and labels (records are checked each time they are read).
+    /// Counts in the manifest are checked against each other and against the files' real sizes before
+    /// anything is allocated from them.
     pub fn open(dir: impl AsRef<Path>) -> Result<Dataset> {
         let dir = dir.as_ref().to_path_buf();
-        let manifest_path = dir.join("manifest.json");
         if !dir.is_dir() {
             return Err(DataError::NotADataset { path: dir, reason: "no such directory".into() });
         }
-        let text = match std::fs::read(&manifest_path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(DataError::NotADataset { path: dir, reason: "manifest.json is missing".into() })
-            }
-            Err(e) => return Err(DataError::io(manifest_path, e)),
-        };
-        // Look at the version first, so that a future format gives a clear message.
-        let version: Option<u32> = serde_json::from_slice::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("format_version").and_then(|v| v.as_u64()))
-            .map(|v| v as u32);
-        match version {
-            Some(FORMAT_VERSION) => {}
-            Some(found) => {
-                return Err(DataError::UnsupportedVersion { path: manifest_path, found, supported: FORMAT_VERSION })
-            }
-            None => {
-                return Err(DataError::NotADataset { path: dir, reason: "manifest.json has no format_version".into() });
-            }
-        }
-        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| DataError::NotADataset {
+        let manifest = Manifest::read(&dir)?;
+        let mut shards = Vec::new();
+        shards.try_reserve_exact(manifest.shards.len()).map_err(|_| DataError::NotADataset {
             path: dir.clone(),
-            reason: format!("manifest.json is invalid: {e}"),
+            reason: format!("cannot allocate room for {} shards", manifest.shards.len()),
         })?;
-        let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut starts = vec![0usize];
         for entry in &manifest.shards {
-            if entry.file.contains('/') || entry.file.contains('\\') || entry.file.starts_with('.') {
-                return Err(DataError::NotADataset {
-                    path: dir,
-                    reason: format!("bad shard file name `{}` in the manifest", entry.file),
-                });
-            }
             let reader = ShardReader::open(&dir.join(&entry.file), entry.bytes, entry.records)?;
-            starts.push(starts.last().copied().unwrap_or(0) + reader.records());
+            let first = starts.last().copied().unwrap_or(0);
+            reader.check_labels(first, manifest.labelled, manifest.classes.len())?;
+            starts.push(first + reader.records());
             shards.push(reader);
-        }
-        let total = *starts.last().expect("starts is never empty");
-        if total != manifest.num_images {
-            return Err(DataError::NotADataset {
-                path: dir,
-                reason: format!("the shards hold {total} images but the manifest says {}", manifest.num_images),
-            });
         }
         Ok(Dataset { inner: Arc::new(Inner { dir, manifest, shards, starts }) })
     }
@@ -158,7 +128,15 @@ impl Dataset {
         let shard = &self.inner.shards[s];
         let rec = shard.record(r, index)?;
         decoder
-            .decode(rec.codec, rec.payload, rec.height, rec.width, rec.channels, out)
+            .decode(
+                rec.codec,
+                rec.payload,
+                rec.height,
+                rec.width,
+                rec.channels,
+                self.inner.manifest.parameters.max_pixels,
+                out,
+            )
             .map_err(|problem| DataError::CorruptRecord { shard: shard.path.clone(), record: r, index, problem })
     }
 

@@ -170,13 +170,22 @@ impl ShardReader {
     /// Maps `path` and checks its size, header, footer and index CRC against what the manifest expects.
     pub fn open(path: &Path, expected_bytes: u64, expected_records: usize) -> Result<Self> {
         let corrupt = |problem: String| DataError::CorruptShard { shard: path.to_owned(), problem };
-        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-        let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+        // Look before opening: opening a FIFO would wait for a writer forever.
+        let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
+        if !meta.is_file() {
+            return Err(corrupt("is not a regular file".into()));
+        }
+        let len = meta.len();
         if len != expected_bytes {
             return Err(corrupt(format!("the file has {len} bytes but the manifest says {expected_bytes}")));
         }
-        if (len as usize) < HEADER_LEN + FOOTER_LEN {
+        if len < (HEADER_LEN + FOOTER_LEN) as u64 {
             return Err(corrupt(format!("the file is too short ({len} bytes) to be a shard")));
+        }
+        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        let now = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+        if now != len {
+            return Err(corrupt(format!("the file changed size while it was opened ({len} then {now} bytes)")));
         }
         // SAFETY: the map is read-only. Datasets are written once and then only read; if another process
         // truncates a shard while it is mapped, reads may fault, as with any memory-mapped file. Every
@@ -233,6 +242,26 @@ impl ShardReader {
         (label != NO_LABEL).then_some(label)
     }
 
+    /// Checks the labels of the index: each one names a class of the manifest, and every image of a
+    /// labelled dataset has one. `first` is the dataset-wide number of record 0, for the messages.
+    pub fn check_labels(&self, first: usize, labelled: bool, classes: usize) -> Result<()> {
+        for record in 0..self.records {
+            let label = self.entry(record).2;
+            let problem = if label == NO_LABEL {
+                if !labelled {
+                    continue;
+                }
+                "has no label, but the manifest says the dataset is labelled".to_string()
+            } else if (label as usize) < classes {
+                continue;
+            } else {
+                format!("label {label} is past the manifest's {classes} classes")
+            };
+            return Err(DataError::CorruptRecord { shard: self.path.clone(), record, index: first + record, problem });
+        }
+        Ok(())
+    }
+
     /// Reads and verifies one record; `index` is the dataset-wide image number, used in error messages.
     pub fn record(&self, record: usize, index: usize) -> Result<RawRecord<'_>> {
         let corrupt = |problem: String| DataError::CorruptRecord { shard: self.path.clone(), record, index, problem };
@@ -245,11 +274,11 @@ impl ShardReader {
         if &r[0..4] != RECORD_MAGIC {
             return Err(corrupt("bad record magic".into()));
         }
-        let payload_len = u32_at(r, 20) as usize;
-        if payload_len + RECORD_HEADER_LEN != length as usize {
+        let payload_len = u32_at(r, 20) as u64;
+        if payload_len + RECORD_HEADER_LEN as u64 != length as u64 {
             return Err(corrupt(format!(
                 "record length {} disagrees with the index ({length})",
-                payload_len + RECORD_HEADER_LEN
+                payload_len + RECORD_HEADER_LEN as u64
             )));
         }
         let payload = &r[RECORD_HEADER_LEN..];
@@ -265,10 +294,8 @@ impl ShardReader {
         if rec_label != label {
             return Err(corrupt(format!("label {rec_label} disagrees with the index ({label})")));
         }
+        // The shape is checked against the payload and the dataset's limits when the record is decoded.
         let (height, width, channels) = (u32_at(r, 8), u32_at(r, 12), r[16]);
-        if height == 0 || width == 0 || !(channels == 1 || channels == 3) {
-            return Err(corrupt(format!("impossible shape {height}x{width}x{channels}")));
-        }
         let codec = Codec::from_id(r[17]).ok_or_else(|| corrupt(format!("unknown codec id {}", r[17])))?;
         Ok(RawRecord { height, width, channels, codec, payload })
     }

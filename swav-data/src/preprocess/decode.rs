@@ -93,7 +93,7 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<Decoded, String> {
     let gray = probe.input_colorspace() == Some(zune_core::colorspace::ColorSpace::Luma);
     let channels = if gray { 1 } else { 3 };
     let mut pixels = Vec::new();
-    let (hh, ww) = codec::decode_jpeg_into(bytes, channels, true, &mut pixels)
+    let (hh, ww) = codec::decode_jpeg_into(bytes, channels, true, None, &mut pixels)
         .map_err(|e| format!("corrupt or truncated JPEG: {e}"))?;
     Ok(Decoded { image: Image { height: hh, width: ww, channels, pixels }, is_jpeg: true })
 }

@@ -5,11 +5,13 @@
 //! workers. A bounded window of jobs keeps memory flat however slow one image is. Everything is written
 //! into a hidden temporary directory next to the output (`.NAME.tmp-PID`), synced, and renamed into place
 //! at the end: an interrupted run never leaves an output that looks complete. Input files are only read.
-//! `--overwrite` replaces only an existing dataset (a directory with `manifest.json`) or an empty
-//! directory, and only after the new one is complete.
+//! `--overwrite` replaces only an existing dataset (a directory holding nothing but `manifest.json` and
+//! shard files) or an empty directory, and only after the new one is complete; see [`output`] for what
+//! the command owns, its lock, and how the leftovers of killed runs are cleaned up.
 
 mod decode;
 mod idx;
+mod output;
 
 pub use idx::idx_image_count;
 mod scan;
@@ -19,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::augment::resample::Resampler;
-use crate::codec::{self, Codec};
+use crate::codec::{self, Codec, MAX_PIXELS, MAX_SIDE};
 use crate::error::{DataError, Result};
 use crate::image::Image;
 use crate::manifest::{Manifest, Parameters, ShardEntry, Skipped, FORMAT_VERSION};
@@ -37,9 +39,9 @@ pub struct PreprocessOptions {
     pub codec: Codec,
     /// Target shard size in MiB (a shard holds at least one record).
     pub shard_size_mib: u64,
-    /// Decoding threads (at least 1).
+    /// Decoding threads (1 to [`MAX_WORKERS`]).
     pub workers: usize,
-    /// Replace an existing dataset at `output`.
+    /// Replace an existing dataset at `output` (a folder holding only a dataset's files, or empty).
     pub overwrite: bool,
     /// Images with more pixels than this are skipped.
     pub max_pixels: u64,
@@ -60,7 +62,7 @@ impl Default for PreprocessOptions {
             resize: None,
             codec: Codec::RawZstd,
             shard_size_mib: 256,
-            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(MAX_WORKERS),
             overwrite: false,
             max_pixels: 100_000_000,
             zstd_level: 3,
@@ -114,14 +116,20 @@ enum Outcome {
 /// Runs a preprocessing job; `progress` is called from the writer thread after each input.
 pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)) -> Result<PreprocessReport> {
     let start = Instant::now();
+    validate(opts)?;
     let input = &opts.input;
     if !input.exists() {
         return Err(DataError::Input { path: input.clone(), problem: "does not exist".into() });
     }
-    check_output(opts)?;
-    if opts.shard_size_mib == 0 || opts.max_pixels == 0 || !(1..=100).contains(&opts.jpeg_quality) {
-        return Err(DataError::Config("shard size and max pixels must be positive, JPEG quality in 1..=100".into()));
-    }
+    check_paths(opts)?;
+    // Refuse what can be refused before creating anything (the lock folder included), then check again
+    // under the lock, after the leftovers of killed runs were dealt with.
+    output::check_output(&opts.output, opts.overwrite)?;
+    let parent = output::parent_of(&opts.output);
+    std::fs::create_dir_all(&parent).map_err(|e| DataError::io(&parent, e))?;
+    let _lock = output::lock(&opts.output)?;
+    output::clean_leftovers(&opts.output)?;
+    output::check_output(&opts.output, opts.overwrite)?;
 
     // 1. What to import.
     let (source, classes, labelled, mut skipped, kind) = if input.is_file() {
@@ -156,7 +164,7 @@ pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)
     let total = selected.len();
 
     // 2. Temporary output directory (removed on failure).
-    let tmp = TempDir::create(&opts.output)?;
+    let tmp = output::TempDir::create(&opts.output)?;
 
     // 3. Decode in parallel, write in order.
     let mut writer = Writer::new(tmp.path.clone(), opts.shard_size_mib << 20, classes.len());
@@ -264,7 +272,7 @@ pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)
     let mut text = serde_json::to_vec_pretty(&manifest).expect("the manifest serialises");
     text.push(b'\n');
     write_synced(&tmp.path.join("manifest.json"), &text)?;
-    tmp.commit(&opts.output)?;
+    tmp.commit(&opts.output, opts.overwrite)?;
     Ok(PreprocessReport {
         output: opts.output.clone(),
         written: manifest.num_images,
@@ -348,7 +356,20 @@ fn process_one(
         Some(small) => (small, true),
         None => (decoded.image, false),
     };
-    let payload = if opts.codec == Codec::Jpeg && decoded.is_jpeg && !resized {
+    if image.height > MAX_SIDE || image.width > MAX_SIDE {
+        return Outcome::Skip {
+            rel,
+            reason: format!(
+                "a {}x{} image: no side may exceed {MAX_SIDE} pixels in a dataset (--resize can shrink it)",
+                image.width, image.height
+            ),
+        };
+    }
+    let keep_original = opts.codec == Codec::Jpeg
+        && decoded.is_jpeg
+        && !resized
+        && codec::jpeg_size_is_plausible(bytes.len(), image.height, image.width);
+    let payload = if keep_original {
         // The original JPEG, unchanged (its decoded pixels were checked above).
         Ok(bytes.clone())
     } else {
@@ -501,7 +522,8 @@ fn absolute(p: &Path) -> PathBuf {
     }
 }
 
-fn check_output(opts: &PreprocessOptions) -> Result<()> {
+/// Refuses an output without a name, and an output and input inside each other.
+fn check_paths(opts: &PreprocessOptions) -> Result<()> {
     let out = &opts.output;
     let bad = |problem: String| Err(DataError::Output { path: out.clone(), problem });
     if out.file_name().is_none() {
@@ -511,74 +533,42 @@ fn check_output(opts: &PreprocessOptions) -> Result<()> {
     if ao.starts_with(&ai) || ai.starts_with(&ao) {
         return bad(format!("the output and the input ({}) must not contain each other", opts.input.display()));
     }
-    if std::fs::symlink_metadata(out).is_ok() {
-        if !opts.overwrite {
-            return bad("already exists; pass --overwrite to replace it (the old dataset is replaced only once the new one is complete)".into());
-        }
-        let is_dataset = out.join("manifest.json").is_file();
-        let is_empty_dir = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
-        if !(out.is_dir() && (is_dataset || is_empty_dir)) {
-            return bad("exists and is not a swav-data dataset (no manifest.json); refusing to replace it: choose another --output or remove it yourself".into());
-        }
-    }
     Ok(())
 }
 
-/// The hidden build directory; removed on drop unless committed.
-struct TempDir {
-    path: PathBuf,
-    committed: bool,
-}
+/// Largest `--shard-size` in MiB (1 TiB): the byte count stays far from overflowing.
+pub const MAX_SHARD_SIZE_MIB: u64 = 1 << 20;
 
-impl TempDir {
-    fn create(output: &Path) -> Result<TempDir> {
-        let parent = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(|e| DataError::io(&parent, e))?;
-        let name = output.file_name().expect("checked").to_string_lossy();
-        let path = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        if path.exists() {
-            std::fs::remove_dir_all(&path).map_err(|e| DataError::io(&path, e))?;
-        }
-        std::fs::create_dir(&path).map_err(|e| DataError::io(&path, e))?;
-        Ok(TempDir { path, committed: false })
-    }
+/// Most decoding threads (`--workers`): each holds a window of images in memory.
+pub const MAX_WORKERS: usize = 1024;
 
-    /// Moves the finished directory to `output` (replacing an old dataset there).
-    fn commit(mut self, output: &Path) -> Result<()> {
-        let old = if std::fs::symlink_metadata(output).is_ok() {
-            let name = output.file_name().expect("checked").to_string_lossy();
-            let old = self.path.with_file_name(format!(".{name}.old-{}", std::process::id()));
-            std::fs::rename(output, &old).map_err(|e| DataError::io(output, e))?;
-            Some(old)
-        } else {
-            None
-        };
-        if let Err(e) = std::fs::rename(&self.path, output) {
-            if let Some(old) = &old {
-                let _ = std::fs::rename(old, output);
-            }
-            return Err(DataError::io(output, e));
-        }
-        self.committed = true;
-        if let Some(old) = old {
-            let _ = std::fs::remove_dir_all(old);
-        }
-        if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if let Ok(d) = std::fs::File::open(parent) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+/// Checks every option before anything is read or written; the message names the option.
+fn validate(opts: &PreprocessOptions) -> Result<()> {
+    let bad = |msg: String| Err(DataError::Config(msg));
+    if opts.resize == Some(0) {
+        return bad("--resize 0: the short side must be at least 1 pixel (leave --resize out to keep the sizes)".into());
     }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
+    if !(1..=MAX_SHARD_SIZE_MIB).contains(&opts.shard_size_mib) {
+        return bad(format!(
+            "--shard-size {}: the shard size is in MiB, from 1 to {MAX_SHARD_SIZE_MIB}",
+            opts.shard_size_mib
+        ));
     }
+    if !(1..=MAX_WORKERS).contains(&opts.workers) {
+        return bad(format!("--workers {}: give from 1 to {MAX_WORKERS} decoding threads", opts.workers));
+    }
+    if !(1..=MAX_PIXELS).contains(&opts.max_pixels) {
+        return bad(format!(
+            "--max-pixels {}: give from 1 to {MAX_PIXELS} (65535 x 65535, the largest image a record holds)",
+            opts.max_pixels
+        ));
+    }
+    let levels = zstd::compression_level_range();
+    if !levels.contains(&opts.zstd_level) {
+        return bad(format!("zstd level {} is not in {}..={}", opts.zstd_level, levels.start(), levels.end()));
+    }
+    if !(1..=100).contains(&opts.jpeg_quality) {
+        return bad(format!("JPEG quality {} is not in 1..=100", opts.jpeg_quality));
+    }
+    Ok(())
 }

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod shard_edit;
+
 use swav_data::{Codec, PreprocessOptions, PreprocessReport};
 
 /// Deterministic pseudo-random bytes (xorshift), so the tests need no RNG crate.
