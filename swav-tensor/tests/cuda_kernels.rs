@@ -493,6 +493,10 @@ fn all_plans() -> Vec<Plan> {
     plans.push(ew::cast(100, Storage::F32, Storage::Bf16).unwrap());
     plans.push(ew::cast(100, Storage::Bf16, Storage::F32).unwrap());
     plans.push(ew::scale(100, 2.0).unwrap());
+    plans.push(ew::add_rows(256, 2048).unwrap());
+    plans.push(ew::col_sum_add(256, 2048).unwrap());
+    plans.push(ew::relu(1 << 20).unwrap());
+    plans.push(ew::relu_backward(1 << 20).unwrap());
     plans.push(l2::forward(4096, 128).unwrap());
     plans.push(l2::backward(4096, 128).unwrap());
     plans

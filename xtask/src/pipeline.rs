@@ -228,6 +228,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         crate::train::install_stop_handler(stop.clone())?;
         let opts = TrainOptions {
             max_memory: None,
+            device: swav_tensor::Device::Cpu,
             run_dir: run_dir.clone(),
             data_dir: train_dir.clone(),
             max_steps: None,

@@ -68,7 +68,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let (data, run_dir) = (args.data.expect("required by clap"), args.run_dir.expect("required by clap"));
-    Device::parse(&args.device)?;
+    let device = Device::parse(&args.device)?;
+    if let Device::Cuda(i) = device {
+        // Open the device first: a missing GPU or library is reported before any work starts.
+        let rt = swav_tensor::cuda::runtime::runtime(i).context("--device")?;
+        tracing::info!("training on {device}: {}", rt.backend().describe());
+    }
     if let Some(n) = args.threads {
         rayon_threads(n)?;
     }
@@ -124,6 +129,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop,
         progress: true,
         max_memory: args.max_memory,
+        device,
         ..TrainOptions::new(&run_dir, &data)
     };
     let out = train(&config, &opts)?;

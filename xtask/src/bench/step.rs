@@ -32,6 +32,9 @@ pub struct Args {
     warmup: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Activations on a CUDA device: fp32 or bf16 (default bf16 on CUDA).
+    #[arg(long)]
+    precision: Option<String>,
     /// Channels of the stem and first stage (default: the arch's, 64).
     #[arg(long)]
     width: Option<usize>,
@@ -93,7 +96,22 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    Device::parse(&a.device)?;
+    let device = Device::parse(&a.device)?;
+    let precision: Option<swav_train::config::Precision> = match a.precision.as_deref() {
+        None => None,
+        Some("fp32") => Some(swav_train::config::Precision::Fp32),
+        Some("bf16") => Some(swav_train::config::Precision::Bf16),
+        Some(other) => anyhow::bail!("--precision must be fp32 or bf16, not `{other}`"),
+    };
+    let activations = match (precision, device.is_cuda()) {
+        (Some(swav_train::config::Precision::Bf16), false) => anyhow::bail!("bf16 is for CUDA devices"),
+        (Some(swav_train::config::Precision::Bf16), true) | (None, true) => swav_tensor::DType::Bf16,
+        _ => swav_tensor::DType::F32,
+    };
+    let runtime = match device {
+        Device::Cuda(i) => Some(swav_tensor::cuda::runtime::runtime(i).context("opening the CUDA device")?),
+        Device::Cpu => None,
+    };
     let conv: swav_tensor::ops::winograd::ConvAlgorithm = a.conv.parse().map_err(anyhow::Error::msg)?;
     let s = setup(&a)?;
     let cfg = ModelConfig {
@@ -132,19 +150,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         conv,
         init: None,
         init_backbone_only: false,
+        precision,
     };
     let crops_text = s.crops.iter().map(|(n, sz)| format!("{n}x{sz}")).collect::<Vec<_>>().join(",");
     let threads = rayon_threads();
     println!(
-        "SwAV step: {} {}stem, crops {crops_text}, batch {}, {threads} threads, cpu, convolutions {}",
+        "SwAV step: {} {}stem, crops {crops_text}, batch {}, {threads} threads, {}, convolutions {}",
         s.arch,
         if s.small_stem { "small " } else { "" },
         s.batch,
+        match &runtime {
+            Some(rt) => format!("{device} ({}, {activations:?} activations)", rt.backend().describe()),
+            None => "cpu".to_string(),
+        },
         a.conv
     );
-    let mut state =
-        SwavState { model: SwavModel::new(cfg, 0)?, optimizer: Lars::new(0.9, 1e-6, 0.001, false), queue: None };
+    let mut state = SwavState::new(SwavModel::new(cfg, 0)?, Lars::new(0.9, 1e-6, 0.001, false));
     state.model.set_conv_algorithm(conv);
+    state.model.to_device(device)?;
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut times = Vec::new();
     for i in 0..a.warmup + a.steps {
@@ -161,7 +184,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
                     })
                     .collect();
-                Tensor::from_vec(&[n * s.batch, size, size, a.channels], data)
+                Tensor::from_vec(&[n * s.batch, size, size, a.channels], data).and_then(|t| {
+                    if device.is_cuda() {
+                        t.to_device(device)?.to_dtype(activations)
+                    } else {
+                        Ok(t)
+                    }
+                })
             })
             .collect::<Result<_, _>>()?;
         if a.profile && i == a.warmup {
@@ -169,6 +198,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         let t0 = Instant::now();
         let stats = swav_step(&mut state, &train, groups, s.batch, i, 0.1)?;
+        if let Some(rt) = &runtime {
+            rt.backend().synchronize()?;
+        }
         let dt = t0.elapsed().as_secs_f64();
         if i >= a.warmup {
             times.push(dt);
