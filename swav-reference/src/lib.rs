@@ -22,7 +22,7 @@ use std::path::Path;
 use swav_model::checkpoint::NamedTensors;
 
 pub use error::ReferenceError;
-pub use judge::{Allowance, Check, Class, Rule};
+pub use judge::{Allowance, Check, Class, Rule, Witness};
 
 mod case;
 mod error;
@@ -68,15 +68,12 @@ pub fn verify_case_with(path: &Path, fault: Fault<'_>) -> Result<CaseReport, Ref
         other => return Err(case.err(format!("unknown kind `{other}`"))),
     };
     let mut outputs = run(&case)?;
-    // The conditioning runs: each sign pattern, both ways (see `judge`).
     let mut reruns = Vec::new();
-    for pattern in 0..judge::PERTURBATION_PATTERNS {
-        for ulps in [judge::PERTURBATION_ULPS, -judge::PERTURBATION_ULPS] {
-            let moved = case::perturbed(&file, ulps, pattern);
-            reruns.push(run(&case::Case { path, file: &moved })?);
-        }
+    for (ulps, pattern) in judge::reruns() {
+        let moved = case::perturbed(&file, ulps, pattern);
+        reruns.push(judge::Rerun { ulps, pattern, outputs: run(&case::Case { path, file: &moved })? });
     }
-    for o in outputs.iter_mut().chain(reruns.iter_mut().flatten()) {
+    for o in outputs.iter_mut().chain(reruns.iter_mut().flat_map(|r| r.outputs.iter_mut())) {
         if let Some(got) = &mut o.got {
             fault(&o.name, got);
         }

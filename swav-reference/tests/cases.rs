@@ -33,8 +33,8 @@ fn all_reference_cases_pass() {
         for c in &report.checks {
             let verdict = if c.pass() { "PASS" } else { "FAIL" };
             eprintln!(
-                "{name} {:<56} {:.2e} (tol {:.2e}, conditioning {:.1e}) {verdict} [{}]",
-                c.name, c.error, c.tolerance, c.rule.conditioning, c.rule
+                "{name} {:<56} {:.2e} (tol {:.2e}, sensitivity {:.1e}) {verdict} [{}]",
+                c.name, c.error, c.tolerance, c.rule.sensitivity, c.rule
             );
             if !c.pass() {
                 failures.push(format!("{}: {}", file.display(), c.name));
