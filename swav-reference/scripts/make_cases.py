@@ -127,21 +127,27 @@ def run_case(net, crops, meta):
 
 
 def relu_masks(net, crops):
-    """Signs of every ReLU input of one training-mode forward (to find float32 mask flips)."""
+    """Every decision of one training-mode forward: the sign of each ReLU input and the argmax of each
+    max-pool window (to find float32 flips)."""
     masks = []
-    orig = F.relu
+    relu, pool = F.relu, F.max_pool2d
 
     def recording_relu(x, *a, **k):
-        masks.append((x > 0).flatten())
-        return orig(x, *a, **k)
+        masks.append((x > 0).flatten().long())
+        return relu(x, *a, **k)
 
-    F.relu = recording_relu
+    def recording_pool(x, *a, **k):
+        out, idx = F.max_pool2d_with_indices(x, *a, **k)
+        masks.append(idx.flatten())
+        return out
+
+    F.relu, F.max_pool2d = recording_relu, recording_pool
     try:
         state = {k: v.clone() for k, v in net.state_dict().items()}
         run_case_forward(net, crops)
         net.load_state_dict(state)
     finally:
-        F.relu = orig
+        F.relu, F.max_pool2d = relu, pool
     return torch.cat(masks)
 
 
@@ -156,13 +162,13 @@ def run_case_forward(net, crops):
 
 
 def make_case(path, arch, width, small_stem, in_channels, crops_spec, batch, hidden, feat, protos, seed):
-    """Writes the first case, from `seed` on, whose float32 forward keeps every ReLU mask of the
-    float64 one: a single flipped mask changes a whole channel's gradient (by chance, in any float32
-    implementation), which would make the case test float32 luck instead of correctness."""
+    """Writes the first case, from `seed` on, whose float32 forward keeps every ReLU mask and max-pool
+    choice of the float64 one: a single flipped decision changes a whole channel's gradient (by chance,
+    in any float32 implementation), which would make the case test float32 luck instead of correctness."""
     for s in range(seed, seed + 50):
         if _make_case(path, arch, width, small_stem, in_channels, crops_spec, batch, hidden, feat, protos, s):
             return
-    raise SystemExit(f"{path}: no seed without float32 ReLU mask flips")
+    raise SystemExit(f"{path}: no seed without float32 decision flips")
 
 
 def _make_case(path, arch, width, small_stem, in_channels, crops_spec, batch, hidden, feat, protos, seed):
@@ -189,7 +195,7 @@ def _make_case(path, arch, width, small_stem, in_channels, crops_spec, batch, hi
     m32 = relu_masks(net32, [c.float() for c in crops])
     flips = int((m64 != m32).sum())
     if flips:
-        print(f"seed {seed}: {flips} ReLU masks differ in float32, trying the next seed")
+        print(f"seed {seed}: {flips} ReLU / max-pool decisions differ in float32, trying the next seed")
         return False
     meta = dict(kind="swav_model", arch=arch, width=str(width), small_stem="1" if small_stem else "0",
                 crops=crops_spec, batch=str(batch), hidden_mlp=str(hidden), feat_dim=str(feat),

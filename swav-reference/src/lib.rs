@@ -1,11 +1,13 @@
-//! Runs PyTorch reference cases (safetensors files with a `kind` in their metadata: `sinkhorn`,
+//! Runs the PyTorch reference cases (safetensors files with a `kind` in their metadata: `sinkhorn`,
 //! `swav_loss`, `swav_model`, `swav_train`) through swav-rs and judges every tensor it produces.
 //! Used by `cargo xtask verify-reference` and by the test suite.
 //!
-//! Each case runs twice: on its inputs, and on its inputs moved by one ulp each ([`judge`] says why:
-//! the difference is what float32 itself does to every tensor). Every check then follows one rule,
-//! [`judge::judge`], written out in `cases/README.md`; a case that cannot be run at all (unreadable,
-//! malformed, an unknown kind) is a [`ReferenceError`], never a failed check.
+//! Each case runs on its own inputs and again on its inputs moved by a few ulps ([`judge::reruns`]):
+//! what those moves do to each tensor is how much float32 rounding alone can explain, and a ReLU or
+//! max-pool decision that float32 takes the other way than float64 shows as a moved run that agrees
+//! with the reference. Every check follows one rule, [`judge::judge`], written out in
+//! `cases/README.md`; a case that cannot be run at all (unreadable, malformed, an unknown kind) is a
+//! [`ReferenceError`], never a failed check.
 //!
 //! ```no_run
 //! let report = swav_reference::verify_case(std::path::Path::new("cases/swav_train_0.safetensors"))?;
@@ -43,6 +45,33 @@ impl CaseReport {
     pub fn pass(&self) -> bool {
         !self.checks.is_empty() && self.checks.iter().all(Check::pass)
     }
+
+    /// How the checks were judged, for a one-line summary.
+    pub fn counts(&self) -> Counts {
+        let mut n = Counts { checks: self.checks.len(), ..Counts::default() };
+        for c in &self.checks {
+            n.failed += usize::from(!c.pass());
+            n.widened += usize::from(c.rule.allowance == Allowance::Conditioned);
+            n.undetermined += usize::from(c.rule.allowance == Allowance::Undetermined);
+            n.decisions += usize::from(c.rule.witness.is_some() && c.pass());
+        }
+        n
+    }
+}
+
+/// Checks of a case by how they were judged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Every check.
+    pub checks: usize,
+    /// Out of tolerance.
+    pub failed: usize,
+    /// Tolerance widened by the measured float32 conditioning.
+    pub widened: usize,
+    /// Not determined by float32 (checked for size and direction only).
+    pub undetermined: usize,
+    /// Passed as a float32 decision, witnessed by a perturbed run.
+    pub decisions: usize,
 }
 
 /// A deliberate error in our results, for testing that the rule catches a wrong implementation:
