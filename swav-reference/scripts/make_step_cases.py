@@ -1,17 +1,25 @@
 """Whole-iteration reference cases (kind = swav_train) for swav-rs: float64 PyTorch, stored as float32.
 
     /work/venv-torch/bin/python swav-reference/scripts/make_step_cases.py OUT_DIR SEED NAME [VARIANT]
-    # the committed cases (run from the repository root; CPU, a few seconds each):
+        writes OUT_DIR/NAME.safetensors from the first seed >= SEED whose float32 run (PyTorch, from
+        the stored float32 inputs) takes every ReLU and max-pool decision of the float64 one in every
+        iteration; the metadata records the seed and the variant
+    /work/venv-torch/bin/python swav-reference/scripts/make_step_cases.py --float32 CASE.safetensors ...
+        prints PyTorch's own float32 error on every tensor of the cases, judged as the README says
+
+    # the shipped cases (run from the repository root; CPU, a few seconds each):
     P=/work/venv-torch/bin/python; S=swav-reference/scripts/make_step_cases.py; C=swav-reference/cases
-    $P $S $C 0 swav_train_0 a          # = /work/shared/reference/swav_train_0.safetensors (reference material)
-    $P $S $C 1 swav_train_sgd sgd
+    $P $S $C 1 swav_train_sgd sgd             # seed 1 flips a ReLU in float32: seed 2 is kept
     $P $S $C 2 swav_train_assign0 assign0
     $P $S $C 3 swav_train_gray gray
     $P $S $C 4 swav_train_multires multires
+    # swav_train_0 is /work/shared/reference/swav_train_0.safetensors, made by this script's original
+    # (variant `a`, seed 0) with another PyTorch version: regenerating gives other random draws.
 
 Needs torch (1.13 was used) and safetensors. The format is documented in swav-reference/cases/README.md
 (and /work/shared/reference/README.md). Variant `a` is the script as it came with the shared reference
-material; the other variants (table V) only add settings, the algorithm is untouched.
+material; the other variants (table VARIANTS) only change settings, the algorithm is untouched; the
+decision filter and --float32 were added here.
 
 Per iteration, following main_swav.py train(): prototypes L2-normalised -> forward (backbone once per
 resolution group, head on all) -> for each crop in crops_for_assign: queue scores with the current
@@ -20,7 +28,6 @@ push the crop's embeddings (FIFO) -> swapped loss -> backward -> prototype grads
 iteration < freeze_prototypes_niters -> LARC(clip=False) over SGD(momentum, weight decay) on every
 parameter (or plain SGD with weight decay when lars = false).
 """
-import math
 import sys, os
 import torch, torch.nn as nn, torch.nn.functional as F
 from safetensors import safe_open
