@@ -46,7 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         _ => {}
     });
-    model.normalize_prototypes();
+    model.normalize_prototypes()?;
     let imagenet = (swav_core::imagenet::MEAN.to_vec(), swav_core::imagenet::STD.to_vec());
     let pre = Preprocessing::recorded(&model.config, imagenet.0, imagenet.1, input_size)?;
     ModelFile::write(&mut model, &pre, &BTreeMap::new(), out.as_ref())?;

@@ -45,7 +45,7 @@ fn model(cfg: ModelConfig, seed: u64) -> SwavModel {
             _ => {}
         }
     });
-    m.normalize_prototypes();
+    m.normalize_prototypes().unwrap();
     m
 }
 

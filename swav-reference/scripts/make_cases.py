@@ -1,19 +1,19 @@
-"""Reference cases for swav-rs, computed by PyTorch in float64 and stored as float32, plus the error
-PyTorch itself makes on every tensor when it runs the same case in float32.
+"""Reference cases for swav-rs (kind = swav_model), computed by PyTorch in float64 and stored as float32.
 
-    python scripts/reference/make_cases.py            # writes reference/swav_model_small_*.safetensors
-    python scripts/reference/make_cases.py --baseline reference/*.safetensors [more cases ...]
-                                                      # writes reference/float32_baseline.json
+    /work/venv-torch/bin/python swav-reference/scripts/make_cases.py --out swav-reference/cases
+                          # writes swav_model_small_0/1.safetensors (run from the repository root)
+    /work/venv-torch/bin/python swav-reference/scripts/make_cases.py --float32 CASE.safetensors ...
+                          # prints PyTorch's own float32 error on every tensor of model cases (a
+                          # diagnostic: what a correct float32 implementation misses by)
 
-Model cases follow reference/README.md (kind = swav_model) with two extra metadata keys, `width`
-(channels of the stem and first stage) and `small_stem`, so narrow networks keep the files small.
-The float32 baseline lets the tests tell an implementation error from float32 conditioning: a few
-gradients (a bias feeding a BatchNorm is mathematically zero; sums that cancel in the first layers)
-have relative errors above the README's tolerance in PyTorch's own float32 run.
+Model cases follow swav-reference/cases/README.md (kind = swav_model) with two extra metadata keys,
+`width` (channels of the stem and first stage) and `small_stem`, so narrow networks keep the files
+small. A case is kept only if float32 arithmetic keeps every ReLU decision of float64 (see
+make_case): the tests judge every tensor by one rule (cases/README.md), which tells float32 rounding
+from errors only where float32 can reproduce the case.
 Needs: torch, safetensors, numpy.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -127,21 +127,27 @@ def run_case(net, crops, meta):
 
 
 def relu_masks(net, crops):
-    """Signs of every ReLU input of one training-mode forward (to find float32 mask flips)."""
+    """Every decision of one training-mode forward: the sign of each ReLU input and the argmax of each
+    max-pool window (to find float32 flips)."""
     masks = []
-    orig = F.relu
+    relu, pool = F.relu, F.max_pool2d
 
     def recording_relu(x, *a, **k):
-        masks.append((x > 0).flatten())
-        return orig(x, *a, **k)
+        masks.append((x > 0).flatten().long())
+        return relu(x, *a, **k)
 
-    F.relu = recording_relu
+    def recording_pool(x, *a, **k):
+        out, idx = F.max_pool2d_with_indices(x, *a, **k)
+        masks.append(idx.flatten())
+        return out
+
+    F.relu, F.max_pool2d = recording_relu, recording_pool
     try:
         state = {k: v.clone() for k, v in net.state_dict().items()}
         run_case_forward(net, crops)
         net.load_state_dict(state)
     finally:
-        F.relu = orig
+        F.relu, F.max_pool2d = relu, pool
     return torch.cat(masks)
 
 
@@ -156,13 +162,13 @@ def run_case_forward(net, crops):
 
 
 def make_case(path, arch, width, small_stem, in_channels, crops_spec, batch, hidden, feat, protos, seed):
-    """Writes the first case, from `seed` on, whose float32 forward keeps every ReLU mask of the
-    float64 one: a single flipped mask changes a whole channel's gradient (by chance, in any float32
-    implementation), which would make the case test float32 luck instead of correctness."""
+    """Writes the first case, from `seed` on, whose float32 forward keeps every ReLU mask and max-pool
+    choice of the float64 one: a single flipped decision changes a whole channel's gradient (by chance,
+    in any float32 implementation), which would make the case test float32 luck instead of correctness."""
     for s in range(seed, seed + 50):
         if _make_case(path, arch, width, small_stem, in_channels, crops_spec, batch, hidden, feat, protos, s):
             return
-    raise SystemExit(f"{path}: no seed without float32 ReLU mask flips")
+    raise SystemExit(f"{path}: no seed without float32 decision flips")
 
 
 def _make_case(path, arch, width, small_stem, in_channels, crops_spec, batch, hidden, feat, protos, seed):
@@ -189,7 +195,7 @@ def _make_case(path, arch, width, small_stem, in_channels, crops_spec, batch, hi
     m32 = relu_masks(net32, [c.float() for c in crops])
     flips = int((m64 != m32).sum())
     if flips:
-        print(f"seed {seed}: {flips} ReLU masks differ in float32, trying the next seed")
+        print(f"seed {seed}: {flips} ReLU / max-pool decisions differ in float32, trying the next seed")
         return False
     meta = dict(kind="swav_model", arch=arch, width=str(width), small_stem="1" if small_stem else "0",
                 crops=crops_spec, batch=str(batch), hidden_mlp=str(hidden), feat_dim=str(feat),
@@ -245,27 +251,24 @@ def float32_errors(path):
             "expect.loss": rel(loss.reshape(1), t["expect.loss"])}
     for name, p in net.named_parameters():
         errs["expect.grad." + name] = rel(p.grad, t["expect.grad." + name])
-    return {"bytes": os.path.getsize(path), "loss": float(t["expect.loss"][0]), "errors": errs}
+    return {"loss": float(t["expect.loss"][0]), "errors": errs}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="reference")
-    ap.add_argument("--baseline", nargs="*", help="case files whose float32 errors to record")
+    ap.add_argument("--out", default="swav-reference/cases")
+    ap.add_argument("--float32", nargs="*", help="model cases whose PyTorch float32 errors to print")
     a = ap.parse_args()
-    if a.baseline is None:
+    if a.float32 is None:
         make_case(f"{a.out}/swav_model_small_0.safetensors", "resnet18", 8, True, 1, "2x16,2x8", 4, 32, 16, 20, 0)
         make_case(f"{a.out}/swav_model_small_1.safetensors", "resnet50", 8, False, 3, "2x48,2x32", 8, 32, 16, 20, 1)
         return
-    table = {}
-    for path in a.baseline:
+    for path in a.float32:
         res = float32_errors(path)
-        if res is not None:
-            table[os.path.basename(path)] = res
-            print(path, "worst float32 error %.2e" % max(res["errors"].values()))
-    with open(f"{a.out}/float32_baseline.json", "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
-        f.write("\n")
+        if res is None:
+            continue
+        for name, err in sorted(res["errors"].items(), key=lambda kv: -kv[1]):
+            print(f"{os.path.basename(path)} {name:60s} {err:.2e}")
 
 
 if __name__ == "__main__":

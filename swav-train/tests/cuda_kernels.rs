@@ -260,7 +260,7 @@ fn prototype_normalisation_matches_the_model() {
                 bias: None,
             }],
         };
-        protos.normalize();
+        protos.normalize().unwrap();
         let m = run(emu, &proto::normalize(k, d).unwrap(), &[(proto::PROTOTYPES, Buffer::from_f32(&w))]);
         let e = rel_err(&m.f32(proto::PROTOTYPES), protos.heads[0].weight.value.as_slice());
         assert!(e < 1e-6, "{k} x {d}: relative error {e:.3e}");

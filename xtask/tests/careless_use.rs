@@ -113,3 +113,21 @@ fn verify_reference_tells_an_unreadable_file_from_a_tolerance_failure() {
     assert!(!ok && log.contains("CANNOT RUN") && log.contains("could not be run"), "{log}");
     assert!(!log.contains("out of tolerance"), "{log}");
 }
+
+#[test]
+fn verify_reference_prints_the_kind_and_the_rule_of_every_check_and_fails_a_wrong_step() {
+    let cases = Path::new(env!("CARGO_MANIFEST_DIR")).join("../swav-reference/cases");
+    let good = cases.join("swav_train_sgd.safetensors");
+    let (ok, log) = run(&["verify-reference", s(&good)]);
+    assert!(ok && log.contains("(kind swav_train)") && log.contains("all reference checks pass"), "{log}");
+    assert!(log.contains("expect.final.momentum.conv1.weight") && log.contains("update 1e-3 relative"), "{log}");
+    // The same case with a momentum 1% off: a tolerance failure, not an unreadable file.
+    let tmp = tempfile::tempdir().unwrap();
+    let wrong = tmp.path().join("wrong_momentum.safetensors");
+    let mut case = swav_model::checkpoint::NamedTensors::read(&good).unwrap();
+    case.metadata.insert("momentum".into(), "0.891".into());
+    case.write(&wrong).unwrap();
+    let (ok, log) = run(&["verify-reference", s(&wrong)]);
+    assert!(!ok && log.contains("FAIL") && log.contains("out of tolerance"), "{log}");
+    assert!(!log.contains("CANNOT RUN") && !log.contains("could not be run"), "{log}");
+}
