@@ -202,7 +202,7 @@ pub fn evaluate(
         transform.mean.as_deref().unwrap_or_default(),
         transform.std.as_deref().unwrap_or_default()
     );
-    let scores = evaluate_model("checkpoint", &model, train, test, &transform, opts, progress)?;
+    let scores = evaluate_model("checkpoint", model, train, test, &transform, opts, progress)?;
     let baseline = match opts.baseline {
         None => None,
         Some(b @ Baseline::Random { seed }) => {

@@ -14,11 +14,15 @@ struct Reference {
     b: Vec<f64>,
     buf_w: Vec<f64>,
     buf_b: Vec<f64>,
+    momentum: f64,
+    weight_decay: f64,
 }
 
 impl Reference {
-    fn step(&mut self, x: &[f64], labels: &[u32], dim: usize, classes: usize, lr: f64, mom: f64, wd: f64) {
-        let rows = labels.len();
+    fn step(&mut self, x: &[f64], labels: &[u32], lr: f64) {
+        let (rows, classes) = (labels.len(), self.b.len());
+        let dim = self.w.len() / classes;
+        let (mom, wd) = (self.momentum, self.weight_decay);
         let (mut gw, mut gb) = (vec![0.0; classes * dim], vec![0.0; classes]);
         for r in 0..rows {
             let xr = &x[r * dim..(r + 1) * dim];
@@ -54,19 +58,21 @@ fn sgd_steps_match_an_independent_float64_computation() {
     assert!((0.004..0.02).contains(&std) && layer.bias.as_ref().unwrap().value.to_vec() == vec![0.0; classes]);
     let x: Vec<f32> = (0..rows * dim).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7).collect();
     let labels = [0u32, 3, 1, 1, 2];
+    let (mom, wd) = (0.9, 1e-2);
     let mut reference = Reference {
         w: w0.iter().map(|&v| v as f64).collect(),
         b: vec![0.0; classes],
         buf_w: vec![0.0; classes * dim],
         buf_b: vec![0.0; classes],
+        momentum: mom,
+        weight_decay: wd,
     };
-    let (mom, wd) = (0.9, 1e-2);
     let mut opt = Lars::new(mom, wd, 0.0, false);
     let xt = Tensor::from_slice(&[rows, dim], &x).unwrap();
     let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     for (step, lr) in [0.3, 0.1, 0.05].into_iter().enumerate() {
         sgd_step(&mut layer, &mut opt, &xt, &labels, lr).unwrap();
-        reference.step(&x64, &labels, dim, classes, lr, mom, wd);
+        reference.step(&x64, &labels, lr);
         let got = layer.weight.value.to_vec().into_iter().chain(layer.bias.as_ref().unwrap().value.to_vec());
         for (i, (g, want)) in got.zip(reference.w.iter().chain(&reference.b)).enumerate() {
             assert!((g as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "step {step}, value {i}: {g} vs {want}");

@@ -64,11 +64,21 @@ pub fn cosine_annealing(base: f64, eta_min: f64, t_max: usize, epoch: usize) -> 
 }
 
 /// `torch.optim.lr_scheduler.MultiStepLR(milestones, gamma)` stepped once per epoch, as the official
-/// semi-supervised evaluation does: `base * gamma^m` in epoch `epoch` (0-based), `m` the number of
-/// milestones at or before it (a milestone listed twice counts twice, as in PyTorch).
+/// semi-supervised evaluation does: the learning rate of epoch `epoch` (0-based) is `base` multiplied
+/// by `gamma` at each milestone at or before it, in PyTorch's order (one multiplication per milestone
+/// epoch, by `gamma^k` for a milestone listed `k` times), so the bits are PyTorch's: `0.02 * 0.2 * 0.2`,
+/// not `0.02 * 0.04`.
 pub fn multi_step(base: f64, milestones: &[usize], gamma: f64, epoch: usize) -> f64 {
-    let passed = milestones.iter().filter(|&&m| m <= epoch).count();
-    base * gamma.powi(passed as i32)
+    let mut passed: Vec<usize> = milestones.iter().copied().filter(|&m| m <= epoch).collect();
+    passed.sort_unstable();
+    let mut lr = base;
+    let mut i = 0;
+    while i < passed.len() {
+        let k = passed[i..].iter().take_while(|&&m| m == passed[i]).count();
+        lr *= gamma.powi(k as i32);
+        i += k;
+    }
+    lr
 }
 
 #[cfg(test)]
@@ -114,8 +124,8 @@ mod tests {
         // MultiStepLR([12, 16], 0.2): x1 for epochs 0-11, x0.2 for 12-15, x0.04 from 16.
         let lrs: Vec<f64> = (0..20).map(|e| multi_step(0.01, &[12, 16], 0.2, e)).collect();
         assert!(lrs[..12].iter().all(|&l| l == 0.01));
-        assert!(lrs[12..16].iter().all(|&l| (l - 0.002).abs() < 1e-15));
-        assert!(lrs[16..].iter().all(|&l| (l - 0.0004).abs() < 1e-15));
+        assert!(lrs[12..16].iter().all(|&l| l == 0.01 * 0.2));
+        assert!(lrs[16..].iter().all(|&l| l == 0.01 * 0.2 * 0.2));
         assert_eq!(multi_step(1.0, &[3, 3], 0.5, 3), 0.25);
     }
 }
