@@ -27,7 +27,7 @@ pub struct EvalOptions {
     pub knn: KnnConfig,
     pub probe: ProbeConfig,
     pub extract: ExtractOptions,
-    /// Overrides the checkpoint's `input_size` (see [`features`] for the defaults).
+    /// Overrides the checkpoint's `input_size` (see [`crate::features`] for the defaults).
     pub input_size: Option<usize>,
     /// Also evaluate a randomly initialised network of the same configuration.
     pub baseline: Option<Baseline>,

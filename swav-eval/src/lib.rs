@@ -33,16 +33,20 @@
 //! # Ok::<(), swav_eval::EvalError>(())
 //! ```
 
+#[warn(missing_docs)]
 pub mod classifier;
 pub mod embed;
 mod error;
 pub mod features;
+#[warn(missing_docs)]
 pub mod finetune;
 pub mod frozen;
 mod json;
 pub mod knn;
+#[warn(missing_docs)]
 pub mod linear;
 pub mod probe;
+#[warn(missing_docs)]
 pub mod subset;
 
 pub use error::EvalError;
@@ -52,7 +56,10 @@ pub use error::EvalError;
 /// 1 for a stage without parts).
 #[derive(Clone, Debug)]
 pub struct Progress<'a> {
+    /// The stage.
     pub task: &'a str,
+    /// Units done.
     pub done: usize,
+    /// Units in the stage.
     pub total: usize,
 }

@@ -124,11 +124,13 @@ pub struct LinearEpoch {
     pub epoch: usize,
     /// The learning rate of the epoch.
     pub lr: f64,
-    /// Mean training loss and top-1 over the epoch's (augmented) images.
+    /// Mean training loss over the epoch's (augmented) images.
     pub train_loss: f64,
+    /// Training top-1 over the same images, as the classifier was while it trained on them.
     pub train_top1: f64,
-    /// Validation top-1 and top-5 after the epoch.
+    /// Validation top-1 after the epoch.
     pub val_top1: f64,
+    /// Validation top-5 after the epoch.
     pub val_top5: f64,
     /// Wall time of the epoch, in seconds.
     pub seconds: f64,
@@ -150,22 +152,35 @@ pub struct TrainInputReport {
 pub struct LinearReport {
     /// [`PROTOCOL`]: which linear number this is.
     pub protocol: String,
+    /// The model file evaluated.
     pub checkpoint: String,
-    /// The epoch of best validation top-1, and the last epoch.
+    /// The epoch of best validation top-1 (the number the official script reports).
     pub best: Accuracy,
+    /// The last epoch.
     pub last: Accuracy,
+    /// Every epoch.
     pub epochs: Vec<LinearEpoch>,
+    /// The optimisation.
     pub config: LinearConfig,
+    /// Training images.
     pub train_images: usize,
+    /// Validation images.
     pub val_images: usize,
+    /// Number of classes.
     pub classes: usize,
+    /// Width of the backbone's pooled features.
     pub feature_dim: usize,
+    /// The training dataset folder.
     pub train_data: String,
+    /// The validation dataset folder.
     pub val_data: String,
+    /// The training transform.
     pub train_input: TrainInputReport,
+    /// The validation transform.
     pub val_input: InputReport,
-    /// Wall time of the validation features and of the whole run, in seconds.
+    /// Wall time of the validation features, in seconds.
     pub val_features_s: f64,
+    /// Wall time of the whole run, in seconds.
     pub total_s: f64,
 }
 

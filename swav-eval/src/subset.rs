@@ -31,9 +31,19 @@ pub enum Selection {
     /// Every image.
     All,
     /// The images a list file names (see the module docs).
-    List { path: PathBuf },
-    /// A random fraction in `(0, 1]`, drawn with `seed`, per class when `balanced`.
-    Fraction { fraction: f64, seed: u64, balanced: bool },
+    List {
+        /// The list file.
+        path: PathBuf,
+    },
+    /// A random fraction of the images.
+    Fraction {
+        /// In `(0, 1]`.
+        fraction: f64,
+        /// Seed of the draw.
+        seed: u64,
+        /// The same fraction of every class.
+        balanced: bool,
+    },
 }
 
 /// The chosen images.

@@ -131,6 +131,16 @@ fn run_folders_are_guarded() {
     let e = err(&options(&dir, &inside));
     assert!(e.contains("inside the run folder"), "{e}");
 
+    // A damaged checkpoint is named, never trusted.
+    std::fs::remove_file(&inside).unwrap();
+    let model_file = dir.join("checkpoints/step-00000001.safetensors");
+    let mut bytes = std::fs::read(&model_file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&model_file, bytes).unwrap();
+    let e = err(&options(&dir, &model));
+    assert!(e.contains("step-00000001.safetensors") && e.contains("damaged"), "{e}");
+
     // Bad settings, before any work.
     let e = err(&FinetuneOptions { config: FinetuneConfig { lr_trunk: -1.0, ..FinetuneConfig::default() }, ..one });
     assert!(e.contains("fine-tuning settings"), "{e}");

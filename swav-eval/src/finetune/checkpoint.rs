@@ -38,8 +38,9 @@ pub struct Sidecar {
     pub format: String,
     /// Steps done.
     pub step: usize,
-    /// The epoch to continue with, and the batches of it already done.
+    /// The epoch to continue with.
     pub epoch: usize,
+    /// Batches of `epoch` already done.
     pub step_in_epoch: usize,
     /// Batches per epoch of the subset the run was made with.
     pub steps_per_epoch: usize,
@@ -47,8 +48,9 @@ pub struct Sidecar {
     pub tally: Tally,
     /// Every completed epoch.
     pub history: Vec<FinetuneEpoch>,
-    /// SHA-256 of the model file and of the momentum file.
+    /// SHA-256 of the model file.
     pub model_sha256: String,
+    /// SHA-256 of the momentum file.
     pub train_sha256: String,
     /// The run.
     pub run: RunSpec,

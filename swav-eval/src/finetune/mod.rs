@@ -13,7 +13,7 @@
 //!   epochs, batch 256, shuffled per epoch with the last smaller batch kept;
 //! - validated after every epoch; the report gives the best epoch (by top-1) and the last.
 //!
-//! A run lives in a folder, like a pretraining run ([`run`]): locked while used, the run's
+//! A run lives in a folder, like a pretraining run ([`finetune`]): locked while used, the run's
 //! description in `finetune-run.json` (a later start must describe the same run: same pretrained
 //! weights, subset, classes and settings), checkpoints after every epoch, at `max_steps` and when
 //! the stop flag is raised ([`checkpoint`]: swav-train's file conventions, SHA-256-checked sidecars).
@@ -163,10 +163,13 @@ impl FinetuneOptions {
 pub struct RunSpec {
     /// `swav-rs-finetune-1`.
     pub format: String,
-    /// The pretrained model file and its SHA-256.
+    /// The pretrained model file (absolute path).
     pub pretrained: String,
+    /// Its SHA-256: the identity of the starting weights.
     pub pretrained_sha256: String,
+    /// The training dataset folder (absolute path).
     pub train_data: String,
+    /// The validation dataset folder (absolute path).
     pub val_data: String,
     /// The labelled subset (with the digest of its indices).
     pub subset: Subset,
@@ -174,10 +177,13 @@ pub struct RunSpec {
     pub model: ModelConfig,
     /// Class names (label `i` is `classes[i]`).
     pub classes: Vec<String>,
-    /// Side of the training and validation crops, and the normalisation.
+    /// Side of the training and validation crops.
     pub input_size: usize,
+    /// Per-channel normalisation of the inputs.
     pub mean: Vec<f32>,
+    /// See `mean`.
     pub std: Vec<f32>,
+    /// The optimisation.
     pub config: FinetuneConfig,
 }
 
@@ -187,7 +193,11 @@ pub const RUN_FORMAT: &str = "swav-rs-finetune-1";
 impl RunSpec {
     /// The parts that must agree for a resume: everything but where the files are.
     pub(crate) fn identity(&self) -> RunSpec {
-        let subset = Subset { indices: Vec::new(), ..self.subset.clone() };
+        let selection = match &self.subset.selection {
+            Selection::List { .. } => Selection::List { path: PathBuf::new() },
+            other => other.clone(),
+        };
+        let subset = Subset { indices: Vec::new(), selection, ..self.subset.clone() };
         RunSpec {
             pretrained: String::new(),
             train_data: String::new(),
@@ -203,36 +213,52 @@ impl RunSpec {
 pub struct FinetuneEpoch {
     /// 1-based.
     pub epoch: usize,
-    /// The learning rates of the epoch.
+    /// The backbone's learning rate in this epoch.
     pub lr_trunk: f64,
+    /// The head's learning rate in this epoch.
     pub lr_head: f64,
-    /// Mean training loss and top-1 over the epoch's (augmented) images.
+    /// Mean training loss over the epoch's (augmented) images.
     pub train_loss: f64,
+    /// Training top-1 over the same images, as the network was while it trained on them.
     pub train_top1: f64,
-    /// Validation top-1 and top-5 after the epoch.
+    /// Validation top-1 after the epoch.
     pub val_top1: f64,
+    /// Validation top-5 after the epoch.
     pub val_top5: f64,
 }
 
 /// The content of `finetune.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FinetuneReport {
-    /// [`PROTOCOL`].
+    /// [`PROTOCOL`]: which number this is.
     pub protocol: String,
+    /// The pretrained model file.
     pub pretrained: String,
-    /// The epoch of best validation top-1, and the last epoch.
+    /// The epoch of best validation top-1 (the number the official script reports).
     pub best: Accuracy,
+    /// The last epoch.
     pub last: Accuracy,
+    /// Every epoch.
     pub epochs: Vec<FinetuneEpoch>,
+    /// The labelled images.
     pub subset: Subset,
+    /// The optimisation.
     pub config: FinetuneConfig,
+    /// Labelled training images (the subset).
     pub train_images: usize,
+    /// Validation images.
     pub val_images: usize,
+    /// Number of classes.
     pub classes: usize,
+    /// Width of the backbone's pooled features.
     pub feature_dim: usize,
+    /// The training dataset folder.
     pub train_data: String,
+    /// The validation dataset folder.
     pub val_data: String,
+    /// The training transform.
     pub train_input: TrainInputReport,
+    /// The validation transform.
     pub val_input: InputReport,
     /// The fine-tuned network (backbone + `fc`, a torchvision state dict with the preprocessing).
     pub model_file: String,
