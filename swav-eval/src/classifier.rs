@@ -106,6 +106,13 @@ impl Tally {
     }
 }
 
+/// Whether a mean training loss is far above the loss of a classifier that knows nothing (`ln C`):
+/// the sign of a learning rate too high for the features' scale (the official rates assume a
+/// ResNet-50's features; a small or barely trained network's can be much larger).
+pub fn loss_far_above_chance(loss: f64, classes: usize) -> bool {
+    loss.is_nan() || loss > 2.0 * (classes.max(2) as f64).ln() + 1.0
+}
+
 /// Validation accuracy after one epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Accuracy {
@@ -167,5 +174,6 @@ mod tests {
         let (best, last) = best_and_last(&h).unwrap();
         assert_eq!((best.epoch, last.epoch), (2, 4));
         assert!(best_and_last(&[]).is_none());
+        assert!(!loss_far_above_chance(1.2, 3) && loss_far_above_chance(30.0, 3) && loss_far_above_chance(f64::NAN, 3));
     }
 }

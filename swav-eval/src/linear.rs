@@ -34,7 +34,7 @@ use swav_tensor::Tensor;
 use swav_train::lars::Lars;
 use swav_train::schedule::cosine_annealing;
 
-use crate::classifier::{best_and_last, cross_entropy, Accuracy, Tally};
+use crate::classifier::{best_and_last, cross_entropy, loss_far_above_chance, Accuracy, Tally};
 use crate::features::{
     check_batch_memory, extract_features, input_transform, model_channels, train_transform, ExtractOptions, Features,
     Pass,
@@ -324,6 +324,16 @@ pub fn linear_eval(
             100.0 * val_top1,
             100.0 * val_top5
         );
+        if loss_far_above_chance(train_loss, classes)
+            && !epochs.iter().any(|e: &LinearEpoch| loss_far_above_chance(e.train_loss, classes))
+        {
+            tracing::warn!(
+                "{task}: the training loss {train_loss:.2} is far above chance level ({:.2}): the learning rate {} is probably too high for these features (try --lr {})",
+                (classes as f64).ln(),
+                c.lr,
+                c.lr / 10.0
+            );
+        }
         epochs.push(LinearEpoch {
             epoch: epoch + 1,
             lr,

@@ -12,7 +12,7 @@ use swav_train::lars::Lars;
 use super::checkpoint::{self, Sidecar, SIDECAR_FORMAT};
 use super::net::{train_step, Classifier};
 use super::{FinetuneEpoch, FinetuneOptions, FinetuneOutcome, FinetuneReport, RunSpec, PROTOCOL, RUN_FORMAT};
-use crate::classifier::{best_and_last, Accuracy, Tally};
+use crate::classifier::{best_and_last, loss_far_above_chance, Accuracy, Tally};
 use crate::features::{check_batch_memory, input_transform, model_channels, train_transform, Pass};
 use crate::frozen::{check_labelled, InputReport};
 use crate::linear::{batch_labels, TrainInputReport};
@@ -289,6 +289,17 @@ pub fn finetune(
             100.0 * val_top1,
             100.0 * val_top5
         );
+        let classes = net.classes();
+        if loss_far_above_chance(train_loss, classes)
+            && !side.history.iter().any(|e| loss_far_above_chance(e.train_loss, classes))
+        {
+            tracing::warn!(
+                "{task}: the training loss {train_loss:.2} is far above chance level ({:.2}): the learning rates are probably too high for this network (try a tenth: --lr-trunk {} --lr-head {})",
+                (classes as f64).ln(),
+                c.lr_trunk / 10.0,
+                c.lr_head / 10.0
+            );
+        }
         side.history.push(FinetuneEpoch {
             epoch: side.epoch + 1,
             lr_trunk,
