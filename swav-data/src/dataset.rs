@@ -140,6 +140,52 @@ impl Dataset {
             .map_err(|problem| DataError::CorruptRecord { shard: shard.path.clone(), record: r, index, problem })
     }
 
+    /// The source name of every image, in index order (see [`crate::NamesEntry`]): what a list of file
+    /// names selects images by. `None` for a dataset written before names were recorded (preprocess
+    /// it again to have them). The file is checked against the manifest's count and checksum.
+    pub fn names(&self) -> Result<Option<Vec<String>>> {
+        let Some(entry) = &self.inner.manifest.names else { return Ok(None) };
+        let dir = &self.inner.dir;
+        let bad = |reason: String| DataError::NotADataset { path: dir.clone(), reason };
+        if entry.file.contains('/') || entry.file.contains('\\') || entry.file.starts_with('.') {
+            return Err(bad(format!("bad names file name `{}` in the manifest", entry.file)));
+        }
+        let path = dir.join(&entry.file);
+        // A name is a relative path (at most 4096 bytes, each escaped to at most 6 in JSON) and the
+        // file must fit in memory: a larger file is refused before it is read.
+        let size = std::fs::metadata(&path).map_err(|e| DataError::io(&path, e))?.len();
+        let most = (self.len() as u64).saturating_mul(6 * 4096 + 3).saturating_add(64);
+        let memory = swav_core::sys::available_memory().map_or(u64::MAX, |m| m / 2);
+        if size > most.min(memory) {
+            return Err(bad(format!(
+                "{} is {} for {} images: larger than any names file preprocess writes, or than half the free memory",
+                entry.file,
+                swav_core::sys::human_bytes(size.into()),
+                self.len()
+            )));
+        }
+        let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
+        let computed = format!("crc32:{:08x}", crc32fast::hash(&bytes));
+        if computed != entry.checksum {
+            return Err(bad(format!(
+                "{} is damaged (checksum {computed}, the manifest says {})",
+                entry.file, entry.checksum
+            )));
+        }
+        let names: Vec<String> =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("{} is not a list of names: {e}", entry.file)))?;
+        if names.len() != entry.count || names.len() != self.len() {
+            return Err(bad(format!(
+                "{} holds {} names for {} images (the manifest says {})",
+                entry.file,
+                names.len(),
+                self.len(),
+                entry.count
+            )));
+        }
+        Ok(Some(names))
+    }
+
     /// Checks everything: each shard file's checksum against the manifest and every record's checksum
     /// and payload. Reads the whole dataset.
     pub fn verify(&self) -> Result<VerifyReport> {
@@ -154,6 +200,7 @@ impl Dataset {
             }
             bytes += entry.bytes;
         }
+        self.names()?;
         let mut decoder = RecordDecoder::new();
         let mut img = Image::default();
         for i in 0..self.len() {

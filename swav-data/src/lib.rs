@@ -45,6 +45,6 @@ pub use dataset::{Dataset, VerifyReport};
 pub use error::{DataError, Result};
 pub use image::{Image, ImageView};
 pub use loader::{epoch_order, Batch, CropTensor, Epoch, EvalLoader, LoaderConfig, MultiCropLoader};
-pub use manifest::{Manifest, Parameters, ShardEntry, Skipped, FORMAT_VERSION};
+pub use manifest::{Manifest, NamesEntry, Parameters, ShardEntry, Skipped, FORMAT_VERSION};
 pub use preprocess::{preprocess, PreprocessOptions, PreprocessReport, Progress};
 pub use rng::SplitMix64;

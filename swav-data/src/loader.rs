@@ -608,20 +608,50 @@ pub struct MultiCropLoader {
     cfg: LoaderConfig,
     transform: MultiCropTransform,
     len: usize,
+    /// The dataset indices loaded, when not all (`len` of them).
+    subset: Option<Arc<[usize]>>,
 }
 
 impl MultiCropLoader {
     /// Starts `cfg.workers` threads. Fails on an inconsistent configuration or if one epoch would hold
     /// no batch on this rank.
     pub fn new(dataset: &Dataset, crops: &MultiCropConfig, cfg: &LoaderConfig) -> Result<MultiCropLoader> {
+        Self::build(dataset, None, crops, cfg)
+    }
+
+    /// A loader over the images `indices` of `dataset` only (e.g. the labelled 1% of a semi-supervised
+    /// evaluation), as `torch.utils.data.Subset` under a `DistributedSampler`: the epoch order shuffles
+    /// positions in `indices`, and each crop stays keyed by the image's dataset index. Fails on an
+    /// empty list or an index past the end of the dataset.
+    pub fn with_indices(
+        dataset: &Dataset,
+        indices: &[usize],
+        crops: &MultiCropConfig,
+        cfg: &LoaderConfig,
+    ) -> Result<MultiCropLoader> {
+        if indices.is_empty() {
+            return Err(DataError::Config("the subset of images to load is empty".into()));
+        }
+        if let Some(&index) = indices.iter().find(|&&i| i >= dataset.len()) {
+            return Err(DataError::IndexOutOfRange { index, len: dataset.len() });
+        }
+        Self::build(dataset, Some(indices.into()), crops, cfg)
+    }
+
+    fn build(
+        dataset: &Dataset,
+        subset: Option<Arc<[usize]>>,
+        crops: &MultiCropConfig,
+        cfg: &LoaderConfig,
+    ) -> Result<MultiCropLoader> {
         let channels = check_common(dataset, cfg)?;
         let m = dataset.manifest();
         let transform = MultiCropTransform::new(crops, channels, cfg.layout, &m.pixel_mean, &m.pixel_std)?;
-        let per_rank = epoch_order(dataset.len(), 0, 0, false, cfg.rank, cfg.world_size, cfg.drop_last).len();
+        let len = subset.as_ref().map_or(dataset.len(), |s| s.len());
+        let per_rank = epoch_order(len, 0, 0, false, cfg.rank, cfg.world_size, cfg.drop_last).len();
         if steps(per_rank, cfg.batch_size, cfg.drop_last) == 0 {
             return Err(DataError::Config(format!(
-                "{} images over {} rank(s) give {per_rank} per rank, not one full batch of {}: lower batch_size or set drop_last = false",
-                dataset.len(),
+                "{len} images over {} rank(s) give {per_rank} per rank, not one full batch of {}: lower batch_size or set drop_last = false",
                 cfg.world_size,
                 cfg.batch_size
             )));
@@ -634,7 +664,7 @@ impl MultiCropLoader {
             stop: AtomicBool::new(false),
         };
         let engine = Engine::new(shared, transform.shapes().to_vec(), cfg)?;
-        Ok(MultiCropLoader { engine, cfg: cfg.clone(), transform, len: dataset.len() })
+        Ok(MultiCropLoader { engine, cfg: cfg.clone(), transform, len, subset })
     }
 
     /// Images this rank sees per epoch (before dropping the incomplete batch).
@@ -667,6 +697,9 @@ impl MultiCropLoader {
         let mut order = epoch_order(self.len, c.seed, epoch, c.shuffle, c.rank, c.world_size, c.drop_last);
         let steps = steps(order.len(), c.batch_size, c.drop_last);
         order.truncate(steps * c.batch_size);
+        if let Some(subset) = &self.subset {
+            order.iter_mut().for_each(|p| *p = subset[*p]);
+        }
         Epoch::new(&mut self.engine, epoch, order, steps)
     }
 }

@@ -36,6 +36,23 @@ pub struct Manifest {
     /// Inputs that were not imported, with the reason, sorted by path (relative to the input).
     pub skipped: Vec<Skipped>,
     pub parameters: Parameters,
+    /// The file that names the source of every image (absent in datasets written before it existed):
+    /// what lets a list of file names, such as the official 1% / 10% ImageNet subsets, select images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<NamesEntry>,
+}
+
+/// `names.json`: a JSON array of strings, entry `i` naming the source of image `i`: its path relative
+/// to the input folder (`/`-separated, e.g. `n01440764/n01440764_10026.JPEG`), or `#k` for record `k`
+/// of an IDX file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NamesEntry {
+    /// File name inside the dataset directory.
+    pub file: String,
+    /// Number of names (the number of images).
+    pub count: usize,
+    /// `crc32:` and the 8 hex digits of the CRC-32 (IEEE) of the file.
+    pub checksum: String,
 }
 
 /// One shard file.

@@ -48,6 +48,8 @@ fn seed() -> u64 {
 struct Files {
     manifest: Vec<u8>,
     shards: Vec<(String, Vec<u8>)>,
+    /// `names.json`, when the dataset has one.
+    names: Option<Vec<u8>>,
 }
 
 impl Files {
@@ -60,7 +62,8 @@ impl Files {
             .map(|n| (n.clone(), std::fs::read(dir.join(&n)).unwrap()))
             .collect();
         shards.sort();
-        Files { manifest, shards }
+        let names = std::fs::read(dir.join("names.json")).ok();
+        Files { manifest, shards, names }
     }
 
     fn write(&self, dir: &Path) {
@@ -72,10 +75,15 @@ impl Files {
         for (name, bytes) in &self.shards {
             std::fs::write(dir.join(name), bytes).unwrap();
         }
+        if let Some(names) = &self.names {
+            std::fs::write(dir.join("names.json"), names).unwrap();
+        }
     }
 
     fn input_bytes(&self) -> usize {
-        self.manifest.len() + self.shards.iter().map(|s| s.1.len()).sum::<usize>()
+        self.manifest.len()
+            + self.shards.iter().map(|s| s.1.len()).sum::<usize>()
+            + self.names.as_ref().map_or(0, Vec::len)
     }
 
     /// Records each shard's size and checksum in the manifest (when it still parses), so that the
@@ -178,7 +186,7 @@ fn split_first_shard(files: &Files) -> Files {
         }));
     }
     m["shards"] = list.into();
-    let split = Files { manifest: serde_json::to_vec_pretty(&m).unwrap(), shards };
+    let split = Files { manifest: serde_json::to_vec_pretty(&m).unwrap(), shards, names: files.names.clone() };
     let tmp = tempfile::tempdir().unwrap();
     split.write(tmp.path());
     let ds = Dataset::open(tmp.path()).expect("the split seed is valid");
@@ -524,6 +532,11 @@ fn exercise(dir: &Path) -> Result<(usize, usize), String> {
     let Ok(ds) = opened else {
         return Ok((0, 0));
     };
+    if let Ok(Some(names)) = ds.names() {
+        if names.len() != ds.len() {
+            return Err(format!("{} names for {} images", names.len(), ds.len()));
+        }
+    }
     let (mut read, mut refused) = (0, 0);
     let classes = ds.classes().len();
     if !(ds.channels() == 1 || ds.channels() == 3) {
@@ -635,5 +648,27 @@ fn fuzz_shard_records_and_index() {
 fn fuzz_manifest() {
     fuzz("manifest", 2, |files, rng| {
         (0..1 + rng.below(2)).map(|_| mutate_manifest(&mut files.manifest, rng)).collect()
+    });
+}
+
+#[test]
+fn fuzz_names() {
+    fuzz("names", 3, |files, rng| {
+        let Some(names) = files.names.as_mut() else {
+            return vec!["no names file".into()];
+        };
+        // The names file is JSON too: the manifest's mutations apply.
+        let mut changes: Vec<String> = (0..1 + rng.below(2)).map(|_| mutate_manifest(names, rng)).collect();
+        if rng.chance(0.8) {
+            let checksum = format!("crc32:{:08x}", crc32fast::hash(names));
+            if let Ok(mut m) = serde_json::from_slice::<serde_json::Value>(&files.manifest) {
+                if let Some(entry) = m.get_mut("names").and_then(|e| e.as_object_mut()) {
+                    entry.insert("checksum".into(), checksum.into());
+                }
+                files.manifest = serde_json::to_vec_pretty(&m).unwrap();
+                changes.push("checksum repaired".into());
+            }
+        }
+        changes
     });
 }

@@ -60,7 +60,7 @@ fn overwrite_never_deletes_files_it_did_not_write() {
     std::fs::remove_dir(out.join("shard-00009.bin")).unwrap();
     std::fs::write(out.join("shard-00007.bin"), "a shard of an older, bigger dataset").unwrap();
     run(&opts).unwrap();
-    assert_eq!(names(&out), ["manifest.json", "shard-00000.bin"]);
+    assert_eq!(names(&out), ["manifest.json", "names.json", "shard-00000.bin"]);
     assert_eq!(Dataset::open(&out).unwrap().len(), 4);
 }
 

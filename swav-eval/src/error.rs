@@ -22,4 +22,10 @@ pub enum EvalError {
     /// A `.npy` file.
     #[error(transparent)]
     Npy(#[from] swav_core::npy::NpyError),
+    /// A run folder's checkpoints (swav-train's conventions).
+    #[error(transparent)]
+    Train(#[from] swav_train::TrainError),
+    /// A run folder in use by another process.
+    #[error(transparent)]
+    Lock(#[from] swav_core::lock::LockError),
 }

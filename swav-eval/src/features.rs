@@ -9,7 +9,7 @@
 //!   centre crop `input_size`, shorter side resized to `input_size` for images of at most 64 px (used
 //!   whole), else `round(input_size * 256 / 224)` (the ImageNet protocol: Resize 256, CenterCrop 224).
 
-use swav_data::{Dataset, EvalConfig, EvalLoader, Layout, LoaderConfig};
+use swav_data::{AugmentConfig, CropGroup, Dataset, EvalConfig, EvalLoader, Layout, LoaderConfig, MultiCropConfig};
 use swav_model::{Preprocessing, SwavModel};
 use swav_tensor::Tensor;
 
@@ -100,7 +100,28 @@ pub fn input_transform(pre: &Preprocessing) -> Result<EvalConfig, EvalError> {
     Ok(cfg)
 }
 
-fn model_channels(model: &SwavModel) -> Result<u8, EvalError> {
+/// The training transform of both official evaluations (`eval_linear.py`, `eval_semisup.py`):
+/// `RandomResizedCrop(input_size)` (scale 0.08-1, ratio 3/4-4/3, bilinear) and a horizontal flip with
+/// probability 0.5, normalised with the model's mean and std; no colour distortion, no blur. As a
+/// one-crop multi-crop configuration, so that the loader draws it anew every epoch.
+pub fn train_transform(pre: &Preprocessing) -> Result<MultiCropConfig, EvalError> {
+    let cfg = MultiCropConfig {
+        groups: vec![CropGroup { count: 1, size: pre.input_size, min_scale: 0.08, max_scale: 1.0 }],
+        augment: AugmentConfig {
+            flip_p: 0.5,
+            jitter_p: 0.0,
+            grayscale_p: 0.0,
+            blur_p: 0.0,
+            mean: Some(pre.mean.clone()),
+            std: Some(pre.std.clone()),
+            ..AugmentConfig::default()
+        },
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub(crate) fn model_channels(model: &SwavModel) -> Result<u8, EvalError> {
     match model.config.in_channels {
         1 => Ok(1),
         3 => Ok(3),
@@ -110,24 +131,40 @@ fn model_channels(model: &SwavModel) -> Result<u8, EvalError> {
     }
 }
 
+/// What a batch goes through, for the memory it needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pass {
+    /// Evaluation-mode forward: a few of the largest activations at a time.
+    Forward,
+    /// Training forward and backward: every activation kept, with its gradient (the estimate of
+    /// swav-train's memory check), plus parameters, gradients and momentum.
+    Training,
+}
+
 /// Refuses a batch size and image size whose batches cannot fit in the memory available (an input
 /// size read from a model file, or given by hand, can ask for tens of gigabytes): the loader's
-/// batches in flight plus a few of the largest activations of the forward, per image.
-fn check_batch_memory(model: &SwavModel, t: &EvalConfig, opts: &ExtractOptions, channels: u8) -> Result<(), EvalError> {
-    if opts.batch_size == 0 {
-        return Err(EvalError::Invalid("the feature extraction batch size must be at least 1".into()));
+/// batches in flight plus the activations of the pass, per image.
+pub(crate) fn check_batch_memory(
+    config: &swav_model::ModelConfig,
+    crop: usize,
+    channels: u8,
+    batch_size: usize,
+    pass: Pass,
+) -> Result<(), EvalError> {
+    if batch_size == 0 {
+        return Err(EvalError::Invalid("the batch size must be at least 1".into()));
     }
-    let pixels = (t.crop as u128).pow(2) * channels as u128;
-    let per_image = 4 * (3 * pixels + 4 * model.config.peak_activation_values(t.crop));
-    let need = per_image * opts.batch_size as u128;
+    let pixels = (crop as u128).pow(2) * channels as u128;
+    let (activations, fixed) = match pass {
+        Pass::Forward => (4 * config.peak_activation_values(crop), 0),
+        Pass::Training => (3 * config.activation_values(crop), 3 * config.backbone_state_values()),
+    };
+    let need = 4 * ((3 * pixels + activations) * batch_size as u128 + fixed);
     if let Some(available) = swav_core::sys::available_memory() {
         if need > available as u128 {
             let h = swav_core::sys::human_bytes;
             return Err(EvalError::Invalid(format!(
-                "batches of {} images of {}x{} need about {} but {} is available: lower the batch size or the input size",
-                opts.batch_size,
-                t.crop,
-                t.crop,
+                "batches of {batch_size} images of {crop}x{crop} need about {} but {} is available: lower the batch size or the input size",
                 h(need),
                 h(available as u128)
             )));
@@ -146,7 +183,7 @@ pub fn extract_features(
     progress: &dyn Fn(usize, usize),
 ) -> Result<Features, EvalError> {
     let channels = model_channels(model)?;
-    check_batch_memory(model, transform, opts, channels)?;
+    check_batch_memory(&model.config, transform.crop, channels, opts.batch_size, Pass::Forward)?;
     let (workers, note) = swav_core::sys::cap_threads(opts.workers, "feature extraction workers");
     if let Some(note) = note {
         tracing::warn!("{note}");

@@ -10,7 +10,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use swav_core::fs::FsError;
 use swav_data::{Dataset, EvalConfig};
 use swav_model::SwavModel;
 
@@ -20,6 +19,7 @@ use crate::features::{extract_features, input_transform, ExtractOptions};
 use crate::knn::{knn_top1, KnnConfig};
 use crate::probe::{linear_probe_top1, ProbeConfig};
 use crate::EvalError;
+pub use crate::Progress;
 
 /// Everything [`evaluate`] can be told.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -27,7 +27,7 @@ pub struct EvalOptions {
     pub knn: KnnConfig,
     pub probe: ProbeConfig,
     pub extract: ExtractOptions,
-    /// Overrides the checkpoint's `input_size` (see [`features`] for the defaults).
+    /// Overrides the checkpoint's `input_size` (see [`crate::features`] for the defaults).
     pub input_size: Option<usize>,
     /// Also evaluate a randomly initialised network of the same configuration.
     pub baseline: Option<Baseline>,
@@ -70,12 +70,24 @@ pub struct BaselineReport {
     pub scores: Scores,
 }
 
+/// What the linear number of `eval` is: not the paper's protocol (that is [`crate::linear`], `cargo
+/// xtask eval-linear`) but a fast proxy of it.
+pub const PROBE_PROTOCOL: &str = "linear probe (proxy: cached centre-crop features)";
+
+fn probe_protocol() -> String {
+    PROBE_PROTOCOL.into()
+}
+
 /// The content of `eval.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalReport {
     pub checkpoint: String,
     pub knn_top1: f64,
     pub linear_top1: f64,
+    /// What `linear_top1` measures: [`PROBE_PROTOCOL`] (reports written before this field existed
+    /// read as the same).
+    #[serde(default = "probe_protocol")]
+    pub linear_protocol: String,
     pub baseline: Option<BaselineReport>,
     pub train_images: usize,
     pub test_images: usize,
@@ -95,26 +107,13 @@ pub struct EvalReport {
 impl EvalReport {
     /// Writes the report as pretty JSON, atomically (temporary file, fsync, rename).
     pub fn write(&self, path: &Path) -> Result<(), EvalError> {
-        let json = serde_json::to_vec_pretty(self).expect("the report serialises");
-        swav_core::fs::atomic_write(path, &json)?;
-        Ok(())
+        crate::json::write(path, self)
     }
 
     /// Reads a report written by [`EvalReport::write`].
     pub fn read(path: &Path) -> Result<EvalReport, EvalError> {
-        let bytes = std::fs::read(path).map_err(|e| FsError::new(path, e))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| EvalError::Invalid(format!("{}: not an evaluation report ({e})", path.display())))
+        crate::json::read(path, "an evaluation report")
     }
-}
-
-/// What [`evaluate`] is doing: `task` names the stage (e.g. `checkpoint: train features`), `done` of
-/// `total` units (images for feature extraction, 0 then 1 for the classifiers).
-#[derive(Clone, Debug)]
-pub struct Progress<'a> {
-    pub task: &'a str,
-    pub done: usize,
-    pub total: usize,
 }
 
 /// Checks that both datasets are labelled with the same classes.
@@ -203,7 +202,7 @@ pub fn evaluate(
         transform.mean.as_deref().unwrap_or_default(),
         transform.std.as_deref().unwrap_or_default()
     );
-    let scores = evaluate_model("checkpoint", &model, train, test, &transform, opts, progress)?;
+    let scores = evaluate_model("checkpoint", model, train, test, &transform, opts, progress)?;
     let baseline = match opts.baseline {
         None => None,
         Some(b @ Baseline::Random { seed }) => {
@@ -216,6 +215,7 @@ pub fn evaluate(
         checkpoint: checkpoint.display().to_string(),
         knn_top1: scores.knn_top1,
         linear_top1: scores.linear_top1,
+        linear_protocol: PROBE_PROTOCOL.into(),
         baseline,
         train_images: train.len(),
         test_images: test.len(),

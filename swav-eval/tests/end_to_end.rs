@@ -112,6 +112,8 @@ fn evaluate_writes_a_report_with_the_baseline() {
         assert!(json.get(key).is_some(), "eval.json lacks {key}: {json}");
     }
     assert_eq!(json["baseline"]["kind"], "random");
+    // The probe's number is named for what it is: a proxy, not the paper's linear evaluation.
+    assert_eq!(json["linear_protocol"], "linear probe (proxy: cached centre-crop features)");
     assert!(json["baseline"]["knn_top1"].is_number());
     assert_eq!(EvalReport::read(&run.join("eval.json")).unwrap(), report);
 }

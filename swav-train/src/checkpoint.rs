@@ -114,7 +114,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io { path: path.display().to_string(), source }
 }
 
-fn sha256_of(path: &Path) -> Result<String, TrainError> {
+/// The SHA-256 of a file's bytes, as lowercase hex: what a sidecar records of the files it completes.
+pub fn sha256_of(path: &Path) -> Result<String, TrainError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
     Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -157,13 +158,14 @@ pub fn save(
     };
     let json = serde_json::to_vec_pretty(&side).expect("sidecar serialises");
     atomic_write(&found.sidecar_path(), &json)?;
-    prune(run_dir, keep)?;
+    prune_steps(run_dir, keep)?;
     Ok(model_path)
 }
 
-/// Every complete checkpoint, oldest first. Unreadable or inconsistent sidecars are reported, not
-/// skipped silently.
-pub fn list(run_dir: &Path) -> Result<Vec<Found>, TrainError> {
+/// The step and path of every sidecar (`step-N.json`) in the checkpoints folder, oldest first: the
+/// complete checkpoints of any run that follows these file conventions (pretraining here, the
+/// evaluation runs of swav-eval), whatever its sidecar holds.
+pub fn sidecar_steps(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>, TrainError> {
     let dir = checkpoint_dir(run_dir);
     if !dir.exists() {
         return Ok(Vec::new());
@@ -171,7 +173,20 @@ pub fn list(run_dir: &Path) -> Result<Vec<Found>, TrainError> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
         let path = entry.map_err(io(&dir))?.path();
-        let Some(step) = path.file_name().and_then(|n| step_of(&n.to_string_lossy(), ".json")) else { continue };
+        if let Some(step) = path.file_name().and_then(|n| step_of(&n.to_string_lossy(), ".json")) {
+            found.push((step, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Every complete checkpoint, oldest first. Unreadable or inconsistent sidecars are reported, not
+/// skipped silently.
+pub fn list(run_dir: &Path) -> Result<Vec<Found>, TrainError> {
+    let dir = checkpoint_dir(run_dir);
+    let mut found = Vec::new();
+    for (step, path) in sidecar_steps(run_dir)? {
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         let bad = |why: String| {
             TrainError::Checkpoint(format!(
@@ -189,7 +204,6 @@ pub fn list(run_dir: &Path) -> Result<Vec<Found>, TrainError> {
         }
         found.push(Found { sidecar, dir: dir.clone() });
     }
-    found.sort_by_key(|f| f.sidecar.step);
     Ok(found)
 }
 
@@ -206,11 +220,15 @@ fn remove_if_present(path: &Path) -> Result<(), TrainError> {
     }
 }
 
-fn prune(run_dir: &Path, keep: usize) -> Result<(), TrainError> {
-    let all = list(run_dir)?;
-    for old in all.iter().take(all.len().saturating_sub(keep)) {
-        // Sidecar first: a half-pruned checkpoint is then never mistaken for a complete one.
-        for path in [old.sidecar_path(), old.model_path(), old.train_path()] {
+/// Removes the oldest checkpoints beyond the newest `keep` (the three files of each, sidecar first: a
+/// half-removed checkpoint is then never mistaken for a complete one).
+pub fn prune_steps(run_dir: &Path, keep: usize) -> Result<(), TrainError> {
+    let all = sidecar_steps(run_dir)?;
+    let dir = checkpoint_dir(run_dir);
+    for (step, sidecar) in all.iter().take(all.len().saturating_sub(keep)) {
+        let s = stem(*step);
+        for path in [sidecar.clone(), dir.join(format!("{s}.safetensors")), dir.join(format!("{s}.train.safetensors"))]
+        {
             remove_if_present(&path)?;
         }
     }

@@ -51,6 +51,36 @@ impl LrSchedule {
     }
 }
 
+/// `torch.optim.lr_scheduler.CosineAnnealingLR(T_max = t_max, eta_min)` stepped once per epoch, as
+/// the official linear evaluation does: the learning rate of epoch `epoch` (0-based) is
+/// `eta_min + (base - eta_min)(1 + cos(pi epoch / t_max)) / 2`. PyTorch computes it recursively, which
+/// equals this closed form up to rounding for `epoch <= t_max`; past `t_max` this keeps `eta_min`.
+pub fn cosine_annealing(base: f64, eta_min: f64, t_max: usize, epoch: usize) -> f64 {
+    if t_max == 0 {
+        return base;
+    }
+    let t = epoch.min(t_max) as f64;
+    eta_min + 0.5 * (base - eta_min) * (1.0 + (std::f64::consts::PI * t / t_max as f64).cos())
+}
+
+/// `torch.optim.lr_scheduler.MultiStepLR(milestones, gamma)` stepped once per epoch, as the official
+/// semi-supervised evaluation does: the learning rate of epoch `epoch` (0-based) is `base` multiplied
+/// by `gamma` at each milestone at or before it, in PyTorch's order (one multiplication per milestone
+/// epoch, by `gamma^k` for a milestone listed `k` times), so the bits are PyTorch's: `0.02 * 0.2 * 0.2`,
+/// not `0.02 * 0.04`.
+pub fn multi_step(base: f64, milestones: &[usize], gamma: f64, epoch: usize) -> f64 {
+    let mut passed: Vec<usize> = milestones.iter().copied().filter(|&m| m <= epoch).collect();
+    passed.sort_unstable();
+    let mut lr = base;
+    let mut i = 0;
+    while i < passed.len() {
+        let k = passed[i..].iter().take_while(|&&m| m == passed[i]).count();
+        lr *= gamma.powi(k as i32);
+        i += k;
+    }
+    lr
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +102,30 @@ mod tests {
         // No warm-up: starts at base_lr.
         let s = LrSchedule::new(0.6, 0.0006, 0.0, 0, 4, 3);
         assert!((s.lr(0) - 0.6).abs() < 1e-12);
+    }
+
+    #[test]
+    fn per_epoch_schedules_match_pytorch() {
+        // CosineAnnealingLR(T_max=100, eta_min=0) from 0.3, PyTorch's recursive form run in f64:
+        // lr_e = eta + (lr_{e-1} - eta)(1 + cos(pi e / T)) / (1 + cos(pi (e - 1) / T)).
+        let (base, t) = (0.3f64, 100usize);
+        let mut torch = base;
+        for e in 0..=t {
+            if e > 0 {
+                let pi = std::f64::consts::PI;
+                torch *= (1.0 + (pi * e as f64 / t as f64).cos()) / (1.0 + (pi * (e - 1) as f64 / t as f64).cos());
+            }
+            assert!((cosine_annealing(base, 0.0, t, e) - torch).abs() < 1e-12, "epoch {e}");
+        }
+        assert_eq!(cosine_annealing(base, 0.0, t, 0), base);
+        assert!((cosine_annealing(base, 0.0, t, 50) - 0.15).abs() < 1e-12);
+        assert!((cosine_annealing(base, 0.01, t, 100) - 0.01).abs() < 1e-12);
+        assert_eq!(cosine_annealing(base, 0.01, t, 400), cosine_annealing(base, 0.01, t, 100));
+        // MultiStepLR([12, 16], 0.2): x1 for epochs 0-11, x0.2 for 12-15, x0.04 from 16.
+        let lrs: Vec<f64> = (0..20).map(|e| multi_step(0.01, &[12, 16], 0.2, e)).collect();
+        assert!(lrs[..12].iter().all(|&l| l == 0.01));
+        assert!(lrs[12..16].iter().all(|&l| l == 0.01 * 0.2));
+        assert!(lrs[16..].iter().all(|&l| l == 0.01 * 0.2 * 0.2));
+        assert_eq!(multi_step(1.0, &[3, 3], 0.5, 3), 0.25);
     }
 }

@@ -88,18 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let bar = progress_bar();
     let current = RefCell::new(String::new());
-    let report = evaluate(&args.checkpoint, &train, &test, &opts, &|p: Progress<'_>| {
-        if *current.borrow() != p.task {
-            if !current.borrow().is_empty() {
-                bar.println(format!("{} done ({:.1} s)", current.borrow(), bar.elapsed().as_secs_f64()));
-            }
-            *current.borrow_mut() = p.task.to_string();
-            bar.reset();
-            bar.set_length(p.total as u64);
-            bar.set_message(p.task.to_string());
-        }
-        bar.set_position(p.done as u64);
-    });
+    let report = evaluate(&args.checkpoint, &train, &test, &opts, &show_progress(&bar, &current));
     bar.finish_and_clear();
     let report = report.with_context(|| format!("evaluating {}", args.checkpoint.display()))?;
     print_table(&report);
@@ -115,7 +104,7 @@ pub(crate) fn print_table(r: &EvalReport) {
     );
     println!(
         "{:<14} {:>11} {:>13} {:>12} {:>8} {:>8}",
-        "network", "k-NN top-1", "linear top-1", "features s", "k-NN s", "probe s"
+        "network", "k-NN top-1", "probe top-1*", "features s", "k-NN s", "probe s"
     );
     let row = |name: &str, s: &Scores| {
         println!(
@@ -138,7 +127,25 @@ pub(crate) fn print_table(r: &EvalReport) {
             100.0 * (r.linear_top1 - b.scores.linear_top1)
         );
     }
+    println!("* {}; the paper's linear evaluation is `cargo xtask eval-linear`", r.linear_protocol);
     println!("total {:.1} s", r.total_s);
+}
+
+/// A progress callback for the evaluation libraries: one bar, reset for each new task, with a line
+/// for each finished one.
+pub fn show_progress<'a>(bar: &'a indicatif::ProgressBar, current: &'a RefCell<String>) -> impl Fn(Progress<'_>) + 'a {
+    move |p: Progress<'_>| {
+        if *current.borrow() != p.task {
+            if !current.borrow().is_empty() {
+                bar.println(format!("{} done ({:.1} s)", current.borrow(), bar.elapsed().as_secs_f64()));
+            }
+            *current.borrow_mut() = p.task.to_string();
+            bar.reset();
+            bar.set_length(p.total as u64);
+            bar.set_message(p.task.to_string());
+        }
+        bar.set_position(p.done as u64);
+    }
 }
 
 /// The progress bar of the feature commands (images done, rate, time left).

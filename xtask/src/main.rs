@@ -6,7 +6,9 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod embed;
 mod eval;
+mod eval_linear;
 mod export;
+mod finetune;
 mod import;
 mod pipeline;
 mod preprocess;
@@ -38,8 +40,12 @@ enum Command {
     Export(export::Args),
     /// Turn a PyTorch checkpoint (official SwAV, torchvision) or safetensors state dict into a model file.
     Import(import::Args),
-    /// k-NN and linear-probe accuracy of a checkpoint's features (optionally beside a random network).
+    /// k-NN and linear-probe accuracy of a checkpoint's features (fast proxies; optionally beside a random network).
     Eval(eval::Args),
+    /// The paper's linear evaluation (official eval_linear.py): a linear classifier on the frozen backbone.
+    EvalLinear(eval_linear::Args),
+    /// The paper's semi-supervised evaluation (official eval_semisup.py): fine-tune the whole network on labelled images.
+    Finetune(finetune::Args),
     /// Write a dataset's pooled features (and labels) as NumPy .npy files.
     Embed(embed::Args),
     /// Plot and summarise a training run (report.png, report.txt).
@@ -58,6 +64,8 @@ fn main() -> std::process::ExitCode {
         Command::Export(args) => export::run(args),
         Command::Import(args) => import::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::EvalLinear(args) => eval_linear::run(args),
+        Command::Finetune(args) => finetune::run(args),
         Command::Embed(args) => embed::run(args),
         Command::Report(args) => report::run(args),
     };

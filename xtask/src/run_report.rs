@@ -119,7 +119,7 @@ impl std::fmt::Display for Summary {
             let pct = |v: f64| format!("{:.2}%", 100.0 * v);
             writeln!(
                 f,
-                "eval             k-NN top-1 {}, linear top-1 {} ({} train / {} test images)",
+                "eval             k-NN top-1 {}, linear probe top-1 {} (proxy: cached centre-crop features; {} train / {} test images)",
                 pct(e.knn_top1),
                 pct(e.linear_top1),
                 e.train_images,
@@ -128,7 +128,7 @@ impl std::fmt::Display for Summary {
             if let Some(b) = &e.baseline {
                 writeln!(
                     f,
-                    "eval baseline    random init: k-NN top-1 {}, linear top-1 {}",
+                    "eval baseline    random init: k-NN top-1 {}, linear probe top-1 {}",
                     pct(b.scores.knn_top1),
                     pct(b.scores.linear_top1)
                 )?;

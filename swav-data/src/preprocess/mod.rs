@@ -24,7 +24,7 @@ use crate::augment::resample::Resampler;
 use crate::codec::{self, Codec, MAX_PIXELS, MAX_SIDE};
 use crate::error::{DataError, Result};
 use crate::image::Image;
-use crate::manifest::{Manifest, Parameters, ShardEntry, Skipped, FORMAT_VERSION};
+use crate::manifest::{Manifest, NamesEntry, Parameters, ShardEntry, Skipped, FORMAT_VERSION};
 use crate::shard::{ShardWriter, RECORD_HEADER_LEN};
 
 /// Settings of a preprocessing run.
@@ -109,8 +109,18 @@ enum Source {
 
 /// The result of one input.
 enum Outcome {
-    Record { label: Option<u32>, image_shape: (u32, u32, u8), payload: Vec<u8>, codec: Codec, sums: [u64; 6] },
-    Skip { rel: String, reason: String },
+    Record {
+        rel: String,
+        label: Option<u32>,
+        image_shape: (u32, u32, u8),
+        payload: Vec<u8>,
+        codec: Codec,
+        sums: [u64; 6],
+    },
+    Skip {
+        rel: String,
+        reason: String,
+    },
 }
 
 /// Runs a preprocessing job; `progress` is called from the writer thread after each input.
@@ -168,6 +178,7 @@ pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)
 
     // 3. Decode in parallel, write in order.
     let mut writer = Writer::new(tmp.path.clone(), opts.shard_size_mib << 20, classes.len());
+    let mut names: Vec<String> = Vec::new();
     let workers = opts.workers.max(1);
     let window = workers * 4;
     std::thread::scope(|scope| -> Result<()> {
@@ -212,9 +223,10 @@ pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)
             pending.insert(i, outcome);
             while let Some(outcome) = pending.remove(&next) {
                 match outcome {
-                    Outcome::Record { label, image_shape, payload, codec, sums } => {
+                    Outcome::Record { rel, label, image_shape, payload, codec, sums } => {
                         if result.is_ok() {
                             result = writer.add(label, image_shape, codec, &payload, &sums);
+                            names.push(rel);
                         }
                     }
                     Outcome::Skip { rel, reason } => skipped.push(Skipped { path: rel, reason }),
@@ -245,6 +257,7 @@ pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)
     }
     skipped.sort();
     let shards = writer.finish()?;
+    let names = write_names(&tmp.path, &names)?;
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         num_images: writer.written,
@@ -268,6 +281,7 @@ pub fn preprocess(opts: &PreprocessOptions, progress: &(dyn Fn(Progress) + Sync)
             grayscale: "stored with 1 channel".into(),
             created_by: format!("swav-data {}", env!("CARGO_PKG_VERSION")),
         },
+        names: Some(names),
     };
     let mut text = serde_json::to_vec_pretty(&manifest).expect("the manifest serialises");
     text.push(b'\n');
@@ -377,6 +391,7 @@ fn process_one(
     };
     match payload {
         Ok(payload) => Outcome::Record {
+            rel,
             label,
             image_shape: (image.height, image.width, image.channels),
             payload,
@@ -501,6 +516,21 @@ impl Writer {
             })
             .collect()
     }
+}
+
+/// The file name of the source names (see [`NamesEntry`]).
+pub const NAMES_FILE: &str = "names.json";
+
+/// Writes the source name of every image, in index order, and describes the file for the manifest.
+fn write_names(dir: &Path, names: &[String]) -> Result<NamesEntry> {
+    let mut text = serde_json::to_vec(names).expect("strings serialise");
+    text.push(b'\n');
+    write_synced(&dir.join(NAMES_FILE), &text)?;
+    Ok(NamesEntry {
+        file: NAMES_FILE.into(),
+        count: names.len(),
+        checksum: format!("crc32:{:08x}", crc32fast::hash(&text)),
+    })
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

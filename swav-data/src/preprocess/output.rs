@@ -1,8 +1,8 @@
 //! The output folder of `preprocess`, and everything the command may touch around it. The rule: it
 //! creates, replaces and deletes only what it owns, and refuses before touching anything otherwise.
 //!
-//! - It owns, inside a dataset folder, `manifest.json` and the `shard-NNNNN.bin` files (regular files of
-//!   those names). `--overwrite` replaces a folder holding only those (or an empty folder); a folder
+//! - It owns, inside a dataset folder, `manifest.json`, `names.json` and the `shard-NNNNN.bin` files
+//!   (regular files of those names). `--overwrite` replaces a folder holding only those (or an empty folder); a folder
 //!   holding anything else is refused with the foreign entries listed, and left untouched.
 //! - Beside the output it owns `.NAME.tmp-PID` (the folder a run builds in) and `.NAME.old-PID` (the
 //!   previous dataset while it is swapped out), both of its own pid, and `.NAME.lock` (see [`lock`]).
@@ -23,7 +23,7 @@ fn is_owned_name(name: &OsStr) -> bool {
     let Some(name) = name.to_str() else {
         return false;
     };
-    if name == "manifest.json" {
+    if name == "manifest.json" || name == super::NAMES_FILE {
         return true;
     }
     // `shard-{:05}.bin`: at least five digits (more beyond 99999 shards).
@@ -102,7 +102,7 @@ pub(super) fn check_output(output: &Path, overwrite: bool) -> Result<()> {
     let foreign = foreign_entries(output)?;
     if !foreign.is_empty() {
         return bad(format!(
-            "is not a swav-data dataset: it holds files that preprocess does not write ({}); --overwrite replaces only a dataset's manifest.json and shard-NNNNN.bin files: move the others away or choose another --output",
+            "is not a swav-data dataset: it holds files that preprocess does not write ({}); --overwrite replaces only a dataset's manifest.json, names.json and shard-NNNNN.bin files: move the others away or choose another --output",
             list(&foreign)
         ));
     }
