@@ -57,6 +57,7 @@ fn expect_corrupt_record(r: swav_data::Result<swav_data::Image>, record: usize, 
 
 #[test]
 fn records_claiming_huge_images_are_refused_before_allocating() {
+    let _one_at_a_time = counting_alloc::exclusive();
     let tmp = tempfile::tempdir().unwrap();
     for codec in [Codec::RawZstd, Codec::Jpeg] {
         let dir = dataset(tmp.path(), codec.name(), codec);
@@ -85,6 +86,7 @@ fn records_claiming_huge_images_are_refused_before_allocating() {
 
 #[test]
 fn a_zstd_payload_must_announce_the_size_the_record_claims() {
+    let _one_at_a_time = counting_alloc::exclusive();
     let tmp = tempfile::tempdir().unwrap();
     let dir = dataset(tmp.path(), "ds", Codec::RawZstd);
     let good = Shard::read(&shard_path(&dir));
@@ -149,6 +151,7 @@ fn sof_height_at(jpeg: &[u8]) -> usize {
 
 #[test]
 fn a_jpeg_header_lying_about_its_size_is_refused_before_allocating() {
+    let _one_at_a_time = counting_alloc::exclusive();
     let tmp = tempfile::tempdir().unwrap();
     let dir = dataset(tmp.path(), "ds", Codec::Jpeg);
     let good = Shard::read(&shard_path(&dir));
@@ -185,6 +188,7 @@ fn not_a_dataset(dir: &Path) -> String {
 
 #[test]
 fn manifest_counts_and_sizes_are_checked_against_the_files_before_allocating() {
+    let _one_at_a_time = counting_alloc::exclusive();
     let tmp = tempfile::tempdir().unwrap();
     let dir = dataset(tmp.path(), "ds", Codec::RawZstd);
     let original = std::fs::read(dir.join("manifest.json")).unwrap();
@@ -232,6 +236,7 @@ fn manifest_counts_and_sizes_are_checked_against_the_files_before_allocating() {
 
 #[test]
 fn manifest_messages_say_what_is_wrong() {
+    let _one_at_a_time = counting_alloc::exclusive();
     let tmp = tempfile::tempdir().unwrap();
     let dir = dataset(tmp.path(), "ds", Codec::RawZstd);
     let path = dir.join("manifest.json");
@@ -276,6 +281,7 @@ fn manifest_messages_say_what_is_wrong() {
 
 #[test]
 fn labels_past_the_class_list_are_refused_naming_the_record() {
+    let _one_at_a_time = counting_alloc::exclusive();
     let tmp = tempfile::tempdir().unwrap();
     let dir = dataset(tmp.path(), "ds", Codec::RawZstd);
     let good = Shard::read(&shard_path(&dir));
@@ -296,6 +302,7 @@ fn labels_past_the_class_list_are_refused_naming_the_record() {
 #[cfg(unix)]
 #[test]
 fn special_files_in_a_dataset_do_not_hang_the_reader() {
+    let _one_at_a_time = counting_alloc::exclusive();
     use std::ffi::CString;
     let tmp = tempfile::tempdir().unwrap();
     let dir = dataset(tmp.path(), "ds", Codec::RawZstd);
@@ -328,6 +335,7 @@ fn special_files_in_a_dataset_do_not_hang_the_reader() {
 
 #[test]
 fn the_most_compressible_honest_images_pass_the_payload_checks() {
+    let _one_at_a_time = counting_alloc::exclusive();
     // Uniform images compress best: the payload checks (zstd's maximum ratio, the JPEG bytes-per-pixel
     // floor) must still accept them, whether preprocess encoded them or kept an input JPEG unchanged.
     let tmp = tempfile::tempdir().unwrap();

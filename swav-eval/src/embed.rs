@@ -42,7 +42,8 @@ pub fn embed(
             dataset.dir().display()
         )));
     }
-    let file = ModelFile::read_with(checkpoint, &Overrides { input_size, ..Overrides::default() })?;
+    let mut file = ModelFile::read_with(checkpoint, &Overrides { input_size, ..Overrides::default() })?;
+    file.model.to_device(opts.device)?;
     let (model, transform) = (&file.model, input_transform(&file.preprocessing)?);
     let f: Features = extract_features(model, dataset, &transform, opts, progress)?;
     npy::write(output, &[f.n, f.dim], &f.data)?;

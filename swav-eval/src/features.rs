@@ -11,7 +11,7 @@
 
 use swav_data::{AugmentConfig, CropGroup, Dataset, EvalConfig, EvalLoader, Layout, LoaderConfig, MultiCropConfig};
 use swav_model::{Preprocessing, SwavModel};
-use swav_tensor::Tensor;
+use swav_tensor::{Device, Tensor};
 
 use crate::EvalError;
 
@@ -79,11 +79,18 @@ pub struct ExtractOptions {
     pub batch_size: usize,
     /// Loader threads decoding and transforming images (0: in the calling thread).
     pub workers: usize,
+    /// Where the network runs: [`crate::frozen::evaluate`] and [`crate::embed::embed`] move the model
+    /// there; [`extract_features`] runs on the model's device whatever this says.
+    pub device: Device,
 }
 
 impl Default for ExtractOptions {
     fn default() -> Self {
-        ExtractOptions { batch_size: 256, workers: std::thread::available_parallelism().map_or(1, |n| n.get()) }
+        ExtractOptions {
+            batch_size: 256,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            device: Device::Cpu,
+        }
     }
 }
 
@@ -174,7 +181,8 @@ pub(crate) fn check_batch_memory(
 }
 
 /// Pooled backbone features `[dataset.len(), feature_dim]` of every image, in index order, with the
-/// dataset's labels. `progress(done, total)` is called after each batch.
+/// dataset's labels, computed on the model's device (in float32). `progress(done, total)` is called
+/// after each batch.
 pub fn extract_features(
     model: &SwavModel,
     dataset: &Dataset,
@@ -196,6 +204,7 @@ pub fn extract_features(
         ..LoaderConfig::default()
     };
     let mut loader = EvalLoader::new(dataset, transform, &cfg)?;
+    let device = model.device();
     let dim = model.config.feature_dim();
     let total = dataset.len();
     let mut data = Vec::with_capacity(total * dim);
@@ -204,7 +213,7 @@ pub fn extract_features(
     for batch in loader.iter() {
         let batch = batch?;
         let group = batch.group(0);
-        let images = Tensor::from_slice(&group.shape, group.data)?;
+        let images = Tensor::from_slice(&group.shape, group.data)?.to_device(device)?;
         let f = model.features(&images)?;
         if f.shape() != [batch.len(), dim] {
             return Err(EvalError::Invalid(format!(
@@ -214,7 +223,7 @@ pub fn extract_features(
                 batch.len()
             )));
         }
-        data.extend_from_slice(f.as_slice());
+        data.extend_from_slice(&f.to_vec());
         for l in batch.labels() {
             match l {
                 Some(l) => labels.push(*l),

@@ -189,7 +189,9 @@ pub fn evaluate(
     opts.knn.validate()?;
     opts.probe.validate()?;
     check_labelled(train, test)?;
-    let file = ModelFile::read_with(checkpoint, &Overrides { input_size: opts.input_size, ..Overrides::default() })?;
+    let mut file =
+        ModelFile::read_with(checkpoint, &Overrides { input_size: opts.input_size, ..Overrides::default() })?;
+    file.model.to_device(opts.extract.device)?;
     let (model, transform) = (&file.model, input_transform(&file.preprocessing)?);
     tracing::info!(
         "evaluating {} ({}-d features) on {} training and {} test images: resize {}, centre crop {}, mean {:?}, std {:?}",
@@ -206,7 +208,8 @@ pub fn evaluate(
     let baseline = match opts.baseline {
         None => None,
         Some(b @ Baseline::Random { seed }) => {
-            let random = SwavModel::new(model.config.clone(), seed)?;
+            let mut random = SwavModel::new(model.config.clone(), seed)?;
+            random.to_device(opts.extract.device)?;
             let scores = evaluate_model("random init", &random, train, test, &transform, opts, progress)?;
             Some(BaselineReport { baseline: b, scores })
         }

@@ -277,7 +277,7 @@ pub fn linear_eval(
     let dim = model.config.feature_dim();
 
     let t0 = Instant::now();
-    let extract = ExtractOptions { batch_size: c.batch_size, workers };
+    let extract = ExtractOptions { batch_size: c.batch_size, workers, device: model.device() };
     let val_f = extract_features(model, val, &val_t, &extract, &|done, total| {
         progress(Progress { task: "validation features", done, total })
     })?;

@@ -11,6 +11,7 @@ use swav_eval::features::{extract_features, input_transform, ExtractOptions};
 use swav_eval::frozen::{evaluate, Baseline, EvalOptions, EvalReport};
 use swav_eval::probe::ProbeConfig;
 use swav_model::{Arch, ModelConfig, ModelFile, Overrides, Preprocessing, SwavModel};
+use swav_tensor::Device;
 
 fn tiny_config() -> ModelConfig {
     ModelConfig {
@@ -75,7 +76,7 @@ fn model_file(dir: &Path) -> PathBuf {
 fn options() -> EvalOptions {
     EvalOptions {
         probe: ProbeConfig { epochs: 20, batch_size: 16, ..ProbeConfig::default() },
-        extract: ExtractOptions { batch_size: 16, workers: 2 },
+        extract: ExtractOptions { batch_size: 16, workers: 2, device: Device::Cpu },
         baseline: Some(Baseline::Random { seed: 5 }),
         ..EvalOptions::default()
     }
@@ -138,8 +139,22 @@ fn features_come_in_index_order_with_the_models_preprocessing() {
     assert_eq!((t.crop, t.resize), (14, 14));
 
     // Batch size does not change the features (batch 4 leaves a last batch of 2).
-    let f4 = extract_features(&model, &data, &t, &ExtractOptions { batch_size: 4, workers: 2 }, &|_, _| {}).unwrap();
-    let f18 = extract_features(&model, &data, &t, &ExtractOptions { batch_size: 18, workers: 0 }, &|_, _| {}).unwrap();
+    let f4 = extract_features(
+        &model,
+        &data,
+        &t,
+        &ExtractOptions { batch_size: 4, workers: 2, device: Device::Cpu },
+        &|_, _| {},
+    )
+    .unwrap();
+    let f18 = extract_features(
+        &model,
+        &data,
+        &t,
+        &ExtractOptions { batch_size: 18, workers: 0, device: Device::Cpu },
+        &|_, _| {},
+    )
+    .unwrap();
     assert_eq!((f4.n, f4.dim, f4.classes), (18, 64, 2));
     let labels: Vec<u32> = (0..18).map(|i| data.label(i).unwrap()).collect();
     assert_eq!(f4.labels.as_ref().unwrap(), &labels);
@@ -165,7 +180,7 @@ fn embed_writes_features_and_labels_that_read_back() {
     let data = dataset(dir.path(), "data", 3, 5, true);
     let ckpt = model_file(dir.path());
     let (out, labels_out) = (dir.path().join("f.npy"), dir.path().join("l.npy"));
-    let opts = ExtractOptions { batch_size: 8, workers: 1 };
+    let opts = ExtractOptions { batch_size: 8, workers: 1, device: Device::Cpu };
     let s = embed(&ckpt, &data, &out, Some(&labels_out), None, &opts, &|_, _| {}).unwrap();
     assert_eq!((s.images, s.feature_dim, s.labels), (15, 64, true));
 
@@ -210,11 +225,64 @@ fn errors_name_the_problem() {
 
     // Embedding unlabelled data works; asking for its labels does not.
     let out = dir.path().join("u.npy");
-    let opts = ExtractOptions { batch_size: 4, workers: 1 };
+    let opts = ExtractOptions { batch_size: 4, workers: 1, device: Device::Cpu };
     embed(&ckpt, &unlabelled, &out, None, None, &opts, &|_, _| {}).unwrap();
     assert_eq!(read_npy::<f32>(&out).unwrap().0, vec![6, 64]);
     let e = embed(&ckpt, &unlabelled, &out, Some(&dir.path().join("l.npy")), None, &opts, &|_, _| {})
         .unwrap_err()
         .to_string();
     assert!(e.contains("no labels"), "{e}");
+}
+
+/// The CUDA devices to compare with the CPU: the emulated one (kernels run on the CPU through the
+/// emulation of the CUDA built-ins, library calls by the CPU ops), and device 0 where there is one.
+fn cuda_devices() -> Vec<Device> {
+    static EMULATED: std::sync::OnceLock<Option<Device>> = std::sync::OnceLock::new();
+    let emulated = *EMULATED.get_or_init(|| {
+        let probe = swav_cuda_emu::Source { name: "probe.cu", code: "extern \"C\" __global__ void probe(int n) {}" };
+        swav_cuda_emu::Emulator::new_or_skip(&[probe])?;
+        let backend = swav_tensor::cuda::emulated::EmulatedBackend::new();
+        swav_tensor::cuda::runtime::register(99, Box::new(backend)).expect("registered once");
+        Some(Device::Cuda(99))
+    });
+    let real = match swav_tensor::cuda::runtime::runtime(0) {
+        Ok(_) => Some(Device::Cuda(0)),
+        Err(e) => {
+            if std::env::var("SWAV_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+                panic!("SWAV_REQUIRE_CUDA=1 but there is no usable CUDA device: {e}");
+            }
+            eprintln!("SKIPPED on a GPU: {e}");
+            None
+        }
+    };
+    emulated.into_iter().chain(real).collect()
+}
+
+#[test]
+fn embed_and_evaluate_on_a_cuda_device_give_the_cpu_features() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), "data", 3, 4, true);
+    let ckpt = model_file(dir.path());
+    let cpu_out = dir.path().join("cpu.npy");
+    let cpu = ExtractOptions { batch_size: 5, workers: 1, device: Device::Cpu };
+    embed(&ckpt, &data, &cpu_out, None, None, &cpu, &|_, _| {}).unwrap();
+    let (shape, want) = read_npy::<f32>(&cpu_out).unwrap();
+    let cpu_eval = evaluate(&ckpt, &data, &data, &EvalOptions { baseline: None, ..options() }, &|_| {}).unwrap();
+    for device in cuda_devices() {
+        let out = dir.path().join(format!("{device}.npy").replace(':', "-"));
+        let opts = ExtractOptions { device, ..cpu.clone() };
+        embed(&ckpt, &data, &out, None, None, &opts, &|_, _| {}).unwrap();
+        let (got_shape, got) = read_npy::<f32>(&out).unwrap();
+        assert_eq!(got_shape, shape);
+        let num: f64 = got.iter().zip(&want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+        let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
+        let rel = (num / den).sqrt();
+        assert!(rel < 1e-4, "{device}: features differ from the CPU's by {rel:.2e}");
+
+        let mut eval_opts = EvalOptions { baseline: None, ..options() };
+        eval_opts.extract.device = device;
+        let r = evaluate(&ckpt, &data, &data, &eval_opts, &|_| {}).unwrap();
+        assert_eq!(r.feature_dim, cpu_eval.feature_dim);
+        assert!((r.knn_top1 - cpu_eval.knn_top1).abs() <= 1.0 / 12.0 + 1e-9, "{device}: {r:?}");
+    }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use swav_model::checkpoint::{NamedTensors, Value};
 use swav_model::{Arch, ModelConfig};
-use swav_tensor::Tensor;
+use swav_tensor::{Device, Tensor};
 
 use crate::judge::Reference;
 use crate::ReferenceError;
@@ -14,6 +14,8 @@ use crate::ReferenceError;
 pub(crate) struct Case<'a> {
     pub path: &'a Path,
     pub file: &'a NamedTensors,
+    /// Where the network runs.
+    pub device: Device,
 }
 
 impl Case<'_> {
@@ -60,7 +62,7 @@ impl Case<'_> {
 
     /// The crops `{prefix}crop{i}` (`[batch, channels, size, size]` in the file) as the model's input:
     /// one NHWC tensor per run of equal resolution, the run's crops concatenated along the batch
-    /// (crop-major).
+    /// (crop-major), on the case's device.
     pub fn crop_groups(&self, prefix: &str, sizes: &[usize], batch: usize) -> Result<Vec<Tensor>, ReferenceError> {
         let crops = (0..sizes.len())
             .map(|i| {
@@ -76,7 +78,7 @@ impl Case<'_> {
         let mut start = 0;
         while start < crops.len() {
             let end = (start..crops.len()).find(|&i| sizes[i] != sizes[start]).unwrap_or(crops.len());
-            groups.push(Tensor::cat(&crops[start..end].iter().collect::<Vec<_>>())?);
+            groups.push(Tensor::cat(&crops[start..end].iter().collect::<Vec<_>>())?.to_device(self.device)?);
             start = end;
         }
         Ok(groups)

@@ -22,6 +22,7 @@
 use std::path::Path;
 
 use swav_model::checkpoint::NamedTensors;
+pub use swav_tensor::Device;
 
 pub use error::ReferenceError;
 pub use judge::{Allowance, Check, Class, Rule, Witness};
@@ -79,15 +80,18 @@ pub struct Counts {
 /// values; an update for weights of a `swav_train` case), in both runs, as a systematic bug would be.
 pub type Fault<'a> = &'a dyn Fn(&str, &mut [f64]);
 
-/// Runs one reference case file and judges every tensor.
+/// Runs one reference case file on the CPU and judges every tensor.
 pub fn verify_case(path: &Path) -> Result<CaseReport, ReferenceError> {
-    verify_case_with(path, &|_, _| {})
+    verify_case_with(path, Device::Cpu, &|_, _| {})
 }
 
-/// [`verify_case`] with `fault` applied to our results before they are judged.
-pub fn verify_case_with(path: &Path, fault: Fault<'_>) -> Result<CaseReport, ReferenceError> {
+/// [`verify_case`] on `device`, with `fault` applied to our results before they are judged. On a
+/// CUDA device the network (`swav_model`) and the whole iteration (`swav_train`) run there in float32;
+/// the `sinkhorn` and `swav_loss` kinds check host functions and run on the host whatever the device
+/// (swav-sinkhorn's and swav-train's CUDA kernels have parity tests of their own).
+pub fn verify_case_with(path: &Path, device: Device, fault: Fault<'_>) -> Result<CaseReport, ReferenceError> {
     let file = NamedTensors::read(path)?;
-    let case = case::Case { path, file: &file };
+    let case = case::Case { path, file: &file, device };
     let kind: String = case.meta("kind")?;
     let run: fn(&case::Case<'_>) -> Result<Vec<judge::Output>, ReferenceError> = match kind.as_str() {
         "sinkhorn" => kinds::sinkhorn::run,
@@ -100,7 +104,7 @@ pub fn verify_case_with(path: &Path, fault: Fault<'_>) -> Result<CaseReport, Ref
     let mut reruns = Vec::new();
     for (ulps, pattern) in judge::reruns() {
         let moved = case::perturbed(&file, ulps, pattern);
-        reruns.push(judge::Rerun { ulps, pattern, outputs: run(&case::Case { path, file: &moved })? });
+        reruns.push(judge::Rerun { ulps, pattern, outputs: run(&case::Case { path, file: &moved, device })? });
     }
     for o in outputs.iter_mut().chain(reruns.iter_mut().flat_map(|r| r.outputs.iter_mut())) {
         if let Some(got) = &mut o.got {

@@ -59,3 +59,62 @@ fn all_reference_cases_pass() {
     }
     assert!(failures.is_empty(), "failing: {failures:#?}");
 }
+
+/// The CUDA devices to run the cases on: the emulated one (kernels on the CPU through the emulation
+/// of the CUDA built-ins, cuDNN and cuBLAS calls executed by the CPU ops), and device 0 where there is one.
+fn cuda_devices() -> Vec<(swav_reference::Device, &'static str)> {
+    use swav_reference::Device;
+    static EMULATED: std::sync::OnceLock<Option<Device>> = std::sync::OnceLock::new();
+    let emulated = *EMULATED.get_or_init(|| {
+        let probe = swav_cuda_emu::Source { name: "probe.cu", code: "extern \"C\" __global__ void probe(int n) {}" };
+        swav_cuda_emu::Emulator::new_or_skip(&[probe])?;
+        let backend = swav_tensor::cuda::emulated::EmulatedBackend::new();
+        swav_tensor::cuda::runtime::register(99, Box::new(backend)).expect("registered once");
+        Some(Device::Cuda(99))
+    });
+    let real = match swav_tensor::cuda::runtime::runtime(0) {
+        Ok(_) => Some(Device::Cuda(0)),
+        Err(e) => {
+            if std::env::var("SWAV_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+                panic!("SWAV_REQUIRE_CUDA=1 but there is no usable CUDA device: {e}");
+            }
+            eprintln!("SKIPPED on a GPU: {e}");
+            None
+        }
+    };
+    emulated.map(|d| (d, "emulated")).into_iter().chain(real.map(|d| (d, "gpu"))).collect()
+}
+
+#[test]
+fn reference_cases_pass_on_cuda_devices() {
+    for (device, what) in cuda_devices() {
+        // The emulated device runs its kernels one simulated thread at a time, and each case runs a
+        // dozen times (the perturbed reruns): one model case with its gradients covers the network's
+        // kernels (whole iterations on the emulated device are compared with the CPU run in
+        // swav-train's device_train test); a real device runs every case.
+        let files: Vec<PathBuf> = case_files()
+            .into_iter()
+            .filter(|f| {
+                let name = f.file_name().unwrap().to_string_lossy();
+                what == "gpu" || name == "swav_model_small_0.safetensors"
+            })
+            .collect();
+        for file in &files {
+            let report = swav_reference::verify_case_with(file, device, &|_, _| {})
+                .unwrap_or_else(|e| panic!("{} on {device}: {e}", file.display()));
+            let failed: Vec<_> = report
+                .checks
+                .iter()
+                .filter(|c| !c.pass())
+                .map(|c| format!("{} {:.2e} > {:.2e}", c.name, c.error, c.tolerance))
+                .collect();
+            eprintln!(
+                "{} on {device} ({what}): {} checks, {} failed",
+                file.display(),
+                report.checks.len(),
+                failed.len()
+            );
+            assert!(!report.checks.is_empty() && failed.is_empty(), "{} on {device}: {failed:#?}", file.display());
+        }
+    }
+}

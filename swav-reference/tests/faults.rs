@@ -54,7 +54,7 @@ fn with_errors(file: &str, names: &[&str], factor: f64) -> Vec<Check> {
             }
         }
     };
-    let report = verify_case_with(&path, &fault).unwrap();
+    let report = verify_case_with(&path, swav_reference::Device::Cpu, &fault).unwrap();
     names.iter().map(|&name| check(&report.checks, name).clone()).collect()
 }
 

@@ -33,11 +33,13 @@ pub struct DeviceSinkhorn {
 impl DeviceSinkhorn {
     /// The codes of `scores` (`[rows, k]`, f32 on a CUDA device): Sinkhorn over every row.
     fn run(&mut self, scores: &Tensor, params: &swav_sinkhorn::Params) -> Result<Tensor, TrainError> {
-        let rt = runtime(scores)?;
         let (rows, k) = (scores.dim(0), scores.dim(1));
         #[cfg(feature = "cuda")]
-        if let Some(driver) = rt.backend().as_any().downcast_ref::<swav_tensor::cuda::driver::DriverBackend>() {
-            return self.run_cuda(driver.stream(), rt, scores, rows, k, params);
+        {
+            let rt = runtime(scores)?;
+            if let Some(driver) = rt.backend().as_any().downcast_ref::<swav_tensor::cuda::driver::DriverBackend>() {
+                return self.run_cuda(driver.stream(), rt, scores, rows, k, params);
+            }
         }
         let host = scores.to_vec();
         let q = swav_sinkhorn::sinkhorn(&host, rows, k, params).map_err(|e| TrainError::Sinkhorn(e.to_string()))?;

@@ -32,6 +32,9 @@ pub struct Args {
     /// Loader threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Where the network runs: cpu, or cuda[:N] (float32).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -39,8 +42,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     outputs.extend(args.labels.as_deref().map(|l| (l, "labels file (--labels)")));
     swav_core::fs::check_outputs(&[(&args.checkpoint, "model file"), (&args.data, "dataset")], &outputs)?;
     let data = Dataset::open(&args.data).context("opening the data")?;
-    let opts =
-        ExtractOptions { batch_size: args.batch, workers: args.workers.unwrap_or(ExtractOptions::default().workers) };
+    let opts = ExtractOptions {
+        batch_size: args.batch,
+        workers: args.workers.unwrap_or(ExtractOptions::default().workers),
+        device: crate::open_device(&args.device)?.0,
+    };
     let bar = crate::eval::progress_bar();
     bar.set_message("features");
     let summary =

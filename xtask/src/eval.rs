@@ -62,6 +62,9 @@ pub struct Args {
     /// Loader threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Where the network runs: cpu, or cuda[:N] (float32).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -82,6 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         extract: ExtractOptions {
             batch_size: args.batch,
             workers: args.workers.unwrap_or(ExtractOptions::default().workers),
+            device: crate::open_device(&args.device)?.0,
         },
         input_size: args.input_size,
         baseline: args.baseline.map(|BaselineKind::Random| Baseline::Random { seed: args.baseline_seed }),

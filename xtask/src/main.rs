@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod doctor;
 mod embed;
 mod eval;
 mod eval_linear;
@@ -50,6 +51,8 @@ enum Command {
     Embed(embed::Args),
     /// Plot and summarise a training run (report.png, report.txt).
     Report(report::Args),
+    /// What this machine offers: CPU instruction set; CUDA driver, libraries (versions, files), devices.
+    Doctor(doctor::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -68,6 +71,7 @@ fn main() -> std::process::ExitCode {
         Command::Finetune(args) => finetune::run(args),
         Command::Embed(args) => embed::run(args),
         Command::Report(args) => report::run(args),
+        Command::Doctor(args) => doctor::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -97,4 +101,22 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+}
+
+/// The device of a `--device` flag (`cpu`, `cuda`, `cuda:N`), opened: a missing GPU or library is
+/// reported before any work starts. The CUDA runtime, when there is one.
+pub fn open_device(
+    spec: &str,
+) -> anyhow::Result<(swav_tensor::Device, Option<std::sync::Arc<swav_tensor::cuda::runtime::DeviceRuntime>>)> {
+    use anyhow::Context;
+    let device = swav_tensor::Device::parse(spec).context("--device")?;
+    let runtime = match device {
+        swav_tensor::Device::Cuda(i) => {
+            let rt = swav_tensor::cuda::runtime::runtime(i).with_context(|| format!("--device {spec}"))?;
+            tracing::info!("running on {device}: {}", rt.backend().describe());
+            Some(rt)
+        }
+        swav_tensor::Device::Cpu => None,
+    };
+    Ok((device, runtime))
 }

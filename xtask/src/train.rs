@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use swav_tensor::Device;
 use swav_train::config::{self, PRESETS};
 use swav_train::trainer::{train, TrainOptions};
 
@@ -68,12 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let (data, run_dir) = (args.data.expect("required by clap"), args.run_dir.expect("required by clap"));
-    let device = Device::parse(&args.device)?;
-    if let Device::Cuda(i) = device {
-        // Open the device first: a missing GPU or library is reported before any work starts.
-        let rt = swav_tensor::cuda::runtime::runtime(i).context("--device")?;
-        tracing::info!("training on {device}: {}", rt.backend().describe());
-    }
+    let (device, _) = crate::open_device(&args.device)?;
     if let Some(n) = args.threads {
         rayon_threads(n)?;
     }

@@ -2,19 +2,24 @@
 //! its kind and every check with its error, its tolerance and the rule that judged it.
 
 use anyhow::bail;
-use swav_reference::verify_case;
+use swav_reference::verify_case_with;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Reference case files (safetensors with a `kind` in their metadata).
     #[arg(required = true)]
     files: Vec<std::path::PathBuf>,
+    /// Where the network and the training iterations run: cpu, or cuda[:N] (float32; the sinkhorn and
+    /// swav_loss kinds check host functions and run on the host).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let (device, _) = crate::open_device(&args.device)?;
     let (mut failed, mut unreadable) = (0, 0);
     for file in &args.files {
-        let report = match verify_case(file) {
+        let report = match verify_case_with(file, device, &|_, _| {}) {
             Ok(r) => r,
             Err(e) => {
                 println!("{}: CANNOT RUN: {e}", file.display());
@@ -22,7 +27,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 continue;
             }
         };
-        println!("{} (kind {})", file.display(), report.kind);
+        println!("{} (kind {}, on {device})", file.display(), report.kind);
         for c in &report.checks {
             let verdict = if c.pass() { "PASS" } else { "FAIL" };
             println!("  {:<56} error {:>9.2e}  tol {:>9.2e}  {verdict}  [{}]", c.name, c.error, c.tolerance, c.rule);

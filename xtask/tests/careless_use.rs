@@ -119,7 +119,7 @@ fn verify_reference_prints_the_kind_and_the_rule_of_every_check_and_fails_a_wron
     let cases = Path::new(env!("CARGO_MANIFEST_DIR")).join("../swav-reference/cases");
     let good = cases.join("swav_train_sgd.safetensors");
     let (ok, log) = run(&["verify-reference", s(&good)]);
-    assert!(ok && log.contains("(kind swav_train)") && log.contains("all reference checks pass"), "{log}");
+    assert!(ok && log.contains("(kind swav_train, on cpu)") && log.contains("all reference checks pass"), "{log}");
     assert!(log.contains("expect.final.momentum.conv1.weight") && log.contains("update 1e-3 relative"), "{log}");
     // The same case with a momentum 1% off: a tolerance failure, not an unreadable file.
     let tmp = tempfile::tempdir().unwrap();

@@ -26,7 +26,17 @@ fn dataset(root: &Path, n: usize) -> PathBuf {
 /// Runs `command`, waits for a line of its standard error containing `marker`, sends `signal`, and
 /// returns the exit code and everything it printed.
 fn signal_after(command: &mut Command, marker: &str, signal: i32) -> (Option<i32>, String) {
-    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // A binary copied a moment ago can be "busy" (ETXTBSY) while a child that another test thread is
+    // forking still holds the copy's write handle, until that child execs: wait for it.
+    let mut child = loop {
+        match command.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            spawned => break spawned.unwrap(),
+        }
+    };
     let stdout = child.stdout.take().unwrap();
     let out =
         std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>().join("\n"));

@@ -9,13 +9,20 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 struct Counting;
 
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 static SERIAL: Mutex<()> = Mutex::new(());
+static WHOLE_TEST: Mutex<()> = Mutex::new(());
+
+/// Held for a whole test: the tests of a binary that take it run one at a time, so that the work one
+/// does outside its measurements (building a dataset) cannot count in another's.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    WHOLE_TEST.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn grew(by: usize) {
     let now = CURRENT.fetch_add(by, Ordering::Relaxed) + by;

@@ -31,6 +31,7 @@ pub(crate) fn run(case: &Case<'_>) -> Result<Vec<Output>, ReferenceError> {
     let mut model = SwavModel::new(case.model_config(in_channels)?, 0)?;
     load_model_state(&mut model, case.file, "param.", LoadOptions::default())?;
     model.set_conv_algorithm(ConvAlgorithm::Direct);
+    model.to_device(case.device)?;
     let mut outputs = Vec::new();
 
     let groups = case.crop_groups("input.", &sizes, batch)?;
@@ -41,14 +42,14 @@ pub(crate) fn run(case: &Case<'_>) -> Result<Vec<Output>, ReferenceError> {
     outputs.push(Output::value("expect.embedding", out.embedding.to_vec(), Class::Value));
     outputs.push(Output::value("expect.scores", out.scores[0].to_vec(), Class::Value));
     let k = out.scores[0].dim(1);
-    let scores = out.scores[0].as_slice();
+    let scores = &out.scores[0].to_vec();
     let codes = assign
         .iter()
         .map(|&a| codes_for_crop(&scores[a * batch * k..(a + 1) * batch * k], None, batch, k, &params))
         .collect::<Result<Vec<_>, _>>()?;
     let loss = swapped_prediction_loss(scores, k, batch, sizes.len(), &assign, &codes, temperature)?;
     outputs.push(Output::value("expect.loss", [loss.loss], Class::Value));
-    let dscores = Tensor::from_vec(out.scores[0].shape(), loss.dscores)?;
+    let dscores = Tensor::from_vec(out.scores[0].shape(), loss.dscores)?.to_device(case.device)?;
     model.backward(acts, &out, &[dscores])?;
 
     for (name, value) in model_grads(&mut model).tensors {

@@ -12,8 +12,7 @@ use swav_model::checkpoint::{load_model_state, model_state, ohwi_to_oihw, LoadOp
 use swav_model::param::{Layout, Slot, Visit};
 use swav_model::SwavModel;
 use swav_tensor::ops::winograd::ConvAlgorithm;
-use swav_tensor::Device;
-use swav_train::config::TrainConfig;
+use swav_train::config::{Precision, TrainConfig};
 use swav_train::lars::Lars;
 use swav_train::queue::Queue;
 use swav_train::step::{swav_step, SwavState};
@@ -47,10 +46,11 @@ pub(crate) fn run(case: &Case<'_>) -> Result<Vec<Output>, ReferenceError> {
     let in_channels: usize = case.meta("in_channels")?;
     let config = case.model_config(in_channels)?;
     let queue = (queue_length > 0)
-        .then(|| Queue::new(train.crops_for_assign.len(), queue_length, config.feat_dim, Device::Cpu));
+        .then(|| Queue::new(train.crops_for_assign.len(), queue_length, config.feat_dim, case.device));
     let mut model = SwavModel::new(config, 0)?;
     load_model_state(&mut model, case.file, "param.", LoadOptions::default())?;
     model.set_conv_algorithm(ConvAlgorithm::Direct);
+    model.to_device(case.device)?;
     let mut state = SwavState::new(model, optimizer);
     state.queue = queue;
     let initial = model_state(&mut state.model).tensors;
@@ -81,7 +81,7 @@ pub(crate) fn run(case: &Case<'_>) -> Result<Vec<Output>, ReferenceError> {
     for (name, layout) in &params {
         let key = format!("expect.final.momentum.{name}");
         let ours = state.optimizer.buffers.get(name).map(|b| match layout {
-            Layout::Ohwi => ohwi_to_oihw(b.shape(), b.as_slice()).1,
+            Layout::Ohwi => ohwi_to_oihw(b.shape(), &b.to_vec()).1,
             Layout::Plain => b.to_vec(),
         });
         let theirs = case.file.tensors.contains_key(&key);
@@ -130,7 +130,8 @@ fn train_config(case: &Case<'_>, batch: usize) -> Result<TrainConfig, ReferenceE
         conv: ConvAlgorithm::Direct,
         init: None,
         init_backbone_only: false,
-        precision: None,
+        // The cases are float32 (PyTorch's numerics): so is the run on a CUDA device.
+        precision: Some(Precision::Fp32),
     })
 }
 

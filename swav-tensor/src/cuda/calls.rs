@@ -82,7 +82,9 @@ pub struct ConvDesc {
     pub stride: [usize; 2],
     /// Dilation (height, width): always 1 in ResNets.
     pub dilation: [usize; 2],
-    /// Tensor-core math allowed (`CUDNN_TENSOR_OP_MATH`; bf16 inputs with fp32 accumulation).
+    /// Tensor-core math allowed (`CUDNN_TENSOR_OP_MATH`; bf16 inputs with fp32 accumulation). Off for
+    /// fp32, whose calls run with `CUDNN_FMA_MATH`: cuDNN's default math lets Ampere and later cards
+    /// round fp32 inputs to TF32 (10-bit mantissa), three orders of magnitude from the CPU op.
     pub tensor_ops: bool,
 }
 
@@ -127,7 +129,12 @@ impl ConvCall {
             x: TensorDesc::nhwc(g.n, g.cin, g.h, g.w, storage),
             w: FilterDesc { k: g.cout, c: g.cin, r: g.kh, s: g.kw, storage },
             y: TensorDesc::nhwc(g.n, g.cout, g.oh, g.ow, storage),
-            conv: ConvDesc { pad: [g.pad, g.pad], stride: [g.stride, g.stride], dilation: [1, 1], tensor_ops: true },
+            conv: ConvDesc {
+                pad: [g.pad, g.pad],
+                stride: [g.stride, g.stride],
+                dilation: [1, 1],
+                tensor_ops: storage == Storage::Bf16,
+            },
             alpha: 1.0,
             beta: if pass == ConvPass::BackwardFilter { 1.0 } else { 0.0 },
         }
@@ -405,5 +412,20 @@ impl GemmCall {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv::ConvGeom;
+
+    #[test]
+    fn fp32_convolutions_never_allow_tensor_core_rounding() {
+        let g = ConvGeom::new(&[2, 9, 9, 3], &[8, 3, 3, 3], 2, 1).unwrap();
+        for pass in [ConvPass::Forward, ConvPass::BackwardData, ConvPass::BackwardFilter] {
+            assert!(!ConvCall::new(&g, pass, Storage::F32).conv.tensor_ops, "{pass:?}");
+            assert!(ConvCall::new(&g, pass, Storage::Bf16).conv.tensor_ops, "{pass:?}");
+        }
     }
 }

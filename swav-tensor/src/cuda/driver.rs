@@ -237,10 +237,12 @@ impl ConvDescriptors {
                 dnn_sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
             )
             .map_err(|x| e("cudnnSetConvolution2dDescriptor", x))?;
-            if c.tensor_ops {
-                dnn::set_convolution_math_type(conv, dnn_sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
-                    .map_err(|x| e("cudnnSetConvolutionMathType", x))?;
-            }
+            let math = if c.tensor_ops {
+                dnn_sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+            } else {
+                dnn_sys::cudnnMathType_t::CUDNN_FMA_MATH
+            };
+            dnn::set_convolution_math_type(conv, math).map_err(|x| e("cudnnSetConvolutionMathType", x))?;
         }
         Ok(ConvDescriptors { x, w, y, conv })
     }

@@ -17,6 +17,8 @@
 
 pub mod calls;
 #[cfg(feature = "cuda")]
+pub mod doctor;
+#[cfg(feature = "cuda")]
 pub mod driver;
 #[cfg(feature = "emulate")]
 pub mod emulate;

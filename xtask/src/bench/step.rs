@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use swav_model::{Arch, ModelConfig, SwavModel};
-use swav_tensor::{Device, Tensor};
+use swav_tensor::Tensor;
 use swav_train::config::TrainConfig;
 use swav_train::lars::Lars;
 use swav_train::step::{swav_step, SwavState};
@@ -96,7 +96,7 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let device = Device::parse(&a.device)?;
+    let (device, runtime) = crate::open_device(&a.device)?;
     let precision: Option<swav_train::config::Precision> = match a.precision.as_deref() {
         None => None,
         Some("fp32") => Some(swav_train::config::Precision::Fp32),
@@ -107,10 +107,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (Some(swav_train::config::Precision::Bf16), false) => anyhow::bail!("bf16 is for CUDA devices"),
         (Some(swav_train::config::Precision::Bf16), true) | (None, true) => swav_tensor::DType::Bf16,
         _ => swav_tensor::DType::F32,
-    };
-    let runtime = match device {
-        Device::Cuda(i) => Some(swav_tensor::cuda::runtime::runtime(i).context("opening the CUDA device")?),
-        Device::Cpu => None,
     };
     let conv: swav_tensor::ops::winograd::ConvAlgorithm = a.conv.parse().map_err(anyhow::Error::msg)?;
     let s = setup(&a)?;
