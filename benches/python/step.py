@@ -1,9 +1,14 @@
 """PyTorch baseline of one SwAV training step (official semantics: torchvision ResNet, head
 Linear-BN-ReLU-Linear, L2 normalisation, prototypes, Sinkhorn eps 0.05 x 3, swapped loss over crops
 [0, 1], temperature 0.1), SGD with momentum. Prints one JSON line with the median step time and the
-peak resident memory. Used by `cargo xtask bench step --python <python>`.
+peak resident memory (and, on CUDA, the peak of allocated device memory). Used by
+`cargo xtask bench step --python <python>`.
 
     python benches/python/step.py --arch resnet18 --small-stem --crops 2x28,4x16 --batch 64 --threads 2
+    python benches/python/step.py --arch resnet50 --crops 2x224,6x96 --batch 64 --device cuda --precision bf16
+
+On CUDA, bf16 is autocast (convolutions and matmuls in bf16, the rest fp32) with channels_last
+activations and weights, PyTorch's fastest eager configuration; Sinkhorn and the loss stay fp32.
 """
 import argparse
 import json
@@ -63,21 +68,31 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     a = ap.parse_args()
+    cuda = a.device.startswith("cuda")
+    if a.precision == "bf16" and not cuda:
+        ap.error("--precision bf16 is for CUDA devices")
+    dev = torch.device(a.device)
+    fmt = torch.channels_last if cuda and a.precision == "bf16" else torch.contiguous_format
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     crops = [tuple(int(v) for v in c.split("x")) for c in a.crops.split(",")]
     ncrops = sum(n for n, _ in crops)
-    net = Net(a.arch, a.small_stem, a.channels, a.hidden, a.feat, a.prototypes)
+    net = Net(a.arch, a.small_stem, a.channels, a.hidden, a.feat, a.prototypes).to(dev, memory_format=fmt)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
-    groups = [torch.randn(n * a.batch, a.channels, s, s) for n, s in crops]
+    groups = [torch.randn(n * a.batch, a.channels, s, s, device=dev).contiguous(memory_format=fmt) for n, s in crops]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and a.precision == "bf16")
     times = []
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()
         with torch.no_grad():
             net.prototypes.weight.copy_(F.normalize(net.prototypes.weight, dim=1))
-        _, scores = net(groups)
+        with autocast:
+            _, scores = net(groups)
+        scores = scores.float()
         loss = 0
         for c in (0, 1):
             q = sinkhorn(scores[c * a.batch:(c + 1) * a.batch].detach())
@@ -89,11 +104,17 @@ def main():
         opt.zero_grad(set_to_none=True)
         (loss / 2).backward()
         opt.step()
+        if cuda:
+            torch.cuda.synchronize()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     times.sort()
-    print(json.dumps({"step_ms": times[len(times) // 2] * 1e3, "threads": torch.get_num_threads(),
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "torch": torch.__version__}))
+    out = {"step_ms": times[len(times) // 2] * 1e3, "threads": torch.get_num_threads(),
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "torch": torch.__version__}
+    if cuda:
+        out["peak_device_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        out["device_name"] = torch.cuda.get_device_name(dev)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

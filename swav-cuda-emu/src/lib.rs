@@ -230,9 +230,14 @@ impl Emulator {
         Ok(Emulator { _lib: lib, kernels, workers })
     }
 
-    /// For tests: the emulator, or None (printing `SKIPPED: ...`) when there is no C++ compiler. With
+    /// For tests: the emulator, or None (printing `SKIPPED: ...`) when there is no C++ compiler or
+    /// `SWAV_SKIP_EMULATOR=1` (the GPU check, which runs the same tests on the real device). With
     /// `SWAV_REQUIRE_EMULATOR=1` a missing compiler is a failure. Any other error panics with its message.
     pub fn new_or_skip(sources: &[Source<'_>]) -> Option<Emulator> {
+        if std::env::var("SWAV_SKIP_EMULATOR").is_ok_and(|v| v == "1") {
+            eprintln!("SKIPPED: the emulator (SWAV_SKIP_EMULATOR=1)");
+            return None;
+        }
         match Emulator::new(sources) {
             Ok(e) => Some(e),
             Err(EmuError::NoCompiler(m)) => {

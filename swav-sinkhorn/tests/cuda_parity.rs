@@ -164,3 +164,27 @@ fn cuda_naive_baseline_matches_official_order() {
     let err = relative_error(&gpu, &cpu);
     assert!(err < 1e-5, "naive CUDA vs CPU official order: {err:.2e}");
 }
+
+#[test]
+fn nccl_single_rank_runs_the_distributed_form() {
+    let Some(stream) = device() else { return };
+    // SAFETY: only tries to dlopen the library.
+    if !unsafe { cuda::cudarc::nccl::sys::is_culib_present() } {
+        assert!(
+            !std::env::var("SWAV_REQUIRE_CUDA").is_ok_and(|v| v == "1"),
+            "SWAV_REQUIRE_CUDA=1 but libnccl.so is not on the library path"
+        );
+        eprintln!("SKIPPED: NCCL is not on the library path");
+        return;
+    }
+    let id = cuda::cudarc::nccl::Id::new().expect("an NCCL unique id");
+    let nccl = cuda::NcclReducer::from_rank(stream.clone(), 0, 1, id).expect("a one-rank NCCL communicator");
+    let (rows, k) = (300, 500);
+    let params = Params::new(0.05, 3);
+    let scores = random_scores(rows * k, 77, 0.5);
+    let cpu = sinkhorn(&scores, rows, k, &params).unwrap();
+    let mut sk = CudaSinkhorn::new(&stream).unwrap();
+    let gpu = sk.run_host(&scores, rows, k, &params, &nccl).unwrap();
+    let err = relative_error(&gpu, &cpu);
+    assert!(err < 1e-5, "NCCL one-rank Sinkhorn vs CPU: {err:.2e}");
+}

@@ -26,7 +26,7 @@ pub mod tensor;
 
 pub use device::Device;
 pub use error::TensorError;
-pub use tensor::{DType, Tensor};
+pub use tensor::{DType, PendingValues, Tensor};
 
 pub type Result<T, E = TensorError> = std::result::Result<T, E>;
 

@@ -259,6 +259,18 @@ impl Tensor {
         }
     }
 
+    /// The values, read when [`PendingValues::wait`] is called: a device tensor's copy is queued behind
+    /// the work already on its stream and the host goes on (on the CPU they are there already).
+    pub fn to_vec_later(&self) -> Result<PendingValues> {
+        match &self.memory {
+            Memory::Cpu(v) => Ok(PendingValues::Ready(v.to_vec())),
+            Memory::Cuda { buf, dtype } => {
+                let pending = buf.runtime().backend().download_later(buf.ptr(), self.len() * dtype_bytes(*dtype))?;
+                Ok(PendingValues::Copying(pending, *dtype))
+            }
+        }
+    }
+
     /// The values, by value (a copy for device tensors).
     pub fn into_vec(mut self) -> Vec<f32> {
         match &mut self.memory {
@@ -448,6 +460,25 @@ fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
         DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         DType::Bf16 => {
             bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
+        }
+    }
+}
+
+/// A tensor's values on their way to the host ([`Tensor::to_vec_later`]).
+#[derive(Debug)]
+pub enum PendingValues {
+    /// Already on the host.
+    Ready(Vec<f32>),
+    /// A device copy in flight, of values stored as this type.
+    Copying(crate::cuda::runtime::PendingDownload, DType),
+}
+
+impl PendingValues {
+    /// Waits for the copy; the values as f32.
+    pub fn wait(self) -> Result<Vec<f32>> {
+        match self {
+            PendingValues::Ready(v) => Ok(v),
+            PendingValues::Copying(pending, dtype) => Ok(decode(&pending.wait()?, dtype)),
         }
     }
 }

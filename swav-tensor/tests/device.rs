@@ -1,14 +1,19 @@
-//! Tensors on the (emulated) CUDA device: moves between devices, fills, accumulation, casts, cat and
-//! narrow give what the CPU gives.
+//! Tensors on a CUDA device (the emulated one, and device 0 where there is one): moves between devices,
+//! fills, accumulation, casts, cat and narrow give what the CPU gives.
 
 mod common;
 
-use common::{emulated_device, Rng};
+use common::{emulated_device, real_device, Rng};
 use swav_tensor::{DType, Device, Tensor};
 
 #[test]
 fn tensors_move_between_devices_and_basic_ops_agree_with_the_cpu() {
-    let Some(dev) = emulated_device() else { return };
+    for dev in emulated_device().into_iter().chain(real_device()) {
+        moves_and_basic_ops(dev);
+    }
+}
+
+fn moves_and_basic_ops(dev: Device) {
     let mut rng = Rng(5);
     let a = Tensor::from_vec(&[3, 5], rng.vec(15, 0.0, 2.0)).unwrap();
     let b = Tensor::from_vec(&[3, 5], rng.vec(15, 1.0, 1.0)).unwrap();

@@ -339,6 +339,6 @@ pub fn restore(found: &Found, config: &Config, optimizer: Lars) -> Result<SwavSt
             format!("{} queues for {} assigned crops", queue_rows.len(), t.crops_for_assign.len()),
         ));
     }
-    let queue = (!queue_rows.is_empty()).then(|| Queue { rows: queue_rows.into_values().collect() });
+    let queue = (!queue_rows.is_empty()).then(|| Queue::from_rows(queue_rows.into_values().collect()));
     Ok(SwavState { queue, ..SwavState::new(model, optimizer) })
 }

@@ -42,7 +42,13 @@ impl DeviceSinkhorn {
             }
         }
         let host = scores.to_vec();
-        let q = swav_sinkhorn::sinkhorn(&host, rows, k, params).map_err(|e| TrainError::Sinkhorn(e.to_string()))?;
+        let q = match swav_sinkhorn::sinkhorn(&host, rows, k, params) {
+            Ok(q) => q,
+            // As the device kernels with their check off: codes of no meaning, and the loss of the
+            // non-finite scores raises the skip flag.
+            Err(swav_sinkhorn::SinkhornError::NonFinite { .. }) => vec![1.0 / k as f32; rows * k],
+            Err(e) => return Err(TrainError::Sinkhorn(e.to_string())),
+        };
         Ok(Tensor::from_vec(&[rows, k], q)?.to_device(scores.device())?)
     }
 
@@ -60,7 +66,11 @@ impl DeviceSinkhorn {
         use swav_sinkhorn::SingleProcess;
         let sk_err = |e: swav_sinkhorn::SinkhornError| TrainError::Sinkhorn(e.to_string());
         if self.cuda.is_none() {
-            self.cuda = Some(CudaSinkhorn::new(stream).map_err(sk_err)?);
+            let mut sk = CudaSinkhorn::new(stream).map_err(sk_err)?;
+            // Its finiteness check reads a flag back (the host would wait for every step): non-finite
+            // scores give a non-finite loss, which the loss kernel's skip flag catches on the device.
+            sk.set_check_finite(false);
+            self.cuda = Some(sk);
         }
         let q = Tensor::device_uninit(rt, &[rows, k], DType::F32)?;
         // SAFETY: both blocks belong to the engine, hold rows x k f32 values, and live on the stream
@@ -99,8 +109,8 @@ pub fn codes_for_crop(
 /// The loss, its gradient with respect to the scores, and the device flag that says the loss was not
 /// finite.
 pub struct DeviceLoss {
-    /// The loss (read back: the metrics and the guard need it).
-    pub loss: f64,
+    /// The loss, f32 `[1]` on the device (read back with the step's other metrics, a step late).
+    pub loss: Tensor,
     /// `d loss / d scores`, `[rows, k]`.
     pub dscores: Tensor,
     /// u32 `[1]`: 1 when the loss was not finite (the optimizer then updates nothing).
@@ -133,7 +143,7 @@ pub fn swapped_prediction_loss(
             (loss_cuda::SKIP, skip.ptr()),
         ],
     )?;
-    Ok(DeviceLoss { loss: loss.to_vec()[0] as f64, dscores, skip })
+    Ok(DeviceLoss { loss, dscores, skip })
 }
 
 /// One LARS/SGD step of `optimizer` over the model's parameters on the device (`lars.cu`; the
@@ -189,8 +199,8 @@ pub fn lars_step(
 }
 
 /// Entropy (nats) of the mean code and the number of prototypes that are some image's argmax, of
-/// `codes` (`[batch, k]`) on the device.
-pub fn cluster_stats(codes: &Tensor) -> Result<(f64, usize), TrainError> {
+/// `codes` (`[batch, k]`) on the device: f32 `[2]` on the device.
+pub fn cluster_stats(codes: &Tensor) -> Result<Tensor, TrainError> {
     let rt = runtime(codes)?;
     let (batch, k) = (codes.dim(0), codes.dim(1));
     let plan = prototypes_cuda::cluster_stats(batch, k)?;
@@ -205,6 +215,5 @@ pub fn cluster_stats(codes: &Tensor) -> Result<(f64, usize), TrainError> {
             (prototypes_cuda::STATS, stats.ptr()),
         ],
     )?;
-    let s = stats.to_vec();
-    Ok((s[0] as f64, s[1] as usize))
+    Ok(stats)
 }

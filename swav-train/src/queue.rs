@@ -9,16 +9,32 @@ use swav_tensor::{Device, Tensor};
 use crate::TrainError;
 
 /// The queue: one `[length, dim]` tensor per assigned crop, newest rows first.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Queue {
     /// One `[length, dim]` tensor per assigned crop, newest rows first.
     pub rows: Vec<Tensor>,
+    /// Per assigned crop: seen full. A full queue stays full (the rows pushed are L2-normalised
+    /// embeddings, never all zero), so once seen it is not read again: on a CUDA device that read
+    /// would make every step wait for the host.
+    seen_full: Vec<std::cell::Cell<bool>>,
+}
+
+impl PartialEq for Queue {
+    fn eq(&self, other: &Queue) -> bool {
+        self.rows == other.rows
+    }
 }
 
 impl Queue {
     /// An empty (all-zero) queue of `length` rows of `dim` per assigned crop, on `device`.
     pub fn new(assigned_crops: usize, length: usize, dim: usize, device: Device) -> Queue {
-        Queue { rows: (0..assigned_crops).map(|_| Tensor::zeros(&[length, dim], device)).collect() }
+        Queue::from_rows((0..assigned_crops).map(|_| Tensor::zeros(&[length, dim], device)).collect())
+    }
+
+    /// A queue holding `rows` (one `[length, dim]` tensor per assigned crop, newest rows first).
+    pub fn from_rows(rows: Vec<Tensor>) -> Queue {
+        let seen_full = rows.iter().map(|_| std::cell::Cell::new(false)).collect();
+        Queue { rows, seen_full }
     }
 
     /// Rows per assigned crop.
@@ -28,9 +44,14 @@ impl Queue {
 
     /// Full: the oldest row of the queue of assigned crop `j` has been written.
     pub fn is_full(&self, j: usize) -> Result<bool, TrainError> {
+        if self.seen_full[j].get() {
+            return Ok(true);
+        }
         let t = &self.rows[j];
         let last = t.narrow(t.dim(0) - 1, 1)?;
-        Ok(last.to_vec().iter().any(|&v| v != 0.0))
+        let full = last.to_vec().iter().any(|&v| v != 0.0);
+        self.seen_full[j].set(full);
+        Ok(full)
     }
 
     /// Shifts the queue of crop `j` by the batch and writes `embeddings` (`[batch, dim]`, same device)

@@ -49,8 +49,33 @@ impl SwavState {
     }
 }
 
+/// A step's report as [`start_step`] returns it: on a CUDA device its numbers are still being computed
+/// or copied back, and [`PendingStats::wait`] waits for them.
+#[derive(Debug)]
+pub struct PendingStats(Pending);
+
+#[derive(Debug)]
+enum Pending {
+    Ready(StepStats),
+    /// `[loss, cluster entropy, clusters used]` on their way from the device.
+    Device(swav_tensor::PendingValues),
+}
+
+impl PendingStats {
+    /// The report (waiting for the device to finish the step).
+    pub fn wait(self) -> Result<StepStats, TrainError> {
+        match self.0 {
+            Pending::Ready(s) => Ok(s),
+            Pending::Device(values) => {
+                let v = values.wait()?;
+                Ok(StepStats { loss: v[0] as f64, cluster_entropy: v[1] as f64, clusters_used: v[2] as usize })
+            }
+        }
+    }
+}
+
 /// Runs one iteration on `groups` (crop groups `[count * batch, h, w, c]`, crop-major, in crop order,
-/// on the model's device).
+/// on the model's device) and returns its report.
 pub fn swav_step(
     state: &mut SwavState,
     cfg: &TrainConfig,
@@ -59,6 +84,20 @@ pub fn swav_step(
     iteration: usize,
     lr: f64,
 ) -> Result<StepStats, TrainError> {
+    start_step(state, cfg, groups, batch, iteration, lr)?.wait()
+}
+
+/// [`swav_step`] without waiting: on a CUDA device the step is queued and its report comes back
+/// later (nothing in the step waits for the host, and a non-finite loss is caught on the device,
+/// where it stops the update); on the CPU the report is ready.
+pub fn start_step(
+    state: &mut SwavState,
+    cfg: &TrainConfig,
+    groups: Vec<Tensor>,
+    batch: usize,
+    iteration: usize,
+    lr: f64,
+) -> Result<PendingStats, TrainError> {
     let crops: usize = groups.iter().map(|g| g.dim(0) / batch).sum();
     let on_device = state.model.device().is_cuda();
     let model = &mut state.model;
@@ -70,7 +109,8 @@ pub fn swav_step(
     if !on_device {
         if let Some(bad) = scores.as_slice().iter().find(|v| !v.is_finite()) {
             // The network diverged: report it as a non-finite loss before anything is updated.
-            return Ok(StepStats { loss: *bad as f64, cluster_entropy: f64::NAN, clusters_used: 0 });
+            let stats = StepStats { loss: *bad as f64, cluster_entropy: f64::NAN, clusters_used: 0 };
+            return Ok(PendingStats(Pending::Ready(stats)));
         }
     }
 
@@ -101,17 +141,19 @@ pub fn swav_step(
     let loss_scope = profile::scope("loss");
     let (loss, dscores, skip) = if on_device {
         let l = device::swapped_prediction_loss(scores, &codes, batch, &cfg.crops_for_assign, cfg.temperature)?;
-        (l.loss, l.dscores, Some(l.skip))
+        (Loss::Device(l.loss), l.dscores, Some(l.skip))
     } else {
         let k = scores.dim(1);
         let host: Vec<Vec<f32>> = codes.iter().map(|c| c.as_slice().to_vec()).collect();
         let l =
             swapped_prediction_loss(scores.as_slice(), k, batch, crops, &cfg.crops_for_assign, &host, cfg.temperature)?;
-        (l.loss, Tensor::from_vec(scores.shape(), l.dscores)?, None)
+        (Loss::Host(l.loss), Tensor::from_vec(scores.shape(), l.dscores)?, None)
     };
     drop(loss_scope);
-    if !loss.is_finite() && skip.is_none() {
-        return Ok(StepStats { loss, cluster_entropy: f64::NAN, clusters_used: 0 });
+    if let Loss::Host(loss) = loss {
+        if !loss.is_finite() {
+            return Ok(PendingStats(Pending::Ready(StepStats { loss, cluster_entropy: f64::NAN, clusters_used: 0 })));
+        }
     }
     model.backward(acts, &out, &[dscores])?;
 
@@ -123,11 +165,20 @@ pub fn swav_step(
         Some(skip) => device::lars_step(&mut state.optimizer, model, lr, frozen, skip)?,
         None => state.optimizer.step(model, lr, frozen),
     }
-    if on_device {
-        let (cluster_entropy, clusters_used) = device::cluster_stats(&codes[0])?;
-        return Ok(StepStats { loss, cluster_entropy, clusters_used });
+    match loss {
+        Loss::Device(loss) => {
+            let stats = Tensor::cat(&[&loss, &device::cluster_stats(&codes[0])?])?;
+            Ok(PendingStats(Pending::Device(stats.to_vec_later()?)))
+        }
+        Loss::Host(loss) => Ok(PendingStats(Pending::Ready(cluster_stats(codes[0].as_slice(), scores.dim(1), loss)))),
     }
-    Ok(cluster_stats(codes[0].as_slice(), scores.dim(1), loss))
+}
+
+/// The loss where it was computed.
+enum Loss {
+    Host(f64),
+    /// f32 `[1]` on the device.
+    Device(Tensor),
 }
 
 fn cluster_stats(codes: &[f32], k: usize, loss: f64) -> StepStats {

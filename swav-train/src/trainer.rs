@@ -33,7 +33,7 @@ use crate::memory;
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::queue::Queue;
 use crate::schedule::LrSchedule;
-use crate::step::{swav_step, SwavState};
+use crate::step::{start_step, PendingStats, SwavState};
 use crate::TrainError;
 
 /// How to run a training (the configuration says what to train).
@@ -268,10 +268,26 @@ struct Run<'a> {
     epoch: usize,
     skip: usize,
     last_loss: Option<f64>,
+    /// On a CUDA device, the step queued last, whose report is read once the next one is queued (so
+    /// that the host prepares step i + 1 while the device runs step i).
+    in_flight: Option<Launched>,
+    /// When the last report was read (the time between two is a step's time).
+    last_done: Option<Instant>,
     checkpoint: Option<PathBuf>,
     started: Instant,
     first_iteration: usize,
     resumed_from: Option<usize>,
+}
+
+/// A step queued, with what its metrics need.
+struct Launched {
+    stats: PendingStats,
+    iteration: usize,
+    epoch: usize,
+    lr: f64,
+    images: usize,
+    waited: f64,
+    started: Instant,
 }
 
 impl<'a> Run<'a> {
@@ -343,6 +359,8 @@ impl<'a> Run<'a> {
             epoch,
             skip,
             last_loss: None,
+            in_flight: None,
+            last_done: None,
             checkpoint: newest.map(|f| f.model_path()),
             started: Instant::now(),
             first_iteration: iteration,
@@ -385,6 +403,7 @@ impl<'a> Run<'a> {
             wait_start = Instant::now();
         }
         drop(batches);
+        self.flush()?;
         self.epoch += 1;
         let loss = self.last_loss.map_or("-".into(), |l| format!("{l:.4}"));
         tracing::info!("epoch {}/{} done: step {}, loss {loss}", self.epoch, t.epochs, self.iteration);
@@ -407,40 +426,79 @@ impl<'a> Run<'a> {
         }
         drop(batch);
         let lr = self.schedule.lr(self.iteration);
-        let stats = swav_step(&mut self.state, &self.config.train, groups, bs, self.iteration, lr)?;
+        let stats = start_step(&mut self.state, &self.config.train, groups, bs, self.iteration, lr)?;
+        let launched = Launched {
+            stats,
+            iteration: self.iteration,
+            epoch: self.epoch,
+            lr,
+            images: bs,
+            waited,
+            started: step_start,
+        };
+        self.iteration += 1;
+        if self.opts.device.is_cuda() {
+            if let Some(previous) = self.in_flight.replace(launched) {
+                self.report(previous)?;
+            }
+            Ok(())
+        } else {
+            self.report(launched)
+        }
+    }
+
+    /// Reads the report of the step still in flight, if any.
+    fn flush(&mut self) -> Result<(), TrainError> {
+        match self.in_flight.take() {
+            Some(l) => self.report(l),
+            None => Ok(()),
+        }
+    }
+
+    /// A step's metrics and progress, once its report is read (a non-finite loss stops the run; on a
+    /// device the step itself already updated nothing).
+    fn report(&mut self, l: Launched) -> Result<(), TrainError> {
+        let stats = l.stats.wait()?;
         if !stats.loss.is_finite() {
             self.progress.abandon();
             return Err(TrainError::NonFinite {
-                step: self.iteration,
+                step: l.iteration,
                 loss: stats.loss,
                 checkpoint: self.checkpoint.as_ref().map_or("none yet".into(), |p| p.display().to_string()),
             });
         }
-        self.iteration += 1;
         self.last_loss = Some(stats.loss);
-        let step_time = (step_start.elapsed().as_secs_f64() + waited).max(1e-9);
-        let images_per_s = bs as f64 / step_time;
+        let now = Instant::now();
+        // From the previous report (or, for the first, from when this step began waiting for data) to
+        // this one: with one step in flight, the interval between reports is the step's time.
+        let since = self.last_done.unwrap_or_else(|| l.started - std::time::Duration::from_secs_f64(l.waited));
+        let step_time = (now - since).as_secs_f64().max(1e-9);
+        self.last_done = Some(now);
+        let images_per_s = l.images as f64 / step_time;
         self.metrics.write(&StepMetrics {
-            step: self.iteration as u64 - 1,
-            epoch: Some(self.epoch as u64),
+            step: l.iteration as u64,
+            epoch: Some(l.epoch as u64),
             loss: Some(stats.loss),
-            lr: Some(lr),
+            lr: Some(l.lr),
             images_per_s: Some(images_per_s),
-            data_wait: Some(waited / step_time),
+            data_wait: Some((l.waited / step_time).min(1.0)),
             cluster_entropy: Some(stats.cluster_entropy),
             clusters_used: Some(stats.clusters_used as u64),
             elapsed_s: Some(self.started.elapsed().as_secs_f64()),
         })?;
-        self.progress.set_position(self.iteration as u64);
+        self.progress.set_position(l.iteration as u64 + 1);
         self.progress
-            .set_message(format!("epoch {} loss {:.4} lr {lr:.4} {images_per_s:.0} img/s", self.epoch, stats.loss));
-        let active = self.iteration >= self.config.train.freeze_prototypes_niters;
-        self.collapse.observe(self.iteration, &stats, active);
+            .set_message(format!("epoch {} loss {:.4} lr {:.4} {images_per_s:.0} img/s", l.epoch, stats.loss, l.lr));
+        let active = l.iteration + 1 >= self.config.train.freeze_prototypes_niters;
+        self.collapse.observe(l.iteration + 1, &stats, active);
         Ok(())
     }
 
     /// Saves a checkpoint positioned at batch `step_in_epoch` of `epoch`.
     fn save(&mut self, epoch: usize, step_in_epoch: usize) -> Result<PathBuf, TrainError> {
+        // The last step's report first: a step with a non-finite loss stops the run before its state
+        // is saved.
+        self.flush()?;
         let sidecar = Sidecar {
             format: SIDECAR_FORMAT.into(),
             step: self.iteration,

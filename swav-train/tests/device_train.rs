@@ -124,3 +124,22 @@ fn training_on_a_cuda_device_follows_the_cpu() {
     let err = train(&tiny(&["train.precision=bf16"]), &TrainOptions::new(&tmp.path().join("x"), &data)).unwrap_err();
     assert!(err.to_string().contains("train.precision"), "{err}");
 }
+
+#[test]
+fn a_diverging_run_on_a_cuda_device_stops_with_the_step_named_and_saves_nothing() {
+    let Some(device) = emulated().or_else(real) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures::shapes_dataset(tmp.path(), 32, 12);
+    let cfg = tiny(&["train.epochs=2", "train.lars=false", "train.base_lr=1e30", "train.final_lr=1e30"]);
+    // The reports come back one step late on a device: the error still names the step whose loss was
+    // not finite, and the state after it is not saved.
+    let run = tmp.path().join("run");
+    let err = train(&cfg, &TrainOptions { device, ..TrainOptions::new(&run, &data) }).unwrap_err();
+    match &err {
+        swav_train::TrainError::NonFinite { step, loss, .. } => assert!(*step < 8 && !loss.is_finite(), "{err}"),
+        other => panic!("expected a non-finite loss error, got {other}"),
+    }
+    assert!(swav_train::checkpoint::latest(&run).unwrap().is_none(), "nothing may be saved from a diverged state");
+    let metrics = swav_train::metrics::read(&run.join(swav_train::metrics::METRICS_FILE)).unwrap();
+    assert!(metrics.rows.iter().all(|m| m.loss.unwrap().is_finite()), "only finite steps are logged");
+}

@@ -67,6 +67,9 @@ pub struct Args {
     /// Convolution algorithms of training: auto, winograd2, direct (recorded in the run).
     #[arg(long)]
     conv: Option<String>,
+    /// Where training and evaluation run: cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -131,6 +134,7 @@ impl Default for ExportSection {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
+    let (device, _) = crate::open_device(&args.device)?;
     let source = match &args.config {
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         None => DEFAULT_PIPELINE.to_string(),
@@ -228,7 +232,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         crate::train::install_stop_handler(stop.clone())?;
         let opts = TrainOptions {
             max_memory: None,
-            device: swav_tensor::Device::Cpu,
+            device,
             run_dir: run_dir.clone(),
             data_dir: train_dir.clone(),
             max_steps: None,
@@ -263,6 +267,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("[3/4] eval: k-NN (k = {}) and linear probe on {} held-out images", pipe.eval.k, test.len());
         let opts = EvalOptions {
             knn: swav_eval::knn::KnnConfig { k: pipe.eval.k, ..Default::default() },
+            extract: swav_eval::features::ExtractOptions { device, ..Default::default() },
             baseline: pipe.eval.random_baseline.then_some(Baseline::Random { seed: cfg.train.seed + 1 }),
             ..Default::default()
         };

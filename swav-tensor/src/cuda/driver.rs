@@ -18,8 +18,9 @@ use cudarc::cudnn::{result as dnn, sys as dnn_sys};
 use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaStream};
 
 use crate::cuda::calls::{ConvCall, ConvPass, GemmCall};
+use crate::cuda::pinned::{synchronous_copies, PinnedDownload, Staging};
 use crate::cuda::plan::{Launch, Storage};
-use crate::cuda::runtime::{Backend, ConvPtrs, DevPtr, LaunchArg};
+use crate::cuda::runtime::{Backend, ConvPtrs, DevPtr, LaunchArg, PendingDownload};
 use crate::cuda::{nvrtc, Source};
 use crate::error::TensorError;
 use crate::Result;
@@ -40,6 +41,7 @@ struct Handles {
     /// Ranked algorithms of each convolution call (key: the call's debug text).
     algos: HashMap<String, Vec<(i32, usize)>>,
     workspace: (DevPtr, usize),
+    staging: Staging,
 }
 
 /// The real device.
@@ -109,6 +111,7 @@ impl DriverBackend {
                 functions: HashMap::new(),
                 algos: HashMap::new(),
                 workspace: (0, 0),
+                staging: Staging::default(),
             }),
         })
     }
@@ -351,12 +354,28 @@ impl Backend for DriverBackend {
     }
 
     fn upload(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(err)?;
+        if !synchronous_copies() {
+            // Through a page-locked staging block: the host buffer may be reused at once, and the host
+            // does not wait for the work queued before.
+            return self.lock().staging.upload(self.cu_stream(), dst, src);
+        }
         // SAFETY: `dst` holds at least `src.len()` bytes; the copy completes before this returns, so
         // the host buffer may be reused.
         unsafe {
             drv::memcpy_htod_async(dst, src, self.cu_stream()).map_err(err)?;
             drv::stream::synchronize(self.cu_stream()).map_err(err)
         }
+    }
+
+    fn download_later(&self, src: DevPtr, bytes: usize) -> Result<PendingDownload> {
+        if synchronous_copies() {
+            let mut out = vec![0u8; bytes];
+            self.download(src, &mut out)?;
+            return Ok(PendingDownload::ready(out));
+        }
+        let copy = PinnedDownload::start(self.ctx.clone(), self.cu_stream(), src, bytes)?;
+        Ok(PendingDownload::later(move || copy.take()))
     }
 
     fn download(&self, src: DevPtr, dst: &mut [u8]) -> Result<()> {

@@ -26,6 +26,8 @@ pub mod emulate;
 pub mod emulated;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+#[cfg(feature = "cuda")]
+mod pinned;
 pub mod plan;
 pub mod runtime;
 

@@ -64,6 +64,13 @@ pub trait Backend: Send + Sync {
     fn upload(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
     /// Copies device bytes to the host, waiting for the work queued before.
     fn download(&self, src: DevPtr, dst: &mut [u8]) -> Result<()>;
+    /// Starts copying `bytes` device bytes to the host behind the work queued before; they are read
+    /// when the result is waited for, so the host need not wait now. The default copies at once.
+    fn download_later(&self, src: DevPtr, bytes: usize) -> Result<PendingDownload> {
+        let mut out = vec![0u8; bytes];
+        self.download(src, &mut out)?;
+        Ok(PendingDownload::ready(out))
+    }
     /// Device-to-device copy.
     fn copy(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()>;
     /// Sets `bytes` bytes to zero.
@@ -79,6 +86,32 @@ pub trait Backend: Send + Sync {
     /// The backend itself, for code that needs the real device's handles (e.g. its cudarc stream, to
     /// run another crate's kernels on it).
     fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// Bytes on their way from the device to the host (see [`Backend::download_later`]).
+pub struct PendingDownload(Box<dyn FnOnce() -> Result<Vec<u8>> + Send>);
+
+impl PendingDownload {
+    /// Bytes that are already on the host.
+    pub fn ready(bytes: Vec<u8>) -> PendingDownload {
+        PendingDownload(Box::new(move || Ok(bytes)))
+    }
+
+    /// Bytes that `wait` brings (a backend's copy in flight).
+    pub fn later(wait: impl FnOnce() -> Result<Vec<u8>> + Send + 'static) -> PendingDownload {
+        PendingDownload(Box::new(wait))
+    }
+
+    /// Waits for the copy and returns the bytes.
+    pub fn wait(self) -> Result<Vec<u8>> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for PendingDownload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingDownload")
+    }
 }
 
 /// Blocks are rounded up to this many bytes, so that sizes that differ a little share blocks.

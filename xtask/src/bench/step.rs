@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use swav_model::{Arch, ModelConfig, SwavModel};
-use swav_tensor::Tensor;
+use swav_tensor::{Device, Tensor};
 use swav_train::config::TrainConfig;
 use swav_train::lars::Lars;
 use swav_train::step::{swav_step, SwavState};
@@ -224,12 +224,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let rss = peak_rss_mib();
     println!(
-        "swav-rs: {ours:.1} ms/step, {:.1} images/s, peak RSS {}",
+        "swav-rs: {ours:.1} ms/step, {:.1} images/s, peak RSS {}{}",
         s.batch as f64 / ours * 1e3,
-        rss.map_or("?".into(), |r| format!("{r:.0} MiB"))
+        rss.map_or("?".into(), |r| format!("{r:.0} MiB")),
+        runtime.as_ref().map_or(String::new(), |rt| format!(
+            ", peak device memory {:.0} MiB",
+            rt.stats().peak as f64 / (1u64 << 20) as f64
+        ))
     );
     if let Some(py) = &a.python {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../benches/python/step.py");
+        // The checkout's script when run from one (a binary carried to another machine runs there),
+        // else the one of the source tree it was built from.
+        let local = PathBuf::from("benches/python/step.py");
+        let script = if local.is_file() {
+            local
+        } else {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../benches/python/step.py")
+        };
         let mut cmd = Command::new(py);
         cmd.arg(&script)
             .args(["--arch", &s.arch, "--crops", &crops_text, "--batch", &s.batch.to_string()])
@@ -255,6 +266,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if s.small_stem {
             cmd.arg("--small-stem");
         }
+        if let Device::Cuda(i) = device {
+            let precision = if activations == swav_tensor::DType::Bf16 { "bf16" } else { "fp32" };
+            cmd.args(["--device", &format!("cuda:{i}"), "--precision", precision]);
+        }
         let out = cmd.output().with_context(|| format!("running {}", py.display()))?;
         if !out.status.success() {
             bail!("the PyTorch baseline failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -264,9 +279,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             serde_json::from_str(line.trim().lines().last().unwrap_or("")).context("reading the baseline's JSON")?;
         let theirs = v["step_ms"].as_f64().context("step_ms")?;
         println!(
-            "PyTorch {}: {theirs:.1} ms/step, peak RSS {:.0} MiB",
+            "PyTorch {}: {theirs:.1} ms/step, peak RSS {:.0} MiB{}",
             v["torch"].as_str().unwrap_or("?"),
-            v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
+            v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
+            v["peak_device_mib"].as_f64().map_or(String::new(), |m| format!(", peak device memory {m:.0} MiB"))
         );
         println!("ratio (PyTorch time / swav-rs time): {:.2}x", theirs / ours);
     }

@@ -1,0 +1,68 @@
+//! scripts/gpu-check.sh is trusted with the few minutes a GPU is lent, so its own behaviour is tested
+//! here with stand-in binaries: every stage is reported as soon as it ends, a failing or hanging stage
+//! is reported with its exit status or its time limit and the rest still run, and the exit status
+//! counts the failed stages (nothing lost in a pipe).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+fn stub(dir: &Path, name: &str, body: &str) {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/usr/bin/env bash\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn gpu_check_reports_every_stage_and_counts_failures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    // xtask: doctor passes; verify-reference fails with status 3; bench hangs.
+    stub(
+        &bin,
+        "xtask",
+        r#"case "$1" in
+  doctor) echo "doctor ok";;
+  verify-reference) echo "reference broke" >&2; exit 3;;
+  bench) sleep 30;;
+esac"#,
+    );
+    stub(&bin, "device", r#"echo "SWAV_REQUIRE_CUDA=$SWAV_REQUIRE_CUDA SWAV_SKIP_EMULATOR=$SWAV_SKIP_EMULATOR""#);
+    stub(&bin, "device_ops", "echo ops ok");
+    stub(&bin, "cuda_parity", "echo parity failed; exit 101");
+    let out = tmp.path().join("out");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .args(["quick", bin.to_str().unwrap(), out.to_str().unwrap()])
+        .env("SWAV_GPU_CHECK_LIMIT", "2")
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
+    let line =
+        |stage: &str| summary.lines().find(|l| l.starts_with(stage)).unwrap_or_else(|| panic!("{stage}: {summary}"));
+    assert!(line("doctor").contains(" ok "), "{summary}");
+    assert!(line("tensors").contains(" ok "), "{summary}");
+    assert!(line("ops-parity").contains(" ok "), "{summary}");
+    assert!(line("sinkhorn-and-nccl").contains("FAILED: exit 101"), "{summary}");
+    assert!(line("reference-on-cuda").contains("FAILED: exit 3"), "{summary}");
+    assert!(line("bench-rn18-small-bf16").contains("FAILED: timed out after 2 s"), "{summary}");
+    // The failing stage's output is quoted in the summary, and kept whole in its log.
+    assert!(summary.contains("| reference broke"), "{summary}");
+    assert!(std::fs::read_to_string(out.join("doctor.log")).unwrap().contains("doctor ok"));
+    // Parity tests run with a missing device as a failure and without their emulated halves.
+    let env = std::fs::read_to_string(out.join("tensors.log")).unwrap();
+    assert!(env.contains("SWAV_REQUIRE_CUDA=1 SWAV_SKIP_EMULATOR=1"), "{env}");
+    assert!(summary.contains("3 stage(s) failed"), "{summary}");
+    assert_eq!(status.status.code(), Some(3), "{}", String::from_utf8_lossy(&status.stderr));
+}
+
+#[test]
+fn gpu_check_refuses_an_unknown_mode() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check.sh");
+    let out = Command::new("bash").arg(&script).arg("everything").output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
+}
