@@ -249,6 +249,23 @@ impl Config {
         let t = &self.train;
         self.model.validate().map_err(|e| TrainError::Config(format!("model: {e}")))?;
         self.crops.validate().map_err(|e| TrainError::Config(format!("crops: {e}")))?;
+        for (key, values) in
+            [("crops.augment.mean", &self.crops.augment.mean), ("crops.augment.std", &self.crops.augment.std)]
+        {
+            let c = self.model.in_channels;
+            if let Some(v) = values.as_ref().filter(|v| v.len() != 1 && v.len() != c) {
+                return bad(
+                    key,
+                    match c {
+                        1 => format!(
+                            "{} values for model.in_channels = 1: give 1 value (or set model.in_channels = 3 to train on colour)",
+                            v.len()
+                        ),
+                        c => format!("{} values for model.in_channels = {c}: give 1 value or {c}", v.len()),
+                    },
+                );
+            }
+        }
         if self.model.prototypes.len() != 1 {
             return bad("model.prototypes", "SwAV training uses one prototype head".into());
         }

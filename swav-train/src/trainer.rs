@@ -121,9 +121,9 @@ fn toml_lines(c: &Config) -> Vec<String> {
 /// The normalisation the loader applies, recorded in model files for evaluation and export.
 fn normalisation(config: &Config, dataset: &Dataset) -> (Vec<f32>, Vec<f32>) {
     let a = &config.crops.augment;
-    let mean = a.mean.clone().unwrap_or_else(|| dataset.manifest().pixel_mean.iter().map(|&v| v as f32).collect());
-    let std = a.std.clone().unwrap_or_else(|| dataset.manifest().pixel_std.iter().map(|&v| v as f32).collect());
-    (mean, std)
+    let m = dataset.manifest();
+    let (mean, std) = swav_data::augment::dataset_normalisation(&m.pixel_mean, &m.pixel_std, config.model.in_channels);
+    (a.mean.clone().unwrap_or(mean), a.std.clone().unwrap_or(std))
 }
 
 /// The network a new run starts from: a random initialisation, or the weights of `train.init`.
@@ -226,6 +226,16 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
     }
     prepare_run_dir(&opts.run_dir, config)?;
     let dataset = Dataset::open(&opts.data_dir)?;
+    match (dataset.channels(), config.model.in_channels) {
+        (3, 1) => tracing::warn!(
+            "the data holds RGB images and the model takes 1 channel (model.in_channels = 1): they are converted to \
+             luma; set model.in_channels = 3 to train on colour"
+        ),
+        (1, 3) => {
+            tracing::info!("the data is grayscale and the model takes 3 channels: each image is repeated in all three")
+        }
+        _ => {}
+    }
     let t = &config.train;
     let loader_cfg = LoaderConfig {
         batch_size: t.batch_size,

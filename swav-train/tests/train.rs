@@ -2,7 +2,7 @@
 
 mod fixtures;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -171,4 +171,46 @@ fn a_new_run_starts_from_given_weights_whole_or_backbone_only() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("train.init"), "{err}");
+}
+
+/// A folder of small RGB images with a colour cast (more red than blue), in two classes.
+fn rgb_dataset(root: &Path) -> PathBuf {
+    let input = root.join("rgb");
+    for c in 0..2u8 {
+        let dir = input.join(format!("class{c}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..8u32 {
+            let img = image::RgbImage::from_fn(16, 16, |x, y| {
+                let v = ((x * 13 + y * 7 + i * 31) % 200) as u8;
+                image::Rgb([v.saturating_add(50), v / 2 + c * 20, v / 4])
+            });
+            img.save(dir.join(format!("{i}.png"))).unwrap();
+        }
+    }
+    let out = root.join("rgb-data");
+    let opts = swav_data::PreprocessOptions { input, output: out.clone(), workers: 1, ..Default::default() };
+    swav_data::preprocess(&opts, &|_| {}).unwrap();
+    out
+}
+
+#[test]
+fn rgb_data_trains_a_one_channel_model_on_luma_and_records_its_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = rgb_dataset(tmp.path());
+    let manifest = swav_data::Dataset::open(&data).unwrap().manifest().clone();
+    assert_eq!(manifest.channels, 3);
+    let run = tmp.path().join("run");
+    train(&tiny(&["train.epochs=1"]), &opts(&run, &data, Some(2))).unwrap();
+    // The model file records one mean and one std: the luma of the dataset's per-channel statistics.
+    let found = checkpoint::latest(&run).unwrap().unwrap();
+    let file = swav_model::ModelFile::read(&found.model_path()).unwrap();
+    let luma = |v: &[f64]| 0.299 * v[0] + 0.587 * v[1] + 0.114 * v[2];
+    assert_eq!(file.preprocessing.mean.len(), 1);
+    assert!((file.preprocessing.mean[0] as f64 - luma(&manifest.pixel_mean)).abs() < 1e-6);
+    assert!((file.preprocessing.std[0] as f64 - luma(&manifest.pixel_std)).abs() < 1e-6);
+
+    // Three explicit mean values for a one-channel model: refused, naming both settings.
+    let sets = ["crops.augment.mean=[0.5, 0.4, 0.3]".to_string(), "crops.augment.std=[0.2, 0.2, 0.2]".to_string()];
+    let err = config::load(config::preset("cpu-tiny").unwrap().toml, &sets).unwrap_err().to_string();
+    assert!(err.contains("model.in_channels") && err.contains("crops.augment.mean"), "{err}");
 }

@@ -136,6 +136,27 @@ struct Norm {
     inv_std: [f32; 3],
 }
 
+/// The luma weights of [`to_gray`] (PIL's `convert("L")`).
+const LUMA: [f64; 3] = [0.299, 0.587, 0.114];
+
+/// The normalisation a dataset's pixel statistics give for images of `out_channels` channels, as the
+/// loader delivers them: the statistics themselves when the counts match; for RGB data read as one
+/// channel (converted to luma), the luma of the mean and the luma-weighted std (exact when the channels
+/// move together, as in natural images; a mild over-estimate otherwise); a gray dataset's one value
+/// for every channel of an RGB output. A std is at least 1e-3, so that a constant channel does not
+/// divide by zero.
+pub fn dataset_normalisation(mean: &[f64], std: &[f64], out_channels: usize) -> (Vec<f32>, Vec<f32>) {
+    let floor = |v: f64| (v as f32).max(1e-3);
+    match (mean.len(), out_channels) {
+        (3, 1) => {
+            let luma = |v: &[f64]| LUMA.iter().zip(v).map(|(w, x)| w * x).sum::<f64>();
+            (vec![luma(mean) as f32], vec![floor(luma(std))])
+        }
+        (1, c) => (vec![mean[0] as f32; c], vec![floor(std.first().copied().unwrap_or(1.0)); c]),
+        _ => (mean.iter().map(|&v| v as f32).collect(), std.iter().map(|&v| floor(v)).collect()),
+    }
+}
+
 fn resolve_norm(
     mean: &Option<Vec<f32>>,
     std: &Option<Vec<f32>>,
@@ -145,10 +166,7 @@ fn resolve_norm(
 ) -> Result<Norm> {
     let (m, s): (Vec<f32>, Vec<f32>) = match (mean, std) {
         (Some(m), Some(s)) => (m.clone(), s.clone()),
-        _ => (
-            dataset_mean.iter().map(|&v| v as f32).collect(),
-            dataset_std.iter().map(|&v| (v as f32).max(1e-3)).collect(),
-        ),
+        _ => dataset_normalisation(dataset_mean, dataset_std, out_channels),
     };
     let pick = |v: &[f32], what: &str| -> Result<[f32; 3]> {
         match (v.len(), out_channels) {
