@@ -13,10 +13,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let images = swav_data::synthetic::write_shapes_idx(&tmp, 512, 32, 7)?;
     let opts = PreprocessOptions { input: images, output: tmp.join("dataset"), ..Default::default() };
     preprocess(&opts, &|_| {})?;
-    let dataset = Dataset::open(&tmp.join("dataset"))?;
+    let dataset = Dataset::open(tmp.join("dataset"))?;
 
-    // Two 28-px crops and four 12-px crops per image, the official augmentations otherwise.
+    // Two 28-px crops and four 12-px crops per image, the official augmentations otherwise, normalised
+    // by the dataset's own statistics (the official ImageNet mean and std are for RGB photos).
     let mut crops = MultiCropConfig::official();
+    (crops.augment.mean, crops.augment.std) = (None, None);
     crops.groups = vec![
         CropGroup { count: 2, size: 28, min_scale: 0.3, max_scale: 1.0 },
         CropGroup { count: 4, size: 12, min_scale: 0.1, max_scale: 0.3 },

@@ -172,9 +172,12 @@ fn resolve_norm(
         match (v.len(), out_channels) {
             (1, _) => Ok([v[0]; 3]),
             (3, 3) => Ok([v[0], v[1], v[2]]),
-            (n, c) => Err(DataError::Config(format!(
-                "normalisation {what} has {n} values but the output has {c} channel(s): give 1 value, or {c}"
-            ))),
+            (n, c) => {
+                let expected = if c == 1 { "1 value".to_string() } else { format!("1 value or {c}") };
+                Err(DataError::Config(format!(
+                    "normalisation {what} has {n} values but the output has {c} channel(s): give {expected}"
+                )))
+            }
         }
     };
     let mean = pick(&m, "mean")?;
