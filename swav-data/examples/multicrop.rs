@@ -13,7 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let images = swav_data::synthetic::write_shapes_idx(&tmp, 512, 32, 7)?;
     let opts = PreprocessOptions { input: images, output: tmp.join("dataset"), ..Default::default() };
     preprocess(&opts, &|_| {})?;
-    let dataset = Dataset::open(&tmp.join("dataset"))?;
+    let dataset = Dataset::open(tmp.join("dataset"))?;
 
     // Two 28-px crops and four 12-px crops per image, the official augmentations otherwise.
     let mut crops = MultiCropConfig::official();

@@ -371,7 +371,7 @@ impl Config {
         if crops < 2 {
             return bad("crops.groups", format!("{crops} crop per image: the swapped prediction needs at least 2"));
         }
-        if t.queue_length > 0 && t.queue_length % t.batch_size != 0 {
+        if t.queue_length > 0 && !t.queue_length.is_multiple_of(t.batch_size) {
             return bad(
                 "train.queue_length",
                 format!(
