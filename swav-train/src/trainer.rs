@@ -419,7 +419,8 @@ impl<'a> Run<'a> {
         let loss = self.last_loss.map_or("-".into(), |l| format!("{l:.4}"));
         tracing::info!("epoch {}/{} done: step {}, loss {loss}", self.epoch, t.epochs, self.iteration);
         // Archives after epoch indices 0, freq, 2 freq, ... and the last, as main_swav.py's ckp-E files.
-        let archive = t.checkpoint_freq > 0 && ((self.epoch - 1).is_multiple_of(t.checkpoint_freq) || self.epoch == t.epochs);
+        let archive =
+            t.checkpoint_freq > 0 && ((self.epoch - 1).is_multiple_of(t.checkpoint_freq) || self.epoch == t.epochs);
         if self.epoch.is_multiple_of(t.checkpoint_every_epochs) || self.epoch == t.epochs || archive {
             let path = self.save(self.epoch, 0)?;
             if archive {
