@@ -45,8 +45,8 @@ fn dynamic_shared_memory_is_per_block() {
     l.shared_bytes = 32 * 4;
     run(&emu, l, &mut bufs);
     let out = bufs[1].as_i32();
-    for i in 0..96 {
-        assert_eq!(out[i], (i / 32 * 32 + 31 - i % 32) as i32);
+    for (i, &v) in out.iter().enumerate().take(96) {
+        assert_eq!(v, (i / 32 * 32 + 31 - i % 32) as i32);
     }
     // The last block's slice holds -1 for the missing inputs, reversed.
     assert_eq!(&out[96..], &[-1, -1, -1, -1]);

@@ -9,30 +9,63 @@ pub enum DataError {
     /// An operating-system error on a named file or directory.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
 
     /// The directory is not a dataset written by `cargo xtask preprocess`, or its manifest is unreadable.
     #[error("{}: not a swav-data dataset ({reason}); create one with `cargo xtask preprocess --input <images> --output <dir>`", path.display())]
-    NotADataset { path: PathBuf, reason: String },
+    NotADataset {
+        /// The directory given as a dataset.
+        path: PathBuf,
+        /// Why it is not one.
+        reason: String,
+    },
 
     /// The dataset was written by an incompatible version of the format.
     #[error("{}: dataset format version {found} is not supported (this build reads version {supported}); re-run `cargo xtask preprocess` to rebuild it", path.display())]
-    UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
+    UnsupportedVersion {
+        /// The dataset's manifest.
+        path: PathBuf,
+        /// The version the manifest declares.
+        found: u32,
+        /// The version this build reads and writes.
+        supported: u32,
+    },
 
     /// A shard file as a whole is damaged (size, footer, index or checksum).
     #[error("{}: {problem}; the shard is damaged: restore it from a copy or rebuild the dataset with `cargo xtask preprocess`", shard.display())]
-    CorruptShard { shard: PathBuf, problem: String },
+    CorruptShard {
+        /// The shard file.
+        shard: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
 
     /// One record of a shard is damaged.
     #[error("{} record {record} (image {index}): {problem}; the shard is damaged: restore it from a copy or rebuild the dataset with `cargo xtask preprocess`", shard.display())]
-    CorruptRecord { shard: PathBuf, record: usize, index: usize, problem: String },
+    CorruptRecord {
+        /// The shard file.
+        shard: PathBuf,
+        /// Position of the record within the shard.
+        record: usize,
+        /// Dataset-wide index of the image it holds.
+        index: usize,
+        /// What is wrong with it.
+        problem: String,
+    },
 
     /// An image index past the end of the dataset.
     #[error("image index {index} is out of range: the dataset has {len} images")]
-    IndexOutOfRange { index: usize, len: usize },
+    IndexOutOfRange {
+        /// The index asked for.
+        index: usize,
+        /// Images in the dataset.
+        len: usize,
+    },
 
     /// A configuration value that cannot work (crop groups, batch size, rank, normalisation...).
     #[error("invalid configuration: {0}")]
@@ -40,15 +73,30 @@ pub enum DataError {
 
     /// A problem with the input of `preprocess` as a whole (missing input, bad IDX file, nothing written...).
     #[error("{}: {problem}", path.display())]
-    Input { path: PathBuf, problem: String },
+    Input {
+        /// The input file or directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
 
     /// The output of `preprocess` exists and may not be replaced.
     #[error("{}: {problem}", path.display())]
-    Output { path: PathBuf, problem: String },
+    Output {
+        /// The output directory.
+        path: PathBuf,
+        /// Why it may not be written.
+        problem: String,
+    },
 
     /// A loader worker thread panicked while preparing a batch (a bug: please report it with the message).
     #[error("a loader worker panicked while preparing image {index}: {message}")]
-    WorkerPanicked { index: usize, message: String },
+    WorkerPanicked {
+        /// The image the worker was preparing.
+        index: usize,
+        /// The panic message.
+        message: String,
+    },
 }
 
 impl DataError {

@@ -18,8 +18,11 @@ use crate::{ExportError, Result};
 /// A named float32 array, C order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NamedArray {
+    /// The ONNX value name (graph input or output) the array belongs to.
     pub name: String,
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// Values, `shape.iter().product()` of them, row-major.
     pub data: Vec<f32>,
 }
 

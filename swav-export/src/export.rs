@@ -38,10 +38,12 @@ use swav_model::Preprocessing;
 /// Opsets the exporter can write (13: the first with today's Flatten/ReduceL2/Gemm forms; 21: the
 /// newest that the common runtimes all read).
 pub const OPSETS: std::ops::RangeInclusive<i64> = 13..=21;
+/// Opset written unless [`ExportOptions::opset`] says otherwise.
 pub const DEFAULT_OPSET: i64 = 17;
 /// Epsilon of the L2 normalisation's clamp (PyTorch's `F.normalize` default).
 pub const L2_EPS: f32 = 1e-12;
 
+/// Name of the graph's single input, NCHW float32 images normalised as the model's preprocessing says.
 pub const INPUT_NAME: &str = "images";
 
 /// The largest protobuf message (2 GiB - 1): an ONNX model whose tensors would make it larger keeps
@@ -57,18 +59,23 @@ pub const EXTERNAL_ALIGNMENT: usize = 4096;
 /// instead ([`data_file_name`]).
 pub const DEFAULT_DATA_LOCATION: &str = "model.onnx.data";
 
+/// The batch dimension of the graph's input and outputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchDim {
     /// A symbolic `batch` dimension: any batch size at run time.
     Dynamic,
+    /// Exactly this many images per run.
     Fixed(usize),
 }
 
+/// How a model is exported; the default writes `features` only, dynamic batch, opset [`DEFAULT_OPSET`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExportOptions {
     /// Also output `embedding` (L2-normalised head output) and the prototype `scores`.
     pub with_head: bool,
+    /// ONNX opset to target, within [`OPSETS`].
     pub opset: i64,
+    /// Batch dimension of the input and outputs.
     pub batch: BatchDim,
     /// Fold every batch norm into the layer before it (default) instead of `BatchNormalization` nodes.
     pub fold_batchnorm: bool,
@@ -96,7 +103,9 @@ impl Default for ExportOptions {
 /// A graph input or output: name and dimensions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ValueInfo {
+    /// The value's name in the graph.
     pub name: String,
+    /// Its dimensions, outermost first (NCHW for the input).
     pub dims: Vec<Dim>,
 }
 
@@ -119,13 +128,19 @@ pub struct Exported {
     pub bytes: Vec<u8>,
     /// With external data, the data file that must lie beside the `.onnx` file under its location.
     pub external: Option<ExternalData>,
+    /// The graph's input ([`INPUT_NAME`]).
     pub input: ValueInfo,
+    /// The graph's outputs, in the order of [`output_names`].
     pub outputs: Vec<ValueInfo>,
+    /// Distinct operator types used, for checking a runtime supports them.
     pub op_types: BTreeSet<String>,
+    /// Number of nodes in the graph.
     pub nodes: usize,
     /// Values stored in float initialisers (after folding).
     pub parameters: usize,
+    /// The `ModelProto.ir_version` written (follows from the opset).
     pub ir_version: i64,
+    /// `ModelProto.metadata_props`: preprocessing (input size, mean, std, layout) and the model configuration.
     pub metadata: Vec<(String, String)>,
 }
 

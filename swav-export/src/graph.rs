@@ -112,6 +112,7 @@ impl Graph {
 /// One dimension of a graph input or output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Dim {
+    /// A fixed size (`dim_value`).
     Fixed(usize),
     /// A symbolic dimension (`dim_param`), e.g. `batch`.
     Named(String),

@@ -11,62 +11,106 @@
 /// Field numbers of the messages written here (from `onnx.proto`).
 pub mod field {
     // ModelProto
+    /// `ModelProto.ir_version` (int64).
     pub const MODEL_IR_VERSION: u32 = 1;
+    /// `ModelProto.producer_name` (string).
     pub const MODEL_PRODUCER_NAME: u32 = 2;
+    /// `ModelProto.producer_version` (string).
     pub const MODEL_PRODUCER_VERSION: u32 = 3;
+    /// `ModelProto.doc_string` (string).
     pub const MODEL_DOC_STRING: u32 = 6;
+    /// `ModelProto.graph` (GraphProto).
     pub const MODEL_GRAPH: u32 = 7;
+    /// `ModelProto.opset_import` (repeated OperatorSetIdProto).
     pub const MODEL_OPSET_IMPORT: u32 = 8;
+    /// `ModelProto.metadata_props` (repeated StringStringEntryProto).
     pub const MODEL_METADATA_PROPS: u32 = 14;
     // OperatorSetIdProto
+    /// `OperatorSetIdProto.domain` (string; empty for the default ONNX domain).
     pub const OPSET_DOMAIN: u32 = 1;
+    /// `OperatorSetIdProto.version` (int64).
     pub const OPSET_VERSION: u32 = 2;
     // StringStringEntryProto
+    /// `StringStringEntryProto.key`.
     pub const ENTRY_KEY: u32 = 1;
+    /// `StringStringEntryProto.value`.
     pub const ENTRY_VALUE: u32 = 2;
     // GraphProto
+    /// `GraphProto.node` (repeated NodeProto, in topological order).
     pub const GRAPH_NODE: u32 = 1;
+    /// `GraphProto.name`.
     pub const GRAPH_NAME: u32 = 2;
+    /// `GraphProto.initializer` (repeated TensorProto: the weights).
     pub const GRAPH_INITIALIZER: u32 = 5;
+    /// `GraphProto.doc_string`.
     pub const GRAPH_DOC_STRING: u32 = 10;
+    /// `GraphProto.input` (repeated ValueInfoProto).
     pub const GRAPH_INPUT: u32 = 11;
+    /// `GraphProto.output` (repeated ValueInfoProto).
     pub const GRAPH_OUTPUT: u32 = 12;
     // NodeProto
+    /// `NodeProto.input` (repeated string: value names).
     pub const NODE_INPUT: u32 = 1;
+    /// `NodeProto.output` (repeated string: value names).
     pub const NODE_OUTPUT: u32 = 2;
+    /// `NodeProto.name`.
     pub const NODE_NAME: u32 = 3;
+    /// `NodeProto.op_type` (the operator, e.g. `Conv`).
     pub const NODE_OP_TYPE: u32 = 4;
+    /// `NodeProto.attribute` (repeated AttributeProto).
     pub const NODE_ATTRIBUTE: u32 = 5;
     // AttributeProto
+    /// `AttributeProto.name`.
     pub const ATTR_NAME: u32 = 1;
+    /// `AttributeProto.f` (float).
     pub const ATTR_F: u32 = 2;
+    /// `AttributeProto.i` (int64).
     pub const ATTR_I: u32 = 3;
+    /// `AttributeProto.ints` (repeated int64).
     pub const ATTR_INTS: u32 = 8;
+    /// `AttributeProto.type` (an [`attr_type`](super::attr_type) value).
     pub const ATTR_TYPE: u32 = 20;
     // TensorProto
+    /// `TensorProto.dims` (repeated int64).
     pub const TENSOR_DIMS: u32 = 1;
+    /// `TensorProto.data_type` (a [`data_type`](super::data_type) value).
     pub const TENSOR_DATA_TYPE: u32 = 2;
+    /// `TensorProto.name`.
     pub const TENSOR_NAME: u32 = 8;
+    /// `TensorProto.raw_data` (little-endian bytes).
     pub const TENSOR_RAW_DATA: u32 = 9;
+    /// `TensorProto.external_data` (repeated StringStringEntryProto: location, offset, length).
     pub const TENSOR_EXTERNAL_DATA: u32 = 13;
+    /// `TensorProto.data_location` (a [`data_location`](super::data_location) value).
     pub const TENSOR_DATA_LOCATION: u32 = 14;
     // ValueInfoProto
+    /// `ValueInfoProto.name`.
     pub const VALUE_NAME: u32 = 1;
+    /// `ValueInfoProto.type` (TypeProto).
     pub const VALUE_TYPE: u32 = 2;
+    /// `ValueInfoProto.doc_string`.
     pub const VALUE_DOC_STRING: u32 = 3;
     // TypeProto / TypeProto.Tensor
+    /// `TypeProto.tensor_type` (TypeProto.Tensor).
     pub const TYPE_TENSOR_TYPE: u32 = 1;
+    /// `TypeProto.Tensor.elem_type` (a [`data_type`](super::data_type) value).
     pub const TENSOR_TYPE_ELEM_TYPE: u32 = 1;
+    /// `TypeProto.Tensor.shape` (TensorShapeProto).
     pub const TENSOR_TYPE_SHAPE: u32 = 2;
     // TensorShapeProto / TensorShapeProto.Dimension
+    /// `TensorShapeProto.dim` (repeated Dimension).
     pub const SHAPE_DIM: u32 = 1;
+    /// `TensorShapeProto.Dimension.dim_value` (a fixed size).
     pub const DIM_VALUE: u32 = 1;
+    /// `TensorShapeProto.Dimension.dim_param` (a named, symbolic size such as the batch).
     pub const DIM_PARAM: u32 = 2;
 }
 
 /// `TensorProto.DataType` values used here.
 pub mod data_type {
+    /// 32-bit IEEE float.
     pub const FLOAT: i64 = 1;
+    /// Signed 64-bit integer (shapes, indices).
     pub const INT64: i64 = 7;
 }
 
@@ -83,8 +127,11 @@ pub fn len_delimited(field: u32, len: usize) -> usize {
 
 /// `AttributeProto.AttributeType` values used here.
 pub mod attr_type {
+    /// One float, in `f`.
     pub const FLOAT: i64 = 1;
+    /// One int64, in `i`.
     pub const INT: i64 = 2;
+    /// A list of int64, in `ints`.
     pub const INTS: i64 = 7;
 }
 
@@ -103,6 +150,7 @@ pub struct Msg {
 }
 
 impl Msg {
+    /// A message with no fields.
     pub fn new() -> Msg {
         Msg::default()
     }
@@ -119,25 +167,30 @@ impl Msg {
         self
     }
 
+    /// A float field (fixed32, little-endian bits).
     pub fn float(mut self, field: u32, value: f32) -> Msg {
         self.fields.push(Field::Fixed32(field, value.to_bits()));
         self
     }
 
+    /// A string field (UTF-8 bytes, length-delimited).
     pub fn string(self, field: u32, value: &str) -> Msg {
         self.bytes(field, value.as_bytes().to_vec())
     }
 
+    /// A bytes field; the payload is moved in and copied once more, on encoding.
     pub fn bytes(mut self, field: u32, value: Vec<u8>) -> Msg {
         self.fields.push(Field::Bytes(field, value));
         self
     }
 
+    /// An embedded message field.
     pub fn msg(mut self, field: u32, value: Msg) -> Msg {
         self.fields.push(Field::Msg(field, value));
         self
     }
 
+    /// A repeated message field, one entry per message, in order.
     pub fn msgs(mut self, field: u32, values: impl IntoIterator<Item = Msg>) -> Msg {
         self.fields.extend(values.into_iter().map(|m| Field::Msg(field, m)));
         self
@@ -159,6 +212,7 @@ impl Msg {
             .sum()
     }
 
+    /// The message's wire bytes, allocated once at their final size.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
         self.encode_into(&mut out);

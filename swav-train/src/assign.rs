@@ -6,6 +6,8 @@
 
 use crate::TrainError;
 
+/// The codes `[batch, k]` (row-major, rows summing to 1) of one crop from its scores `[batch, k]` and, when the
+/// queue is in use, the queue's scores `[rows, k]` prepended before Sinkhorn; only the crop's own rows are returned.
 pub fn codes_for_crop(
     crop_scores: &[f32],
     queue_scores: Option<&[f32]>,

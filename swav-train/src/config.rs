@@ -15,6 +15,7 @@ use crate::TrainError;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
+    /// Passes over the dataset.
     pub epochs: usize,
     /// Images per step (on this process).
     pub batch_size: usize,
@@ -26,15 +27,19 @@ pub struct TrainConfig {
     /// scripts set it per recipe (10 at batch 4096, 0 at batch 256), and main_swav.py's default of 10
     /// would be most of a short run.
     pub warmup_epochs: usize,
+    /// Learning rate at the first warm-up iteration.
     #[serde(default)]
     pub start_warmup: f64,
+    /// Weight decay (L2, applied through the optimiser, also inside LARC's trust ratio).
     #[serde(default = "default_wd")]
     pub weight_decay: f64,
+    /// SGD momentum.
     #[serde(default = "default_momentum")]
     pub momentum: f64,
     /// LARC trust coefficient; LARS is applied when `lars` is true (the official setting).
     #[serde(default = "default_true")]
     pub lars: bool,
+    /// LARC trust coefficient (`eta`); only used when `lars` is true.
     #[serde(default = "default_trust")]
     pub trust_coefficient: f64,
     /// Softmax temperature of the swapped prediction.
@@ -43,6 +48,7 @@ pub struct TrainConfig {
     /// Sinkhorn regularisation and iterations.
     #[serde(default = "default_epsilon")]
     pub epsilon: f32,
+    /// Sinkhorn-Knopp iterations per assignment (the official default: 3).
     #[serde(default = "default_iters")]
     pub sinkhorn_iterations: usize,
     /// Crops whose codes are computed (the large ones).
@@ -55,6 +61,7 @@ pub struct TrainConfig {
     /// Embeddings kept per assigned crop (0: no queue); rounded down to a multiple of the batch.
     #[serde(default)]
     pub queue_length: usize,
+    /// Epoch (0-based) from which the queue is filled and used; before it, codes come from the batch alone.
     #[serde(default = "default_queue_start")]
     pub epoch_queue_starts: usize,
     /// Seed of every random stream (main_swav.py's default: 31).
@@ -63,6 +70,7 @@ pub struct TrainConfig {
     /// Loader worker threads (0: one per core, minus one for compute when there are several).
     #[serde(default)]
     pub workers: usize,
+    /// Batches prepared ahead by the loader (at least 1): more hides loading time at the cost of host memory.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
     /// Checkpoint every this many epochs (and always at the end and on Ctrl-C).
@@ -164,21 +172,29 @@ fn default_checkpoint_freq() -> usize {
     25
 }
 
+/// A whole training configuration, as presets and `config.toml` files write it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The network: backbone, projection head and prototypes.
     pub model: ModelConfig,
+    /// The multi-crop augmentation.
     pub crops: MultiCropConfig,
+    /// The optimisation.
     pub train: TrainConfig,
 }
 
 /// A preset: name, one-line description, TOML source.
 pub struct Preset {
+    /// Its name, as given to `--preset`.
     pub name: &'static str,
+    /// One line for the preset list.
     pub about: &'static str,
+    /// The TOML document, parsed by [`load`].
     pub toml: &'static str,
 }
 
+/// Every preset shipped in the binary.
 pub const PRESETS: &[Preset] = &[
     Preset {
         name: "imagenet-rn50-100ep-bs4096",
@@ -248,6 +264,7 @@ pub const PRESETS: &[Preset] = &[
     },
 ];
 
+/// The preset named `name`, or a configuration error listing the available names.
 pub fn preset(name: &str) -> Result<&'static Preset, TrainError> {
     PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
         let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
@@ -294,6 +311,7 @@ fn apply_override(doc: &mut toml::Table, o: &str) -> Result<(), TrainError> {
 }
 
 impl Config {
+    /// The configuration as a TOML document that [`load`] reads back unchanged.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("the configuration serialises")
     }
@@ -371,7 +389,7 @@ impl Config {
         if crops < 2 {
             return bad("crops.groups", format!("{crops} crop per image: the swapped prediction needs at least 2"));
         }
-        if t.queue_length > 0 && t.queue_length % t.batch_size != 0 {
+        if t.queue_length > 0 && !t.queue_length.is_multiple_of(t.batch_size) {
             return bad(
                 "train.queue_length",
                 format!(

@@ -13,11 +13,16 @@ use std::collections::BTreeMap;
 use swav_model::param::{Slot, Visit};
 use swav_tensor::Tensor;
 
+/// The optimiser's hyper-parameters and state (one momentum buffer per parameter).
 #[derive(Clone, Debug)]
 pub struct Lars {
+    /// Momentum of the inner SGD.
     pub momentum: f64,
+    /// Weight decay, applied inside the LARC scaling (or plainly when `lars` is false).
     pub weight_decay: f64,
+    /// LARC trust coefficient.
     pub trust_coefficient: f64,
+    /// Whether LARC scaling is applied; false gives plain SGD with weight decay.
     pub lars: bool,
     /// Momentum buffer of each parameter, by name.
     pub buffers: BTreeMap<String, Tensor>,
@@ -26,6 +31,7 @@ pub struct Lars {
 const LARC_EPS: f64 = 1e-8;
 
 impl Lars {
+    /// An optimiser with empty momentum buffers (created on each parameter's first step).
     pub fn new(momentum: f64, weight_decay: f64, trust_coefficient: f64, lars: bool) -> Lars {
         Lars { momentum, weight_decay, trust_coefficient, lars, buffers: BTreeMap::new() }
     }

@@ -11,7 +11,9 @@ use crate::error::TrainError;
 
 /// Loss value and its gradient with respect to every score.
 pub struct LossOutput {
+    /// The swapped-prediction loss, averaged over crops and images (the value `main_swav.py` logs).
     pub loss: f64,
+    /// Gradient of the loss with respect to each score, in the layout of the scores passed in.
     pub dscores: Vec<f32>,
 }
 

@@ -3,16 +3,23 @@
 //! `final + 0.5 (base - final)(1 + cos(pi t / T))` for `t` in `0..T`, `T = steps_per_epoch * (epochs -
 //! warmup_epochs)`. Iterations past the end keep the last value.
 
+/// The per-iteration learning rate table, computed on demand.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LrSchedule {
+    /// Peak learning rate, reached at the end of the warm-up.
     pub base_lr: f64,
+    /// Learning rate at the end of the cosine decay.
     pub final_lr: f64,
+    /// Learning rate at the first warm-up iteration.
     pub start_warmup: f64,
+    /// Iterations of linear warm-up (`steps_per_epoch * warmup_epochs`).
     pub warmup_steps: usize,
+    /// Iterations of cosine decay after the warm-up.
     pub cosine_steps: usize,
 }
 
 impl LrSchedule {
+    /// The schedule of a run of `epochs` epochs of `steps_per_epoch` iterations, the first `warmup_epochs` warming up.
     pub fn new(
         base_lr: f64,
         final_lr: f64,
@@ -30,10 +37,12 @@ impl LrSchedule {
         }
     }
 
+    /// Iterations covered by the table; later ones keep the last rate.
     pub fn total_steps(&self) -> usize {
         self.warmup_steps + self.cosine_steps
     }
 
+    /// The learning rate of iteration `iteration` (0-based).
     pub fn lr(&self, iteration: usize) -> f64 {
         if iteration < self.warmup_steps {
             if self.warmup_steps == 1 {

@@ -28,6 +28,7 @@ use crate::TrainError;
 /// What one step reports.
 #[derive(Clone, Copy, Debug)]
 pub struct StepStats {
+    /// The loss of the step, averaged over heads.
     pub loss: f64,
     /// Entropy (nats) of the mean code distribution of the first assigned crop (first head): ln(K) when every
     /// prototype is used equally, 0 when all images go to one prototype.
@@ -38,8 +39,11 @@ pub struct StepStats {
 
 /// Everything a step updates.
 pub struct SwavState {
+    /// The network being trained.
     pub model: SwavModel,
+    /// The optimiser and its momentum buffers.
     pub optimizer: Lars,
+    /// The embedding queue, when `train.queue_length > 0`.
     pub queue: Option<Queue>,
     /// Sinkhorn's device kernels, compiled on first use (unused on the CPU).
     pub device_sinkhorn: DeviceSinkhorn,

@@ -396,7 +396,7 @@ impl<'a> Run<'a> {
         }
         let mut step_in_epoch = std::mem::take(&mut self.skip);
         let mut wait_start = Instant::now();
-        while let Some(batch) = batches.next() {
+        for batch in batches.by_ref() {
             let waited = wait_start.elapsed().as_secs_f64();
             self.step(batch?, waited)?;
             step_in_epoch += 1;
@@ -419,8 +419,9 @@ impl<'a> Run<'a> {
         let loss = self.last_loss.map_or("-".into(), |l| format!("{l:.4}"));
         tracing::info!("epoch {}/{} done: step {}, loss {loss}", self.epoch, t.epochs, self.iteration);
         // Archives after epoch indices 0, freq, 2 freq, ... and the last, as main_swav.py's ckp-E files.
-        let archive = t.checkpoint_freq > 0 && ((self.epoch - 1) % t.checkpoint_freq == 0 || self.epoch == t.epochs);
-        if self.epoch % t.checkpoint_every_epochs == 0 || self.epoch == t.epochs || archive {
+        let archive =
+            t.checkpoint_freq > 0 && ((self.epoch - 1).is_multiple_of(t.checkpoint_freq) || self.epoch == t.epochs);
+        if self.epoch.is_multiple_of(t.checkpoint_every_epochs) || self.epoch == t.epochs || archive {
             let path = self.save(self.epoch, 0)?;
             if archive {
                 let archived = checkpoint::archive(&self.opts.run_dir, &path, self.epoch - 1)?;
