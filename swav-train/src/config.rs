@@ -68,8 +68,10 @@ pub struct TrainConfig {
     /// Checkpoints kept in the run directory (older ones are removed).
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
-    /// Convolution algorithms of the engine (`auto`, `winograd2`, `direct`): part of the run, because
-    /// the choice changes the last bits and a resumed run must make the same one to stay bit-identical.
+    /// Convolution algorithms of the engine (`auto`, `winograd2`, `direct`, `measured`: the fastest per
+    /// layer shape on this machine, recorded in the run folder's `conv-plan.json`; or one kernel
+    /// wherever it applies: `im2col`, `winograd-f2`, `winograd-f4`): part of the run, because the choice
+    /// changes the last bits and a resumed run must make the same one to stay bit-identical.
     #[serde(default, with = "conv_name")]
     pub conv: ConvAlgorithm,
     /// Start a new run from the weights of this model file (swav-rs, PyTorch `.pth`/`.pth.tar`, or a

@@ -45,7 +45,8 @@ pub struct Args {
     hidden_mlp: usize,
     #[arg(long, default_value_t = 3000)]
     prototypes: usize,
-    /// Convolution algorithms: auto (Winograd where cheaper), winograd2, direct.
+    /// Convolution algorithms: auto (Winograd where cheaper), winograd2, direct, measured (the fastest
+    /// per layer shape, measured here first; the plan is printed), im2col, winograd-f2, winograd-f4.
     #[arg(long, default_value = "auto")]
     conv: String,
     /// Print the time spent in each op.
@@ -161,8 +162,37 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         a.conv
     );
+    super::print_cpu();
     let mut state = SwavState::new(SwavModel::new(cfg, 0)?, Lars::new(0.9, 1e-6, 0.001, false));
-    state.model.set_conv_algorithm(conv);
+    if conv == swav_tensor::ops::winograd::ConvAlgorithm::Measured && !device.is_cuda() {
+        let t0 = Instant::now();
+        let mut geoms = Vec::new();
+        for &(n, size) in &s.crops {
+            geoms.extend(state.model.conv_geometries(n * s.batch, size, size)?);
+        }
+        let (plan, measured) = swav_tensor::ops::conv_plan::measure(&geoms)?;
+        println!("measured convolution plan ({:.1} s):", t0.elapsed().as_secs_f64());
+        for m in &measured {
+            let s = m.shape;
+            let times: Vec<String> = m.seconds.iter().map(|(k, t)| format!("{k} {:.1} ms", t * 1e3)).collect();
+            println!(
+                "  {}x{} {}->{} {}x{}/{}: {} ({}, {} images)",
+                s.h,
+                s.w,
+                s.cin,
+                s.cout,
+                s.kh,
+                s.kw,
+                s.stride,
+                m.chosen,
+                times.join(", "),
+                m.n
+            );
+        }
+        state.model.set_conv_algorithm(swav_tensor::ops::winograd::ConvAlgorithm::Planned(plan.leak()));
+    } else {
+        state.model.set_conv_algorithm(conv);
+    }
     state.model.to_device(device)?;
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut times = Vec::new();
@@ -221,6 +251,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 calls / a.steps as u64
             );
         }
+    }
+    if !device.is_cuda() {
+        println!("  gemm (convolutions, linear layers) {}", swav_tensor::matmul::gemm_isa());
+        super::print_kernels(&["swav_tensor::"]);
     }
     let rss = peak_rss_mib();
     println!(
