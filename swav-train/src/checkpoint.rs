@@ -162,6 +162,28 @@ pub fn save(
     Ok(model_path)
 }
 
+/// The folder of archived model files (`ckp-E.safetensors`), which pruning never touches.
+pub fn archive_dir(run_dir: &Path) -> PathBuf {
+    checkpoint_dir(run_dir).join("archive")
+}
+
+/// Archives the model file at `model_path` as `archive/ckp-{epoch_index}.safetensors` and returns its
+/// path. A hard link where the file system allows (checkpoint files are replaced, never modified in
+/// place, so the link keeps the bytes it was made with), else a copy; either is made under a temporary
+/// name and renamed, so an archive is complete or absent.
+pub fn archive(run_dir: &Path, model_path: &Path, epoch_index: usize) -> Result<PathBuf, TrainError> {
+    let dir = archive_dir(run_dir);
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let path = dir.join(format!("ckp-{epoch_index}.safetensors"));
+    let tmp = swav_core::fs::temporary_path(&path);
+    remove_if_present(&tmp)?;
+    if std::fs::hard_link(model_path, &tmp).is_err() {
+        std::fs::copy(model_path, &tmp).map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    Ok(path)
+}
+
 /// The step and path of every sidecar (`step-N.json`) in the checkpoints folder, oldest first: the
 /// complete checkpoints of any run that follows these file conventions (pretraining here, the
 /// evaluation runs of swav-eval), whatever its sidecar holds.

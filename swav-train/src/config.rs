@@ -22,8 +22,9 @@ pub struct TrainConfig {
     pub base_lr: f64,
     /// Learning rate at the end of the cosine decay.
     pub final_lr: f64,
-    /// Linear warm-up from `start_warmup` to `base_lr` over this many epochs.
-    #[serde(default)]
+    /// Linear warm-up from `start_warmup` to `base_lr` over this many epochs. Required: the official
+    /// scripts set it per recipe (10 at batch 4096, 0 at batch 256), and main_swav.py's default of 10
+    /// would be most of a short run.
     pub warmup_epochs: usize,
     #[serde(default)]
     pub start_warmup: f64,
@@ -47,15 +48,17 @@ pub struct TrainConfig {
     /// Crops whose codes are computed (the large ones).
     #[serde(default = "default_assign")]
     pub crops_for_assign: Vec<usize>,
-    /// The prototypes get no update (weight decay included) during the first iterations.
-    #[serde(default)]
+    /// The prototypes get no update (weight decay included) during the first iterations. Required: the
+    /// official scripts set it per recipe (313 at batch 4096, 5005 at batch 256), and no default can
+    /// fit both, while 0 would silently turn the freezing off.
     pub freeze_prototypes_niters: usize,
     /// Embeddings kept per assigned crop (0: no queue); rounded down to a multiple of the batch.
     #[serde(default)]
     pub queue_length: usize,
     #[serde(default = "default_queue_start")]
     pub epoch_queue_starts: usize,
-    #[serde(default)]
+    /// Seed of every random stream (main_swav.py's default: 31).
+    #[serde(default = "default_seed")]
     pub seed: u64,
     /// Loader worker threads (0: one per core, minus one for compute when there are several).
     #[serde(default)]
@@ -68,6 +71,11 @@ pub struct TrainConfig {
     /// Checkpoints kept in the run directory (older ones are removed).
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
+    /// Every this many epochs the model file is also archived as `checkpoints/archive/ckp-E.safetensors`
+    /// (E the 0-based epoch index, as main_swav.py names its `ckp-E.pth`), and after the last epoch;
+    /// archives are never pruned. main_swav.py's default: 25. 0: no archives.
+    #[serde(default = "default_checkpoint_freq")]
+    pub checkpoint_freq: usize,
     /// Convolution algorithms of the engine (`auto`, `winograd2`, `direct`, `measured`: the fastest per
     /// layer shape on this machine, recorded in the run folder's `conv-plan.json`; or one kernel
     /// wherever it applies: `im2col`, `winograd-f2`, `winograd-f4`): part of the run, because the choice
@@ -151,6 +159,12 @@ fn default_one() -> usize {
 fn default_keep() -> usize {
     3
 }
+fn default_seed() -> u64 {
+    31
+}
+fn default_checkpoint_freq() -> usize {
+    25
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,14 +183,55 @@ pub struct Preset {
 
 pub const PRESETS: &[Preset] = &[
     Preset {
+        name: "imagenet-rn50-100ep-bs4096",
+        about:
+            "official scripts/swav_100ep_pretrain.sh: ResNet-50, 100 ep, batch 4096, 2x224+6x96 (72.1% linear top-1)",
+        toml: include_str!("../presets/imagenet-rn50-100ep-bs4096.toml"),
+    },
+    Preset {
+        name: "imagenet-rn50-200ep-bs4096",
+        about: "official scripts/swav_200ep_pretrain.sh: ResNet-50, 200 ep, batch 4096, 2x224+6x96 (73.9%)",
+        toml: include_str!("../presets/imagenet-rn50-200ep-bs4096.toml"),
+    },
+    Preset {
+        name: "imagenet-rn50-400ep-bs4096",
+        about: "official scripts/swav_400ep_pretrain.sh: ResNet-50, 400 ep, batch 4096, 2x224+6x96 (74.6%)",
+        toml: include_str!("../presets/imagenet-rn50-400ep-bs4096.toml"),
+    },
+    Preset {
         name: "imagenet-rn50-800ep-bs4096",
-        about: "official ResNet-50, 800 epochs, batch 4096, 2x224+6x96, no queue (75.3% linear top-1)",
+        about: "official scripts/swav_800ep_pretrain.sh: ResNet-50, 800 ep, batch 4096, 2x224+6x96 (75.3%)",
         toml: include_str!("../presets/imagenet-rn50-800ep-bs4096.toml"),
     },
     Preset {
+        name: "imagenet-rn50-200ep-bs256",
+        about: "official scripts/swav_200ep_bs256_pretrain.sh: ResNet-50, 200 ep, batch 256, queue 3840 (72.7%)",
+        toml: include_str!("../presets/imagenet-rn50-200ep-bs256.toml"),
+    },
+    Preset {
         name: "imagenet-rn50-400ep-bs256",
-        about: "official ResNet-50, 400 epochs, batch 256 with a 3840 queue from epoch 15 (74.3%)",
+        about: "official scripts/swav_400ep_bs256_pretrain.sh: ResNet-50, 400 ep, batch 256, queue 3840 (74.3%)",
         toml: include_str!("../presets/imagenet-rn50-400ep-bs256.toml"),
+    },
+    Preset {
+        name: "imagenet-rn50-400ep-2x224-bs4096",
+        about: "official scripts/swav_400ep_2x224_pretrain.sh: ResNet-50, 400 ep, 2x224 only (70.1%)",
+        toml: include_str!("../presets/imagenet-rn50-400ep-2x224-bs4096.toml"),
+    },
+    Preset {
+        name: "imagenet-rn50w2-400ep-bs4096",
+        about: "official scripts/swav_RN50w2_400ep_pretrain.sh: ResNet-50-w2, hidden 8192, 2x224+4x96 (77.3%)",
+        toml: include_str!("../presets/imagenet-rn50w2-400ep-bs4096.toml"),
+    },
+    Preset {
+        name: "imagenet-rn50w4-400ep-bs2560",
+        about: "official scripts/swav_RN50w4_400ep_pretrain.sh: ResNet-50-w4, hidden 8192, queue 2560 (77.9%)",
+        toml: include_str!("../presets/imagenet-rn50w4-400ep-bs2560.toml"),
+    },
+    Preset {
+        name: "imagenet-rn50w5-400ep-bs2560",
+        about: "ResNet-50-w5 (78.5% published, no script): the RN50-w4 script with the w5 arch",
+        toml: include_str!("../presets/imagenet-rn50w5-400ep-bs2560.toml"),
     },
     Preset {
         name: "fmnist-rn18",
@@ -268,8 +323,8 @@ impl Config {
                 );
             }
         }
-        if self.model.prototypes.len() != 1 {
-            return bad("model.prototypes", "SwAV training uses one prototype head".into());
+        if self.model.prototypes.is_empty() {
+            return bad("model.prototypes", "SwAV training needs at least one prototype head, e.g. [3000]".into());
         }
         if t.epochs == 0 {
             return bad("train.epochs", "must be at least 1".into());
@@ -378,6 +433,32 @@ mod tests {
         let err = load(src, &["train.crops_for_assign=[0, 9]".into()]).unwrap_err().to_string();
         assert!(err.contains("crops_for_assign"), "{err}");
         assert!(load(src, &["nonsense".into()]).is_err());
+    }
+
+    #[test]
+    fn every_published_recipe_names_its_script_and_accuracy() {
+        let imagenet: Vec<&Preset> = PRESETS.iter().filter(|p| p.name.starts_with("imagenet-")).collect();
+        assert_eq!(imagenet.len(), 10);
+        for p in imagenet {
+            assert!(p.toml.contains("scripts/swav_") && p.toml.contains('%'), "{}: script or accuracy missing", p.name);
+            assert!(p.about.contains('%'), "{}", p.name);
+            let c = load(p.toml, &[]).unwrap();
+            assert!(c.train.freeze_prototypes_niters > 0 && c.train.checkpoint_freq == 25, "{}", p.name);
+        }
+    }
+
+    #[test]
+    fn keys_without_a_safe_default_are_required_and_named() {
+        let src = preset("cpu-tiny").unwrap().toml;
+        for key in ["freeze_prototypes_niters", "warmup_epochs"] {
+            let without: String = src.lines().filter(|l| !l.starts_with(key)).map(|l| format!("{l}\n")).collect();
+            let err = load(&without, &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        // Omitted keys with a default take main_swav.py's.
+        let without: String = src.lines().filter(|l| !l.starts_with("seed")).map(|l| format!("{l}\n")).collect();
+        let c = load(&without, &[]).unwrap();
+        assert_eq!((c.train.seed, c.train.checkpoint_freq, c.train.epoch_queue_starts), (31, 25, 15));
     }
 
     #[test]

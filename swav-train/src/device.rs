@@ -146,6 +146,23 @@ pub fn swapped_prediction_loss(
     Ok(DeviceLoss { loss, dscores, skip })
 }
 
+/// The mean of per-head losses (f32 `[1]` each, on the device) and the flag that says it is not finite
+/// (a non-finite loss in any head stops the whole update).
+pub fn mean_loss(losses: &[&Tensor]) -> Result<(Tensor, DeviceBuffer), TrainError> {
+    let first = losses.first().ok_or_else(|| TrainError::Shape("loss mean of no heads".into()))?;
+    let rt = runtime(first)?;
+    let plan = loss_cuda::mean_plan(losses.len())?;
+    let stacked = Tensor::cat(losses)?;
+    let loss = Tensor::device_uninit(rt, &[1], DType::F32)?;
+    let skip = rt.alloc(4)?;
+    rt.run(
+        &loss_cuda::SOURCE,
+        &plan,
+        &[(loss_cuda::ROW_LOSS, stacked.ptr()), (loss_cuda::LOSS, loss.ptr()), (loss_cuda::SKIP, skip.ptr())],
+    )?;
+    Ok((loss, skip))
+}
+
 /// One LARS/SGD step of `optimizer` over the model's parameters on the device (`lars.cu`; the
 /// semantics are `lars.rs`'s, momentum buffers created on first use as PyTorch does), skipped entirely
 /// when `skip` is raised.

@@ -91,3 +91,31 @@ pub fn plan(
     );
     Ok(plan)
 }
+
+/// Per-head losses `[heads]` (in `ROW_LOSS`) -> their mean in `LOSS` and the `SKIP` flag of the mean: the
+/// loss of a model with several prototype heads (`swav_loss_total` with one "row" per head).
+pub fn mean_plan(heads: usize) -> Result<Plan, TrainError> {
+    if heads == 0 || heads > i32::MAX as usize {
+        return Err(TrainError::Shape(format!("loss mean (cuda): {heads} heads")));
+    }
+    let mut plan = Plan::default();
+    plan.buffer(ROW_LOSS, DType::F32, heads, Role::In).buffer(LOSS, DType::F32, 1, Role::Out).buffer(
+        SKIP,
+        DType::U32,
+        1,
+        Role::Out,
+    );
+    plan.launch(
+        "swav_loss_total",
+        [1, 1, 1],
+        [1024, 1, 1],
+        vec![
+            Arg::Buf(ROW_LOSS),
+            Arg::I32(heads as i32),
+            Arg::F32((1.0 / heads as f64) as f32),
+            Arg::Buf(LOSS),
+            Arg::Buf(SKIP),
+        ],
+    );
+    Ok(plan)
+}

@@ -6,6 +6,9 @@
 //! 4. for each crop in `crops_for_assign`, its codes `q` by Sinkhorn, with the queue's scores prepended
 //!    once the queue is full, then push the crop's embeddings into the queue;
 //! 5. the swapped-prediction loss over every other crop;
+//!
+//! With several prototype heads (`model.prototypes = [k1, k2, ...]`), steps 4-5 run per head (each head's
+//! codes from its own scores and its own product with the queue) and the loss is the heads' mean.
 //! 6. backward; the prototypes get no update while `iteration < freeze_prototypes_niters`;
 //! 7. LARS step.
 
@@ -26,7 +29,7 @@ use crate::TrainError;
 #[derive(Clone, Copy, Debug)]
 pub struct StepStats {
     pub loss: f64,
-    /// Entropy (nats) of the mean code distribution of the first assigned crop: ln(K) when every
+    /// Entropy (nats) of the mean code distribution of the first assigned crop (first head): ln(K) when every
     /// prototype is used equally, 0 when all images go to one prototype.
     pub cluster_entropy: f64,
     /// Prototypes that are the argmax code of at least one image of the batch.
@@ -105,49 +108,90 @@ pub fn start_step(
     model.normalize_prototypes()?;
     model.zero_grad();
     let (out, acts) = model.forward_train(groups)?;
-    let scores = &out.scores[0];
     if !on_device {
-        if let Some(bad) = scores.as_slice().iter().find(|v| !v.is_finite()) {
+        let bad = out.scores.iter().flat_map(|s| s.as_slice()).find(|v| !v.is_finite());
+        if let Some(bad) = bad {
             // The network diverged: report it as a non-finite loss before anything is updated.
             let stats = StepStats { loss: *bad as f64, cluster_entropy: f64::NAN, clusters_used: 0 };
             return Ok(PendingStats(Pending::Ready(stats)));
         }
     }
 
+    // Every prototype head gets its own codes (from the queue as it was before this batch), then the
+    // batch's embeddings join the queue once: the queue holds embeddings, which the heads share.
     let sinkhorn = swav_sinkhorn::Params::new(cfg.epsilon, cfg.sinkhorn_iterations);
     let codes_scope = profile::scope("codes (sinkhorn)");
-    let mut codes = Vec::with_capacity(cfg.crops_for_assign.len());
-    for (j, &crop) in cfg.crops_for_assign.iter().enumerate() {
-        let crop_scores = scores.narrow(crop * batch, batch)?;
-        let queue_scores = match &state.queue {
-            Some(q) if q.is_full(j)? => {
-                Some(linear_forward(&q.rows[j], &model.prototypes.heads[0].weight.value, None)?)
-            }
-            _ => None,
-        };
-        let q = if on_device {
-            device::codes_for_crop(&mut state.device_sinkhorn, &crop_scores, queue_scores.as_ref(), &sinkhorn)?
-        } else {
-            let (k, q) = (scores.dim(1), queue_scores.as_ref().map(Tensor::as_slice));
-            Tensor::from_vec(&[batch, k], codes_for_crop(crop_scores.as_slice(), q, batch, k, &sinkhorn)?)?
-        };
-        codes.push(q);
-        if let Some(queue) = &mut state.queue {
+    let mut codes = Vec::with_capacity(out.scores.len());
+    for (scores, head) in out.scores.iter().zip(&model.prototypes.heads) {
+        let mut head_codes = Vec::with_capacity(cfg.crops_for_assign.len());
+        for (j, &crop) in cfg.crops_for_assign.iter().enumerate() {
+            let crop_scores = scores.narrow(crop * batch, batch)?;
+            let queue_scores = match &state.queue {
+                Some(q) if q.is_full(j)? => Some(linear_forward(&q.rows[j], &head.weight.value, None)?),
+                _ => None,
+            };
+            let q = if on_device {
+                device::codes_for_crop(&mut state.device_sinkhorn, &crop_scores, queue_scores.as_ref(), &sinkhorn)?
+            } else {
+                let (k, q) = (scores.dim(1), queue_scores.as_ref().map(Tensor::as_slice));
+                Tensor::from_vec(&[batch, k], codes_for_crop(crop_scores.as_slice(), q, batch, k, &sinkhorn)?)?
+            };
+            head_codes.push(q);
+        }
+        codes.push(head_codes);
+    }
+    if let Some(queue) = &mut state.queue {
+        for (j, &crop) in cfg.crops_for_assign.iter().enumerate() {
             queue.push(j, &out.embedding.narrow(crop * batch, batch)?)?;
         }
     }
     drop(codes_scope);
 
+    // The loss is the mean over heads of each head's swapped-prediction loss.
     let loss_scope = profile::scope("loss");
-    let (loss, dscores, skip) = if on_device {
-        let l = device::swapped_prediction_loss(scores, &codes, batch, &cfg.crops_for_assign, cfg.temperature)?;
-        (Loss::Device(l.loss), l.dscores, Some(l.skip))
+    let heads = out.scores.len();
+    let mut dscores = Vec::with_capacity(heads);
+    let (loss, skip) = if on_device {
+        let mut losses = Vec::with_capacity(heads);
+        for (scores, head_codes) in out.scores.iter().zip(&codes) {
+            let l = device::swapped_prediction_loss(scores, head_codes, batch, &cfg.crops_for_assign, cfg.temperature)?;
+            losses.push(l);
+        }
+        let (loss, skip) = if heads == 1 {
+            let l = losses.pop().expect("one head");
+            dscores.push(l.dscores);
+            (l.loss, l.skip)
+        } else {
+            let mean = device::mean_loss(&losses.iter().map(|l| &l.loss).collect::<Vec<_>>())?;
+            for mut l in losses {
+                l.dscores.scale(1.0 / heads as f32);
+                dscores.push(l.dscores);
+            }
+            mean
+        };
+        (Loss::Device(loss), Some(skip))
     } else {
-        let k = scores.dim(1);
-        let host: Vec<Vec<f32>> = codes.iter().map(|c| c.as_slice().to_vec()).collect();
-        let l =
-            swapped_prediction_loss(scores.as_slice(), k, batch, crops, &cfg.crops_for_assign, &host, cfg.temperature)?;
-        (Loss::Host(l.loss), Tensor::from_vec(scores.shape(), l.dscores)?, None)
+        let mut total = 0.0;
+        for (scores, head_codes) in out.scores.iter().zip(&codes) {
+            let k = scores.dim(1);
+            let host: Vec<Vec<f32>> = head_codes.iter().map(|c| c.as_slice().to_vec()).collect();
+            let l = swapped_prediction_loss(
+                scores.as_slice(),
+                k,
+                batch,
+                crops,
+                &cfg.crops_for_assign,
+                &host,
+                cfg.temperature,
+            )?;
+            total += l.loss;
+            let mut d = Tensor::from_vec(scores.shape(), l.dscores)?;
+            if heads > 1 {
+                d.scale(1.0 / heads as f32);
+            }
+            dscores.push(d);
+        }
+        (Loss::Host(total / heads as f64), None)
     };
     drop(loss_scope);
     if let Loss::Host(loss) = loss {
@@ -155,7 +199,7 @@ pub fn start_step(
             return Ok(PendingStats(Pending::Ready(StepStats { loss, cluster_entropy: f64::NAN, clusters_used: 0 })));
         }
     }
-    model.backward(acts, &out, &[dscores])?;
+    model.backward(acts, &out, &dscores)?;
 
     let _optimizer_scope = profile::scope("optimizer");
     let frozen = iteration < cfg.freeze_prototypes_niters;
@@ -167,10 +211,13 @@ pub fn start_step(
     }
     match loss {
         Loss::Device(loss) => {
-            let stats = Tensor::cat(&[&loss, &device::cluster_stats(&codes[0])?])?;
+            let stats = Tensor::cat(&[&loss, &device::cluster_stats(&codes[0][0])?])?;
             Ok(PendingStats(Pending::Device(stats.to_vec_later()?)))
         }
-        Loss::Host(loss) => Ok(PendingStats(Pending::Ready(cluster_stats(codes[0].as_slice(), scores.dim(1), loss)))),
+        Loss::Host(loss) => {
+            let k = out.scores[0].dim(1);
+            Ok(PendingStats(Pending::Ready(cluster_stats(codes[0][0].as_slice(), k, loss))))
+        }
     }
 }
 

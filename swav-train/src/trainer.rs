@@ -9,7 +9,8 @@
 //! - Before anything is allocated, the run's memory is estimated from its configuration and a run
 //!   that cannot fit in the machine's available memory (or `max_memory`) is refused with the estimate.
 //! - A checkpoint is written every `checkpoint_every_epochs`, at the end, at `max_steps`, and when the
-//!   `stop` flag is raised (Ctrl-C, SIGTERM).
+//!   `stop` flag is raised (Ctrl-C, SIGTERM); the newest `keep_checkpoints` are kept. Every
+//!   `checkpoint_freq` epochs the model file is also archived (`checkpoints/archive/ckp-E`), never pruned.
 //! - A non-finite loss stops the run with an error before anything is saved, so the last good
 //!   checkpoint stays the newest one. A loss stuck near ln(K) with few prototypes in use raises a
 //!   collapse warning with the usual remedies.
@@ -417,8 +418,15 @@ impl<'a> Run<'a> {
         self.epoch += 1;
         let loss = self.last_loss.map_or("-".into(), |l| format!("{l:.4}"));
         tracing::info!("epoch {}/{} done: step {}, loss {loss}", self.epoch, t.epochs, self.iteration);
-        if self.epoch % t.checkpoint_every_epochs == 0 || self.epoch == t.epochs {
-            self.checkpoint = Some(self.save(self.epoch, 0)?);
+        // Archives after epoch indices 0, freq, 2 freq, ... and the last, as main_swav.py's ckp-E files.
+        let archive = t.checkpoint_freq > 0 && ((self.epoch - 1) % t.checkpoint_freq == 0 || self.epoch == t.epochs);
+        if self.epoch % t.checkpoint_every_epochs == 0 || self.epoch == t.epochs || archive {
+            let path = self.save(self.epoch, 0)?;
+            if archive {
+                let archived = checkpoint::archive(&self.opts.run_dir, &path, self.epoch - 1)?;
+                tracing::info!("archived {}", archived.display());
+            }
+            self.checkpoint = Some(path);
         }
         Ok(None)
     }

@@ -261,3 +261,30 @@ fn rgb_data_trains_a_one_channel_model_on_luma_and_records_its_statistics() {
     let err = config::load(config::preset("cpu-tiny").unwrap().toml, &sets).unwrap_err().to_string();
     assert!(err.contains("model.in_channels") && err.contains("crops.augment.mean"), "{err}");
 }
+
+#[test]
+fn archives_every_checkpoint_freq_epochs_outlive_the_rolling_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures::shapes_dataset(tmp.path(), 16, 12);
+    // 2 steps per epoch, 5 epochs, archives after epoch indices 0, 2, 4 (the last), one rolling
+    // checkpoint kept, two prototype heads.
+    let cfg =
+        tiny(&["train.epochs=5", "train.checkpoint_freq=2", "train.keep_checkpoints=1", "model.prototypes=[6, 4]"]);
+    let run = tmp.path().join("run");
+    train(&cfg, &opts(&run, &data, None)).unwrap();
+    let archive = checkpoint::archive_dir(&run);
+    let mut names: Vec<String> =
+        std::fs::read_dir(&archive).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["ckp-0.safetensors", "ckp-2.safetensors", "ckp-4.safetensors"]);
+    assert_eq!(checkpoint::list(&run).unwrap().len(), 1, "rolling checkpoints are pruned, archives are not");
+    // Each archive is the model file of the end of its epoch (step = 2 (E + 1)), loadable alone.
+    for (e, name) in [(0usize, "ckp-0"), (2, "ckp-2"), (4, "ckp-4")] {
+        let file = swav_model::ModelFile::read(&archive.join(format!("{name}.safetensors"))).unwrap();
+        assert_eq!(file.metadata.get("step").map(String::as_str), Some((2 * (e + 1)).to_string().as_str()), "{name}");
+        assert_eq!(file.model.config.prototypes, vec![6, 4]);
+    }
+    let a = NamedTensors::read(&archive.join("ckp-0.safetensors")).unwrap();
+    let b = NamedTensors::read(&archive.join("ckp-4.safetensors")).unwrap();
+    assert_ne!(a.tensors["prototypes.prototypes1.weight"], b.tensors["prototypes.prototypes1.weight"]);
+}

@@ -127,6 +127,7 @@ fn train_config(case: &Case<'_>, batch: usize) -> Result<TrainConfig, ReferenceE
         prefetch: 1,
         checkpoint_every_epochs: 1,
         keep_checkpoints: 1,
+        checkpoint_freq: 0,
         conv: ConvAlgorithm::Direct,
         init: None,
         init_backbone_only: false,

@@ -144,6 +144,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         prefetch: 1,
         checkpoint_every_epochs: 1,
         keep_checkpoints: 1,
+        checkpoint_freq: 0,
         conv,
         init: None,
         init_backbone_only: false,
