@@ -10,6 +10,7 @@
 //! - data gradient: the forward with the kernel flipped and in/out swapped (stride 1, padding 1);
 //! - weight gradient: `dU[p] += V[p]^T . dM[p]` with `dM = A dY A^T` per output tile, then
 //!   `dg = G^T dU G`.
+//!
 //! Tiles are processed in blocks whose transformed matrices stay in cache; blocks run in parallel and
 //! weight-gradient partial sums are combined in a fixed order (deterministic).
 //! The transforms are written once and compiled per instruction set (`simd_fn!`): every level gives

@@ -96,7 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     drop(loader);
-    super::print_kernels(&["swav_data::"]);
+    super::print_kernels(&["swav_data::"], &[]);
 
     if let Some(dir) = &args.baseline_images {
         if args.crops != "official" && args.crops != "2x224+6x96" {

@@ -254,8 +254,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     if !device.is_cuda() {
-        println!("  gemm (convolutions, linear layers) {}", swav_tensor::matmul::gemm_isa());
-        super::print_kernels(&["swav_tensor::"]);
+        let gemm = format!("gemm crate (convolution and linear GEMMs) {}", swav_tensor::matmul::gemm_isa());
+        super::print_kernels(&["swav_tensor::"], &[gemm]);
     }
     let rss = peak_rss_mib();
     println!(
@@ -267,6 +267,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             rt.stats().peak as f64 / (1u64 << 20) as f64
         ))
     );
+    // Convolution FLOPs as a direct convolution counts them (Winograd does fewer multiplications, so a
+    // rate above the peak is possible in principle): forward, weight gradient, and data gradient for
+    // every layer but the first.
+    let mut conv_flops = 0.0;
+    for &(n, size) in &s.crops {
+        let geoms = state.model.conv_geometries(n * s.batch, size, size)?;
+        for (i, g) in geoms.iter().enumerate() {
+            conv_flops += 2.0 * g.macs() as f64 * if i == 0 { 2.0 } else { 3.0 };
+        }
+    }
+    let peak = (!device.is_cuda()).then(super::peak_gflops).flatten();
+    let rate = |ms: f64| {
+        let gflops = conv_flops / (ms * 1e-3) / 1e9;
+        match peak {
+            Some(p) => format!("{gflops:.1} GFLOP/s, {:.0}% of the {p:.0} GFLOP/s peak", 100.0 * gflops / p),
+            None => format!("{gflops:.1} GFLOP/s"),
+        }
+    };
+    println!("convolutions: {:.1} GFLOP per step; swav-rs {}", conv_flops / 1e9, rate(ours));
     if let Some(py) = &a.python {
         // The checkout's script when run from one (a binary carried to another machine runs there),
         // else the one of the source tree it was built from.
@@ -319,6 +338,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
             v["peak_device_mib"].as_f64().map_or(String::new(), |m| format!(", peak device memory {m:.0} MiB"))
         );
+        println!("PyTorch convolutions: {}", rate(theirs));
         println!("ratio (PyTorch time / swav-rs time): {:.2}x", theirs / ours);
     }
     Ok(())
