@@ -25,6 +25,8 @@
 //! # Ok::<(), swav_data::DataError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod augment;
 mod codec;
 mod config;

@@ -25,6 +25,8 @@
 //! # Ok::<(), swav_export::ExportError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod check;
 pub mod error;
 pub mod export;

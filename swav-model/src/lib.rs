@@ -15,6 +15,20 @@
 //!
 //! Layers keep their parameters and accumulate gradients into them; forward functions return the
 //! activations their backward needs (no tape), in the style of llm.c.
+//!
+//! ```
+//! use swav_model::{Arch, ModelConfig, SwavModel};
+//! use swav_tensor::Tensor;
+//!
+//! // A narrow ResNet-18 with the small-image stem and a small head, else the official settings.
+//! let official = ModelConfig::swav_resnet50();
+//! let config = ModelConfig { arch: Arch::Resnet18, width: Some(8), small_stem: true, hidden_mlp: 32, ..official };
+//! let model = SwavModel::new(config, 31)?;
+//! let images = Tensor::zeros(&[2, 32, 32, 3], swav_tensor::Device::Cpu); // NHWC
+//! let features = model.features(&images)?;
+//! assert_eq!(features.shape(), &[2, 64]);
+//! # Ok::<(), swav_model::ModelError>(())
+//! ```
 
 pub mod checkpoint;
 pub mod config;

@@ -73,6 +73,8 @@
 //! normalisation stays local. See [`LocalGroup`] for ranks that are threads, [`cuda::NcclReducer`] for
 //! GPUs.
 
+#![warn(missing_docs)]
+
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -13,6 +13,19 @@
 //!   resolution) sums its gradients naturally.
 //! - Reductions are computed in fixed-size chunks combined in a fixed order, so results do not depend
 //!   on thread scheduling: the same inputs give bit-identical outputs run after run.
+//!
+//! ```
+//! use swav_tensor::ops::linear::linear_forward;
+//! use swav_tensor::Tensor;
+//!
+//! let x = Tensor::from_vec(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?; // [rows, features]
+//! let w = Tensor::from_vec(&[1, 3], vec![1.0, 0.0, -1.0])?; // [out, in], as torch.nn.Linear
+//! let y = linear_forward(&x, &w, None)?;
+//! assert_eq!(y.to_vec(), vec![-2.0, -2.0]);
+//! # Ok::<(), swav_tensor::TensorError>(())
+//! ```
+
+#![warn(missing_docs)]
 
 pub mod alloc;
 pub mod cuda;

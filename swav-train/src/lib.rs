@@ -7,6 +7,18 @@
 //!   guards a long run needs; [`config`] the TOML configuration and the presets;
 //! - [`pipeline`]: what `cargo xtask pipeline` needs besides the steps themselves (stamps keyed on
 //!   content, the held-out split, ownership of its run folder, the embedded default data).
+//!
+//! ```
+//! use swav_train::config;
+//!
+//! // A published recipe, edited by dotted keys as `cargo xtask train --set` does.
+//! let preset = config::preset("imagenet-rn50-400ep-bs256")?;
+//! let cfg = config::load(preset.toml, &["train.epochs=100".into()])?;
+//! assert_eq!((cfg.train.epochs, cfg.train.freeze_prototypes_niters), (100, 5005));
+//! # Ok::<(), swav_train::TrainError>(())
+//! ```
+
+#![warn(missing_docs)]
 
 pub mod assign;
 pub mod checkpoint;
