@@ -66,13 +66,21 @@ impl std::str::FromStr for ConvKernel {
 /// batch size per resolution, and the algorithms scale alike with it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConvShape {
+    /// Input height.
     pub h: usize,
+    /// Input width.
     pub w: usize,
+    /// Input channels.
     pub cin: usize,
+    /// Output channels.
     pub cout: usize,
+    /// Kernel height.
     pub kh: usize,
+    /// Kernel width.
     pub kw: usize,
+    /// Stride (both directions).
     pub stride: usize,
+    /// Zero padding on every side.
     pub pad: usize,
 }
 
@@ -85,6 +93,7 @@ impl From<&ConvGeom> for ConvShape {
 /// The kernel of each measured shape, sorted by shape.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ConvPlan {
+    /// `(shape, kernel)`, sorted by shape, one per shape.
     pub entries: Vec<(ConvShape, ConvKernel)>,
 }
 
@@ -110,11 +119,13 @@ impl ConvPlan {
 /// How long one candidate took on one shape, and the kernel chosen.
 #[derive(Clone, Debug)]
 pub struct Measurement {
+    /// The shape measured.
     pub shape: ConvShape,
     /// Batch size measured with (at most the layer's).
     pub n: usize,
     /// Seconds per forward + both gradients, for each candidate tried.
     pub seconds: Vec<(ConvKernel, f64)>,
+    /// The fastest of them.
     pub chosen: ConvKernel,
 }
 
