@@ -8,8 +8,10 @@
 //! fast. That is also why one test of a kernel's logic covers every level it is compiled for.
 
 use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// The x86-64 levels kernels are compiled for, from least to most capable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -75,6 +77,39 @@ fn detect() -> Isa {
     Isa::Baseline
 }
 
+/// Whether the CPU can multiply bfloat16 in hardware: AVX-512 BF16 dot products or AMX tiles. A bf16
+/// CPU mode could only pay where one of them exists; elsewhere bf16 would be converted to f32 and back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bf16Support {
+    /// `vdpbf16ps` and the conversions (AVX512_BF16).
+    pub avx512_bf16: bool,
+    /// AMX tiles with bf16 products, enabled by the operating system.
+    pub amx_bf16: bool,
+}
+
+impl Bf16Support {
+    /// Whether either exists.
+    pub fn any(self) -> bool {
+        self.avx512_bf16 || self.amx_bf16
+    }
+}
+
+impl fmt::Display for Bf16Support {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        write!(f, "avx512_bf16 {}, AMX bf16 {}", yes(self.avx512_bf16), yes(self.amx_bf16))
+    }
+}
+
+/// bf16 arithmetic this CPU has (read from the kernel's CPU flags, which also say whether the operating
+/// system enabled AMX's tile state).
+pub fn bf16_support() -> Bf16Support {
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = flags.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+    let has = |name: &str| flags.split_whitespace().any(|f| f == name);
+    Bf16Support { avx512_bf16: has("avx512_bf16"), amx_bf16: has("amx_bf16") && has("amx_tile") }
+}
+
 thread_local! {
     static CEILING: Cell<Isa> = const { Cell::new(Isa::Avx512) };
 }
@@ -103,6 +138,26 @@ pub fn with_ceiling<R>(ceiling: Isa, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+static USED: Mutex<BTreeMap<&'static str, Isa>> = Mutex::new(BTreeMap::new());
+
+/// Notes that kernel `name` ran at `isa`. `last` is the kernel's own memo of the level it last
+/// reported, so that the table's lock is taken only when a kernel changes level, not on every call.
+#[doc(hidden)]
+#[inline]
+pub fn note_used(name: &'static str, last: &AtomicU8, isa: Isa) {
+    if last.load(Ordering::Relaxed) != isa as u8 {
+        last.store(isa as u8, Ordering::Relaxed);
+        USED.lock().unwrap_or_else(|e| e.into_inner()).insert(name, isa);
+    }
+}
+
+/// Every kernel written with [`simd_fn!`](crate::simd_fn) that has run in this process, with the level
+/// it last ran at, by name (`crate::module::function`): what reports print as "the instruction set each
+/// kernel used".
+pub fn used() -> Vec<(&'static str, Isa)> {
+    USED.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (*k, *v)).collect()
+}
+
 /// Defines `fn NAME(args) -> R` whose `body` is compiled for AVX-512, for AVX2 + FMA and for the
 /// baseline, and runs the version [`isa::active`](crate::isa::active) allows. Helpers called from
 /// `body` must be `#[inline(always)]` to be compiled for the same level.
@@ -113,6 +168,9 @@ macro_rules! simd_fn {
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn imp($($arg: $ty),*) $(-> $ret)? $body
+            static LAST: ::std::sync::atomic::AtomicU8 = ::std::sync::atomic::AtomicU8::new(u8::MAX);
+            let level = $crate::isa::active();
+            $crate::isa::note_used(concat!(module_path!(), "::", stringify!($name)), &LAST, level);
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
@@ -123,7 +181,7 @@ macro_rules! simd_fn {
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     imp($($arg),*)
                 }
-                match $crate::isa::active() {
+                match level {
                     // SAFETY: `active()` never exceeds what the CPU supports (`available()`).
                     $crate::isa::Isa::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
@@ -155,5 +213,10 @@ mod tests {
         with_ceiling(Isa::Baseline, || assert_eq!(active(), Isa::Baseline));
         assert_eq!(active(), available());
         assert_eq!("avx2".parse::<Isa>(), Ok(Isa::Avx2));
+        let name = concat!(module_path!(), "::dot");
+        with_ceiling(Isa::Baseline, || dot(&a, &b));
+        assert_eq!(used().into_iter().find(|(n, _)| *n == name), Some((name, Isa::Baseline)));
+        dot(&a, &b);
+        assert_eq!(used().into_iter().find(|(n, _)| *n == name), Some((name, available())));
     }
 }

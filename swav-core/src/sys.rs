@@ -32,6 +32,23 @@ pub fn cap_threads(requested: usize, what: &str) -> (usize, Option<String>) {
     }
 }
 
+/// The CPU's name and generation as `/proc/cpuinfo` gives them (`Intel(R) Xeon(R) Processor, family 6
+/// model 143`), or the architecture where that cannot be read: benchmark reports name the machine.
+pub fn cpu_model() -> String {
+    let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        text.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    match (field("model name"), field("cpu family"), field("model")) {
+        (Some(name), Some(family), Some(model)) => format!("{name}, family {family} model {model}"),
+        (Some(name), _, _) => name,
+        _ => std::env::consts::ARCH.to_string(),
+    }
+}
+
 /// Bytes in human units (`1.5 GiB`).
 pub fn human_bytes(bytes: u128) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -58,6 +75,7 @@ mod tests {
         assert_eq!(n, max_threads());
         assert!(msg.unwrap().contains("100000"));
         assert_eq!(cap_threads(2, "x"), (2, None));
+        assert!(!cpu_model().is_empty());
         assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
         if cfg!(target_os = "linux") {
             assert!(available_memory().unwrap() > 1 << 20);

@@ -11,8 +11,9 @@
 //! twice: it is the previous block's output, passed back in by [`ResNet::backward`].
 
 use swav_tensor::ops::batchnorm::{BnCache, Fused};
+use swav_tensor::ops::conv::ConvGeom;
 use swav_tensor::ops::pool::{
-    global_avg_pool_backward, global_avg_pool_forward, max_pool_backward, max_pool_forward, PoolIndices,
+    global_avg_pool_backward, global_avg_pool_forward, max_pool_backward, max_pool_forward, PoolGeom, PoolIndices,
 };
 use swav_tensor::ops::winograd::ConvAlgorithm;
 use swav_tensor::Tensor;
@@ -214,6 +215,33 @@ impl ResNet {
                 ds.conv.algo = algo;
             }
         }
+    }
+
+    /// The shape of every convolution a forward of `n` images of `h x w` runs, in forward order (what a
+    /// measured convolution plan is measured on).
+    pub fn conv_geometries(&self, n: usize, h: usize, w: usize) -> Result<Vec<ConvGeom>> {
+        let mut out = Vec::new();
+        let mut conv = |c: &Conv2d, (h, w): (usize, usize)| -> Result<(usize, usize)> {
+            let shape = c.weight.value.shape();
+            let g = ConvGeom::new(&[n, h, w, shape[3]], shape, c.stride, c.pad)?;
+            out.push(g);
+            Ok((g.oh, g.ow))
+        };
+        let mut hw = conv(&self.conv1, (h, w))?;
+        if self.maxpool {
+            let p = PoolGeom::new(&[n, hw.0, hw.1, self.conv1.out_channels()], 3, 2, 1)?;
+            hw = (p.oh, p.ow);
+        }
+        for block in self.stages.iter().flatten() {
+            let input = hw;
+            for c in &block.convs {
+                hw = conv(c, hw)?;
+            }
+            if let Some(ds) = &block.downsample {
+                conv(&ds.conv, input)?;
+            }
+        }
+        Ok(out)
     }
 
     pub fn out_channels(&self) -> usize {

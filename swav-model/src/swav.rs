@@ -113,6 +113,11 @@ impl SwavModel {
         self.backbone.set_conv_algorithm(algo);
     }
 
+    /// The shape of every backbone convolution for `n` images of `h x w` (see [`ResNet::conv_geometries`]).
+    pub fn conv_geometries(&self, n: usize, h: usize, w: usize) -> Result<Vec<swav_tensor::ops::conv::ConvGeom>> {
+        self.backbone.conv_geometries(n, h, w)
+    }
+
     /// Scales every prototype to unit L2 norm.
     pub fn normalize_prototypes(&mut self) -> Result<()> {
         self.prototypes.normalize()

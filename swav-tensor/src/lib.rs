@@ -43,6 +43,18 @@ pub use tensor::{DType, PendingValues, Tensor};
 
 pub type Result<T, E = TensorError> = std::result::Result<T, E>;
 
+/// Runs `f` with every CPU kernel capped at instruction set `isa` (on this thread and on the compute
+/// threads of a pool of `threads` made for the call): to test or measure a lower level on one machine.
+/// The `gemm` crate chooses its own level and is not capped.
+pub fn with_isa<R: Send>(isa: swav_core::isa::Isa, threads: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .start_handler(move |_| swav_core::isa::set_thread_ceiling(isa))
+        .build()
+        .map_err(|e| TensorError::Device(format!("cannot start {threads} compute threads: {e}")))?;
+    Ok(pool.install(|| swav_core::isa::with_ceiling(isa, f)))
+}
+
 /// Sets the number of CPU compute threads (once, before the first op runs).
 pub fn set_threads(n: usize) -> Result<()> {
     rayon::ThreadPoolBuilder::new()

@@ -65,6 +65,25 @@ impl<'a> MatMut<'a> {
     }
 }
 
+/// The instruction set the `gemm` crate runs at on this CPU: it dispatches by itself (its AVX-512
+/// kernels are built in through its `x86-v4` feature and need F, BW, CD, DQ and VL); the thread's
+/// ceiling does not apply to it.
+pub fn gemm_isa() -> swav_core::isa::Isa {
+    use swav_core::isa::Isa;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let v4 = has!("avx512f") && has!("avx512bw") && has!("avx512cd") && has!("avx512dq") && has!("avx512vl");
+        if v4 && swav_core::isa::available() == Isa::Avx512 {
+            return Isa::Avx512;
+        }
+        if has!("avx2") && has!("fma") {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Baseline
+}
+
 /// Whether a product is worth spreading over the thread pool (inside parallel loops, use `Serial`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Threads {

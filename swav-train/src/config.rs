@@ -84,8 +84,10 @@ pub struct TrainConfig {
     /// archives are never pruned. main_swav.py's default: 25. 0: no archives.
     #[serde(default = "default_checkpoint_freq")]
     pub checkpoint_freq: usize,
-    /// Convolution algorithms of the engine (`auto`, `winograd2`, `direct`): part of the run, because
-    /// the choice changes the last bits and a resumed run must make the same one to stay bit-identical.
+    /// Convolution algorithms of the engine (`auto`, `winograd2`, `direct`, `measured`: the fastest per
+    /// layer shape on this machine, recorded in the run folder's `conv-plan.json`; or one kernel
+    /// wherever it applies: `im2col`, `winograd-f2`, `winograd-f4`): part of the run, because the choice
+    /// changes the last bits and a resumed run must make the same one to stay bit-identical.
     #[serde(default, with = "conv_name")]
     pub conv: ConvAlgorithm,
     /// Start a new run from the weights of this model file (swav-rs, PyTorch `.pth`/`.pth.tar`, or a

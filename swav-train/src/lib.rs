@@ -24,6 +24,7 @@ pub mod assign;
 pub mod checkpoint;
 mod collapse;
 pub mod config;
+pub mod conv_plan;
 pub mod device;
 pub mod error;
 pub mod lars;

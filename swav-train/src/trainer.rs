@@ -345,7 +345,7 @@ impl<'a> Run<'a> {
             }
             None => (SwavState::new(initial_model(config)?, optimizer), 0, 0, 0),
         };
-        state.model.set_conv_algorithm(t.conv);
+        crate::conv_plan::apply(&opts.run_dir, config, &mut state.model, newest.is_some(), opts.device)?;
         let activations = activation_dtype(config, opts.device)?;
         move_state(&mut state, opts.device)?;
         tracing::info!(

@@ -139,6 +139,53 @@ fn the_convolution_choice_is_part_of_the_run_and_a_resume_with_another_is_refuse
 }
 
 #[test]
+fn a_measured_plan_is_recorded_applied_on_resume_and_required() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures::shapes_dataset(tmp.path(), 32, 12);
+    let cfg = tiny(&["train.epochs=2", "train.conv=measured"]);
+    let plan_file = swav_train::conv_plan::FILE;
+
+    // A run measures its plan when it starts; a resume applies the recorded one.
+    let resumed = tmp.path().join("resumed");
+    train(&cfg, &opts(&resumed, &data, Some(3))).unwrap();
+    let plan = swav_train::conv_plan::load(&resumed.join(plan_file)).unwrap();
+    assert!(!plan.entries.is_empty());
+    // The same run straight through, given the same plan (a new measurement could choose differently).
+    let straight = tmp.path().join("straight");
+    std::fs::create_dir_all(&straight).unwrap();
+    std::fs::copy(resumed.join(plan_file), straight.join(plan_file)).unwrap();
+    train(&cfg, &opts(&straight, &data, Some(6))).unwrap();
+    let forced = tmp.path().join("forced");
+    std::fs::create_dir_all(&forced).unwrap();
+    let text = std::fs::read_to_string(resumed.join(plan_file)).unwrap();
+    std::fs::copy(resumed.join(plan_file), forced.join(plan_file)).unwrap();
+    train(&cfg, &opts(&resumed, &data, Some(6))).unwrap();
+    let (_, model_a, _) = newest_state(&straight);
+    let (_, model_b, _) = newest_state(&resumed);
+    assert_eq!(model_a.tensors, model_b.tensors, "resume with the recorded plan is not bit-identical");
+
+    // The plan file is what decides: another plan (every 3x3 stride-1 shape on another kernel) gives
+    // other bits.
+    let mut other: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for e in other["entries"].as_array_mut().unwrap() {
+        let shape: Vec<u64> = e["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        if shape[4..] == [3, 3, 1, 1] {
+            let next = if e["kernel"] == "winograd-f4" { "winograd-f2" } else { "winograd-f4" };
+            e["kernel"] = next.into();
+        }
+    }
+    std::fs::write(forced.join(plan_file), other.to_string()).unwrap();
+    train(&cfg, &opts(&forced, &data, Some(6))).unwrap();
+    assert_ne!(newest_state(&forced).1.tensors, model_a.tensors, "the plan file was not applied");
+
+    // A run whose plan is gone is refused, not silently re-planned.
+    std::fs::remove_file(resumed.join(plan_file)).unwrap();
+    let more = tiny(&["train.epochs=3", "train.conv=measured"]);
+    let err = train(&more, &opts(&resumed, &data, None)).unwrap_err().to_string();
+    assert!(err.contains(plan_file), "{err}");
+}
+
+#[test]
 fn a_new_run_starts_from_given_weights_whole_or_backbone_only() {
     let tmp = tempfile::tempdir().unwrap();
     let data = fixtures::shapes_dataset(tmp.path(), 32, 12);

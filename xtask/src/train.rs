@@ -35,9 +35,10 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Convolution algorithms: auto (Winograd where it needs fewer multiplications), winograd2 (only
-    /// the more accurate F(2,3)), direct (im2col GEMM only). Same as --set train.conv=NAME: recorded in
-    /// the run's configuration, so a resume with another choice is refused (it would not be
-    /// bit-identical).
+    /// the more accurate F(2,3)), direct (im2col GEMM only), measured (the fastest per layer shape on
+    /// this machine, measured when the run starts and kept in the run folder's conv-plan.json, which a
+    /// resume applies again). Same as --set train.conv=NAME: recorded in the run's configuration, so a
+    /// resume with another choice is refused (it would not be bit-identical).
     #[arg(long)]
     conv: Option<String>,
     /// Start a new run from the weights of this model file (swav-rs, PyTorch .pth/.pth.tar, or a

@@ -10,8 +10,10 @@
 //! Backward (with `xhat = (x - mean) * rstd` and `g = dy * [y > 0]` when the ReLU is fused):
 //! `dgamma += sum g xhat`, `dbeta += sum g`, `dx = gamma rstd (g - mean(g) - xhat mean(g xhat))`,
 //! and `dresidual = g`.
+//! The per-row loops are compiled per instruction set (`simd_fn!`), with the same bits at every level.
 
 use rayon::prelude::*;
+use swav_core::simd_fn;
 
 use crate::error::shape_err;
 use crate::parallel::{rows_per_chunk, sum_rows};
@@ -24,6 +26,7 @@ const CHUNK_VALUES: usize = 1 << 15;
 const SUM_BLOCK: usize = 32;
 
 /// Adds two f32 block sums into the f64 accumulator `[first | second]` and clears them.
+#[inline(always)]
 fn flush(first: &mut [f32], second: &mut [f32], acc: &mut [f64]) {
     let c = first.len();
     for ch in 0..c {
@@ -94,16 +97,7 @@ pub fn batchnorm_train_forward(
     }
     let xs = x.as_slice();
     let chunk = rows_per_chunk(c, CHUNK_VALUES);
-    let sums = sum_rows(rows, 2 * c, chunk, |r, acc| {
-        let (s1, s2) = acc.split_at_mut(c);
-        for row in xs[r.start * c..r.end * c].chunks_exact(c) {
-            for ((a, b), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
-                let v = v as f64;
-                *a += v;
-                *b += v * v;
-            }
-        }
-    });
+    let sums = sum_rows(rows, 2 * c, chunk, |r, acc| moments(&xs[r.start * c..r.end * c], c, acc));
     let n = rows as f64;
     let mut mean = vec![0.0f32; c];
     let mut rstd = vec![0.0f32; c];
@@ -118,6 +112,20 @@ pub fn batchnorm_train_forward(
     }
     let y = normalize(x, p, &mean, &rstd, residual, relu)?;
     Ok((y, BnCache { mean: Tensor::from_vec(&[c], mean)?, rstd: Tensor::from_vec(&[c], rstd)? }))
+}
+
+simd_fn! {
+    /// Adds `[sum x | sum x^2]` per channel (f64) of the `c`-wide rows `xs` into `acc`.
+    fn moments(xs: &[f32], c: usize, acc: &mut [f64]) {
+        let (s1, s2) = acc.split_at_mut(c);
+        for row in xs.chunks_exact(c) {
+            for ((a, b), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
+                let v = v as f64;
+                *a += v;
+                *b += v * v;
+            }
+        }
+    }
 }
 
 /// Evaluation-mode forward with the running statistics.
@@ -158,15 +166,31 @@ fn normalize(
     let res = residual.map(|r| r.as_slice());
     y.as_mut_slice().par_chunks_mut(chunk).enumerate().for_each(|(i, out)| {
         let start = i * chunk;
-        let xin = &xs[start..start + out.len()];
+        let (xin, rin) = (&xs[start..start + out.len()], res.map(|r| &r[start..start + out.len()]));
+        normalize_rows(out, xin, rin, Affine { mean, scale: &scale, shift }, relu);
+    });
+    Ok(y)
+}
+
+/// `y = (x - mean) scale + shift` per channel.
+#[derive(Clone, Copy)]
+struct Affine<'a> {
+    mean: &'a [f32],
+    scale: &'a [f32],
+    shift: &'a [f32],
+}
+
+simd_fn! {
+    /// [`normalize`] on whole rows: `out = act((x - mean) scale + shift [+ res])`.
+    fn normalize_rows(out: &mut [f32], xin: &[f32], res: Option<&[f32]>, k: Affine<'_>, relu: bool) {
+        let c = k.mean.len();
         for (o_row, x_row) in out.chunks_exact_mut(c).zip(xin.chunks_exact(c)) {
-            for ((((o, &v), &m), &a), &b) in o_row.iter_mut().zip(x_row).zip(mean).zip(&scale).zip(shift) {
+            for ((((o, &v), &m), &a), &b) in o_row.iter_mut().zip(x_row).zip(k.mean).zip(k.scale).zip(k.shift) {
                 *o = (v - m) * a + b;
             }
         }
         if let Some(res) = res {
-            let len = out.len();
-            for (o, &r) in out.iter_mut().zip(&res[start..start + len]) {
+            for (o, &r) in out.iter_mut().zip(res) {
                 *o += r;
             }
         }
@@ -175,8 +199,7 @@ fn normalize(
                 *o = o.max(0.0);
             }
         }
-    });
-    Ok(y)
+    }
 }
 
 /// Backward of the training-mode forward. `y` is the forward's output (only read for the ReLU mask).
@@ -205,11 +228,9 @@ pub fn batchnorm_backward(
     // f32 over short blocks (vectorised), the blocks in f64.
     let chunk = rows_per_chunk(c, CHUNK_VALUES);
     let sums = sum_rows(rows, 2 * c, chunk, |r, acc| {
-        if fused.relu {
-            grad_sums::<true>(xs, ys, dys, mean, c, r, acc)
-        } else {
-            grad_sums::<false>(xs, ys, dys, mean, c, r, acc)
-        }
+        let at = r.start * c..r.end * c;
+        let src = Rows { xs: &xs[at.clone()], ys: &ys[at.clone()], dys: &dys[at] };
+        grad_sums(&src, mean, fused.relu, acc)
     });
     let gamma = p.gamma.as_slice();
     let (dga, dbe) = (dgamma.as_mut_slice(), dbeta.as_mut_slice());
@@ -235,11 +256,7 @@ pub fn batchnorm_backward(
             ys: &ys[start..start + out.len()],
             dys: &dys[start..start + out.len()],
         };
-        if fused.relu {
-            input_grad::<true>(&src, mean, &coef, out, gout)
-        } else {
-            input_grad::<false>(&src, mean, &coef, out, gout)
-        }
+        input_grad(&src, mean, &coef, fused.relu, out, gout)
     };
     match &mut g {
         Some(gt) => dx
@@ -268,21 +285,24 @@ fn masked<const RELU: bool>(y: f32, dy: f32) -> f32 {
     }
 }
 
-/// Pass 1 of the backward over rows `r`: adds `[sum g | sum g (x - mean)]` into `acc`.
-fn grad_sums<const RELU: bool>(
-    xs: &[f32],
-    ys: &[f32],
-    dys: &[f32],
-    mean: &[f32],
-    c: usize,
-    r: std::ops::Range<usize>,
-    acc: &mut [f64],
-) {
+simd_fn! {
+    /// Pass 1 of the backward over whole rows: adds `[sum g | sum g (x - mean)]` into `acc`.
+    fn grad_sums(src: &Rows<'_>, mean: &[f32], relu: bool, acc: &mut [f64]) {
+        if relu {
+            grad_sums_rows::<true>(src, mean, acc)
+        } else {
+            grad_sums_rows::<false>(src, mean, acc)
+        }
+    }
+}
+
+#[inline(always)]
+fn grad_sums_rows<const RELU: bool>(src: &Rows<'_>, mean: &[f32], acc: &mut [f64]) {
+    let c = mean.len();
     let mut sg = vec![0.0f32; c];
     let mut sgx = vec![0.0f32; c];
-    for (b, row) in r.enumerate() {
-        let at = row * c;
-        let (xr, yr, dr) = (&xs[at..at + c], &ys[at..at + c], &dys[at..at + c]);
+    let rows = src.xs.chunks_exact(c).zip(src.ys.chunks_exact(c)).zip(src.dys.chunks_exact(c));
+    for (b, ((xr, yr), dr)) in rows.enumerate() {
         for ch in 0..c {
             let g = masked::<RELU>(yr[ch], dr[ch]);
             sg[ch] += g;
@@ -309,8 +329,19 @@ struct Rows<'a> {
     dys: &'a [f32],
 }
 
-/// Pass 2 of the backward: `dx` (and `g`, the residual's gradient) for a run of whole rows.
-fn input_grad<const RELU: bool>(
+simd_fn! {
+    /// Pass 2 of the backward: `dx` (and `g`, the residual's gradient) for a run of whole rows.
+    fn input_grad(src: &Rows<'_>, mean: &[f32], k: &Coefficients, relu: bool, out: &mut [f32], gout: Option<&mut [f32]>) {
+        if relu {
+            input_grad_rows::<true>(src, mean, k, out, gout)
+        } else {
+            input_grad_rows::<false>(src, mean, k, out, gout)
+        }
+    }
+}
+
+#[inline(always)]
+fn input_grad_rows<const RELU: bool>(
     src: &Rows<'_>,
     mean: &[f32],
     k: &Coefficients,

@@ -2,6 +2,7 @@
 //! that precedes them (see `batchnorm.rs`); these standalone forms serve other networks and tests.
 
 use rayon::prelude::*;
+use swav_core::simd_fn;
 
 use crate::{Result, Tensor};
 
@@ -13,7 +14,7 @@ pub fn relu_forward(x: &Tensor) -> Result<Tensor> {
         return super::linear_cuda::relu_on(rt, x);
     }
     let mut y = x.clone();
-    y.as_mut_slice().par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+    y.as_mut_slice().par_chunks_mut(CHUNK).for_each(relu_in_place);
     Ok(y)
 }
 
@@ -24,13 +25,7 @@ pub fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
         return super::linear_cuda::relu_backward_on(rt, y, dy);
     }
     let mut dx = dy.clone();
-    dx.as_mut_slice().par_chunks_mut(CHUNK).zip(y.as_slice().par_chunks(CHUNK)).for_each(|(d, y)| {
-        for (d, &y) in d.iter_mut().zip(y) {
-            if y <= 0.0 {
-                *d = 0.0;
-            }
-        }
-    });
+    dx.as_mut_slice().par_chunks_mut(CHUNK).zip(y.as_slice().par_chunks(CHUNK)).for_each(|(d, y)| mask_by(d, y));
     Ok(dx)
 }
 
@@ -43,10 +38,29 @@ pub fn add_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return Ok(y);
     }
     let mut y = a.clone();
-    y.as_mut_slice().par_chunks_mut(CHUNK).zip(b.as_slice().par_chunks(CHUNK)).for_each(|(y, b)| {
+    y.as_mut_slice().par_chunks_mut(CHUNK).zip(b.as_slice().par_chunks(CHUNK)).for_each(|(y, b)| add_in_place(y, b));
+    Ok(y)
+}
+
+simd_fn! {
+    fn relu_in_place(x: &mut [f32]) {
+        x.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+}
+
+simd_fn! {
+    /// `d = 0` where `y <= 0` (a blend, not a branch).
+    fn mask_by(d: &mut [f32], y: &[f32]) {
+        for (d, &y) in d.iter_mut().zip(y) {
+            *d = if y <= 0.0 { 0.0 } else { *d };
+        }
+    }
+}
+
+simd_fn! {
+    fn add_in_place(y: &mut [f32], b: &[f32]) {
         for (y, &b) in y.iter_mut().zip(b) {
             *y += b;
         }
-    });
-    Ok(y)
+    }
 }

@@ -4,6 +4,7 @@ pub mod batchnorm;
 pub mod batchnorm_cuda;
 pub mod conv;
 pub(crate) mod conv_cuda;
+pub mod conv_plan;
 pub mod elementwise;
 pub mod elementwise_cuda;
 pub mod linear;

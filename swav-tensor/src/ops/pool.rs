@@ -6,6 +6,7 @@
 //! independent, so both run in parallel over the batch.
 
 use rayon::prelude::*;
+use swav_core::simd_fn;
 
 use crate::error::shape_err;
 use crate::{Result, Tensor};
@@ -92,7 +93,17 @@ pub fn max_pool_forward(x: &Tensor, k: usize, stride: usize, pad: usize) -> Resu
     let mut idx = vec![0u32; y.len()];
     let xs = x.as_slice();
     let per_out = g.oh * g.ow * g.c;
-    y.as_mut_slice().par_chunks_mut(per_out).zip(idx.par_chunks_mut(per_out)).enumerate().for_each(|(b, (yo, io))| {
+    y.as_mut_slice()
+        .par_chunks_mut(per_out)
+        .zip(idx.par_chunks_mut(per_out))
+        .enumerate()
+        .for_each(|(b, (yo, io))| max_pool_image(xs, &g, b, yo, io));
+    Ok((y, PoolIndices(Indices::Cpu(idx))))
+}
+
+simd_fn! {
+    /// The max-pool of image `b` into its outputs `yo` and argmax indices `io`.
+    fn max_pool_image(xs: &[f32], g: &PoolGeom, b: usize, yo: &mut [f32], io: &mut [u32]) {
         yo.fill(f32::NEG_INFINITY);
         for oy in 0..g.oh {
             for ox in 0..g.ow {
@@ -120,8 +131,7 @@ pub fn max_pool_forward(x: &Tensor, k: usize, stride: usize, pad: usize) -> Resu
                 }
             }
         }
-    });
-    Ok((y, PoolIndices(Indices::Cpu(idx))))
+    }
 }
 
 /// Adds each output gradient to the input its forward chose.
@@ -162,18 +172,27 @@ pub fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
     let mut y = Tensor::zeros(&[n, c], x.device());
     let xs = x.as_slice();
     let inv = 1.0 / (h * w) as f32;
-    y.as_mut_slice().par_chunks_mut(c.max(1)).enumerate().for_each(|(b, yb)| {
+    y.as_mut_slice()
+        .par_chunks_mut(c.max(1))
+        .enumerate()
+        .for_each(|(b, yb)| mean_pixel(&xs[b * h * w * c..(b + 1) * h * w * c], inv, yb));
+    Ok(y)
+}
+
+simd_fn! {
+    /// `out = inv * sum of the c-wide pixels` (summed in f64).
+    fn mean_pixel(pixels: &[f32], inv: f32, out: &mut [f32]) {
+        let c = out.len();
         let mut acc = vec![0.0f64; c];
-        for px in xs[b * h * w * c..(b + 1) * h * w * c].chunks_exact(c) {
+        for px in pixels.chunks_exact(c) {
             for (a, &v) in acc.iter_mut().zip(px) {
                 *a += v as f64;
             }
         }
-        for (o, a) in yb.iter_mut().zip(acc) {
+        for (o, a) in out.iter_mut().zip(acc) {
             *o = a as f32 * inv;
         }
-    });
-    Ok(y)
+    }
 }
 
 /// Spreads each gradient evenly over the pixels of its image; `x` is the forward's input (its shape,

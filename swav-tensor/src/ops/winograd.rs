@@ -10,15 +10,20 @@
 //! - data gradient: the forward with the kernel flipped and in/out swapped (stride 1, padding 1);
 //! - weight gradient: `dU[p] += V[p]^T . dM[p]` with `dM = A dY A^T` per output tile, then
 //!   `dg = G^T dU G`.
+//!
 //! Tiles are processed in blocks whose transformed matrices stay in cache; blocks run in parallel and
 //! weight-gradient partial sums are combined in a fixed order (deterministic).
+//! The transforms are written once and compiled per instruction set (`simd_fn!`): every level gives
+//! the same bits, and the tests compare each with the baseline.
 //! Accuracy: F(2,3) is within float32 rounding of direct convolution; F(4,3) loses about one more
 //! decimal digit (its transforms have coefficients up to 8), still well within the reference
 //! tolerances.
 
 use rayon::prelude::*;
+use swav_core::simd_fn;
 
 use super::conv::ConvGeom;
+use super::conv_plan::{ConvKernel, ConvPlan, ConvShape};
 use super::scratch::{with_scratch, SharedMut};
 use crate::matmul::{matmul, MatMut, MatRef, Threads};
 
@@ -97,6 +102,14 @@ pub enum ConvAlgorithm {
     Winograd2,
     /// im2col GEMM everywhere: the float32 arithmetic of a direct convolution.
     Direct,
+    /// One kernel wherever it applies, im2col GEMM elsewhere.
+    Only(ConvKernel),
+    /// Chosen by measurement on this machine: a training run measures its layers' shapes once
+    /// ([`conv_plan`](super::conv_plan)), records the plan and gives its layers `Planned`. A convolution
+    /// given `Measured` itself chooses as `Auto`.
+    Measured,
+    /// A measured plan; shapes it does not hold choose as `Auto`.
+    Planned(&'static ConvPlan),
 }
 
 impl ConvAlgorithm {
@@ -106,6 +119,8 @@ impl ConvAlgorithm {
             ConvAlgorithm::Auto => "auto",
             ConvAlgorithm::Winograd2 => "winograd2",
             ConvAlgorithm::Direct => "direct",
+            ConvAlgorithm::Only(k) => k.name(),
+            ConvAlgorithm::Measured | ConvAlgorithm::Planned(_) => "measured",
         }
     }
 }
@@ -123,7 +138,13 @@ impl std::str::FromStr for ConvAlgorithm {
             "auto" => Ok(ConvAlgorithm::Auto),
             "winograd2" => Ok(ConvAlgorithm::Winograd2),
             "direct" => Ok(ConvAlgorithm::Direct),
-            other => Err(format!("unknown convolution algorithm `{other}` (auto, winograd2, direct)")),
+            "measured" => Ok(ConvAlgorithm::Measured),
+            other => other.parse::<ConvKernel>().map(ConvAlgorithm::Only).map_err(|_| {
+                format!(
+                    "unknown convolution algorithm `{other}` (auto, winograd2, direct, measured, im2col, winograd-f2, \
+                     winograd-f4)"
+                )
+            }),
         }
     }
 }
@@ -132,15 +153,31 @@ impl std::str::FromStr for ConvAlgorithm {
 /// `None` (im2col GEMM). Counts the multiplications of each, with a margin for
 /// Winograd's transforms, and requires enough channels for its per-position GEMMs to be efficient.
 pub fn choose(g: &ConvGeom, algorithm: ConvAlgorithm) -> Option<&'static Variant> {
+    let winograd_shape = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1;
+    let only = |k: ConvKernel| match k {
+        ConvKernel::Im2col => None,
+        ConvKernel::WinogradF2 => winograd_shape.then_some(&F2),
+        ConvKernel::WinogradF4 => winograd_shape.then_some(&F4),
+    };
+    match algorithm {
+        ConvAlgorithm::Only(k) => return only(k),
+        ConvAlgorithm::Planned(plan) => {
+            if let Some(k) = plan.kernel(&ConvShape::from(g)) {
+                return only(k);
+            }
+        }
+        _ => {}
+    }
     // Below 32 channels the per-position GEMMs are too thin and the transforms dominate (measured:
     // slower than im2col on 16-channel layers).
-    if g.kh != 3 || g.kw != 3 || g.stride != 1 || g.pad != 1 || g.cin < MIN_CHANNELS || g.cout < MIN_CHANNELS {
+    if !winograd_shape || g.cin < MIN_CHANNELS || g.cout < MIN_CHANNELS {
         return None;
     }
     let variants: &[&'static Variant] = match algorithm {
-        ConvAlgorithm::Auto => &[&F4, &F2],
+        ConvAlgorithm::Auto | ConvAlgorithm::Measured | ConvAlgorithm::Planned(_) => &[&F4, &F2],
         ConvAlgorithm::Winograd2 => &[&F2],
         ConvAlgorithm::Direct => return None,
+        ConvAlgorithm::Only(_) => unreachable!("handled above"),
     };
     let direct = (g.oh * g.ow * 9) as f64;
     let cost = |v: &Variant| (g.oh.div_ceil(v.m) * g.ow.div_ceil(v.m) * v.a * v.a) as f64 * 1.3;
@@ -181,14 +218,14 @@ fn transform_weights(planes: &[f32], plane: usize, v: &Variant) -> Vec<f32> {
     for i in 0..a {
         for kx in 0..3 {
             let out = &mut t[(i * 3 + kx) * plane..(i * 3 + kx + 1) * plane];
-            combine(out, (0..3).map(|ky| (v.g[i * 3 + ky], row(planes, ky * 3 + kx, plane))));
+            combine_planes(out, &terms((0..3).map(|ky| (v.g[i * 3 + ky], row(planes, ky * 3 + kx, plane)))));
         }
     }
     let mut u = crate::alloc::take(a * a * plane);
     for i in 0..a {
         for j in 0..a {
             let out = &mut u[(i * a + j) * plane..(i * a + j + 1) * plane];
-            combine(out, (0..3).map(|kx| (v.g[j * 3 + kx], row(&t, i * 3 + kx, plane))));
+            combine_planes(out, &terms((0..3).map(|kx| (v.g[j * 3 + kx], row(&t, i * 3 + kx, plane)))));
         }
     }
     crate::alloc::give(t);
@@ -219,6 +256,7 @@ fn weight_planes(w: &[f32], cin: usize, cout: usize, rotated: bool) -> Vec<f32> 
     out
 }
 
+simd_fn! {
 /// Writes `V[p][slot][:] = (B^T d B)[p]` for the input tile `tile`: `v` is `a^2` planes of `plane` values.
 #[allow(clippy::too_many_arguments)]
 fn input_tile(
@@ -267,6 +305,7 @@ fn input_tile(
         }
     }
 }
+}
 
 #[inline(always)]
 fn axpy(acc: &mut [f32], coef: f32, x: &[f32]) {
@@ -275,15 +314,15 @@ fn axpy(acc: &mut [f32], coef: f32, x: &[f32]) {
     }
 }
 
-/// `out = sum_k coef_k x_k` over vectors (channels, or whole weight planes), skipping zero
-/// coefficients: every stage of every transform is this product of a small constant matrix with a
-/// column of vectors.
 /// Vector `idx` of a buffer of `len`-long vectors.
 #[inline(always)]
 fn row(buf: &[f32], idx: usize, len: usize) -> &[f32] {
     &buf[idx * len..(idx + 1) * len]
 }
 
+/// `out = sum_k coef_k x_k` over vectors (channels, or whole weight planes), skipping zero
+/// coefficients: every stage of every transform is this product of a small constant matrix with a
+/// column of vectors.
 #[inline(always)]
 fn combine<'x>(out: &mut [f32], terms: impl Iterator<Item = (f64, &'x [f32])>) {
     out.fill(0.0);
@@ -291,6 +330,26 @@ fn combine<'x>(out: &mut [f32], terms: impl Iterator<Item = (f64, &'x [f32])>) {
         if coef != 0.0 {
             axpy(out, coef as f32, x);
         }
+    }
+}
+
+/// At most `a` (<= 6) terms of a [`combine`] over whole weight planes, collected so that they can cross
+/// into a per-instruction-set kernel.
+fn terms<'x>(it: impl Iterator<Item = (f64, &'x [f32])>) -> Vec<(f64, &'x [f32])> {
+    it.collect()
+}
+
+simd_fn! {
+    /// [`combine`] over large vectors (weight planes), compiled per instruction set.
+    fn combine_planes(out: &mut [f32], terms: &[(f64, &[f32])]) {
+        combine(out, terms.iter().copied());
+    }
+}
+
+simd_fn! {
+    /// `acc += x`.
+    fn add_into(acc: &mut [f32], x: &[f32]) {
+        axpy(acc, 1.0, x);
     }
 }
 
@@ -339,6 +398,29 @@ fn forward_transformed(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Va
     });
 }
 
+simd_fn! {
+    /// `res = A^T M A` for one tile: its `m x m` output pixels of `c` channels, including any that
+    /// fall outside the image (the caller skips those).
+    fn output_transform(mbuf: &[f32], plane: usize, slot: usize, v: &Variant, c: usize, tmp: &mut [f32], res: &mut [f32]) {
+        let (a, m) = (v.a, v.m);
+        let at_ = |p: usize| &mbuf[p * plane + slot * c..p * plane + (slot + 1) * c];
+        // tmp = A^T M  (m x a), res = tmp A (m x m).
+        for i in 0..m {
+            for j in 0..a {
+                combine(&mut tmp[(i * a + j) * c..(i * a + j + 1) * c], (0..a).map(|k| (v.at[i * a + k], at_(k * a + j))));
+            }
+        }
+        for i in 0..m {
+            for j in 0..m {
+                combine(
+                    &mut res[(i * m + j) * c..(i * m + j + 1) * c],
+                    (0..a).map(|k| (v.at[j * a + k], &tmp[(i * a + k) * c..(i * a + k + 1) * c])),
+                );
+            }
+        }
+    }
+}
+
 /// `Y = A^T M A` for one tile, written to the output pixels inside the image.
 ///
 /// # Safety
@@ -356,14 +438,8 @@ unsafe fn output_tile(
     res: &mut [f32],
     y: SharedMut,
 ) {
-    let (a, m, c) = (v.a, v.m, g.cout);
-    let at_ = |p: usize| &mbuf[p * plane + slot * c..p * plane + (slot + 1) * c];
-    // tmp = A^T M  (m x a), res = tmp A (m x m).
-    for i in 0..m {
-        for j in 0..a {
-            combine(&mut tmp[(i * a + j) * c..(i * a + j + 1) * c], (0..a).map(|k| (v.at[i * a + k], at_(k * a + j))));
-        }
-    }
+    let (m, c) = (v.m, g.cout);
+    output_transform(mbuf, plane, slot, v, c, tmp, res);
     let (b, rem) = (tile / (t.th * t.tw), tile % (t.th * t.tw));
     let (y0, x0) = (rem / t.tw * m, rem % t.tw * m);
     for i in 0..m {
@@ -371,10 +447,8 @@ unsafe fn output_tile(
             if y0 + i >= g.oh || x0 + j >= g.ow {
                 continue;
             }
-            let acc = &mut res[..c];
-            combine(acc, (0..a).map(|k| (v.at[j * a + k], &tmp[(i * a + k) * c..(i * a + k + 1) * c])));
             let dst = ((b * g.oh + y0 + i) * g.ow + x0 + j) * c;
-            std::ptr::copy_nonoverlapping(acc.as_ptr(), y.get().add(dst), c);
+            std::ptr::copy_nonoverlapping(res[(i * m + j) * c..].as_ptr(), y.get().add(dst), c);
         }
     }
 }
@@ -434,7 +508,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], v: &Vari
     let mut parts = partials.into_iter();
     let mut du = parts.next().expect("at least one chunk");
     for p in parts {
-        axpy(&mut du, 1.0, &p);
+        add_into(&mut du, &p);
         crate::alloc::give(p);
     }
     // dg = G^T dU G for every channel pair (planes of cin x cout), then added into the OHWI gradient.
@@ -443,13 +517,13 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], v: &Vari
     for ky in 0..3 {
         for j in 0..a {
             let out = &mut t2[(ky * a + j) * plane..(ky * a + j + 1) * plane];
-            combine(out, (0..a).map(|i| (v.g[i * 3 + ky], row(&du, i * a + j, plane))));
+            combine_planes(out, &terms((0..a).map(|i| (v.g[i * 3 + ky], row(&du, i * a + j, plane)))));
         }
     }
     let mut tap = crate::alloc::take(plane);
     for ky in 0..3 {
         for kx in 0..3 {
-            combine(&mut tap, (0..a).map(|j| (v.g[j * 3 + kx], row(&t2, ky * a + j, plane))));
+            combine_planes(&mut tap, &terms((0..a).map(|j| (v.g[j * 3 + kx], row(&t2, ky * a + j, plane)))));
             for co in 0..cout {
                 let row = &mut dw[((co * 3 + ky) * 3 + kx) * cin..((co * 3 + ky) * 3 + kx + 1) * cin];
                 for (ci, d) in row.iter_mut().enumerate() {
@@ -463,6 +537,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], v: &Vari
     crate::alloc::give(du);
 }
 
+simd_fn! {
 /// Writes `dM[p][slot][:] = (A dY A^T)[p]` for output tile `tile` (dY is zero outside the output).
 #[allow(clippy::too_many_arguments)]
 fn output_grad_tile(
@@ -507,6 +582,7 @@ fn output_grad_tile(
             combine(acc, (0..m).map(|j| (v.at[j * a + l], row(tmp, k * m + j, c))));
         }
     }
+}
 }
 
 #[cfg(test)]

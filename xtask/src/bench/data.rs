@@ -53,6 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..LoaderConfig::default()
     };
     let mut loader = MultiCropLoader::new(&ds, &crops, &cfg)?;
+    super::print_cpu();
     println!(
         "dataset {} ({} images, codec {}), crops {} ({} per image), batch {}, {} worker thread(s)",
         args.data.display(),
@@ -95,6 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     drop(loader);
+    super::print_kernels(&["swav_data::"], &[]);
 
     if let Some(dir) = &args.baseline_images {
         if args.crops != "official" && args.crops != "2x224+6x96" {

@@ -22,6 +22,48 @@ enum Bench {
     Step(step::Args),
 }
 
+/// The machine a benchmark ran on: CPU model, the best instruction set of the kernels, and whether the
+/// CPU has bf16 arithmetic (without it a bf16 CPU mode could only lose: every value would be converted).
+fn print_cpu() {
+    let bf16 = swav_core::isa::bf16_support();
+    println!(
+        "cpu: {}, {} logical cores; kernels up to {}, gemm crate {}; bf16 hardware: {bf16}{}",
+        swav_core::sys::cpu_model(),
+        swav_core::sys::cores(),
+        swav_core::isa::available(),
+        swav_tensor::matmul::gemm_isa(),
+        if bf16.any() { "" } else { " (so fp32 only: no bf16 CPU mode)" }
+    );
+}
+
+/// The machine's peak fp32 rate in GFLOP/s, from the clock `/proc/cpuinfo` reports (the nominal one
+/// in a virtual machine; turbo can exceed it) and two FMA units per core at the kernels' vector width.
+fn peak_gflops() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = text.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    let lanes = match swav_tensor::matmul::gemm_isa() {
+        swav_core::isa::Isa::Avx512 => 16.0,
+        swav_core::isa::Isa::Avx2 => 8.0,
+        swav_core::isa::Isa::Baseline => 4.0,
+    };
+    Some(swav_core::sys::cores() as f64 * mhz * 1e-3 * lanes * 2.0 * 2.0)
+}
+
+/// The instruction set each kernel whose name starts with one of `crates` ran at in this process.
+fn print_kernels(crates: &[&str], extra: &[String]) {
+    let used = swav_core::isa::used();
+    let mine: Vec<String> = extra
+        .iter()
+        .cloned()
+        .chain(
+            used.iter()
+                .filter(|(name, _)| crates.iter().any(|c| name.starts_with(c)))
+                .map(|(name, isa)| format!("{} {isa}", name.split_once("::").map_or(*name, |(_, rest)| rest))),
+        )
+        .collect();
+    println!("kernels (instruction set used): {}", mine.join(", "));
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         Bench::Data(a) => data::run(a),

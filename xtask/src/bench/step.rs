@@ -45,7 +45,8 @@ pub struct Args {
     hidden_mlp: usize,
     #[arg(long, default_value_t = 3000)]
     prototypes: usize,
-    /// Convolution algorithms: auto (Winograd where cheaper), winograd2, direct.
+    /// Convolution algorithms: auto (Winograd where cheaper), winograd2, direct, measured (the fastest
+    /// per layer shape, measured here first; the plan is printed), im2col, winograd-f2, winograd-f4.
     #[arg(long, default_value = "auto")]
     conv: String,
     /// Print the time spent in each op.
@@ -162,8 +163,37 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         a.conv
     );
+    super::print_cpu();
     let mut state = SwavState::new(SwavModel::new(cfg, 0)?, Lars::new(0.9, 1e-6, 0.001, false));
-    state.model.set_conv_algorithm(conv);
+    if conv == swav_tensor::ops::winograd::ConvAlgorithm::Measured && !device.is_cuda() {
+        let t0 = Instant::now();
+        let mut geoms = Vec::new();
+        for &(n, size) in &s.crops {
+            geoms.extend(state.model.conv_geometries(n * s.batch, size, size)?);
+        }
+        let (plan, measured) = swav_tensor::ops::conv_plan::measure(&geoms)?;
+        println!("measured convolution plan ({:.1} s):", t0.elapsed().as_secs_f64());
+        for m in &measured {
+            let s = m.shape;
+            let times: Vec<String> = m.seconds.iter().map(|(k, t)| format!("{k} {:.1} ms", t * 1e3)).collect();
+            println!(
+                "  {}x{} {}->{} {}x{}/{}: {} ({}, {} images)",
+                s.h,
+                s.w,
+                s.cin,
+                s.cout,
+                s.kh,
+                s.kw,
+                s.stride,
+                m.chosen,
+                times.join(", "),
+                m.n
+            );
+        }
+        state.model.set_conv_algorithm(swav_tensor::ops::winograd::ConvAlgorithm::Planned(plan.leak()));
+    } else {
+        state.model.set_conv_algorithm(conv);
+    }
     state.model.to_device(device)?;
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut times = Vec::new();
@@ -223,6 +253,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
         }
     }
+    if !device.is_cuda() {
+        let gemm = format!("gemm crate (convolution and linear GEMMs) {}", swav_tensor::matmul::gemm_isa());
+        super::print_kernels(&["swav_tensor::"], &[gemm]);
+    }
     let rss = peak_rss_mib();
     println!(
         "swav-rs: {ours:.1} ms/step, {:.1} images/s, peak RSS {}{}",
@@ -233,6 +267,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             rt.stats().peak as f64 / (1u64 << 20) as f64
         ))
     );
+    // Convolution FLOPs as a direct convolution counts them (Winograd does fewer multiplications, so a
+    // rate above the peak is possible in principle): forward, weight gradient, and data gradient for
+    // every layer but the first.
+    let mut conv_flops = 0.0;
+    for &(n, size) in &s.crops {
+        let geoms = state.model.conv_geometries(n * s.batch, size, size)?;
+        for (i, g) in geoms.iter().enumerate() {
+            conv_flops += 2.0 * g.macs() as f64 * if i == 0 { 2.0 } else { 3.0 };
+        }
+    }
+    let peak = (!device.is_cuda()).then(super::peak_gflops).flatten();
+    let rate = |ms: f64| {
+        let gflops = conv_flops / (ms * 1e-3) / 1e9;
+        match peak {
+            Some(p) => format!("{gflops:.1} GFLOP/s, {:.0}% of the {p:.0} GFLOP/s peak", 100.0 * gflops / p),
+            None => format!("{gflops:.1} GFLOP/s"),
+        }
+    };
+    println!("convolutions: {:.1} GFLOP per step; swav-rs {}", conv_flops / 1e9, rate(ours));
     if let Some(py) = &a.python {
         // The checkout's script when run from one (a binary carried to another machine runs there),
         // else the one of the source tree it was built from.
@@ -285,6 +338,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
             v["peak_device_mib"].as_f64().map_or(String::new(), |m| format!(", peak device memory {m:.0} MiB"))
         );
+        println!("PyTorch convolutions: {}", rate(theirs));
         println!("ratio (PyTorch time / swav-rs time): {:.2}x", theirs / ours);
     }
     Ok(())
