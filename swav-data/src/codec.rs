@@ -198,6 +198,8 @@ impl Default for RecordDecoder {
 }
 
 impl RecordDecoder {
+    /// A decoder with no state yet: the zstd context is created on the first raw-zstd record. Pass it
+    /// to [`crate::Dataset::read_into`] again and again to decode without allocating.
     pub fn new() -> Self {
         RecordDecoder { zstd: None }
     }

@@ -29,9 +29,13 @@ use crate::error::{DataError, Result};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CropGroup {
+    /// Crops of this size per image (at least 1).
     pub count: usize,
+    /// Side of the square output crop in pixels (1 to 8192).
     pub size: usize,
+    /// Smallest fraction of the source image's area a crop covers (`0 < min_scale <= max_scale`).
     pub min_scale: f32,
+    /// Largest fraction of the source image's area a crop covers (at most 1).
     pub max_scale: f32,
 }
 
@@ -47,9 +51,13 @@ pub struct AugmentConfig {
     pub flip_p: f32,
     /// Probability of applying the colour jitter.
     pub jitter_p: f32,
-    /// Brightness, contrast and saturation factors are drawn from `[max(0, 1 - x), 1 + x]`.
+    /// Brightness, contrast and saturation factors are drawn from `[max(0, 1 - x), 1 + x]`; this is `x`
+    /// for brightness (0 turns the adjustment off).
     pub brightness: f32,
+    /// `x` of the contrast factor (see `brightness`); contrast blends with the mean gray level.
     pub contrast: f32,
+    /// `x` of the saturation factor (see `brightness`); saturation blends with each pixel's gray level
+    /// and leaves one-channel images unchanged.
     pub saturation: f32,
     /// Hue shift drawn from `[-hue, hue]` (at most 0.5).
     pub hue: f32,
@@ -62,6 +70,7 @@ pub struct AugmentConfig {
     /// Per-channel normalisation `(x - mean) / std` of pixels in [0, 1]. One value applies to every
     /// channel. `None` (the default) uses the dataset's own statistics from its manifest.
     pub mean: Option<Vec<f32>>,
+    /// The `std` of the normalisation (see `mean`): 1 or 3 positive values, given together with `mean`.
     pub std: Option<Vec<f32>>,
 }
 
@@ -107,7 +116,10 @@ impl AugmentConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MultiCropConfig {
+    /// The crop resolutions, in output order: a batch holds one buffer per group, and crop numbers
+    /// (which key the random streams) run through the groups in this order.
     pub groups: Vec<CropGroup>,
+    /// The augmentations, the same for every group (the official ones when absent from a file).
     #[serde(default)]
     pub augment: AugmentConfig,
 }
@@ -204,7 +216,7 @@ impl MultiCropConfig {
         self.groups.iter().map(|g| g.count).sum()
     }
 
-    /// Checks every range and probability.
+    /// Checks every range and probability; a [`DataError::Config`] names the field that is out of range.
     pub fn validate(&self) -> Result<()> {
         let err = |m: String| Err(DataError::Config(m));
         if self.groups.is_empty() {
@@ -273,10 +285,15 @@ pub(crate) fn check_norm(mean: &Option<Vec<f32>>, std: &Option<Vec<f32>>, what: 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
+    /// Length in pixels of the shorter side after resizing (1 to 16384).
     pub resize: usize,
+    /// Side in pixels of the square centre crop (1 to 16384).
     pub crop: usize,
+    /// Per-channel mean of the normalisation `(x - mean) / std` of pixels in [0, 1] (1 or 3 values);
+    /// `None` uses the dataset's own statistics from its manifest.
     #[serde(default)]
     pub mean: Option<Vec<f32>>,
+    /// The `std` of the normalisation, given together with `mean`.
     #[serde(default)]
     pub std: Option<Vec<f32>>,
 }
@@ -292,6 +309,7 @@ impl EvalConfig {
         EvalConfig { resize: size, crop: size, mean: None, std: None }
     }
 
+    /// Checks the sizes and the normalisation; a [`DataError::Config`] says which value is wrong.
     pub fn validate(&self) -> Result<()> {
         if self.resize == 0 || self.crop == 0 || self.resize > 16384 || self.crop > 16384 {
             return Err(DataError::Config(format!(

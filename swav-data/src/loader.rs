@@ -36,6 +36,8 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// This process's rank and the number of ranks (DistributedSampler semantics). Ignored by `EvalLoader`.
     pub rank: usize,
+    /// The number of ranks the samples are split between (at least 1, more than `rank`). Ignored by
+    /// `EvalLoader`.
     pub world_size: usize,
     /// Worker threads; 0 runs everything in the thread that iterates (slow, for debugging).
     pub workers: usize,
@@ -142,9 +144,11 @@ impl BufferPool {
 /// crop-major (all images' crop 0, then all images' crop 1, ...), each crop in the loader's layout.
 #[derive(Clone, Copy, Debug)]
 pub struct CropTensor<'a> {
+    /// The normalised values, `shape.iter().product()` of them, crop-major.
     pub data: &'a [f32],
     /// `[count * batch, H, W, C]` (NHWC) or `[count * batch, C, H, W]` (NCHW).
     pub shape: [usize; 4],
+    /// Whether `shape` and each crop are NHWC or NCHW (the loader's [`LoaderConfig::layout`]).
     pub layout: Layout,
     /// Crops per image in this group.
     pub count: usize,
@@ -195,10 +199,12 @@ impl Batch {
         self.indices.len()
     }
 
+    /// Whether the batch holds no image (never the case for a batch a loader yields).
     pub fn is_empty(&self) -> bool {
         self.indices.is_empty()
     }
 
+    /// The epoch this batch belongs to (0 for the evaluation loader).
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -687,6 +693,7 @@ impl MultiCropLoader {
         &self.transform
     }
 
+    /// The batch settings the loader was made with.
     pub fn config(&self) -> &LoaderConfig {
         &self.cfg
     }
@@ -743,6 +750,7 @@ impl EvalLoader {
         self.len.div_ceil(self.batch_size)
     }
 
+    /// The transform (to reproduce or inspect the evaluation crop of one image).
     pub fn transform(&self) -> &EvalTransform {
         &self.transform
     }

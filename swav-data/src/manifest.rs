@@ -17,7 +17,10 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The contents of `manifest.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// The dataset format version; only [`FORMAT_VERSION`] is read (another one is
+    /// [`DataError::UnsupportedVersion`]).
     pub format_version: u32,
+    /// Images in the dataset: the sum of the shards' record counts.
     pub num_images: usize,
     /// 3 if any image is RGB, 1 if all are grayscale. Each record keeps its own channel count
     /// (grayscale inputs are stored with 1 channel); readers expand or convert on request.
@@ -31,10 +34,14 @@ pub struct Manifest {
     /// Per-channel mean and standard deviation of all pixels, in [0, 1] (grayscale images count as
     /// R = G = B in a 3-channel dataset): the dataset's own normalisation constants.
     pub pixel_mean: Vec<f64>,
+    /// Per-channel standard deviation of all pixels (population, not unbiased), in [0, 1]; see
+    /// `pixel_mean`.
     pub pixel_std: Vec<f64>,
+    /// The shard files in dataset order: shard `s` holds the images after those of shards `0..s`.
     pub shards: Vec<ShardEntry>,
     /// Inputs that were not imported, with the reason, sorted by path (relative to the input).
     pub skipped: Vec<Skipped>,
+    /// How the dataset was made.
     pub parameters: Parameters,
     /// The file that names the source of every image (absent in datasets written before it existed):
     /// what lets a list of file names, such as the official 1% / 10% ImageNet subsets, select images.
@@ -60,7 +67,9 @@ pub struct NamesEntry {
 pub struct ShardEntry {
     /// File name inside the dataset directory (`shard-00000.bin`, ...).
     pub file: String,
+    /// Records (images) in the shard, checked against its footer when it is opened.
     pub records: usize,
+    /// Size of the file in bytes, checked against the file when it is opened.
     pub bytes: u64,
     /// `crc32:` followed by the 8 hex digits of the CRC-32 (IEEE) of the whole file.
     pub checksum: String,
@@ -69,7 +78,10 @@ pub struct ShardEntry {
 /// An input that was not imported.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Skipped {
+    /// The input's path relative to the input folder (`/`-separated), or `#k` for record `k` of an
+    /// IDX file.
     pub path: String,
+    /// Why it was skipped (not decodable, too many pixels, hidden, symlink loop...).
     pub reason: String,
 }
 
@@ -80,10 +92,18 @@ pub struct Parameters {
     pub input_kind: String,
     /// Short side the images were reduced to (never enlarged), if any.
     pub resize: Option<u32>,
+    /// How the records' pixels are stored.
     pub codec: Codec,
+    /// zstd compression level of the `raw-zstd` codec.
     pub zstd_level: i32,
+    /// Quality (1 to 100) of the JPEGs the `jpeg` codec re-encodes (original JPEGs kept at their size
+    /// are stored unchanged).
     pub jpeg_quality: u8,
+    /// Target shard size in MiB: a shard is closed before the record that would take it past this
+    /// (it holds at least one record).
     pub shard_size_mib: u64,
+    /// Most pixels (height x width) of an image: larger inputs were skipped, and a record claiming more
+    /// is refused as damaged when read.
     pub max_pixels: u64,
     /// The input positions imported (`[start, end)`), when only a part was.
     #[serde(default, skip_serializing_if = "Option::is_none")]

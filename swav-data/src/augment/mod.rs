@@ -45,9 +45,13 @@ pub enum Layout {
 /// A crop box in source pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CropBox {
+    /// First row of the box.
     pub top: usize,
+    /// First column of the box.
     pub left: usize,
+    /// Rows in the box (at least 1; `top + height` is at most the image height).
     pub height: usize,
+    /// Columns in the box (at least 1; `left + width` is at most the image width).
     pub width: usize,
 }
 
@@ -90,11 +94,18 @@ pub fn random_resized_crop_box(
 /// grayscale, blur (applied?, then sigma).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CropDecision {
+    /// The source box, resized to the group's `size x size`.
     pub crop: CropBox,
+    /// Whether the crop is mirrored left to right.
     pub flip: bool,
     /// Adjustment order (0 brightness, 1 contrast, 2 saturation, 3 hue) and the four factors.
+    /// `None` when the jitter is not applied (probability `1 - jitter_p`). The brightness, contrast and
+    /// saturation factors multiply (1 is the identity); the hue factor is a shift in turns, in
+    /// `[-hue, hue]`.
     pub jitter: Option<([usize; 4], [f32; 4])>,
+    /// Whether the crop is converted to grayscale after the jitter.
     pub grayscale: bool,
+    /// The Gaussian blur's sigma (PIL radius) in output pixels, or `None` for no blur.
     pub blur_sigma: Option<f32>,
 }
 
@@ -245,9 +256,13 @@ fn store(
 /// The shape of one group of crops in a batch: `count` crops of `height x width x channels`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupShape {
+    /// Crops of this shape per image.
     pub count: usize,
+    /// Rows of one crop.
     pub height: usize,
+    /// Columns of one crop.
     pub width: usize,
+    /// Channels of one crop as written (the loader's output channels, 1 or 3).
     pub channels: usize,
 }
 
@@ -389,6 +404,9 @@ pub struct EvalTransform {
 }
 
 impl EvalTransform {
+    /// `out_channels` is 1 or 3; `dataset_mean`/`dataset_std` (the manifest's) are used when `cfg` gives
+    /// no normalisation. Fails with [`DataError::Config`] on an invalid `cfg` or a normalisation whose
+    /// value count does not fit the output channels.
     pub fn new(
         cfg: &EvalConfig,
         out_channels: u8,
@@ -402,6 +420,7 @@ impl EvalTransform {
         Ok(EvalTransform { cfg: cfg.clone(), out_channels: c, layout, norm })
     }
 
+    /// The output: one `crop x crop` image of the output channels.
     pub fn shape(&self) -> GroupShape {
         GroupShape { count: 1, height: self.cfg.crop, width: self.cfg.crop, channels: self.out_channels }
     }

@@ -16,9 +16,15 @@ use swav_core::simd_fn;
 /// to source pixels `starts[i] ..`.
 #[derive(Default, Debug, Clone)]
 pub struct Coeffs {
+    /// Taps reserved per output pixel: `2 * ceil(support) + 1`, the support being the reduction factor
+    /// (at least 1).
     pub ksize: usize,
+    /// First source pixel of each output pixel's taps.
     pub starts: Vec<usize>,
+    /// Number of taps of each output pixel (at most `ksize`).
     pub lens: Vec<usize>,
+    /// `out_size * ksize` weights, row `i` for output pixel `i`; the first `lens[i]` are used (normalised
+    /// to sum 1, then multiplied by the `gain` given to [`Coeffs::compute`]).
     pub weights: Vec<f32>,
     /// Every output has exactly `ksize` taps (see `compute`).
     pub fixed: bool,
@@ -96,9 +102,13 @@ impl Coeffs {
 /// written (`y0, x0, h, w`, may reach outside the full output: those pixels are written as 0).
 #[derive(Clone, Copy, Debug)]
 pub struct Window {
+    /// Row of the full output written first (negative: rows above the output, written as 0).
     pub y0: isize,
+    /// Column of the full output written first (negative: columns left of the output, written as 0).
     pub x0: isize,
+    /// Rows written.
     pub h: usize,
+    /// Columns written.
     pub w: usize,
 }
 

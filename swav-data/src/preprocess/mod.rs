@@ -36,6 +36,8 @@ pub struct PreprocessOptions {
     pub output: PathBuf,
     /// Reduce the shorter side to this many pixels (never enlarges).
     pub resize: Option<u32>,
+    /// How the records' pixels are stored: `RawZstd` (lossless, the default) or `Jpeg` (original JPEGs
+    /// kept as they are when not resized, everything else re-encoded at `jpeg_quality`).
     pub codec: Codec,
     /// Target shard size in MiB (a shard holds at least one record).
     pub shard_size_mib: u64,
@@ -75,27 +77,38 @@ impl Default for PreprocessOptions {
 /// Progress of a run, reported after each input.
 #[derive(Clone, Copy, Debug)]
 pub struct Progress {
+    /// Selected inputs handled so far (written or skipped), in input order.
     pub done: usize,
+    /// Selected inputs in all: the candidate files found (or IDX records), within `select` if given.
     pub total: usize,
+    /// Images written to shards so far.
     pub written: usize,
+    /// Inputs skipped so far, including the entries the folder scan set aside before decoding (hidden
+    /// files, symlink loops...), which `done` and `total` do not count.
     pub skipped: usize,
 }
 
 /// What a finished run did.
 #[derive(Clone, Debug)]
 pub struct PreprocessReport {
+    /// The dataset directory written (the `output` of the options).
     pub output: PathBuf,
+    /// Images in the dataset.
     pub written: usize,
     /// Inputs skipped, with reasons (also in the manifest).
     pub skipped: Vec<Skipped>,
+    /// Shard files written.
     pub shards: usize,
-    /// Total size of the shards.
+    /// Total size of the shards in bytes.
     pub bytes: u64,
+    /// Wall-clock duration of the run, scanning and syncing included.
     pub seconds: f64,
+    /// Classes found (0 for an unlabelled folder; for IDX input, the largest label + 1).
     pub classes: usize,
 }
 
 impl PreprocessReport {
+    /// Inputs handled (written and skipped) per second of `seconds`.
     pub fn images_per_second(&self) -> f64 {
         (self.written + self.skipped.len()) as f64 / self.seconds.max(1e-9)
     }
