@@ -41,6 +41,7 @@ pub use device::Device;
 pub use error::TensorError;
 pub use tensor::{DType, PendingValues, Tensor};
 
+/// Result with [`TensorError`].
 pub type Result<T, E = TensorError> = std::result::Result<T, E>;
 
 /// Runs `f` with every CPU kernel capped at instruction set `isa` (on this thread and on the compute

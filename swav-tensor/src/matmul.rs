@@ -6,6 +6,7 @@
 
 use gemm::Parallelism;
 
+/// A read-only `rows x cols` matrix view into a slice, element `(i, j)` at `i * rs + j * cs`.
 #[derive(Clone, Copy)]
 pub struct MatRef<'a> {
     data: &'a [f32],
@@ -15,6 +16,8 @@ pub struct MatRef<'a> {
     cs: isize,
 }
 
+/// A writable row-major `rows x cols` matrix view into a slice, element `(i, j)` at `i * rs + j`: the
+/// destination of [`matmul`].
 pub struct MatMut<'a> {
     data: &'a mut [f32],
     rows: usize,
@@ -28,6 +31,8 @@ impl<'a> MatRef<'a> {
         Self::strided(data, rows, cols, cols as isize, 1)
     }
 
+    /// A `rows x cols` view with element `(i, j)` at `data[i * rs + j * cs]` (strides in values, not
+    /// negative). Panics if a reachable element lies outside `data`.
     pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: isize, cs: isize) -> Self {
         let view = MatRef { data, rows, cols, rs, cs };
         assert!(view.fits(), "matrix view {rows}x{cols} (strides {rs},{cs}) exceeds its buffer of {}", data.len());
@@ -60,6 +65,7 @@ impl<'a> MatMut<'a> {
         MatMut { data, rows, cols, rs: rs as isize }
     }
 
+    /// A dense row-major `rows x cols` destination. Panics if `data` is shorter than `rows * cols`.
     pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
         Self::strided(data, rows, cols, cols)
     }
@@ -87,7 +93,9 @@ pub fn gemm_isa() -> swav_core::isa::Isa {
 /// Whether a product is worth spreading over the thread pool (inside parallel loops, use `Serial`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Threads {
+    /// On the calling thread only: for products inside a parallel loop, which already uses the pool.
     Serial,
+    /// Spread over the rayon pool when the product is large enough (`m n k >= 2^18`), otherwise serial.
     Pool,
 }
 

@@ -9,15 +9,21 @@ use std::time::Instant;
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static TABLE: Mutex<BTreeMap<&'static str, (f64, u64)>> = Mutex::new(BTreeMap::new());
 
+/// Turns the accounting on for the whole process (it cannot be turned off; [`report`] empties the
+/// table). Scopes opened before the call are not counted.
 pub fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
 }
 
+/// An open timing scope: on drop, the time since [`scope`] is added to its name's row (when profiling
+/// was on at the opening).
 pub struct Scope {
     name: &'static str,
     start: Option<Instant>,
 }
 
+/// Opens a scope named `name`; keep it alive (`let _p = profile::scope(..)`, not `let _ = ..`) for the
+/// span to measure. Scopes with the same name add up; nested scopes are each counted in full.
 pub fn scope(name: &'static str) -> Scope {
     Scope { name, start: ENABLED.load(Ordering::Relaxed).then(Instant::now) }
 }

@@ -37,23 +37,33 @@ fn flush(first: &mut [f32], second: &mut [f32], acc: &mut [f64]) {
     }
 }
 
-/// What `y = act(bn(x) + residual)` adds after the normalisation.
+/// What `y = act(bn(x) + residual)` adds after the normalisation: the backward must be told what its
+/// forward fused (the forwards take the same two choices as `residual: Option<..>` and `relu: bool`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fused {
+    /// A residual was added after the normalisation; the backward then returns its gradient too.
     pub residual: bool,
+    /// A ReLU followed; the backward masks the gradient where the output `y` is not positive.
     pub relu: bool,
 }
 
 impl Fused {
+    /// `y = bn(x)`.
     pub const NONE: Fused = Fused { residual: false, relu: false };
+    /// `y = relu(bn(x))`.
     pub const RELU: Fused = Fused { residual: false, relu: true };
+    /// `y = relu(bn(x) + residual)`: the end of a ResNet block.
     pub const RESIDUAL_RELU: Fused = Fused { residual: true, relu: true };
 }
 
-/// The parameters and running statistics of one BN layer (all `[c]`).
+/// The learned parameters of one BN layer and its epsilon; the running statistics are passed to the
+/// forwards separately, since only the training forward updates them.
 pub struct BnParams<'a> {
+    /// Per-channel scale, `[c]` (PyTorch's `weight`).
     pub gamma: &'a Tensor,
+    /// Per-channel shift, `[c]` (PyTorch's `bias`).
     pub beta: &'a Tensor,
+    /// Added to the variance before the square root (PyTorch's default is 1e-5).
     pub eps: f32,
 }
 
@@ -61,7 +71,9 @@ pub struct BnParams<'a> {
 /// `1 / sqrt(var + eps)` per channel (`[c]`, f32), on the device of the activations.
 #[derive(Clone, Debug)]
 pub struct BnCache {
+    /// The batch mean of each channel, `[c]`.
     pub mean: Tensor,
+    /// `1 / sqrt(var + eps)` of each channel with the biased batch variance, `[c]`.
     pub rstd: Tensor,
 }
 

@@ -23,23 +23,38 @@ use crate::error::shape_err;
 use crate::matmul::{matmul, MatMut, MatRef, Threads};
 use crate::{Result, Tensor};
 
-/// Sizes of one convolution.
+/// Sizes of one convolution: input `[n, h, w, cin]`, weight `[cout, kh, kw, cin]`, output
+/// `[n, oh, ow, cout]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeom {
+    /// Images in the batch.
     pub n: usize,
+    /// Input height.
     pub h: usize,
+    /// Input width.
     pub w: usize,
+    /// Input channels.
     pub cin: usize,
+    /// Output channels (filters).
     pub cout: usize,
+    /// Kernel height.
     pub kh: usize,
+    /// Kernel width.
     pub kw: usize,
+    /// Step between output pixels, in input pixels, along both axes.
     pub stride: usize,
+    /// Zero padding on every side of the input.
     pub pad: usize,
+    /// Output height, `(h + 2 pad - kh) / stride + 1`.
     pub oh: usize,
+    /// Output width, `(w + 2 pad - kw) / stride + 1`.
     pub ow: usize,
 }
 
 impl ConvGeom {
+    /// The geometry of a convolution of an NHWC input of shape `x_shape` by an OHWI weight of shape
+    /// `w_shape`; [`TensorError::Shape`](crate::TensorError::Shape) if either is not 4-D, their channel
+    /// counts differ, the stride is 0, or the padded input is smaller than the kernel.
     pub fn new(x_shape: &[usize], w_shape: &[usize], stride: usize, pad: usize) -> Result<ConvGeom> {
         let (&[n, h, w, cin], &[cout, kh, kw, wcin]) = (x_shape, w_shape) else {
             return Err(shape_err("conv2d", format!("input {x_shape:?} must be NHWC and weight {w_shape:?} OHWI")));
@@ -60,10 +75,12 @@ impl ConvGeom {
         self.kh * self.kw * self.cin
     }
 
+    /// Output pixels of the whole batch, `n * oh * ow`: the rows of the im2col matrix.
     pub fn out_pixels(&self) -> usize {
         self.n * self.oh * self.ow
     }
 
+    /// The output shape, `[n, oh, ow, cout]`.
     pub fn out_shape(&self) -> [usize; 4] {
         [self.n, self.oh, self.ow, self.cout]
     }
@@ -82,8 +99,12 @@ impl ConvGeom {
 /// may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvParams {
+    /// Step between output pixels, in input pixels, along both axes (at least 1).
     pub stride: usize,
+    /// Zero padding on every side of the input, in pixels.
     pub pad: usize,
+    /// Which algorithms the CPU may use (Winograd or im2col GEMM; CUDA convolutions run cuDNN and ignore
+    /// it). Every choice computes the same convolution, up to float rounding.
     pub algo: ConvAlgorithm,
 }
 
@@ -103,6 +124,9 @@ fn tile_rows(k: usize, total: usize) -> usize {
     rows.min(per_thread)
 }
 
+/// The convolution of `x: [n, h, w, cin]` (NHWC) by `weight: [cout, kh, kw, cin]` (OHWI), without bias:
+/// `[n, oh, ow, cout]` on the device of `x`. Shapes that do not fit are
+/// [`TensorError::Shape`](crate::TensorError::Shape).
 pub fn conv2d_forward(x: &Tensor, weight: &Tensor, p: ConvParams) -> Result<Tensor> {
     if let Some(rt) = x.runtime() {
         return super::conv_cuda::forward_on(rt, x, weight, p);

@@ -15,6 +15,9 @@ fn dims(x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize)> {
     Ok((rows, fin, fout))
 }
 
+/// `y = x w^T + b` for `x: [rows, in]`, `w: [out, in]` (`torch.nn.Linear`'s layout) and an optional
+/// `b: [out]`; returns `y: [rows, out]` on the device of `x`. Shapes that do not fit are
+/// [`TensorError::Shape`](crate::TensorError::Shape).
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let _p = crate::profile::scope("linear");
     let (rows, fin, fout) = dims(x, w)?;

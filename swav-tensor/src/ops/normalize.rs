@@ -5,6 +5,8 @@
 use crate::error::shape_err;
 use crate::{Result, Tensor};
 
+/// The clamp of the norm (`F.normalize`'s `eps`): a row is divided by `max(||x||, NORM_EPS)`, so an
+/// all-zero row stays zero instead of becoming NaN.
 pub const NORM_EPS: f32 = 1e-12;
 
 /// Returns `y` and the norms (`[rows]`, before clamping) for the backward.

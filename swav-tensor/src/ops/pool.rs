@@ -11,20 +11,33 @@ use swav_core::simd_fn;
 use crate::error::shape_err;
 use crate::{Result, Tensor};
 
+/// Sizes of one max-pool: input `[n, h, w, c]`, square `k x k` window, output `[n, oh, ow, c]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolGeom {
+    /// Images in the batch.
     pub n: usize,
+    /// Input height.
     pub h: usize,
+    /// Input width.
     pub w: usize,
+    /// Channels (pooled independently).
     pub c: usize,
+    /// Window side.
     pub k: usize,
+    /// Step between windows, in pixels, along both axes.
     pub stride: usize,
+    /// Implicit padding on every side (never selected as a maximum); at most `k / 2`, as in PyTorch.
     pub pad: usize,
+    /// Output height, `(h + 2 pad - k) / stride + 1`.
     pub oh: usize,
+    /// Output width, `(w + 2 pad - k) / stride + 1`.
     pub ow: usize,
 }
 
 impl PoolGeom {
+    /// The geometry of a `k x k` max-pool with `stride` and `pad` on an NHWC input of shape `x_shape`;
+    /// [`TensorError::Shape`](crate::TensorError::Shape) if the input is not 4-D, the stride or window
+    /// is 0, `pad > k / 2`, or the padded input is smaller than the window.
     pub fn new(x_shape: &[usize], k: usize, stride: usize, pad: usize) -> Result<PoolGeom> {
         let &[n, h, w, c] = x_shape else {
             return Err(shape_err("max_pool", format!("input {x_shape:?} must be NHWC")));

@@ -41,6 +41,8 @@ pub struct Variant {
     at: &'static [f64],
 }
 
+/// F(2x2, 3x3): 2x2 output tiles from 4x4 input tiles, 16 instead of 36 multiplications per tile and
+/// channel pair (2.25x fewer), within float32 rounding of a direct convolution.
 pub static F2: Variant = Variant {
     m: 2,
     a: 4,
@@ -49,6 +51,8 @@ pub static F2: Variant = Variant {
     at: &[1.0, 1.0, 1.0, 0.0, 0.0, 1.0, -1.0, -1.0],
 };
 
+/// F(4x4, 3x3): 4x4 output tiles from 6x6 input tiles, 36 instead of 144 multiplications per tile and
+/// channel pair (4x fewer), about one decimal digit less accurate than F(2x2, 3x3).
 pub static F4: Variant = Variant {
     m: 4,
     a: 6,
