@@ -2,7 +2,7 @@
 //! bytes, a little-endian header length (u16 in 1.0, u32 in 2.0/3.0), an ASCII Python dict
 //! `{'descr': '<f4', 'fortran_order': False, 'shape': (n, F), }` padded with spaces and ended by `\n`
 //! so that the data starts at a multiple of 64 bytes, then the values in C order. `numpy.load` reads
-//! what [`write`] writes; [`read`] checks every size against the file before it allocates.
+//! what [`write`](fn@write) writes; [`read`] checks every size against the file before it allocates.
 
 use std::path::{Path, PathBuf};
 

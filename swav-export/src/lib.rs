@@ -8,7 +8,7 @@
 //! [`export`] for the graph.
 //!
 //! - [`proto`]: the few ONNX protobuf messages, encoded by hand from the specification's field numbers.
-//! - [`export`]: the walk from [`SwavModel`] to an ONNX graph (batch norms folded by default).
+//! - [`export`]: the walk from [`SwavModel`](swav_model::SwavModel) to an ONNX graph (batch norms folded by default).
 //! - [`check`]: random inputs and swav-model's reference outputs as `.npy`, to check any runtime.
 //!
 //! A model whose tensors would make the protobuf exceed 2 GiB (ResNet-50w5 with its head) is written

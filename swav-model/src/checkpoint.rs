@@ -99,7 +99,8 @@ impl NamedTensors {
             .map_err(|e| ModelError::Format { path: "<memory>".into(), detail: e.to_string() })
     }
 
-    /// Writes atomically (see [`atomic_write`]).
+    /// Writes atomically (see [`swav_core::fs::atomic_write`]): a crash leaves the old file or the new
+    /// one, never a partial checkpoint.
     pub fn write(&self, path: &Path) -> Result<()> {
         atomic_write(path, &self.to_bytes()?)
     }

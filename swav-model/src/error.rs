@@ -24,7 +24,7 @@ pub enum ModelError {
     Metadata { key: String, value: String, detail: String },
     #[error("preprocessing: {0}")]
     Preprocessing(String),
-    /// A state dict whose network [`crate::detect`] cannot recognise from its names and shapes.
+    /// A state dict whose network [`crate::detect`](fn@crate::detect) cannot recognise from its names and shapes.
     #[error("cannot recognise the network in {path}: {detail}")]
     Unrecognised { path: String, detail: String },
     /// A PyTorch checkpoint that [`crate::torch`] refused; `path` is `<memory>` for bytes.

@@ -14,7 +14,7 @@
 //! extension: PyTorch checkpoints (`.pth`, `.pth.tar`: the official SwAV weights and training
 //! checkpoints, torchvision state dicts; read by [`crate::torch`]) and safetensors state dicts without
 //! swav-rs metadata (written by other tools). Their network is recognised from the tensor names and
-//! shapes ([`crate::detect`]); a file holding only a backbone gets the default head, freshly
+//! shapes ([`crate::detect`](fn@crate::detect)); a file holding only a backbone gets the default head, freshly
 //! initialised, and torchvision's classifier `fc.*` is left out. Their preprocessing is what such a
 //! file records in swav-rs's metadata keys (a safetensors file may), else the defaults (ImageNet's
 //! normalisation for 3-channel models), reported as defaults ([`crate::Source::Default`]).

@@ -8,7 +8,7 @@
 //!   (the backbone runs once per run of crops of equal resolution) and its backward.
 //! - [`file::ModelFile`]: the model file (network + preprocessing), its only reader and writer; it
 //!   also reads PyTorch checkpoints ([`torch`]) and foreign safetensors state dicts, whose network
-//!   [`detect`] recognises from the tensor names and shapes; [`checkpoint`]: the named tensors under
+//!   [`detect`](mod@detect) recognises from the tensor names and shapes; [`checkpoint`]: the named tensors under
 //!   it, with torchvision / official SwAV parameter names.
 //! - [`pretrained`]: pretrained starts, the weights of any model file (whole, or backbone only) loaded
 //!   into a network built for training.

@@ -1,5 +1,5 @@
-//! The training run: epochs of [`swav_step`] over the multi-crop loader, with checkpoints, resume,
-//! metrics, progress and the guards a long run needs.
+//! The training run: epochs of [`swav_step`](crate::step::swav_step) over the multi-crop loader, with
+//! checkpoints, resume, metrics, progress and the guards a long run needs.
 //!
 //! - The run directory holds `config.toml` (the resolved configuration), `metrics.jsonl` and
 //!   `checkpoints/`, and is locked while a process trains in it. Starting again in the same directory

@@ -1,6 +1,10 @@
 //! `cargo xtask`: the swav-rs command line. Each subcommand lives in its own module, parses its
 //! arguments, calls the library crates and prints; no training or data logic lives here.
 
+// The doc comments of the argument structs are clap's `--help` text, read in a terminal: `cuda[:N]`,
+// `shape [images]` and `<run-dir>` are command-line notation there, not Markdown links or HTML tags.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 use clap::{Parser, Subcommand};
 
 mod bench;

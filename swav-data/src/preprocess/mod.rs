@@ -6,8 +6,8 @@
 //! into a hidden temporary directory next to the output (`.NAME.tmp-PID`), synced, and renamed into place
 //! at the end: an interrupted run never leaves an output that looks complete. Input files are only read.
 //! `--overwrite` replaces only an existing dataset (a directory holding nothing but `manifest.json` and
-//! shard files) or an empty directory, and only after the new one is complete; see [`output`] for what
-//! the command owns, its lock, and how the leftovers of killed runs are cleaned up.
+//! shard files) or an empty directory, and only after the new one is complete; see the `output` submodule
+//! for what the command owns, its lock, and how the leftovers of killed runs are cleaned up.
 
 mod decode;
 mod idx;

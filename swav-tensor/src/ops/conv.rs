@@ -3,10 +3,10 @@
 //!
 //! CPU strategy: every pass is a GEMM over tiles of pixels, with the tile's im2col (or gather) matrix
 //! built in a per-thread scratch buffer that stays in cache; tiles run in parallel, each GEMM serially.
-//! - forward:   y[tile]   = col(x)[tile] (m x kh*kw*cin) . w^T
-//! - weight:    dw       += dy[tile]^T . col(x)[tile], partial sums per fixed chunk of rows, added in
+//! - forward: `y[tile] = col(x)[tile] (m x kh*kw*cin) . w^T`
+//! - weight: `dw += dy[tile]^T . col(x)[tile]`, partial sums per fixed chunk of rows, added in
 //!   chunk order (deterministic whatever the thread count)
-//! - data:      dx[pixel] = sum over the taps that reach it of dy[tap's output pixel] . w[tap].
+//! - data: `dx[pixel]` = sum over the taps that reach it of `dy[tap's output pixel] . w[tap]`.
 //!   With stride s the input pixels split into s*s classes by `(i + pad) mod s`; in a class every pixel
 //!   is reached by the same taps, so each class is one dense GEMM with no multiplications by zero
 //!   (stride 1: one class, all taps; a 1x1 stride-2 conv: one class with one tap, three with none).
