@@ -33,6 +33,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         head_bn: true,
         feat_dim: 32,
         prototypes: vec![50, 20],
+        sync_bn: false,
+        sync_bn_group: 0,
     };
     let mut model = SwavModel::new(config, 7)?;
     let mut rng = swav_core::rng::SplitMix64::new(0x2545_f491_4f6c_dd1d);

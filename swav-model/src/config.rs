@@ -107,6 +107,22 @@ pub struct ModelConfig {
     pub feat_dim: usize,
     /// Number of prototypes of each head (one head: `[3000]`).
     pub prototypes: Vec<usize>,
+    /// Batch norms use the statistics of the batches of several ranks in a distributed training
+    /// (SyncBatchNorm; the official scripts' `--sync_bn`). No effect on one process or in evaluation.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub sync_bn: bool,
+    /// Ranks per SyncBatchNorm group, consecutive ranks together (apex's `syncbn_process_group_size`);
+    /// 0 means every rank of the run.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sync_bn_group: usize,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 impl ModelConfig {
@@ -121,6 +137,8 @@ impl ModelConfig {
             head_bn: true,
             feat_dim: 128,
             prototypes: vec![3000],
+            sync_bn: false,
+            sync_bn_group: 0,
         }
     }
 

@@ -199,6 +199,8 @@ fn detect_backbone(shapes: &BTreeMap<&str, &[usize]>) -> Result<ModelConfig> {
         head_bn: true,
         feat_dim: 1,
         prototypes: Vec::new(),
+        sync_bn: false,
+        sync_bn_group: 0,
     };
     Ok(config.canonical())
 }

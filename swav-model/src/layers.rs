@@ -2,12 +2,13 @@
 //! with its parameters and names; the networks compose them.
 
 use swav_tensor::ops::batchnorm::{
-    batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, BnCache, BnParams, Fused,
+    batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, sync_batchnorm_backward,
+    sync_batchnorm_train_forward, BnCache, BnParams, Fused,
 };
 use swav_tensor::ops::conv::{conv2d_backward, conv2d_forward, ConvParams};
 use swav_tensor::ops::linear::{linear_backward, linear_forward};
 use swav_tensor::ops::winograd::ConvAlgorithm;
-use swav_tensor::{Device, Tensor};
+use swav_tensor::{Collective, Device, Tensor};
 
 use crate::init::InitRng;
 use crate::param::{Layout, Param, Slot, Visit, Visitor};
@@ -78,6 +79,8 @@ pub struct BatchNorm {
     pub num_batches_tracked: i64,
     pub eps: f32,
     pub momentum: f32,
+    /// The ranks whose batches share the statistics in training mode (SyncBatchNorm), if any.
+    pub sync: Option<std::sync::Arc<dyn Collective>>,
 }
 
 impl BatchNorm {
@@ -90,6 +93,7 @@ impl BatchNorm {
             num_batches_tracked: 0,
             eps: 1e-5,
             momentum: 0.1,
+            sync: None,
         }
     }
 
@@ -100,15 +104,11 @@ impl BatchNorm {
     /// Training mode: batch statistics, running statistics updated.
     pub fn forward_train(&mut self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<(Tensor, BnCache)> {
         let p = BnParams { gamma: &self.weight.value, beta: &self.bias.value, eps: self.eps };
-        let out = batchnorm_train_forward(
-            x,
-            &p,
-            &mut self.running_mean,
-            &mut self.running_var,
-            self.momentum,
-            residual,
-            relu,
-        )?;
+        let (rm, rv) = (&mut self.running_mean, &mut self.running_var);
+        let out = match &self.sync {
+            Some(group) => sync_batchnorm_train_forward(x, &p, rm, rv, self.momentum, residual, relu, group.as_ref())?,
+            None => batchnorm_train_forward(x, &p, rm, rv, self.momentum, residual, relu)?,
+        };
         self.num_batches_tracked += 1;
         Ok(out)
     }
@@ -127,7 +127,11 @@ impl BatchNorm {
         fused: Fused,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let p = BnParams { gamma: &self.weight.value, beta: &self.bias.value, eps: self.eps };
-        Ok(batchnorm_backward(x, y, dy, &p, cache, fused, &mut self.weight.grad, &mut self.bias.grad)?)
+        let (dgamma, dbeta) = (&mut self.weight.grad, &mut self.bias.grad);
+        Ok(match &self.sync {
+            Some(group) => sync_batchnorm_backward(x, y, dy, &p, cache, fused, dgamma, dbeta, group.as_ref())?,
+            None => batchnorm_backward(x, y, dy, &p, cache, fused, dgamma, dbeta)?,
+        })
     }
 }
 

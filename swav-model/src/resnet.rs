@@ -206,6 +206,18 @@ impl ResNet {
         Ok(ResNet { conv1, bn1, maxpool, stages, in_channels: cfg.in_channels })
     }
 
+    /// Every batch norm of the backbone, in forward order.
+    pub fn batchnorms_mut(&mut self) -> Vec<&mut BatchNorm> {
+        let mut out = vec![&mut self.bn1];
+        for block in self.stages.iter_mut().flatten() {
+            out.extend(block.bns.iter_mut());
+            if let Some(ds) = &mut block.downsample {
+                out.push(&mut ds.bn);
+            }
+        }
+        out
+    }
+
     /// Lets every convolution of the backbone use `algo`.
     pub fn set_conv_algorithm(&mut self, algo: ConvAlgorithm) {
         self.conv1.algo = algo;

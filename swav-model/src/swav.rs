@@ -118,6 +118,19 @@ impl SwavModel {
         self.backbone.conv_geometries(n, h, w)
     }
 
+    /// Makes every batch norm (backbone and head) share its training statistics with the ranks of
+    /// `group` (SyncBatchNorm); `None` goes back to per-process statistics. Every rank must run the same
+    /// forwards and backwards in the same order, since each batch norm is a collective.
+    pub fn set_sync_batchnorm(&mut self, group: Option<std::sync::Arc<dyn swav_tensor::Collective>>) {
+        let mut bns = self.backbone.batchnorms_mut();
+        if let crate::head::ProjectionHead::Mlp { bn: Some(bn), .. } = &mut self.head {
+            bns.push(bn);
+        }
+        for bn in bns {
+            bn.sync = group.clone();
+        }
+    }
+
     /// Scales every prototype to unit L2 norm.
     pub fn normalize_prototypes(&mut self) -> Result<()> {
         self.prototypes.normalize()

@@ -16,6 +16,8 @@ fn small(arch: Arch) -> ModelConfig {
         head_bn: true,
         feat_dim: 8,
         prototypes: vec![10],
+        sync_bn: false,
+        sync_bn_group: 0,
     }
 }
 

@@ -21,6 +21,8 @@ fn cfg(arch: Arch, width: Option<usize>) -> ModelConfig {
         head_bn: true,
         feat_dim: 8,
         prototypes: vec![10],
+        sync_bn: false,
+        sync_bn_group: 0,
     }
 }
 

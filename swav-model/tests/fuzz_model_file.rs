@@ -24,6 +24,8 @@ fn valid_file() -> Vec<u8> {
         head_bn: true,
         feat_dim: 4,
         prototypes: vec![5],
+        sync_bn: false,
+        sync_bn_group: 0,
     };
     let mut m = SwavModel::new(cfg, 1).unwrap();
     let pre = Preprocessing::recorded(&m.config, vec![0.5], vec![0.25], 28).unwrap();

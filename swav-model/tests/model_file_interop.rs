@@ -174,6 +174,8 @@ fn small(arch: Arch, width: usize) -> ModelConfig {
         head_bn: true,
         feat_dim: 8,
         prototypes: vec![10],
+        sync_bn: false,
+        sync_bn_group: 0,
     }
 }
 

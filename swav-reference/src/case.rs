@@ -107,6 +107,8 @@ impl Case<'_> {
             head_bn: self.flag("head_bn", true)?,
             feat_dim: self.meta("feat_dim")?,
             prototypes: vec![self.meta("prototypes")?],
+            sync_bn: false,
+            sync_bn_group: 0,
         })
     }
 }

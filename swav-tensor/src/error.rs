@@ -30,6 +30,9 @@ pub enum TensorError {
     /// cuDNN), an invalid launch plan. The message says which.
     #[error("device unavailable: {0}")]
     Device(String),
+    /// A collective of a distributed run failed (see [`crate::collective::CollectiveError`]).
+    #[error("collective: {0}")]
+    Collective(String),
 }
 
 pub(crate) fn shape_err(op: &'static str, detail: impl Into<String>) -> TensorError {

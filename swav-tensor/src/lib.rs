@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod alloc;
+pub mod collective;
 pub mod cuda;
 pub mod device;
 pub mod error;
@@ -37,6 +38,7 @@ mod parallel;
 pub mod profile;
 pub mod tensor;
 
+pub use collective::{Collective, CollectiveError};
 pub use device::Device;
 pub use error::TensorError;
 pub use tensor::{DType, PendingValues, Tensor};

@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             head_bn: true,
             feat_dim: 32,
             prototypes: vec![20],
+            sync_bn: false,
+            sync_bn_group: 0,
         },
         31,
     )?;

@@ -15,8 +15,25 @@ pub fn codes_for_crop(
     k: usize,
     params: &swav_sinkhorn::Params,
 ) -> Result<Vec<f32>, TrainError> {
-    let sink =
-        |s: &[f32], rows| swav_sinkhorn::sinkhorn(s, rows, k, params).map_err(|e| TrainError::Sinkhorn(e.to_string()));
+    codes_for_crop_on(crop_scores, queue_scores, batch, k, params, &swav_sinkhorn::SingleProcess)
+}
+
+/// [`codes_for_crop`] for one rank of a distributed run: Sinkhorn's sums are all-reduced by `reducer`
+/// (every rank passes the same number of rows: its batch and its own queue).
+pub fn codes_for_crop_on(
+    crop_scores: &[f32],
+    queue_scores: Option<&[f32]>,
+    batch: usize,
+    k: usize,
+    params: &swav_sinkhorn::Params,
+    reducer: &dyn swav_sinkhorn::Reducer,
+) -> Result<Vec<f32>, TrainError> {
+    let sink = |s: &[f32], rows: usize| {
+        let mut q = vec![0f32; rows * k];
+        swav_sinkhorn::sinkhorn_into(s, rows, k, params, reducer, &mut q)
+            .map_err(|e| TrainError::Sinkhorn(e.to_string()))
+            .map(|()| q)
+    };
     match queue_scores {
         None => sink(crop_scores, batch),
         Some(q) => {

@@ -54,8 +54,15 @@ pub struct Sidecar {
     /// SHA-256 of the optimiser-state file (absent in format 1).
     #[serde(default)]
     pub train_sha256: Option<String>,
+    /// Ranks of the run that wrote it (its queue holds every rank's rows, rank by rank).
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
     /// The resolved configuration of the run.
     pub config: Config,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// What a checkpoint's model file records besides the network: the preprocessing of the training

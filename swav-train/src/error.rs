@@ -45,6 +45,9 @@ pub enum TrainError {
     /// The run directory is locked by another process.
     #[error(transparent)]
     Lock(#[from] swav_core::lock::LockError),
+    /// The ranks of a distributed run failed to exchange data (a rank died, hung or disagrees).
+    #[error("distributed: {0}")]
+    Distributed(String),
     /// A checkpoint that cannot be written, read or resumed from.
     #[error("checkpoint: {0}")]
     Checkpoint(String),

@@ -26,6 +26,7 @@ mod collapse;
 pub mod config;
 pub mod conv_plan;
 pub mod device;
+pub mod distributed;
 pub mod error;
 pub mod lars;
 pub mod lars_cuda;

@@ -12,14 +12,18 @@
 //! 6. backward; the prototypes get no update while `iteration < freeze_prototypes_niters`;
 //! 7. LARS step.
 
+use std::sync::Arc;
 use swav_model::param::Visit;
 use swav_model::SwavModel;
 use swav_tensor::ops::linear::linear_forward;
-use swav_tensor::{profile, Tensor};
 
-use crate::assign::codes_for_crop;
+use swav_tensor::collective::SingleProcess;
+use swav_tensor::{profile, Collective, Tensor};
+
+use crate::assign::codes_for_crop_on;
 use crate::config::TrainConfig;
 use crate::device::{self, DeviceSinkhorn};
+use crate::distributed::{self, CollectiveReducer};
 use crate::lars::Lars;
 use crate::loss::swapped_prediction_loss;
 use crate::queue::Queue;
@@ -47,12 +51,24 @@ pub struct SwavState {
     pub queue: Option<Queue>,
     /// Sinkhorn's device kernels, compiled on first use (unused on the CPU).
     pub device_sinkhorn: DeviceSinkhorn,
+    /// The ranks of a data-parallel run ([`SingleProcess`] alone by default).
+    pub collective: Arc<dyn Collective>,
+    /// Give every rank rank 0's batch-norm buffers before each forward (DDP's `broadcast_buffers`);
+    /// off when the batch norms are synchronised, whose buffers agree anyway.
+    pub broadcast_buffers: bool,
 }
 
 impl SwavState {
-    /// A state with no queue and no momentum yet.
+    /// A state with no queue and no momentum yet, on one process.
     pub fn new(model: SwavModel, optimizer: Lars) -> SwavState {
-        SwavState { model, optimizer, queue: None, device_sinkhorn: DeviceSinkhorn::default() }
+        SwavState {
+            model,
+            optimizer,
+            queue: None,
+            device_sinkhorn: DeviceSinkhorn::default(),
+            collective: Arc::new(SingleProcess),
+            broadcast_buffers: true,
+        }
     }
 }
 
@@ -107,16 +123,37 @@ pub fn start_step(
 ) -> Result<PendingStats, TrainError> {
     let crops: usize = groups.iter().map(|g| g.dim(0) / batch).sum();
     let on_device = state.model.device().is_cuda();
+    let world = state.collective.clone();
+    let distributed = world.world_size() > 1;
+    if distributed && on_device {
+        return Err(TrainError::Config("distributed training runs on the CPU engine only for now".into()));
+    }
     let model = &mut state.model;
 
     model.normalize_prototypes()?;
     model.zero_grad();
+    if distributed && state.broadcast_buffers {
+        distributed::broadcast_from_rank0(model, world.as_ref(), false)?;
+    }
     let (out, acts) = model.forward_train(groups)?;
     if !on_device {
-        let bad = out.scores.iter().flat_map(|s| s.as_slice()).find(|v| !v.is_finite());
-        if let Some(bad) = bad {
+        let mut bad = out.scores.iter().flat_map(|s| s.as_slice()).find(|v| !v.is_finite()).map_or(0.0, |v| {
+            if v.is_nan() {
+                f32::NAN
+            } else {
+                *v
+            }
+        });
+        if distributed {
+            // Every rank takes the same branch: one that stopped here would leave the others waiting.
+            let mut flag = [bad];
+            world.all_reduce_sum(&mut flag).map_err(distributed::err)?;
+            bad = flag[0];
+        }
+        if bad != 0.0 {
             // The network diverged: report it as a non-finite loss before anything is updated.
-            let stats = StepStats { loss: *bad as f64, cluster_entropy: f64::NAN, clusters_used: 0 };
+            let loss = if bad.is_finite() { f64::INFINITY } else { bad as f64 };
+            let stats = StepStats { loss, cluster_entropy: f64::NAN, clusters_used: 0 };
             return Ok(PendingStats(Pending::Ready(stats)));
         }
     }
@@ -138,7 +175,11 @@ pub fn start_step(
                 device::codes_for_crop(&mut state.device_sinkhorn, &crop_scores, queue_scores.as_ref(), &sinkhorn)?
             } else {
                 let (k, q) = (scores.dim(1), queue_scores.as_ref().map(Tensor::as_slice));
-                Tensor::from_vec(&[batch, k], codes_for_crop(crop_scores.as_slice(), q, batch, k, &sinkhorn)?)?
+                let reducer = CollectiveReducer(world.as_ref());
+                Tensor::from_vec(
+                    &[batch, k],
+                    codes_for_crop_on(crop_scores.as_slice(), q, batch, k, &sinkhorn, &reducer)?,
+                )?
             };
             head_codes.push(q);
         }
@@ -195,7 +236,14 @@ pub fn start_step(
             }
             dscores.push(d);
         }
-        (Loss::Host(total / heads as f64), None)
+        let mut loss = total / heads as f64;
+        if distributed {
+            // The global batch's loss (each rank's is the mean over its own images).
+            let mut sum = [loss as f32];
+            world.all_reduce_sum(&mut sum).map_err(distributed::err)?;
+            loss = sum[0] as f64 / world.world_size() as f64;
+        }
+        (Loss::Host(loss), None)
     };
     drop(loss_scope);
     if let Loss::Host(loss) = loss {
@@ -204,6 +252,10 @@ pub fn start_step(
         }
     }
     model.backward(acts, &out, &dscores)?;
+    if distributed {
+        let _scope = profile::scope("all-reduce gradients");
+        distributed::average_gradients(model, world.as_ref())?;
+    }
 
     let _optimizer_scope = profile::scope("optimizer");
     let frozen = iteration < cfg.freeze_prototypes_niters;

@@ -24,11 +24,13 @@ use std::time::Instant;
 use swav_data::{Batch, Dataset, Layout, LoaderConfig, MultiCropLoader};
 use swav_model::pretrained::{init_from_file, InitScope};
 use swav_model::{Preprocessing, SwavModel};
-use swav_tensor::{DType, Device, Tensor};
+use swav_tensor::collective::SingleProcess;
+use swav_tensor::{Collective, DType, Device, Tensor};
 
 use crate::checkpoint::{self, ModelMeta, Sidecar, SIDECAR_FORMAT};
 use crate::collapse::CollapseWatch;
 use crate::config::{Config, Precision};
+use crate::distributed::{self as dist, Heartbeat};
 use crate::lars::Lars;
 use crate::memory;
 use crate::metrics::{MetricsLog, StepMetrics};
@@ -54,6 +56,8 @@ pub struct TrainOptions {
     pub max_memory: Option<u64>,
     /// Where the model trains (the loader always runs on the host).
     pub device: Device,
+    /// The ranks of a data-parallel run (see [`crate::distributed`]); one process by default.
+    pub collective: Arc<dyn Collective>,
 }
 
 impl TrainOptions {
@@ -68,6 +72,7 @@ impl TrainOptions {
             progress: false,
             max_memory: None,
             device: Device::Cpu,
+            collective: Arc::new(SingleProcess),
         }
     }
 }
@@ -213,20 +218,64 @@ fn check_options(config: &Config, opts: &TrainOptions) -> Result<usize, TrainErr
     Ok(workers)
 }
 
-/// Trains (or resumes) the run of `config` in `opts.run_dir`.
+/// What a distributed run needs besides one process's: refused combinations first.
+fn check_distributed(config: &Config, opts: &TrainOptions) -> Result<(), TrainError> {
+    let (n, t) = (opts.collective.world_size(), &config.train);
+    if n == 1 {
+        return Ok(());
+    }
+    if opts.device.is_cuda() {
+        return Err(TrainError::Config(format!(
+            "{n} ranks on a CUDA device: distributed training runs on the CPU engine only for now (gradients and \
+             Sinkhorn's sums are not yet exchanged from device memory)"
+        )));
+    }
+    if t.conv == swav_tensor::ops::winograd::ConvAlgorithm::Measured {
+        return Err(TrainError::Config(
+            "train.conv = \"measured\" with several ranks: each rank would measure its own plan, and the ranks would \
+             round differently; choose one algorithm (e.g. train.conv = \"auto\")"
+                .into(),
+        ));
+    }
+    if t.queue_length > 0 && !t.queue_length.is_multiple_of(t.batch_size * n) {
+        return Err(TrainError::Config(format!(
+            "train.queue_length = {} is not a multiple of train.batch_size x ranks = {} x {n}: each rank keeps \
+             queue_length / ranks rows, a whole number of batches (use {})",
+            t.queue_length,
+            t.batch_size,
+            t.queue_length / (t.batch_size * n) * t.batch_size * n
+        )));
+    }
+    Ok(())
+}
+
+/// Trains (or resumes) the run of `config` in `opts.run_dir`. With several ranks
+/// (`opts.collective`), every rank calls it with the same configuration and data.
 pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
+    check_distributed(config, opts)?;
+    let world = opts.collective.as_ref();
+    let rank = world.rank();
     let workers = check_options(config, opts)?;
     check_memory(config, opts.max_memory, opts.device)?;
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|source| TrainError::Io { path: opts.run_dir.display().to_string(), source })?;
-    // One process per run folder: a second one stops here, naming the first.
-    let _lock = swav_core::lock::FolderLock::acquire(&opts.run_dir)?;
-    for path in checkpoint::clean_incomplete(&opts.run_dir)? {
-        tracing::warn!("removed {}, left by an interrupted save", path.display());
-    }
-    prepare_run_dir(&opts.run_dir, config)?;
+    // One job per run folder: a second one stops here, naming the first. Rank 0 holds the lock and
+    // prepares the folder while the other ranks wait.
+    let _lock = if rank == 0 {
+        let lock = swav_core::lock::FolderLock::acquire(&opts.run_dir)?;
+        for path in checkpoint::clean_incomplete(&opts.run_dir)? {
+            tracing::warn!("removed {}, left by an interrupted save", path.display());
+        }
+        prepare_run_dir(&opts.run_dir, config)?;
+        Some(lock)
+    } else {
+        None
+    };
+    world.barrier().map_err(dist::err)?;
     let dataset = Dataset::open(&opts.data_dir)?;
+    let manifest = serde_json::to_vec(dataset.manifest()).expect("a manifest serialises");
+    dist::check_same_setup(world, &dist::fingerprint(&config.to_toml(), &manifest))?;
     match (dataset.channels(), config.model.in_channels) {
         (3, 1) => tracing::warn!(
             "the data holds RGB images and the model takes 1 channel (model.in_channels = 1): they are converted to \
@@ -241,8 +290,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
     let loader_cfg = LoaderConfig {
         batch_size: t.batch_size,
         seed: t.seed,
-        rank: 0,
-        world_size: 1,
+        rank,
+        world_size: world.world_size(),
         workers,
         prefetch: t.prefetch,
         layout: Layout::Nhwc,
@@ -264,6 +313,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainOutcome, Train
 /// One training run in progress: the state a step updates and everything around it.
 struct Run<'a> {
     config: &'a Config,
+    /// This process's rank and the run's ranks.
+    world: Arc<dyn Collective>,
+    heartbeat: Heartbeat,
     /// The storage of the crops on the device (bf16 under mixed precision).
     activations: DType,
     opts: &'a TrainOptions,
@@ -271,7 +323,8 @@ struct Run<'a> {
     schedule: LrSchedule,
     steps_per_epoch: usize,
     model_meta: ModelMeta,
-    metrics: MetricsLog,
+    /// Rank 0's.
+    metrics: Option<MetricsLog>,
     collapse: CollapseWatch,
     progress: indicatif::ProgressBar,
     /// Iterations done, the epoch in progress and the batches of it already done.
@@ -325,10 +378,19 @@ impl<'a> Run<'a> {
             extra: BTreeMap::from([("train_data".to_string(), opts.data_dir.display().to_string())]),
         };
         let optimizer = Lars::new(t.momentum, t.weight_decay, t.trust_coefficient, t.lars);
+        let world = opts.collective.clone();
+        let (rank, n) = (world.rank(), world.world_size());
         let newest = checkpoint::latest(&opts.run_dir)?;
         let (mut state, iteration, epoch, skip) = match &newest {
             Some(found) => {
                 let s = &found.sidecar;
+                if s.world_size != n {
+                    return Err(TrainError::Checkpoint(format!(
+                        "the checkpoint was made by {} rank(s), this run has {n}: resume with the same number of ranks \
+                         (the per-rank queues and the data each rank reads depend on it)",
+                        s.world_size
+                    )));
+                }
                 if s.steps_per_epoch != steps_per_epoch {
                     return Err(TrainError::Checkpoint(format!(
                         "the checkpoint was made with {} steps per epoch, the data now gives {steps_per_epoch}: is --data the same dataset?",
@@ -346,24 +408,41 @@ impl<'a> Run<'a> {
             None => (SwavState::new(initial_model(config)?, optimizer), 0, 0, 0),
         };
         crate::conv_plan::apply(&opts.run_dir, config, &mut state.model, newest.is_some(), opts.device)?;
+        if n > 1 {
+            // The checkpoint's queue holds every rank's rows, rank by rank: keep this rank's.
+            if let Some(q) = &mut state.queue {
+                let len = t.queue_length / n;
+                q.rows = q.rows.iter().map(|r| r.narrow(rank * len, len)).collect::<Result<Vec<_>, _>>()?;
+                *q = Queue::from_rows(std::mem::take(&mut q.rows));
+            }
+            // Every rank starts from rank 0's weights, whatever each initialised or read.
+            dist::broadcast_from_rank0(&mut state.model, world.as_ref(), true)?;
+            let group = dist::sync_bn_group(&world, config.model.sync_bn, config.model.sync_bn_group)?;
+            state.broadcast_buffers = group.is_none();
+            state.model.set_sync_batchnorm(group);
+            state.collective = world.clone();
+        }
         let activations = activation_dtype(config, opts.device)?;
         move_state(&mut state, opts.device)?;
         tracing::info!(
-            "run {}: {} epochs of {steps_per_epoch} steps (batch {}), from step {iteration}",
+            "run {}: {} epochs of {steps_per_epoch} steps (batch {} x {n} rank(s)), from step {iteration}",
             opts.run_dir.display(),
             t.epochs,
             t.batch_size
         );
-        let progress = progress_bar(opts.progress, schedule.total_steps() as u64, iteration as u64);
+        let progress = progress_bar(opts.progress && rank == 0, schedule.total_steps() as u64, iteration as u64);
+        let metrics = if rank == 0 { Some(MetricsLog::open(&opts.run_dir, iteration as u64)?) } else { None };
         Ok(Run {
             config,
+            heartbeat: Heartbeat::new(&opts.run_dir, rank, n)?,
+            world,
             activations,
             opts,
             state,
             schedule,
             steps_per_epoch,
             model_meta,
-            metrics: MetricsLog::open(&opts.run_dir, iteration as u64)?,
+            metrics,
             collapse: CollapseWatch::new(config.model.prototypes[0], steps_per_epoch),
             progress,
             iteration,
@@ -385,8 +464,8 @@ impl<'a> Run<'a> {
         let t = &self.config.train;
         if t.queue_length > 0 && self.epoch >= t.epoch_queue_starts && self.state.queue.is_none() {
             let device = self.state.model.device();
-            self.state.queue =
-                Some(Queue::new(t.crops_for_assign.len(), t.queue_length, self.config.model.feat_dim, device));
+            let rows = t.queue_length / self.world.world_size();
+            self.state.queue = Some(Queue::new(t.crops_for_assign.len(), rows, self.config.model.feat_dim, device));
         }
         let mut batches = loader.epoch(self.epoch as u64);
         // Resuming inside an epoch: the batches before the checkpoint are prepared and dropped (their
@@ -400,7 +479,13 @@ impl<'a> Run<'a> {
             let waited = wait_start.elapsed().as_secs_f64();
             self.step(batch?, waited)?;
             step_in_epoch += 1;
-            let interrupted = self.opts.stop.load(Ordering::SeqCst);
+            let mut interrupted = self.opts.stop.load(Ordering::SeqCst);
+            if self.world.world_size() > 1 {
+                // A signal reaches one rank or several: the ranks stop together, at the same step.
+                let mut flag = [interrupted as u8 as f32];
+                self.world.all_reduce_max(&mut flag).map_err(dist::err)?;
+                interrupted = flag[0] != 0.0;
+            }
             if interrupted || self.opts.max_steps.is_some_and(|m| self.iteration >= m) {
                 let (e, s) = if step_in_epoch == self.steps_per_epoch {
                     (self.epoch + 1, 0)
@@ -423,7 +508,7 @@ impl<'a> Run<'a> {
             t.checkpoint_freq > 0 && ((self.epoch - 1).is_multiple_of(t.checkpoint_freq) || self.epoch == t.epochs);
         if self.epoch.is_multiple_of(t.checkpoint_every_epochs) || self.epoch == t.epochs || archive {
             let path = self.save(self.epoch, 0)?;
-            if archive {
+            if archive && self.world.rank() == 0 {
                 let archived = checkpoint::archive(&self.opts.run_dir, &path, self.epoch - 1)?;
                 tracing::info!("archived {}", archived.display());
             }
@@ -445,6 +530,7 @@ impl<'a> Run<'a> {
         }
         drop(batch);
         let lr = self.schedule.lr(self.iteration);
+        self.heartbeat.beat(self.iteration)?;
         let stats = start_step(&mut self.state, &self.config.train, groups, bs, self.iteration, lr)?;
         let launched = Launched {
             stats,
@@ -494,7 +580,8 @@ impl<'a> Run<'a> {
         let step_time = (now - since).as_secs_f64().max(1e-9);
         self.last_done = Some(now);
         let images_per_s = l.images as f64 / step_time;
-        self.metrics.write(&StepMetrics {
+        let Some(metrics) = &mut self.metrics else { return Ok(()) };
+        metrics.write(&StepMetrics {
             step: l.iteration as u64,
             epoch: Some(l.epoch as u64),
             loss: Some(stats.loss),
@@ -527,15 +614,47 @@ impl<'a> Run<'a> {
             loss: self.last_loss,
             model_sha256: None,
             train_sha256: None,
+            world_size: self.world.world_size(),
             config: self.config.clone(),
         };
-        checkpoint::save(
-            &self.opts.run_dir,
-            &mut self.state,
-            &sidecar,
-            &self.model_meta,
-            self.config.train.keep_checkpoints,
-        )
+        if self.world.world_size() == 1 {
+            return checkpoint::save(
+                &self.opts.run_dir,
+                &mut self.state,
+                &sidecar,
+                &self.model_meta,
+                self.config.train.keep_checkpoints,
+            );
+        }
+        // Rank 0 saves every rank's queue with its own state; the others wait until the files are
+        // complete, so that a rank that dies later never leaves a checkpoint half-written.
+        let own = self.state.queue.clone();
+        if let Some(q) = &own {
+            let full = gather_queue(q, self.world.as_ref())?;
+            self.state.queue = Some(full);
+        }
+        let saved = if self.world.rank() == 0 {
+            checkpoint::save(
+                &self.opts.run_dir,
+                &mut self.state,
+                &sidecar,
+                &self.model_meta,
+                self.config.train.keep_checkpoints,
+            )
+            .map(Some)
+        } else {
+            Ok(None)
+        };
+        self.state.queue = own;
+        let mut failed = [saved.is_err() as u8 as f32];
+        self.world.all_reduce_max(&mut failed).map_err(dist::err)?;
+        match saved? {
+            Some(path) => Ok(path),
+            None if failed[0] != 0.0 => Err(TrainError::Checkpoint("rank 0 could not save the checkpoint".into())),
+            None => Ok(checkpoint::latest(&self.opts.run_dir)?
+                .map(|f| f.model_path())
+                .ok_or_else(|| TrainError::Checkpoint("rank 0 saved no checkpoint".into()))?),
+        }
     }
 
     /// The end of the last epoch.
@@ -561,6 +680,21 @@ impl<'a> Run<'a> {
             resumed_from: self.resumed_from,
         }
     }
+}
+
+/// Every rank's queue rows, rank by rank (`[ranks x rows, dim]` per assigned crop): each rank writes its
+/// rows into a zeroed buffer at its offset and the buffers are summed, which adds only zeros.
+fn gather_queue(q: &Queue, world: &dyn Collective) -> Result<Queue, TrainError> {
+    let (rank, n) = (world.rank(), world.world_size());
+    let mut rows = Vec::with_capacity(q.rows.len());
+    for t in &q.rows {
+        let (len, dim) = (t.dim(0), t.dim(1));
+        let mut all = vec![0.0f32; n * len * dim];
+        all[rank * len * dim..(rank + 1) * len * dim].copy_from_slice(&t.to_vec());
+        world.all_reduce_sum(&mut all).map_err(dist::err)?;
+        rows.push(Tensor::from_vec(&[n * len, dim], all)?.to_device(t.device())?);
+    }
+    Ok(Queue::from_rows(rows))
 }
 
 fn progress_bar(show: bool, total: u64, position: u64) -> indicatif::ProgressBar {

@@ -8,6 +8,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod distributed;
 mod doctor;
 mod embed;
 mod eval;

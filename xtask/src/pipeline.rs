@@ -238,6 +238,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             max_steps: None,
             stop,
             progress: true,
+            collective: std::sync::Arc::new(swav_tensor::collective::SingleProcess),
         };
         let t0 = Instant::now();
         let outcome = train(&cfg, &opts)?;

@@ -58,6 +58,15 @@ pub struct Args {
     /// Print the built-in presets and exit.
     #[arg(long)]
     list_presets: bool,
+    /// Start N ranks on this machine (through `mpirun -np N`; needs the `mpi` feature): data-parallel
+    /// training with batch train.batch_size per rank. Clusters launch ranks themselves: `mpirun -np N
+    /// xtask train ...` or `srun xtask train ...`.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: Option<usize>,
+    /// Seconds a rank waits for the others in a collective before it stops the job, naming the ranks
+    /// that fell behind.
+    #[arg(long, default_value_t = 600)]
+    rank_timeout: u64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -67,7 +76,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Some(n) = args.nproc_per_node {
+        return crate::distributed::launch_local(n);
+    }
     let (data, run_dir) = (args.data.expect("required by clap"), args.run_dir.expect("required by clap"));
+    let world = crate::distributed::world(std::time::Duration::from_secs(args.rank_timeout))?;
     let (device, _) = crate::open_device(&args.device)?;
     if let Some(n) = args.threads {
         rayon_threads(n)?;
@@ -119,15 +132,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config.train.batch_size,
         config.train.epochs
     );
+    world.on_timeout(&run_dir);
     let opts = TrainOptions {
         max_steps: args.max_steps,
         stop,
         progress: true,
         max_memory: args.max_memory,
         device,
+        collective: world.collective(),
         ..TrainOptions::new(&run_dir, &data)
     };
-    let out = train(&config, &opts)?;
+    let out = match train(&config, &opts) {
+        Ok(out) => out,
+        // The other ranks may be waiting in a collective: stop them too.
+        Err(e) => return Err(world.fail(e.into())),
+    };
+    if world.rank() != 0 {
+        return Ok(());
+    }
     let loss = out.last_loss.map_or("-".into(), |l| format!("{l:.4}"));
     if out.interrupted {
         println!(

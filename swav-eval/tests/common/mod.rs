@@ -21,6 +21,8 @@ pub fn tiny_config() -> ModelConfig {
         head_bn: true,
         feat_dim: 8,
         prototypes: vec![10],
+        sync_bn: false,
+        sync_bn_group: 0,
     }
 }
 

@@ -13,5 +13,7 @@ pub fn small(arch: Arch, small_stem: bool) -> ModelConfig {
         head_bn: true,
         feat_dim: 8,
         prototypes: vec![10],
+        sync_bn: false,
+        sync_bn_group: 0,
     }
 }

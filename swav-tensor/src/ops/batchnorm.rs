@@ -15,8 +15,10 @@
 use rayon::prelude::*;
 use swav_core::simd_fn;
 
+use crate::collective::Collective;
 use crate::error::shape_err;
 use crate::parallel::{rows_per_chunk, sum_rows};
+use crate::TensorError;
 use crate::{Result, Tensor};
 
 /// Values per parallel chunk of the elementwise passes.
@@ -99,18 +101,73 @@ pub fn batchnorm_train_forward(
     residual: Option<&Tensor>,
     relu: bool,
 ) -> Result<(Tensor, BnCache)> {
+    train_forward(x, p, running_mean, running_var, momentum, residual, relu, None)
+}
+
+/// [`batchnorm_train_forward`] with the batch statistics of every rank of `group` (SyncBatchNorm):
+/// the per-channel sums and the row counts are all-reduced, so every rank normalises with the
+/// statistics of the group's whole batch. CPU tensors only.
+#[allow(clippy::too_many_arguments)]
+pub fn sync_batchnorm_train_forward(
+    x: &Tensor,
+    p: &BnParams<'_>,
+    running_mean: &mut Tensor,
+    running_var: &mut Tensor,
+    momentum: f32,
+    residual: Option<&Tensor>,
+    relu: bool,
+    group: &dyn Collective,
+) -> Result<(Tensor, BnCache)> {
+    train_forward(x, p, running_mean, running_var, momentum, residual, relu, Some(group))
+}
+
+/// Refuses SyncBN on a CUDA device, where it is not built yet.
+fn host_only<'g>(x: &Tensor, group: Option<&'g dyn Collective>) -> Result<Option<&'g dyn Collective>> {
+    match group {
+        Some(g) if g.world_size() > 1 => {
+            if x.device().is_cuda() {
+                return Err(TensorError::Device(
+                    "synchronised batch norm runs on the CPU engine only: set model.sync_bn = false on CUDA".into(),
+                ));
+            }
+            Ok(Some(g))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Sums `[sums | rows]` over the group, in place; returns the group's row count.
+fn reduce_over_group(sums: &mut Vec<f64>, rows: usize, group: Option<&dyn Collective>) -> Result<f64> {
+    let Some(group) = group else { return Ok(rows as f64) };
+    sums.push(rows as f64);
+    group.all_reduce_sum_f64(sums).map_err(|e| TensorError::Collective(e.to_string()))?;
+    Ok(sums.pop().expect("pushed"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_forward(
+    x: &Tensor,
+    p: &BnParams<'_>,
+    running_mean: &mut Tensor,
+    running_var: &mut Tensor,
+    momentum: f32,
+    residual: Option<&Tensor>,
+    relu: bool,
+    group: Option<&dyn Collective>,
+) -> Result<(Tensor, BnCache)> {
     let _p = crate::profile::scope("bn forward");
+    let group = host_only(x, group)?;
     if let Some(rt) = x.runtime() {
         return super::batchnorm_cuda::train_forward_on(rt, x, p, running_mean, running_var, momentum, residual, relu);
     }
     let (rows, c) = channels(x, p)?;
-    if rows < 2 {
-        return Err(shape_err("batchnorm", format!("training mode needs more than one value per channel, got {rows}")));
-    }
     let xs = x.as_slice();
     let chunk = rows_per_chunk(c, CHUNK_VALUES);
-    let sums = sum_rows(rows, 2 * c, chunk, |r, acc| moments(&xs[r.start * c..r.end * c], c, acc));
-    let n = rows as f64;
+    let mut sums = sum_rows(rows, 2 * c, chunk, |r, acc| moments(&xs[r.start * c..r.end * c], c, acc));
+    let n = reduce_over_group(&mut sums, rows, group)?;
+    if n < 2.0 {
+        return Err(shape_err("batchnorm", format!("training mode needs more than one value per channel, got {n}")));
+    }
     let mut mean = vec![0.0f32; c];
     let mut rstd = vec![0.0f32; c];
     let (rm, rv) = (running_mean.as_mut_slice(), running_var.as_mut_slice());
@@ -227,7 +284,42 @@ pub fn batchnorm_backward(
     dgamma: &mut Tensor,
     dbeta: &mut Tensor,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    backward(x, y, dy, p, cache, fused, dgamma, dbeta, None)
+}
+
+/// Backward of [`sync_batchnorm_train_forward`]: the sums of the gradient that `dx` needs are
+/// all-reduced over `group` (each rank's loss then gets its share of every rank's gradient, as
+/// PyTorch's SyncBatchNorm); `dgamma` and `dbeta` get the group's sums divided by the group's size,
+/// whose mean over the ranks (the gradient averaging that follows) is the mean of the ranks' shares.
+#[allow(clippy::too_many_arguments)]
+pub fn sync_batchnorm_backward(
+    x: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    p: &BnParams<'_>,
+    cache: &BnCache,
+    fused: Fused,
+    dgamma: &mut Tensor,
+    dbeta: &mut Tensor,
+    group: &dyn Collective,
+) -> Result<(Tensor, Option<Tensor>)> {
+    backward(x, y, dy, p, cache, fused, dgamma, dbeta, Some(group))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    x: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    p: &BnParams<'_>,
+    cache: &BnCache,
+    fused: Fused,
+    dgamma: &mut Tensor,
+    dbeta: &mut Tensor,
+    group: Option<&dyn Collective>,
+) -> Result<(Tensor, Option<Tensor>)> {
     let _p = crate::profile::scope("bn backward");
+    let group = host_only(x, group)?;
     if let Some(rt) = x.runtime() {
         return super::batchnorm_cuda::backward_on(rt, x, y, dy, p, cache, fused, dgamma, dbeta);
     }
@@ -239,20 +331,25 @@ pub fn batchnorm_backward(
     // Pass 1: per-channel sums of g and g (x - mean), g = dy masked by the ReLU. Rows are summed in
     // f32 over short blocks (vectorised), the blocks in f64.
     let chunk = rows_per_chunk(c, CHUNK_VALUES);
-    let sums = sum_rows(rows, 2 * c, chunk, |r, acc| {
+    let mut sums = sum_rows(rows, 2 * c, chunk, |r, acc| {
         let at = r.start * c..r.end * c;
         let src = Rows { xs: &xs[at.clone()], ys: &ys[at.clone()], dys: &dys[at] };
         grad_sums(&src, mean, fused.relu, acc)
     });
     let gamma = p.gamma.as_slice();
     let (dga, dbe) = (dgamma.as_mut_slice(), dbeta.as_mut_slice());
+    let n = reduce_over_group(&mut sums, rows, group)?;
+    // With a group, every rank takes 1/size of the group's dgamma and dbeta: once the gradients are
+    // averaged over the ranks, that equals the mean of the ranks' own shares, without the rounding of
+    // adding per-rank partial sums that nearly cancel.
+    let share = group.map_or(1.0, |g| 1.0 / g.world_size() as f64);
     // dx = gamma rstd (g - mean(g) - xhat mean(g xhat)) = a g + b + e (x - mean).
     let mut coef = Coefficients { a: vec![0.0; c], b: vec![0.0; c], e: vec![0.0; c] };
     for ch in 0..c {
-        let (r, n) = (rstd[ch] as f64, rows as f64);
+        let r = rstd[ch] as f64;
         let (sum_g, sum_gxhat) = (sums[ch], sums[c + ch] * r);
-        dga[ch] += sum_gxhat as f32;
-        dbe[ch] += sum_g as f32;
+        dga[ch] += (sum_gxhat * share) as f32;
+        dbe[ch] += (sum_g * share) as f32;
         let k = gamma[ch] as f64 * r;
         coef.a[ch] = k as f32;
         coef.b[ch] = (-k * sum_g / n) as f32;

@@ -120,6 +120,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         head_bn: true,
         feat_dim: 128,
         prototypes: vec![a.prototypes],
+        sync_bn: false,
+        sync_bn_group: 0,
     };
     let train = TrainConfig {
         epochs: 1,

@@ -1,0 +1,219 @@
+//! [`Collective`] over MPI (rsmpi on Open MPI): the ranks are the processes `mpirun` or `srun` started.
+//!
+//! Every operation is a non-blocking MPI collective polled until it completes or the timeout passes.
+//! A timeout leaves the ranks out of step, and MPI cannot cancel a collective: the rank prints the
+//! error (with the description the run installed with [`MpiCollective::on_timeout`], which names the
+//! ranks that fell behind) and aborts the job, so that every rank stops instead of waiting forever.
+//! A rank that dies is seen by `mpirun`/`srun`, which terminate the others and name it.
+//!
+//! MPI is initialised with `MPI_THREAD_SERIALIZED` and every call is made under a mutex, so a
+//! collective may be called from any thread, one at a time.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+use mpi::environment::Universe;
+use mpi::topology::{Color, Communicator, SimpleCommunicator};
+use mpi::traits::*;
+use mpi::Threading;
+
+use super::{check_group_size, Collective, CollectiveError};
+
+/// What a rank prints when a collective times out, besides the operation: typically which ranks are
+/// behind, read from the run's heartbeat files.
+pub type TimeoutReport = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// A communicator of MPI processes.
+pub struct MpiCollective {
+    comm: Mutex<SimpleCommunicator>,
+    rank: usize,
+    size: usize,
+    timeout: Duration,
+    report: Mutex<Option<TimeoutReport>>,
+    /// The universe (MPI_Finalize on drop) lives in the world communicator, which must outlive its
+    /// subgroups.
+    _universe: Option<Universe>,
+}
+
+// SAFETY: MPI is initialised with MPI_THREAD_SERIALIZED and every MPI call goes through the `comm`
+// mutex (the universe is only touched on drop), so calls from several threads never overlap.
+unsafe impl Send for MpiCollective {}
+unsafe impl Sync for MpiCollective {}
+
+impl std::fmt::Debug for MpiCollective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MpiCollective {{ rank: {}, size: {} }}", self.rank, self.size)
+    }
+}
+
+/// Whether this process was started by an MPI launcher (`mpirun`, `srun` with PMI): its environment
+/// names a world size.
+pub fn launched_by_mpi() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_NTASKS"].iter().any(|v| std::env::var_os(v).is_some())
+}
+
+/// The local rank (index of this process on its node) the launcher gives, for choosing a GPU.
+pub fn local_rank() -> Option<usize> {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+impl MpiCollective {
+    /// Initialises MPI (once per process) and returns the world; operations wait at most `timeout`.
+    pub fn init(timeout: Duration) -> Result<Arc<MpiCollective>, CollectiveError> {
+        let (universe, threading) = mpi::initialize_with_threading(Threading::Serialized)
+            .ok_or_else(|| CollectiveError::Transport("MPI is already initialised in this process".into()))?;
+        if threading < Threading::Serialized {
+            return Err(CollectiveError::Transport(format!(
+                "the MPI library offers thread level {threading:?}; swav-rs needs Serialized"
+            )));
+        }
+        let comm = universe.world();
+        let (rank, size) = (comm.rank() as usize, comm.size() as usize);
+        Ok(Arc::new(MpiCollective {
+            comm: Mutex::new(comm),
+            rank,
+            size,
+            timeout,
+            report: Mutex::new(None),
+            _universe: Some(universe),
+        }))
+    }
+
+    /// Installs what a timed-out rank prints before it aborts the job.
+    pub fn on_timeout(&self, report: TimeoutReport) {
+        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+    }
+
+    fn comm(&self) -> std::sync::MutexGuard<'_, SimpleCommunicator> {
+        self.comm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Polls `test` until it reports completion; on timeout prints the error and aborts the job.
+    fn poll(&self, comm: &SimpleCommunicator, op: &'static str, mut test: impl FnMut() -> bool) {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while !test() {
+            spins += 1;
+            if spins > 1000 {
+                // Past the first microseconds, give the core to the compute threads.
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            if spins.is_multiple_of(64) && start.elapsed() > self.timeout {
+                let err = CollectiveError::Timeout {
+                    op,
+                    rank: self.rank,
+                    waited_s: start.elapsed().as_secs_f64(),
+                    missing: None,
+                };
+                let report = self.report.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let detail = report.map(|r| r()).unwrap_or_default();
+                eprintln!("error: {err}{}{detail}; aborting the job", if detail.is_empty() { "" } else { ": " });
+                comm.abort(124);
+            }
+        }
+    }
+
+    fn all_reduce<T>(&self, values: &mut [T], op: SystemOperation, name: &'static str) -> Result<(), CollectiveError>
+    where
+        T: Copy + mpi::datatype::Equivalence,
+    {
+        if self.size == 1 || values.is_empty() {
+            return Ok(());
+        }
+        let comm = self.comm();
+        let send = values.to_vec();
+        mpi::request::scope(|scope| {
+            let mut request = Some(comm.immediate_all_reduce_into(scope, &send[..], values, op));
+            self.poll(&comm, name, || match request.take().expect("pending").test() {
+                Ok(_) => true,
+                Err(pending) => {
+                    request = Some(pending);
+                    false
+                }
+            });
+        });
+        Ok(())
+    }
+}
+
+impl Collective for MpiCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.size
+    }
+    fn all_reduce_sum(&self, values: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce(values, SystemOperation::sum(), "all_reduce_sum")
+    }
+    fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<(), CollectiveError> {
+        self.all_reduce(values, SystemOperation::sum(), "all_reduce_sum_f64")
+    }
+    fn all_reduce_max(&self, values: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce(values, SystemOperation::max(), "all_reduce_max")
+    }
+    fn broadcast(&self, values: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        if root >= self.size {
+            return Err(CollectiveError::Mismatch {
+                op: "broadcast",
+                detail: format!("root {root} in a world of {}", self.size),
+            });
+        }
+        if self.size == 1 || values.is_empty() {
+            return Ok(());
+        }
+        let comm = self.comm();
+        mpi::request::scope(|scope| {
+            let mut request = Some(comm.process_at_rank(root as i32).immediate_broadcast_into(scope, values));
+            self.poll(&comm, "broadcast", || match request.take().expect("pending").test() {
+                Ok(_) => true,
+                Err(pending) => {
+                    request = Some(pending);
+                    false
+                }
+            });
+        });
+        Ok(())
+    }
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        let comm = self.comm();
+        let mut request = Some(comm.immediate_barrier());
+        self.poll(&comm, "barrier", || match request.take().expect("pending").test() {
+            Ok(_) => true,
+            Err(pending) => {
+                request = Some(pending);
+                false
+            }
+        });
+        Ok(())
+    }
+    fn abort(&self, reason: &str) {
+        if self.size > 1 {
+            eprintln!("error: rank {} aborts the job: {reason}", self.rank);
+            // Not through the mutex: another thread may hold it, waiting in a collective.
+            mpi::topology::SimpleCommunicator::world().abort(1);
+        }
+    }
+    fn subgroup(&self, group_size: usize) -> Result<Arc<dyn Collective>, CollectiveError> {
+        check_group_size(group_size, self.size)?;
+        let comm = self.comm();
+        let sub = comm
+            .split_by_color(Color::with_value((self.rank / group_size) as i32))
+            .ok_or_else(|| CollectiveError::Transport("MPI_Comm_split gave no communicator".into()))?;
+        let (rank, size) = (sub.rank() as usize, sub.size() as usize);
+        Ok(Arc::new(MpiCollective {
+            comm: Mutex::new(sub),
+            rank,
+            size,
+            timeout: self.timeout,
+            report: Mutex::new(self.report.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            _universe: None,
+        }))
+    }
+}
