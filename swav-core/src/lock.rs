@@ -49,11 +49,21 @@ impl FolderLock {
         let io = |source| LockError::Io { path: path.clone(), source };
         let mut file =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
-        if !try_lock(&file).map_err(io)? {
+        // An empty lock file that is still locked is being released or just taken: a process that
+        // forked while holding it keeps the lock until the child's exec closes the descriptor. Such a
+        // lock is tried again for a moment before it counts as held.
+        let mut tries = 0;
+        while !try_lock(&file).map_err(io)? {
             let mut pid = String::new();
+            file.rewind().map_err(io)?;
             let _ = file.read_to_string(&mut pid);
             let pid = pid.trim().to_string();
-            return Err(LockError::Held { dir: dir.to_path_buf(), pid: if pid.is_empty() { "?".into() } else { pid } });
+            tries += 1;
+            if !pid.is_empty() || tries > 40 {
+                let pid = if pid.is_empty() { "?".into() } else { pid };
+                return Err(LockError::Held { dir: dir.to_path_buf(), pid });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
         }
         file.set_len(0).map_err(io)?;
         file.rewind().map_err(io)?;
