@@ -579,7 +579,8 @@ impl<'a> Run<'a> {
         let since = self.last_done.unwrap_or_else(|| l.started - std::time::Duration::from_secs_f64(l.waited));
         let step_time = (now - since).as_secs_f64().max(1e-9);
         self.last_done = Some(now);
-        let images_per_s = l.images as f64 / step_time;
+        // Every rank's images: the global batch.
+        let images_per_s = (l.images * self.world.world_size()) as f64 / step_time;
         let Some(metrics) = &mut self.metrics else { return Ok(()) };
         metrics.write(&StepMetrics {
             step: l.iteration as u64,
@@ -669,7 +670,7 @@ impl<'a> Run<'a> {
 
     fn outcome(&self, epochs_completed: usize, checkpoint: PathBuf, interrupted: bool) -> TrainOutcome {
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
-        let images = (self.iteration - self.first_iteration) * self.config.train.batch_size;
+        let images = (self.iteration - self.first_iteration) * self.config.train.batch_size * self.world.world_size();
         TrainOutcome {
             steps: self.iteration,
             epochs_completed,

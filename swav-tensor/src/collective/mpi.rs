@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
 use mpi::topology::{Color, Communicator, SimpleCommunicator};
-use mpi::traits::*;
 use mpi::Threading;
 
 use super::{check_group_size, Collective, CollectiveError};
