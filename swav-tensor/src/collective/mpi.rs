@@ -90,11 +90,20 @@ impl MpiCollective {
         self.comm.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Polls `test` until it reports completion; on timeout prints the error and aborts the job.
-    fn poll(&self, comm: &SimpleCommunicator, op: &'static str, mut test: impl FnMut() -> bool) {
+    /// Polls `request` until it completes; on timeout prints the error and aborts the job.
+    fn wait<'a, D: ?Sized, S: mpi::request::Scope<'a>>(
+        &self,
+        comm: &SimpleCommunicator,
+        op: &'static str,
+        mut request: mpi::request::Request<'a, D, S>,
+    ) {
         let start = Instant::now();
         let mut spins = 0u32;
-        while !test() {
+        loop {
+            request = match request.test() {
+                Ok(_) => return,
+                Err(pending) => pending,
+            };
             spins += 1;
             if spins > 1000 {
                 // Past the first microseconds, give the core to the compute threads.
@@ -125,14 +134,7 @@ impl MpiCollective {
         let comm = self.comm();
         let send = values.to_vec();
         mpi::request::scope(|scope| {
-            let mut request = Some(comm.immediate_all_reduce_into(scope, &send[..], values, op));
-            self.poll(&comm, name, || match request.take().expect("pending").test() {
-                Ok(_) => true,
-                Err(pending) => {
-                    request = Some(pending);
-                    false
-                }
-            });
+            self.wait(&comm, name, comm.immediate_all_reduce_into(scope, &send[..], values, op));
         });
         Ok(())
     }
@@ -166,14 +168,7 @@ impl Collective for MpiCollective {
         }
         let comm = self.comm();
         mpi::request::scope(|scope| {
-            let mut request = Some(comm.process_at_rank(root as i32).immediate_broadcast_into(scope, values));
-            self.poll(&comm, "broadcast", || match request.take().expect("pending").test() {
-                Ok(_) => true,
-                Err(pending) => {
-                    request = Some(pending);
-                    false
-                }
-            });
+            self.wait(&comm, "broadcast", comm.process_at_rank(root as i32).immediate_broadcast_into(scope, values));
         });
         Ok(())
     }
@@ -182,14 +177,7 @@ impl Collective for MpiCollective {
             return Ok(());
         }
         let comm = self.comm();
-        let mut request = Some(comm.immediate_barrier());
-        self.poll(&comm, "barrier", || match request.take().expect("pending").test() {
-            Ok(_) => true,
-            Err(pending) => {
-                request = Some(pending);
-                false
-            }
-        });
+        self.wait(&comm, "barrier", comm.immediate_barrier());
         Ok(())
     }
     fn abort(&self, reason: &str) {
