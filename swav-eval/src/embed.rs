@@ -16,11 +16,15 @@ use crate::EvalError;
 /// What [`embed`] wrote.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EmbedSummary {
+    /// Rows written (every image of the dataset).
     pub images: usize,
+    /// Columns written: the backbone's feature channels.
     pub feature_dim: usize,
     /// Whether a labels file was written.
     pub labels: bool,
+    /// Shorter side the images were resized to, in pixels.
     pub resize: usize,
+    /// Side of the centre crop fed to the network, in pixels.
     pub crop: usize,
 }
 

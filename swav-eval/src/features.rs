@@ -20,7 +20,9 @@ use crate::EvalError;
 pub struct Features {
     /// `n * dim` values, row-major.
     pub data: Vec<f32>,
+    /// Rows (images).
     pub n: usize,
+    /// Values per row (the backbone's feature channels).
     pub dim: usize,
     /// One label per row, in `0..classes`; `None` for unlabelled data.
     pub labels: Option<Vec<u32>>,

@@ -24,8 +24,11 @@ pub use crate::Progress;
 /// Everything [`evaluate`] can be told.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EvalOptions {
+    /// The k-NN settings.
     pub knn: KnnConfig,
+    /// The linear probe settings.
     pub probe: ProbeConfig,
+    /// Batch size, loader threads and device of the feature extraction.
     pub extract: ExtractOptions,
     /// Overrides the checkpoint's `input_size` (see [`crate::features`] for the defaults).
     pub input_size: Option<usize>,
@@ -33,39 +36,54 @@ pub struct EvalOptions {
     pub baseline: Option<Baseline>,
 }
 
+/// A reference network evaluated beside the model file, with the same configuration and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Baseline {
     /// `SwavModel::new(config, seed)`: fresh initialisation, batch-norm running statistics 0 / 1.
-    Random { seed: u64 },
+    Random {
+        /// The initialisation seed.
+        seed: u64,
+    },
 }
 
 /// Accuracies of one network.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
+    /// k-NN top-1 accuracy on the test set, a fraction in `[0, 1]`.
     pub knn_top1: f64,
+    /// Linear-probe top-1 accuracy on the test set, a fraction in `[0, 1]`.
     pub linear_top1: f64,
-    /// Wall time of each stage, in seconds.
+    /// Wall time of the feature extraction of both datasets, in seconds.
     pub features_s: f64,
+    /// Wall time of the k-NN, in seconds.
     pub knn_s: f64,
+    /// Wall time of the linear probe's training and scoring, in seconds.
     pub probe_s: f64,
 }
 
 /// The preprocessing the images went through.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InputReport {
+    /// Shorter side the images were resized to, in pixels.
     pub resize: usize,
+    /// Side of the centre crop, in pixels.
     pub crop: usize,
+    /// Channels of the images the network takes.
     pub channels: usize,
+    /// Per-channel mean of the normalisation `(x - mean) / std` of pixels in [0, 1].
     pub mean: Vec<f32>,
+    /// Per-channel standard deviation of the normalisation.
     pub std: Vec<f32>,
 }
 
 /// The baseline's scores.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BaselineReport {
+    /// Which baseline (its fields are flattened into the report's object).
     #[serde(flatten)]
     pub baseline: Baseline,
+    /// Its scores (flattened too).
     #[serde(flatten)]
     pub scores: Scores,
 }
@@ -81,22 +99,35 @@ fn probe_protocol() -> String {
 /// The content of `eval.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalReport {
+    /// The model file evaluated, as given.
     pub checkpoint: String,
+    /// k-NN top-1 accuracy of the checkpoint, a fraction in `[0, 1]` (as in `scores`).
     pub knn_top1: f64,
+    /// Linear-probe top-1 accuracy of the checkpoint, a fraction in `[0, 1]` (as in `scores`).
     pub linear_top1: f64,
     /// What `linear_top1` measures: [`PROBE_PROTOCOL`] (reports written before this field existed
     /// read as the same).
     #[serde(default = "probe_protocol")]
     pub linear_protocol: String,
+    /// The baseline's scores, when one was asked for.
     pub baseline: Option<BaselineReport>,
+    /// Images of the training dataset (k-NN memory and probe training set).
     pub train_images: usize,
+    /// Images of the test dataset.
     pub test_images: usize,
+    /// Channels of the backbone's pooled features.
     pub feature_dim: usize,
+    /// Classes of the datasets (both have the same).
     pub classes: usize,
+    /// Directory of the training dataset.
     pub train_data: String,
+    /// Directory of the test dataset.
     pub test_data: String,
+    /// The evaluation transform the images went through.
     pub input: InputReport,
+    /// The k-NN settings used.
     pub knn: KnnConfig,
+    /// The linear probe settings used.
     pub probe: ProbeConfig,
     /// Scores and stage timings of the checkpoint.
     pub scores: Scores,

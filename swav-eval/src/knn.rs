@@ -18,6 +18,7 @@ use swav_tensor::matmul::{matmul, MatMut, MatRef, Threads};
 use crate::features::Features;
 use crate::EvalError;
 
+/// Settings of the weighted k-NN; the default is the usual protocol, `k = 200`, temperature 0.1.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KnnConfig {
     /// Neighbours per test image (capped at the number of training images).

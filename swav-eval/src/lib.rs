@@ -33,20 +33,18 @@
 //! # Ok::<(), swav_eval::EvalError>(())
 //! ```
 
-#[warn(missing_docs)]
+#![warn(missing_docs)]
+
 pub mod classifier;
 pub mod embed;
 mod error;
 pub mod features;
-#[warn(missing_docs)]
 pub mod finetune;
 pub mod frozen;
 mod json;
 pub mod knn;
-#[warn(missing_docs)]
 pub mod linear;
 pub mod probe;
-#[warn(missing_docs)]
 pub mod subset;
 
 pub use error::EvalError;

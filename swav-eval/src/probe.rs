@@ -22,14 +22,21 @@ use crate::features::Features;
 use crate::knn::{accuracy, l2_normalized};
 use crate::EvalError;
 
+/// Settings of the linear probe's training (see the module docs); the default is 30 epochs of
+/// batches of 256, lr 0.1, momentum 0.9, weight decay 1e-4, seed 0.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProbeConfig {
+    /// Passes over the training features (at least 1).
     pub epochs: usize,
+    /// Rows per SGD step (capped at the number of training rows).
     pub batch_size: usize,
     /// Peak learning rate (start of the cosine).
     pub lr: f32,
+    /// SGD momentum, in `[0, 1)`.
     pub momentum: f32,
+    /// Weight decay, added to the gradient as `weight_decay * w`, on the weight matrix only (not the bias).
     pub weight_decay: f32,
+    /// Seed of the per-epoch shuffles.
     pub seed: u64,
 }
 
@@ -61,11 +68,16 @@ impl Default for ProbeConfig {
 pub struct LinearProbe {
     /// `[classes, dim]`, row-major.
     pub weight: Vec<f32>,
+    /// `[classes]`.
     pub bias: Vec<f32>,
+    /// Output classes (rows of `weight`).
     pub classes: usize,
+    /// Feature dimensions it takes (columns of `weight`).
     pub dim: usize,
-    /// Per-dimension mean and `std + 1e-6` of the L2-normalised training features.
+    /// Per-dimension mean of the L2-normalised training features.
     pub mean: Vec<f32>,
+    /// Per-dimension `std + 1e-6` of the same (sample standard deviation); rows enter the classifier
+    /// as `(x - mean) / scale`.
     pub scale: Vec<f32>,
 }
 

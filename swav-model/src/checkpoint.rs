@@ -18,17 +18,31 @@ use crate::{ModelError, Result};
 /// One tensor of a checkpoint, in PyTorch's layout.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
-    F32 { shape: Vec<usize>, data: Vec<f32> },
-    I64 { shape: Vec<usize>, data: Vec<i64> },
+    /// Floating-point values (F16, BF16 and F64 tensors are converted to f32 on reading).
+    F32 {
+        /// The shape (PyTorch's layout).
+        shape: Vec<usize>,
+        /// The values, row-major.
+        data: Vec<f32>,
+    },
+    /// Integer values (batch counters; I32 tensors are widened on reading).
+    I64 {
+        /// The shape (`[]` for a scalar).
+        shape: Vec<usize>,
+        /// The values, row-major.
+        data: Vec<i64>,
+    },
 }
 
 impl Value {
+    /// The tensor's shape.
     pub fn shape(&self) -> &[usize] {
         match self {
             Value::F32 { shape, .. } | Value::I64 { shape, .. } => shape,
         }
     }
 
+    /// A host copy of `t` as F32, shape unchanged (no layout conversion).
     pub fn from_tensor(t: &Tensor) -> Value {
         Value::F32 { shape: t.shape().to_vec(), data: t.to_vec() }
     }
@@ -37,18 +51,24 @@ impl Value {
 /// A set of named tensors plus string metadata: what a safetensors file holds.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NamedTensors {
+    /// The tensors by name, sorted.
     pub tensors: BTreeMap<String, Value>,
+    /// The safetensors `__metadata__` entries.
     pub metadata: BTreeMap<String, String>,
 }
 
 /// What [`load_model_state`] matched.
 #[derive(Clone, Debug, Default)]
 pub struct LoadReport {
+    /// Model entries given a value from the file.
     pub loaded: usize,
+    /// Model entries the file lacks (batch counters excepted: PyTorch also loads checkpoints without them).
     pub missing: Vec<String>,
+    /// File entries under the prefix that the model does not have (names without `module.`).
     pub unexpected: Vec<String>,
 }
 
+/// What [`load_model_state`] tolerates; the default is an exact match.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoadOptions {
     /// Leave model entries absent from the file at their current values instead of failing.
@@ -58,12 +78,15 @@ pub struct LoadOptions {
 }
 
 impl NamedTensors {
+    /// Reads a safetensors file ([`ModelError::Io`], [`ModelError::Format`]).
     pub fn read(path: &Path) -> Result<NamedTensors> {
         let bytes =
             std::fs::read(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
         Self::from_bytes(&bytes).map_err(|detail| ModelError::Format { path: path.display().to_string(), detail })
     }
 
+    /// Parses the bytes of a safetensors file; F32/F16/BF16/F64 tensors become [`Value::F32`], I64/I32
+    /// [`Value::I64`]. The error says what is wrong (another dtype, a damaged header...).
     pub fn from_bytes(bytes: &[u8]) -> std::result::Result<NamedTensors, String> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
@@ -76,6 +99,7 @@ impl NamedTensors {
         Ok(NamedTensors { tensors, metadata })
     }
 
+    /// The safetensors encoding (F32 and I64 tensors, the metadata as `__metadata__`).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = self
             .tensors
@@ -114,6 +138,7 @@ impl NamedTensors {
         }
     }
 
+    /// An F32 tensor by name as a CPU [`Tensor`], in the file's (PyTorch) layout.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let (shape, data) = self.f32(name)?;
         Ok(Tensor::from_slice(shape, data)?)

@@ -4,25 +4,36 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 
-/// The backbones of the paper and torchvision.
+/// The backbones of the paper and torchvision (feature channels below are at the arch's default width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
+    /// ResNet-18: basic blocks, depths 2-2-2-2, 512 feature channels.
     Resnet18,
+    /// ResNet-34: basic blocks, depths 3-4-6-3, 512 feature channels.
     Resnet34,
+    /// ResNet-50: bottleneck blocks, depths 3-4-6-3, 2048 feature channels.
     Resnet50,
+    /// ResNet-50 twice as wide (width 128, 4096 feature channels).
     Resnet50w2,
+    /// ResNet-50 four times as wide (width 256, 8192 feature channels).
     Resnet50w4,
+    /// ResNet-50 five times as wide (width 320, 10240 feature channels).
     Resnet50w5,
 }
 
+/// The residual block of a ResNet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockKind {
+    /// Two 3x3 convolutions, no expansion (ResNet-18/34).
     Basic,
+    /// 1x1, 3x3, 1x1 convolutions with 4x expansion (ResNet-50 and its wide variants).
     Bottleneck,
 }
 
 impl Arch {
+    /// The arch of a name as [`Arch::name`] gives it (`resnet50`, ...); any other name is
+    /// [`ModelError::Config`].
     pub fn parse(name: &str) -> Result<Arch, ModelError> {
         Ok(match name {
             "resnet18" => Arch::Resnet18,
@@ -51,6 +62,7 @@ impl Arch {
         }
     }
 
+    /// The kind of residual block.
     pub fn block(self) -> BlockKind {
         match self {
             Arch::Resnet18 | Arch::Resnet34 => BlockKind::Basic,
@@ -58,6 +70,7 @@ impl Arch {
         }
     }
 
+    /// Blocks in each of the four stages.
     pub fn depths(self) -> [usize; 4] {
         match self {
             Arch::Resnet18 => [2, 2, 2, 2],
@@ -88,6 +101,7 @@ fn default_true() -> bool {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
+    /// The backbone.
     pub arch: Arch,
     /// Channels of the stem and first stage; later stages double it. Defaults to the arch's (64 for
     /// ResNet-18/34/50); smaller values make narrow networks for CPU budgets.
@@ -96,6 +110,7 @@ pub struct ModelConfig {
     /// 3x3 stride-1 stem without max-pool, for images of about 32 px.
     #[serde(default)]
     pub small_stem: bool,
+    /// Channels of the input images (3 by default).
     #[serde(default = "default_in_channels")]
     pub in_channels: usize,
     /// Hidden units of the projection head; 0 makes the head a single linear layer.
@@ -142,6 +157,7 @@ impl ModelConfig {
         }
     }
 
+    /// Channels of the stem and first stage: `width`, else the arch's default.
     pub fn width(&self) -> usize {
         self.width.unwrap_or(self.arch.default_width())
     }
@@ -278,6 +294,8 @@ impl ModelConfig {
         outputs
     }
 
+    /// Refuses ([`ModelError::Config`]) a zero width, input channel count or `feat_dim`, and a prototype
+    /// head without prototypes.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |what: &str| Err(ModelError::Config(what.to_string()));
         if self.width() == 0 {

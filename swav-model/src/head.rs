@@ -16,20 +16,33 @@ use crate::layers::{BatchNorm, Linear};
 use crate::param::{Visit, Visitor};
 use crate::Result;
 
+/// The projection head from the backbone's pooled features to the `feat_dim` embedding (before its L2
+/// normalisation).
 // One head per model: boxing the larger variant would only add an indirection.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum ProjectionHead {
-    Mlp { fc1: Linear, bn: Option<BatchNorm>, fc2: Linear },
+    /// `fc1 - [bn] - ReLU - fc2`, with `hidden_mlp` hidden units.
+    Mlp {
+        /// Features to `hidden_mlp`.
+        fc1: Linear,
+        /// BatchNorm1d on the hidden units, fused with the ReLU (absent without `head_bn`).
+        bn: Option<BatchNorm>,
+        /// `hidden_mlp` to `feat_dim`.
+        fc2: Linear,
+    },
+    /// A single linear layer from the features to `feat_dim` (`hidden_mlp = 0`).
     Linear(Linear),
 }
 
+/// What [`ProjectionHead::backward`] needs from [`ProjectionHead::forward_train`].
 pub struct HeadActs {
     input: Tensor,
     hidden: Option<(Tensor, Tensor, Option<BnCache>)>,
 }
 
 impl ProjectionHead {
+    /// The head `cfg` describes on `features` input channels, initialised from `rng`.
     pub fn new(cfg: &ModelConfig, features: usize, rng: &mut InitRng) -> ProjectionHead {
         if cfg.hidden_mlp == 0 {
             return ProjectionHead::Linear(Linear::new(features, cfg.feat_dim, true, rng));
@@ -40,6 +53,8 @@ impl ProjectionHead {
         ProjectionHead::Mlp { fc1, bn, fc2 }
     }
 
+    /// Training mode (the batch norm uses and updates batch statistics): `x: [rows, features]` to
+    /// `[rows, feat_dim]`, with the activations for the backward (which keep `x`).
     pub fn forward_train(&mut self, x: Tensor) -> Result<(Tensor, HeadActs)> {
         match self {
             ProjectionHead::Linear(fc) => Ok((fc.forward(&x)?, HeadActs { input: x, hidden: None })),
@@ -58,6 +73,7 @@ impl ProjectionHead {
         }
     }
 
+    /// Evaluation mode (running statistics): `x: [rows, features]` to `[rows, feat_dim]`.
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             ProjectionHead::Linear(fc) => fc.forward(x),
@@ -72,7 +88,8 @@ impl ProjectionHead {
         }
     }
 
-    /// Returns the gradient of the head's input (the backbone features).
+    /// Accumulates the head's parameter gradients from `dout`, the gradient of its output; returns the
+    /// gradient of its input (the backbone features).
     pub fn backward(&mut self, acts: HeadActs, dout: &Tensor) -> Result<Tensor> {
         match (self, acts.hidden) {
             (ProjectionHead::Linear(fc), _) => Ok(fc.backward(&acts.input, dout, true)?.expect("dx requested")),
@@ -110,10 +127,13 @@ impl Visit for ProjectionHead {
 /// One or several bias-free linear heads on the normalised embedding.
 #[derive(Clone, Debug)]
 pub struct Prototypes {
+    /// One `Linear(feat_dim -> K)` without bias per entry of the configuration's `prototypes`; the
+    /// rows of a weight are the prototypes.
     pub heads: Vec<Linear>,
 }
 
 impl Prototypes {
+    /// The prototype heads `cfg` describes, initialised from `rng` (not yet normalised).
     pub fn new(cfg: &ModelConfig, rng: &mut InitRng) -> Prototypes {
         Prototypes { heads: cfg.prototypes.iter().map(|&k| Linear::new(cfg.feat_dim, k, false, rng)).collect() }
     }

@@ -17,20 +17,26 @@ use crate::Result;
 /// Convolution without bias; weight `[out, kh, kw, in]` (OHWI) in memory.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
+    /// The kernel `[out, kh, kw, in]` ([`Layout::Ohwi`]).
     pub weight: Param,
+    /// Stride in both directions.
     pub stride: usize,
+    /// Zero padding on each side, in pixels.
     pub pad: usize,
     /// The algorithms this layer's convolutions may use (see [`SwavModel::set_conv_algorithm`](crate::SwavModel::set_conv_algorithm)).
     pub algo: ConvAlgorithm,
 }
 
 impl Conv2d {
+    /// A `k x k` convolution from `cin` to `cout` channels, Kaiming-normal initialised (fan-out) from
+    /// `rng`, with the default algorithms.
     pub fn new(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, rng: &mut InitRng) -> Conv2d {
         let values = rng.kaiming_normal_fan_out(cout * k * k * cin, cout * k * k);
         let weight = Tensor::from_vec(&[cout, k, k, cin], values).expect("shape matches length");
         Conv2d { weight: Param::new(weight, Layout::Ohwi), stride, pad, algo: ConvAlgorithm::default() }
     }
 
+    /// Channels of the output.
     pub fn out_channels(&self) -> usize {
         self.weight.value.dim(0)
     }
@@ -50,11 +56,15 @@ impl Conv2d {
         })
     }
 
+    /// The convolution of `x: [n, h, w, in]` (NHWC): `[n, oh, ow, out]` on the device of `x`, with the
+    /// weight in the dtype of `x` (bf16 under mixed precision).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = Self::weight_for(&self.weight.value, x)?;
         Ok(conv2d_forward(x, &w, self.params())?)
     }
 
+    /// Backward of [`Conv2d::forward`] on the same `x`: accumulates the weight gradient and returns
+    /// the input gradient when `want_dx`.
     pub fn backward(&mut self, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
         let p = self.params();
         let Param { value, grad, .. } = &mut self.weight;
@@ -72,18 +82,26 @@ impl Visit for Conv2d {
 /// Batch norm over the channel (last) dimension, BatchNorm1d and BatchNorm2d alike.
 #[derive(Clone, Debug)]
 pub struct BatchNorm {
+    /// Scale (gamma) per channel `[c]`, initially 1.
     pub weight: Param,
+    /// Shift (beta) per channel `[c]`, initially 0.
     pub bias: Param,
+    /// Running mean per channel, used in evaluation mode.
     pub running_mean: Tensor,
+    /// Running (unbiased) variance per channel, used in evaluation mode.
     pub running_var: Tensor,
+    /// Training-mode forwards run so far (saved as PyTorch does; not used in the computation).
     pub num_batches_tracked: i64,
+    /// Added to the variance before the square root (1e-5, PyTorch's default).
     pub eps: f32,
+    /// Weight of the new batch in the running statistics update (0.1, PyTorch's default).
     pub momentum: f32,
     /// The ranks whose batches share the statistics in training mode (SyncBatchNorm), if any.
     pub sync: Option<std::sync::Arc<dyn Collective>>,
 }
 
 impl BatchNorm {
+    /// A batch norm over `c` channels with PyTorch's initial values, on the CPU, not synchronised.
     pub fn new(c: usize) -> BatchNorm {
         BatchNorm {
             weight: Param::new(Tensor::full(&[c], 1.0, Device::Cpu), Layout::Plain),
@@ -113,6 +131,9 @@ impl BatchNorm {
         Ok(out)
     }
 
+    /// Evaluation mode: normalises with the running statistics, which are left unchanged. Like
+    /// [`BatchNorm::forward_train`], adds `residual` after the normalisation and then applies a ReLU
+    /// when `relu`, in the same pass.
     pub fn forward_eval(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
         Ok(batchnorm_eval_forward(x, &self.params(), &self.running_mean, &self.running_var, residual, relu)?)
     }
@@ -148,11 +169,15 @@ impl Visit for BatchNorm {
 /// `y = x w^T (+ b)`, weight `[out, in]` as in PyTorch.
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// `[out, in]`.
     pub weight: Param,
+    /// `[out]`, if the layer has a bias.
     pub bias: Option<Param>,
 }
 
 impl Linear {
+    /// A layer from `fin` to `fout` features, with or without a bias, initialised as PyTorch does
+    /// (`U(-1/sqrt(fin), 1/sqrt(fin))`) from `rng`.
     pub fn new(fin: usize, fout: usize, bias: bool, rng: &mut InitRng) -> Linear {
         let w = Tensor::from_vec(&[fout, fin], rng.uniform_fan_in(fout * fin, fin)).expect("shape matches length");
         let b = bias.then(|| {
@@ -161,10 +186,13 @@ impl Linear {
         Linear { weight: Param::new(w, Layout::Plain), bias: b }
     }
 
+    /// `x: [rows, in]` to `[rows, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(linear_forward(x, &self.weight.value, self.bias.as_ref().map(|b| &b.value))?)
     }
 
+    /// Backward of [`Linear::forward`] on the same `x`: accumulates the weight and bias gradients and
+    /// returns the input gradient when `want_dx`.
     pub fn backward(&mut self, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
         let db = self.bias.as_mut().map(|b| &mut b.grad);
         Ok(linear_backward(x, &self.weight.value, dy, &mut self.weight.grad, db, want_dx)?)

@@ -30,9 +30,10 @@
 //! # Ok::<(), swav_model::ModelError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod checkpoint;
 pub mod config;
-#[warn(missing_docs)]
 pub mod detect;
 pub mod error;
 pub mod file;
@@ -41,11 +42,9 @@ pub mod init;
 pub mod layers;
 pub mod param;
 pub mod preprocessing;
-#[warn(missing_docs)]
 pub mod pretrained;
 pub mod resnet;
 pub mod swav;
-#[warn(missing_docs)]
 pub mod torch;
 
 pub use config::{Arch, ModelConfig};
@@ -57,4 +56,5 @@ pub use preprocessing::{Overrides, Preprocessing, Source};
 pub use pretrained::{init_from_file, InitReport, InitScope};
 pub use swav::SwavModel;
 
+/// Result with [`ModelError`].
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

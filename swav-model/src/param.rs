@@ -19,21 +19,28 @@ pub enum Layout {
 /// A trainable tensor and its accumulated gradient.
 #[derive(Clone, Debug)]
 pub struct Param {
+    /// The current values.
     pub value: Tensor,
+    /// The gradient summed over the backwards since the last [`Param::zero_grad`]; same shape and
+    /// device as `value`.
     pub grad: Tensor,
+    /// How `value` and `grad` are laid out (checkpoints convert to PyTorch's layout).
     pub layout: Layout,
 }
 
 impl Param {
+    /// A parameter holding `value`, with a zero gradient on the same device.
     pub fn new(value: Tensor, layout: Layout) -> Param {
         let grad = Tensor::zeros(value.shape(), value.device());
         Param { value, grad, layout }
     }
 
+    /// A CPU parameter of zeros in the plain layout (a bias, a batch norm's shift).
     pub fn zeros(shape: &[usize]) -> Param {
         Param::new(Tensor::zeros(shape, Device::Cpu), Layout::Plain)
     }
 
+    /// Clears the accumulated gradient (backwards add to it).
     pub fn zero_grad(&mut self) {
         self.grad.fill(0.0);
     }
@@ -41,7 +48,9 @@ impl Param {
 
 /// One named entry of a model.
 pub enum Slot<'a> {
+    /// A trainable parameter (`weight`, `bias`).
     Param(&'a mut Param),
+    /// A tensor that is saved but not trained (`running_mean`, `running_var`).
     Buffer(&'a mut Tensor),
     /// `num_batches_tracked` of a batch norm (int64 in PyTorch checkpoints).
     Counter(&'a mut i64),
@@ -52,8 +61,11 @@ pub type Visitor<'v> = dyn FnMut(&str, Slot<'_>) + 'v;
 
 /// Models and layers whose entries can be enumerated by name.
 pub trait Visit {
+    /// Calls `f` with every entry and its full name, `prefix` followed by the entry's own dotted name,
+    /// always in the same order.
     fn visit(&mut self, prefix: &str, f: &mut Visitor<'_>);
 
+    /// Clears the gradient of every parameter (before the backward of a new step).
     fn zero_grad(&mut self) {
         self.visit("", &mut |_, slot| {
             if let Slot::Param(p) = slot {

@@ -25,16 +25,25 @@ use crate::layers::{BatchNorm, Conv2d};
 use crate::param::{Visit, Visitor};
 use crate::Result;
 
+/// The projection shortcut of a block whose output shape differs from its input's
+/// (`downsample.0`, `downsample.1`).
 #[derive(Clone, Debug)]
 pub struct Downsample {
+    /// 1x1 convolution with the block's stride, to the block's output channels.
     pub conv: Conv2d,
+    /// Batch norm after it, without ReLU.
     pub bn: BatchNorm,
 }
 
+/// One residual block, basic or bottleneck (see the module docs).
 #[derive(Clone, Debug)]
 pub struct Block {
+    /// The convolutions in order (`conv1`, `conv2`, and `conv3` in a bottleneck): two for a basic
+    /// block, three for a bottleneck.
     pub convs: Vec<Conv2d>,
+    /// The batch norm after each convolution (`bn1`, ...), one per entry of `convs`.
     pub bns: Vec<BatchNorm>,
+    /// The projection shortcut; `None` for the identity.
     pub downsample: Option<Downsample>,
 }
 
@@ -71,6 +80,7 @@ impl Block {
         Block { convs, bns, downsample }
     }
 
+    /// Channels of the block's output (of its last convolution).
     pub fn out_channels(&self) -> usize {
         self.convs.last().map_or(0, Conv2d::out_channels)
     }
@@ -158,12 +168,17 @@ impl Visit for Block {
     }
 }
 
+/// A ResNet backbone without its classifier: stem, four stages, global average pooling.
 #[derive(Clone, Debug)]
 pub struct ResNet {
+    /// The stem convolution: 7x7 stride 2, or 3x3 stride 1 with the small-image stem.
     pub conv1: Conv2d,
+    /// The stem's batch norm (with ReLU).
     pub bn1: BatchNorm,
     /// 3x3 stride-2 max-pool after the stem (absent with the small-image stem).
     pub maxpool: bool,
+    /// The four stages (`layer1` .. `layer4`), each a list of blocks; every stage but the first halves
+    /// the resolution in its first block and doubles the width.
     pub stages: Vec<Vec<Block>>,
     in_channels: usize,
 }
@@ -180,6 +195,7 @@ pub struct ResNetActs {
 }
 
 impl ResNet {
+    /// The backbone `cfg` describes, initialised from `rng`; refuses an invalid configuration.
     pub fn new(cfg: &ModelConfig, rng: &mut InitRng) -> Result<ResNet> {
         cfg.validate()?;
         let width = cfg.width();
@@ -256,6 +272,7 @@ impl ResNet {
         Ok(out)
     }
 
+    /// Channels of the pooled features (the last block's output channels).
     pub fn out_channels(&self) -> usize {
         self.stages.last().and_then(|s| s.last()).map_or(0, Block::out_channels)
     }

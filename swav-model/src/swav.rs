@@ -15,11 +15,16 @@ use crate::param::{Slot, Visit, Visitor};
 use crate::resnet::{ResNet, ResNetActs};
 use crate::{ModelError, Result};
 
+/// The SwAV network: ResNet backbone, projection head and prototypes.
 #[derive(Clone, Debug)]
 pub struct SwavModel {
+    /// The configuration the network was built from.
     pub config: ModelConfig,
+    /// The ResNet, whose pooled features are the representation evaluated downstream.
     pub backbone: ResNet,
+    /// The projection head on the backbone features.
     pub head: ProjectionHead,
+    /// The prototype heads on the normalised embedding.
     pub prototypes: Prototypes,
 }
 
@@ -40,6 +45,8 @@ pub struct SwavActs {
 }
 
 impl SwavModel {
+    /// A network built from `config` on the CPU, initialised deterministically from `seed` (see
+    /// [`crate::init`]); refuses an invalid configuration ([`ModelError::Config`]).
     pub fn new(config: ModelConfig, seed: u64) -> Result<SwavModel> {
         config.validate()?;
         let mut rng = InitRng::new(seed);
