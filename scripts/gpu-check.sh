@@ -66,6 +66,8 @@ for p in /opt/*/.venv/bin/python python3; do
     fi
 done
 note "PyTorch baseline: ${python:-none (no python with torch and CUDA)}"
+# The test binaries were built elsewhere: their reference cases are read from this checkout.
+export SWAV_SOURCE_DIR="$PWD"
 export SWAV_REQUIRE_CUDA=1 SWAV_SKIP_EMULATOR=1 RUST_LOG=warn
 
 # Quick: does every part of the CUDA path work?

@@ -59,6 +59,11 @@ pub enum Slot<'a> {
 /// The callback of a visit: full name and the entry.
 pub type Visitor<'v> = dyn FnMut(&str, Slot<'_>) + 'v;
 
+/// Called during a backward pass with a part of the model (and the name prefix to visit it with)
+/// as soon as its parameter gradients are final, so that a data-parallel run can start averaging them
+/// while the rest of the backward runs. Every parameter is handed over exactly once per backward.
+pub type GradReady<'r> = dyn FnMut(&str, &mut dyn Visit) + 'r;
+
 /// Models and layers whose entries can be enumerated by name.
 pub trait Visit {
     /// Calls `f` with every entry and its full name, `prefix` followed by the entry's own dotted name,

@@ -22,7 +22,7 @@ use crate::config::{BlockKind, ModelConfig};
 use crate::error::ModelError;
 use crate::init::InitRng;
 use crate::layers::{BatchNorm, Conv2d};
-use crate::param::{Visit, Visitor};
+use crate::param::{GradReady, Visit, Visitor};
 use crate::Result;
 
 /// The projection shortcut of a block whose output shape differs from its input's
@@ -326,14 +326,31 @@ impl ResNet {
     /// Accumulates every parameter gradient from the gradient of the pooled features. The input
     /// gradient is not computed (the images need none).
     pub fn backward(&mut self, acts: ResNetActs, dfeatures: &Tensor) -> Result<()> {
+        self.backward_with(acts, dfeatures, None)
+    }
+
+    /// [`ResNet::backward`], handing each block (then the stem) to `ready` once its gradients are
+    /// final. Pass `ready` only on the last backward of a step: earlier ones are accumulated into.
+    pub fn backward_with(
+        &mut self,
+        acts: ResNetActs,
+        dfeatures: &Tensor,
+        mut ready: Option<&mut GradReady<'_>>,
+    ) -> Result<()> {
         let ResNetActs { input, stem_conv, stem_cache, stem_out, pool_idx, pooled, blocks } = acts;
         let stem_final = pooled.as_ref().unwrap_or(&stem_out);
         let last = blocks.last().map_or(stem_final, |b| &b.out);
         let mut d = global_avg_pool_backward(last, dfeatures)?;
+        let names: Vec<String> = (self.stages.iter().enumerate())
+            .flat_map(|(s, stage)| (0..stage.len()).map(move |b| format!("layer{}.{b}.", s + 1)))
+            .collect();
         let mut all: Vec<&mut Block> = self.stages.iter_mut().flatten().collect();
         for (i, block) in all.iter_mut().enumerate().rev() {
             let input = if i == 0 { stem_final } else { &blocks[i - 1].out };
             d = block.backward(input, &blocks[i], &d)?;
+            if let Some(ready) = ready.as_mut() {
+                ready(&names[i], &mut **block);
+            }
         }
         drop(all);
         drop(blocks);
@@ -341,7 +358,13 @@ impl ResNet {
             d = max_pool_backward(stem_out.shape(), idx, &d)?;
         }
         let (dstem, _) = self.bn1.backward(&stem_conv, &stem_out, &d, &stem_cache, Fused::RELU)?;
+        if let Some(ready) = ready.as_mut() {
+            ready("bn1.", &mut self.bn1);
+        }
         self.conv1.backward(&input, &dstem, false)?;
+        if let Some(ready) = ready.as_mut() {
+            ready("conv1.", &mut self.conv1);
+        }
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use swav_tensor::{Device, Tensor};
 use crate::config::ModelConfig;
 use crate::head::{HeadActs, ProjectionHead, Prototypes};
 use crate::init::InitRng;
-use crate::param::{Slot, Visit, Visitor};
+use crate::param::{GradReady, Slot, Visit, Visitor};
 use crate::resnet::{ResNet, ResNetActs};
 use crate::{ModelError, Result};
 
@@ -79,6 +79,19 @@ impl SwavModel {
 
     /// Accumulates all parameter gradients from the gradients of the scores (one per head).
     pub fn backward(&mut self, acts: SwavActs, out: &SwavOutput, dscores: &[Tensor]) -> Result<()> {
+        self.backward_with(acts, out, dscores, None)
+    }
+
+    /// [`SwavModel::backward`], handing each part of the model to `ready` as soon as its gradients are
+    /// final: the prototypes and the projection head first, then the backbone's blocks from the last
+    /// during the last crop group's backward, the stem at the end. Every parameter is handed over once.
+    pub fn backward_with(
+        &mut self,
+        acts: SwavActs,
+        out: &SwavOutput,
+        dscores: &[Tensor],
+        mut ready: Option<&mut GradReady<'_>>,
+    ) -> Result<()> {
         if dscores.len() != self.prototypes.heads.len() {
             return Err(ModelError::Input(format!(
                 "{} score gradients for {} prototype heads",
@@ -91,11 +104,20 @@ impl SwavModel {
             dz.add_assign(&head.backward(&out.embedding, ds, true)?.expect("dx requested"))?;
         }
         let dh = l2_normalize_backward(&out.embedding, &acts.norms, &dz)?;
+        if let Some(ready) = ready.as_mut() {
+            ready("", &mut self.prototypes);
+        }
         let dfeatures = self.head.backward(acts.head, &dh)?;
+        if let Some(ready) = ready.as_mut() {
+            ready("", &mut self.head);
+        }
+        let groups = acts.backbone.len();
         let mut start = 0;
-        for (bb_acts, rows) in acts.backbone.into_iter().zip(acts.group_rows) {
+        for (g, (bb_acts, rows)) in acts.backbone.into_iter().zip(acts.group_rows).enumerate() {
             let d = dfeatures.narrow(start, rows)?;
-            self.backbone.backward(bb_acts, &d)?;
+            // Only the last group's backward leaves a block's gradients final.
+            let ready = if g + 1 == groups { ready.as_deref_mut() } else { None };
+            self.backbone.backward_with(bb_acts, &d, ready)?;
             start += rows;
         }
         Ok(())

@@ -6,8 +6,13 @@ use std::path::PathBuf;
 
 use swav_reference::verify_case;
 
+/// The shipped cases: in the checkout named by `$SWAV_SOURCE_DIR` when set (prebuilt test binaries run
+/// on another machine, as `scripts/gpu-check.sh` does), else in the source tree the test was built from.
 fn shipped() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cases")
+    match std::env::var_os("SWAV_SOURCE_DIR") {
+        Some(root) => PathBuf::from(root).join("swav-reference/cases"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cases"),
+    }
 }
 
 fn case_files() -> Vec<PathBuf> {

@@ -1,11 +1,13 @@
-//! Data-parallel training: what the ranks share, check and exchange around [`crate::swav_step`].
+//! Data-parallel training: what the ranks share, check and exchange around [`crate::step::swav_step`].
 //!
 //! The algorithm is the official one (`main_swav.py` under `torch.distributed`):
 //! - each rank loads its own share of every epoch (the loader's `rank`/`world_size`), batch
 //!   `train.batch_size` per rank;
 //! - Sinkhorn's sums are all-reduced ([`CollectiveReducer`]), so `B` is the global batch; the queue is
 //!   per rank, `queue_length / world_size` rows each;
-//! - gradients are averaged over ranks in buckets before the optimiser step, and batch-norm buffers
+//! - gradients are averaged over ranks in buckets, each bucket all-reduced on a communication thread
+//!   as soon as the backward has made its gradients final ([`GradientAverager`], DDP's reducer), so
+//!   that communication overlaps the rest of the backward; batch-norm buffers
 //!   are broadcast from rank 0 before each forward (DDP's `broadcast_buffers`), unless the batch norms
 //!   are synchronised (`model.sync_bn`), whose statistics are the group's;
 //! - rank 0 writes checkpoints and metrics; every rank resumes from the same checkpoint.
@@ -20,7 +22,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use swav_model::param::{Slot, Visit};
 use swav_model::SwavModel;
-use swav_tensor::collective::{all_reduce_mean, broadcast_tensors};
+use swav_tensor::collective::{all_reduce_mean, broadcast_tensors, BucketedMean};
 use swav_tensor::{Collective, Tensor};
 
 use crate::TrainError;
@@ -95,7 +97,8 @@ pub fn sync_bn_group(
     }
 }
 
-/// Replaces every parameter gradient by its mean over the ranks (bucketed all-reduce).
+/// Replaces every parameter gradient by its mean over the ranks (bucketed all-reduce), after the
+/// backward: the plain form of [`GradientAverager`], for callers that run their own backward.
 pub fn average_gradients(model: &mut SwavModel, world: &dyn Collective) -> Result<(), TrainError> {
     if world.world_size() == 1 {
         return Ok(());
@@ -115,6 +118,103 @@ pub fn average_gradients(model: &mut SwavModel, world: &dyn Collective) -> Resul
         }
     });
     Ok(())
+}
+
+/// Averages the gradients over the ranks while the backward runs: the `ready` callback of
+/// [`SwavModel::backward_with`] pushes each finished part's gradients into [`BucketedMean`]'s buckets,
+/// whose all-reduce starts on a communication thread as each one fills; [`GradientAverager::finish`]
+/// waits for the last ones and writes the means back.
+pub struct GradientAverager {
+    collective: Arc<dyn Collective>,
+    mean: BucketedMean,
+    /// Parameter names and sizes in push order, this step.
+    pushed: Vec<(String, usize)>,
+    /// The first error of a push (the callback cannot return it).
+    error: Option<swav_tensor::CollectiveError>,
+}
+
+impl std::fmt::Debug for GradientAverager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GradientAverager {{ {:?} }}", self.mean)
+    }
+}
+
+impl GradientAverager {
+    /// Starts the communication thread on a duplicate of `collective` (every rank calls this at the
+    /// same point); buckets of at least `bucket_bytes`.
+    pub fn new(collective: &Arc<dyn Collective>, bucket_bytes: usize) -> Result<GradientAverager, TrainError> {
+        Ok(GradientAverager {
+            collective: collective.clone(),
+            mean: BucketedMean::new(collective.as_ref(), bucket_bytes).map_err(err)?,
+            pushed: Vec::new(),
+            error: None,
+        })
+    }
+
+    /// Whether this averager works over `collective`.
+    pub fn serves(&self, collective: &Arc<dyn Collective>) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.collective), Arc::as_ptr(collective))
+    }
+
+    /// The `ready` callback: pushes the parameter gradients of `part` (named from `prefix`).
+    pub fn ready(&mut self, prefix: &str, part: &mut dyn Visit) {
+        part.visit(prefix, &mut |name, slot| {
+            if let Slot::Param(p) = slot {
+                self.push(name, &p.grad);
+            }
+        });
+    }
+
+    fn push(&mut self, name: &str, grad: &Tensor) {
+        if self.error.is_some() {
+            return;
+        }
+        self.pushed.push((name.to_string(), grad.len()));
+        let result =
+            if grad.device().is_cuda() { self.mean.push(&grad.to_vec()) } else { self.mean.push(grad.as_slice()) };
+        if let Err(e) = result {
+            self.error = Some(e);
+        }
+    }
+
+    /// Pushes the gradients the backward did not hand over (none, for the models of this crate),
+    /// waits for every bucket and replaces each gradient by its mean over the ranks. Returns how many
+    /// buckets were started before the backward ended.
+    pub fn finish(&mut self, model: &mut SwavModel) -> Result<usize, TrainError> {
+        let handed: std::collections::HashSet<String> = self.pushed.iter().map(|(n, _)| n.clone()).collect();
+        model.visit("", &mut |name, slot| {
+            if let Slot::Param(p) = slot {
+                if !handed.contains(name) {
+                    self.push(name, &p.grad);
+                }
+            }
+        });
+        if let Some(e) = self.error.take() {
+            return Err(err(e));
+        }
+        let (means, early) = self.mean.finish().map_err(err)?;
+        let mut at = std::collections::HashMap::with_capacity(self.pushed.len());
+        let mut offset = 0;
+        for (name, len) in self.pushed.drain(..) {
+            at.insert(name, (offset, len));
+            offset += len;
+        }
+        let mut result = Ok(());
+        model.visit("", &mut |name, slot| {
+            if let (Slot::Param(p), Some(&(offset, len))) = (slot, at.get(name)) {
+                let values = &means[offset..offset + len];
+                if p.grad.device().is_cuda() {
+                    match Tensor::from_slice(p.grad.shape(), values).and_then(|t| t.to_device(p.grad.device())) {
+                        Ok(t) => p.grad = t,
+                        Err(e) => result = Err(TrainError::from(e)),
+                    }
+                } else {
+                    p.grad.as_mut_slice().copy_from_slice(values);
+                }
+            }
+        });
+        result.map(|()| early)
+    }
 }
 
 /// Gives every rank rank 0's parameters and buffers (at the start, and before each forward for the

@@ -17,13 +17,13 @@ use swav_model::param::Visit;
 use swav_model::SwavModel;
 use swav_tensor::ops::linear::linear_forward;
 
-use swav_tensor::collective::SingleProcess;
+use swav_tensor::collective::{SingleProcess, BUCKET_BYTES};
 use swav_tensor::{profile, Collective, Tensor};
 
 use crate::assign::codes_for_crop_on;
 use crate::config::TrainConfig;
 use crate::device::{self, DeviceSinkhorn};
-use crate::distributed::{self, CollectiveReducer};
+use crate::distributed::{self, CollectiveReducer, GradientAverager};
 use crate::lars::Lars;
 use crate::loss::swapped_prediction_loss;
 use crate::queue::Queue;
@@ -51,6 +51,11 @@ pub struct SwavState {
     pub queue: Option<Queue>,
     /// Sinkhorn's device kernels, compiled on first use (unused on the CPU).
     pub device_sinkhorn: DeviceSinkhorn,
+    /// Gradient averaging overlapped with the backward, made on the first distributed step (before
+    /// `collective`, so that its thread and channel go before the collective they come from).
+    pub(crate) gradient_averager: Option<GradientAverager>,
+    /// Size of the gradient buckets of a data-parallel run ([`BUCKET_BYTES`] by default).
+    pub gradient_bucket_bytes: usize,
     /// The ranks of a data-parallel run ([`SingleProcess`] alone by default).
     pub collective: Arc<dyn Collective>,
     /// Give every rank rank 0's batch-norm buffers before each forward (DDP's `broadcast_buffers`);
@@ -66,6 +71,8 @@ impl SwavState {
             optimizer,
             queue: None,
             device_sinkhorn: DeviceSinkhorn::default(),
+            gradient_averager: None,
+            gradient_bucket_bytes: BUCKET_BYTES,
             collective: Arc::new(SingleProcess),
             broadcast_buffers: true,
         }
@@ -127,6 +134,9 @@ pub fn start_step(
     let distributed = world.world_size() > 1;
     if distributed && on_device {
         return Err(TrainError::Config("distributed training runs on the CPU engine only for now".into()));
+    }
+    if distributed && !state.gradient_averager.as_ref().is_some_and(|a| a.serves(&world)) {
+        state.gradient_averager = Some(GradientAverager::new(&world, state.gradient_bucket_bytes)?);
     }
     let model = &mut state.model;
 
@@ -251,10 +261,14 @@ pub fn start_step(
             return Ok(PendingStats(Pending::Ready(StepStats { loss, cluster_entropy: f64::NAN, clusters_used: 0 })));
         }
     }
-    model.backward(acts, &out, &dscores)?;
-    if distributed {
-        let _scope = profile::scope("all-reduce gradients");
-        distributed::average_gradients(model, world.as_ref())?;
+    match state.gradient_averager.as_mut().filter(|_| distributed) {
+        Some(averager) => {
+            // Each bucket's all-reduce starts while the rest of the backward runs.
+            model.backward_with(acts, &out, &dscores, Some(&mut |prefix, part| averager.ready(prefix, part)))?;
+            let _scope = profile::scope("all-reduce gradients (wait)");
+            averager.finish(model)?;
+        }
+        None => model.backward(acts, &out, &dscores)?,
     }
 
     let _optimizer_scope = profile::scope("optimizer");

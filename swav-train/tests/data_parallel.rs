@@ -218,3 +218,69 @@ fn without_sync_bn_every_rank_keeps_the_same_weights_and_buffers() {
     let synced = run_two_ranks(true);
     assert_ne!(got[0], synced[0]);
 }
+
+/// The gradients averaged while the backward runs (small buckets, so that most start before the
+/// backward ends) equal those of a backward followed by the plain bucketed average, on every rank.
+#[test]
+fn overlapped_gradient_averaging_equals_averaging_after_the_backward() {
+    use swav_train::distributed::{average_gradients, GradientAverager};
+    let cfg = config(true);
+    let grads = |model: &mut SwavModel| {
+        let mut out = BTreeMap::new();
+        model.visit("", &mut |name, slot| {
+            if let Slot::Param(p) = slot {
+                out.insert(name.to_string(), p.grad.to_vec());
+            }
+        });
+        out
+    };
+    let ranks = ThreadGroup::new(2, Duration::from_secs(120));
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|rank| {
+                let cfg = &cfg;
+                scope.spawn(move || {
+                    let world: Arc<dyn Collective> = rank;
+                    let r = world.rank();
+                    let mut model = SwavModel::new(cfg.model.clone(), 5).unwrap();
+                    model.set_sync_batchnorm(Some(world.clone()));
+                    let images = rank_images(0, r, 2);
+                    let backward = |model: &mut SwavModel, averager: Option<&mut GradientAverager>| {
+                        model.zero_grad();
+                        let (out, acts) = model.forward_train(groups(cfg, 0, &images)).unwrap();
+                        // Any score gradient will do; it differs per rank, as a real one would.
+                        let ds: Vec<Tensor> = (out.scores.iter())
+                            .map(|s| {
+                                let v = s.to_vec().iter().map(|x| x * (1.0 + r as f32)).collect();
+                                Tensor::from_vec(s.shape(), v).unwrap()
+                            })
+                            .collect();
+                        match averager {
+                            Some(a) => {
+                                model.backward_with(acts, &out, &ds, Some(&mut |p, part| a.ready(p, part))).unwrap();
+                                a.finish(model).unwrap()
+                            }
+                            None => {
+                                model.backward(acts, &out, &ds).unwrap();
+                                average_gradients(model, world.as_ref()).unwrap();
+                                0
+                            }
+                        }
+                    };
+                    backward(&mut model, None);
+                    let plain = grads(&mut model);
+                    let mut averager = GradientAverager::new(&world, 16 << 10).unwrap();
+                    let early = backward(&mut model, Some(&mut averager));
+                    (plain, grads(&mut model), early)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (plain, overlapped, early) in &results {
+        assert_eq!(plain, overlapped);
+        assert!(*early > 3, "only {early} buckets started before the backward ended");
+    }
+    assert_eq!(results[0].0, results[1].0, "the ranks hold the same averaged gradients");
+}

@@ -36,6 +36,28 @@ use plan::{Arg, Buf, Kernel, Plan, Step};
 pub(crate) const KERNELS_CU: &str = include_str!("kernels.cu");
 pub(crate) const NAIVE_CU: &str = include_str!("naive.cu");
 
+/// Compiles the kernels (both files, as one program) with NVRTC to PTX, for `arch` (`"sm_90"`;
+/// `None`: NVRTC's default architecture, which every newer device runs through the driver's JIT).
+/// The CI compile check calls it for sm_80 and sm_90.
+pub fn compile_kernels(arch: Option<&'static str>) -> Result<cudarc::nvrtc::Ptx, SinkhornError> {
+    // SAFETY: only tries to dlopen the library by its usual names.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(SinkhornError::Cuda(
+            "NVRTC (libnvrtc.so) could not be loaded: put the CUDA runtime libraries on the library path".into(),
+        ));
+    }
+    let source = format!("{KERNELS_CU}\n{NAIVE_CU}");
+    let opts = cudarc::nvrtc::CompileOptions { name: Some("swav_sinkhorn.cu".into()), arch, ..Default::default() };
+    catch_unwind(AssertUnwindSafe(|| cudarc::nvrtc::compile_ptx_with_opts(&source, opts)))
+        .map_err(|_| SinkhornError::Cuda("NVRTC lacks functions this build needs (update CUDA)".into()))?
+        .map_err(|e| SinkhornError::Cuda(format!("compiling the Sinkhorn kernels with NVRTC: {e}")))
+}
+
+/// The names of the kernels the runtime loads from the compiled module.
+pub fn kernel_names() -> Vec<&'static str> {
+    Kernel::ALL.iter().map(|k| k.name()).collect()
+}
+
 /// Turns a cudarc driver error into ours.
 pub fn driver_error(e: DriverError) -> SinkhornError {
     SinkhornError::Cuda(e.to_string())
@@ -218,17 +240,7 @@ fn kernels_for(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>, SinkhornError> {
     if let Some((_, k)) = cache.iter().find(|(c, _)| *c == key) {
         return Ok(k.clone());
     }
-    // SAFETY: only tries to dlopen the library by its usual names.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(SinkhornError::Cuda(
-            "NVRTC (libnvrtc.so) could not be loaded: put the CUDA runtime libraries on the library path".into(),
-        ));
-    }
-    let source = format!("{KERNELS_CU}\n{NAIVE_CU}");
-    let opts = cudarc::nvrtc::CompileOptions { name: Some("swav_sinkhorn.cu".into()), ..Default::default() };
-    let ptx = catch_unwind(AssertUnwindSafe(|| cudarc::nvrtc::compile_ptx_with_opts(&source, opts)))
-        .map_err(|_| SinkhornError::Cuda("NVRTC lacks functions this build needs (update CUDA)".into()))?
-        .map_err(|e| SinkhornError::Cuda(format!("compiling the Sinkhorn kernels with NVRTC: {e}")))?;
+    let ptx = compile_kernels(None)?;
     let module = ctx.load_module(ptx).map_err(|e| SinkhornError::Cuda(format!("loading the kernels: {e}")))?;
     let mut functions = Vec::new();
     for kernel in Kernel::ALL {

@@ -38,9 +38,14 @@ impl Case {
     }
 }
 
-/// The Sinkhorn reference cases shipped with this crate (PyTorch, float64; see `tests/cases/README.md`).
+/// The Sinkhorn reference cases shipped with this crate (PyTorch, float64; see `tests/cases/README.md`):
+/// in the checkout named by `$SWAV_SOURCE_DIR` when set (prebuilt test binaries run on another machine,
+/// as `scripts/gpu-check.sh` does), else in the source tree the test was built from.
 pub fn reference_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases")
+    match std::env::var_os("SWAV_SOURCE_DIR") {
+        Some(root) => Path::new(&root).join("swav-sinkhorn/tests/cases"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases"),
+    }
 }
 
 /// Every case of kind `sinkhorn` in [`reference_dir`] and `$SWAV_REFERENCE_DIR`.

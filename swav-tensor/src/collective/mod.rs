@@ -88,6 +88,10 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     /// The group of `group_size` consecutive ranks this rank belongs to (apex's
     /// `syncbn_process_group_size`); every rank calls it with the same size, which divides the world.
     fn subgroup(&self, group_size: usize) -> Result<Arc<dyn Collective>, CollectiveError>;
+    /// A second channel over the same ranks, whose operations are ordered independently of this one's,
+    /// so that another thread can run collectives (gradient buckets while the backward goes on) while
+    /// this thread runs its own (synchronised batch norm). Every rank calls it at the same point.
+    fn duplicate(&self) -> Result<Arc<dyn Collective>, CollectiveError>;
 
     /// Element-wise sum over ranks of bf16 values (their bits), summed in f32 and rounded back to
     /// nearest even: MPI has no bf16 type, and the sum of a few ranks loses nothing more in f32.
@@ -156,6 +160,9 @@ impl Collective for SingleProcess {
         check_group_size(group_size, 1)?;
         Ok(Arc::new(SingleProcess))
     }
+    fn duplicate(&self) -> Result<Arc<dyn Collective>, CollectiveError> {
+        Ok(Arc::new(SingleProcess))
+    }
 }
 
 /// Ranks that are threads of one process. [`ThreadGroup::new`] returns the rank handles; give one to
@@ -169,7 +176,9 @@ impl ThreadGroup {
     #[allow(clippy::new_ret_no_self)]
     pub fn new(world_size: usize, timeout: Duration) -> Vec<Arc<ThreadRank>> {
         let shared = Arc::new(Shared::new(world_size, timeout));
-        (0..world_size).map(|rank| Arc::new(ThreadRank { rank, shared: shared.clone() })).collect()
+        (0..world_size)
+            .map(|rank| Arc::new(ThreadRank { rank, shared: shared.clone(), duplicates: 0.into() }))
+            .collect()
     }
 }
 
@@ -181,6 +190,8 @@ struct Shared {
     changed: Condvar,
     /// Subgroups by (group size, group index), made by the first rank that asks.
     subgroups: Mutex<std::collections::BTreeMap<(usize, usize), Arc<Shared>>>,
+    /// Duplicates in the order the ranks asked for them (each rank's k-th call gets the k-th).
+    duplicates: Mutex<Vec<Arc<Shared>>>,
 }
 
 #[derive(Debug)]
@@ -216,6 +227,7 @@ impl Shared {
             }),
             changed: Condvar::new(),
             subgroups: Mutex::new(Default::default()),
+            duplicates: Mutex::new(Vec::new()),
         }
     }
 }
@@ -225,6 +237,8 @@ impl Shared {
 pub struct ThreadRank {
     rank: usize,
     shared: Arc<Shared>,
+    /// How many duplicates this rank has made.
+    duplicates: std::sync::atomic::AtomicUsize,
 }
 
 impl ThreadRank {
@@ -375,7 +389,129 @@ impl Collective for ThreadRank {
             let mut groups = self.shared.subgroups.lock().unwrap_or_else(|p| p.into_inner());
             groups.entry(key).or_insert_with(|| Arc::new(Shared::new(group_size, self.shared.timeout))).clone()
         };
-        Ok(Arc::new(ThreadRank { rank: self.rank % group_size, shared }))
+        Ok(Arc::new(ThreadRank { rank: self.rank % group_size, shared, duplicates: 0.into() }))
+    }
+    fn duplicate(&self) -> Result<Arc<dyn Collective>, CollectiveError> {
+        let k = self.duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let shared = {
+            let mut dups = self.shared.duplicates.lock().unwrap_or_else(|p| p.into_inner());
+            while dups.len() <= k {
+                dups.push(Arc::new(Shared::new(self.shared.world, self.shared.timeout)));
+            }
+            dups[k].clone()
+        };
+        Ok(Arc::new(ThreadRank { rank: self.rank, shared, duplicates: 0.into() }))
+    }
+}
+
+/// Gradient averaging that overlaps the backward pass (DDP's reducer): the caller pushes gradients
+/// as they become final; whenever [`BUCKET_BYTES`] (or the size given) have gathered, the bucket is
+/// sent to a communication thread that all-reduces it on a [duplicate](Collective::duplicate) of the
+/// collective while the caller goes on computing. [`BucketedMean::finish`] sends the last bucket and
+/// returns every pushed value averaged over the ranks, in push order. The buckets are cut at the same
+/// places on every rank because every rank pushes the same sizes in the same order.
+pub struct BucketedMean {
+    world: usize,
+    cap: usize,
+    filling: Vec<f32>,
+    to_thread: Option<std::sync::mpsc::Sender<Vec<f32>>>,
+    from_thread: std::sync::mpsc::Receiver<Result<Vec<f32>, CollectiveError>>,
+    in_flight: usize,
+    started_early: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for BucketedMean {
+    /// Stops the thread and waits for it, so that its channel is released before the caller goes on
+    /// (an MPI communicator must be freed before MPI is finalised, and not beside another MPI call).
+    fn drop(&mut self) {
+        self.to_thread = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for BucketedMean {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BucketedMean {{ world: {}, bucket values: {} }}", self.world, self.cap)
+    }
+}
+
+impl BucketedMean {
+    /// Duplicates `collective` (a collective call: every rank makes it at the same point) and starts
+    /// the communication thread. Buckets hold at least `bucket_bytes` of f32 values.
+    pub fn new(collective: &dyn Collective, bucket_bytes: usize) -> Result<BucketedMean, CollectiveError> {
+        let channel = collective.duplicate()?;
+        let (to_thread, jobs) = std::sync::mpsc::channel::<Vec<f32>>();
+        let (results, from_thread) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("all-reduce rank {}", collective.rank()))
+            .spawn(move || {
+                for mut bucket in jobs {
+                    let result = channel.all_reduce_sum(&mut bucket).map(|()| bucket);
+                    let failed = result.is_err();
+                    if results.send(result).is_err() || failed {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| CollectiveError::Transport(format!("cannot start the all-reduce thread: {e}")))?;
+        Ok(BucketedMean {
+            world: collective.world_size(),
+            cap: (bucket_bytes / 4).max(1),
+            filling: Vec::new(),
+            to_thread: Some(to_thread),
+            from_thread,
+            in_flight: 0,
+            started_early: 0,
+            thread: Some(thread),
+        })
+    }
+
+    /// Adds final gradient values; sends the bucket when it is full.
+    pub fn push(&mut self, values: &[f32]) -> Result<(), CollectiveError> {
+        self.filling.extend_from_slice(values);
+        if self.filling.len() >= self.cap {
+            self.send()?;
+            self.started_early += 1;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> Result<(), CollectiveError> {
+        let bucket = std::mem::take(&mut self.filling);
+        let gone = || CollectiveError::Transport("the all-reduce thread has stopped".into());
+        self.to_thread.as_ref().ok_or_else(gone)?.send(bucket).map_err(|_| gone())?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Sends what is left, waits for every bucket and returns the means, in push order. Returns also
+    /// how many buckets were sent before this call (started while the caller was still computing).
+    pub fn finish(&mut self) -> Result<(Vec<f32>, usize), CollectiveError> {
+        if !self.filling.is_empty() {
+            self.send()?;
+        }
+        let mut out = Vec::new();
+        let scale = 1.0 / self.world as f32;
+        while self.in_flight > 0 {
+            let bucket = match self.from_thread.recv() {
+                Ok(result) => result,
+                Err(_) => Err(CollectiveError::Transport("the all-reduce thread has stopped".into())),
+            };
+            self.in_flight -= 1;
+            let bucket = match bucket {
+                Ok(b) => b,
+                Err(e) => {
+                    // Out of step with the other ranks: nothing more may be sent.
+                    self.to_thread = None;
+                    return Err(e);
+                }
+            };
+            out.extend(bucket.into_iter().map(|v| v * scale));
+        }
+        Ok((out, std::mem::take(&mut self.started_early)))
     }
 }
 
@@ -536,6 +672,52 @@ mod tests {
             assert_eq!(a, vec![1.5, 3.0, -1.5]);
             assert_eq!(b, vec![2.5]);
         }
+    }
+
+    #[test]
+    fn overlapped_buckets_give_the_plain_mean_while_the_channel_is_in_use() {
+        let out = run(2, |r| {
+            let x = r.rank() as f32 + 1.0;
+            let mut sync = BucketedMean::new(r.as_ref(), 8).unwrap();
+            let parts: Vec<Vec<f32>> = (0..5).map(|i| (0..3 + i).map(|j| x * (i * 10 + j) as f32).collect()).collect();
+            for (i, p) in parts.iter().enumerate() {
+                sync.push(p).unwrap();
+                // The original channel stays usable beside the buckets in flight.
+                let mut v = [x * i as f32];
+                r.all_reduce_sum(&mut v).unwrap();
+                assert_eq!(v[0], 3.0 * i as f32);
+            }
+            let (mean, early) = sync.finish().unwrap();
+            let mut plain: Vec<Tensor> =
+                parts.iter().map(|p| Tensor::from_vec(&[p.len()], p.clone()).unwrap()).collect();
+            all_reduce_mean(&mut plain.iter_mut().collect::<Vec<_>>(), r.as_ref()).unwrap();
+            let plain: Vec<f32> = plain.iter().flat_map(|t| t.to_vec()).collect();
+            // A second step reuses the thread.
+            sync.push(&[x]).unwrap();
+            let (second, _) = sync.finish().unwrap();
+            (mean, plain, early, second)
+        });
+        for (mean, plain, early, second) in out {
+            assert_eq!(mean, plain);
+            assert_eq!(early, 5, "every part filled a 2-value bucket and was sent at once");
+            assert_eq!(second, vec![1.5]);
+        }
+    }
+
+    #[test]
+    fn duplicates_are_independent_channels() {
+        let out = run(2, |r| {
+            let d = r.duplicate().unwrap();
+            let mut a = [r.rank() as f32];
+            let mut b = [10.0 * r.rank() as f32];
+            // One collective on each channel at the same time, from two threads of each rank.
+            std::thread::scope(|s| {
+                s.spawn(|| d.all_reduce_sum(&mut b).unwrap());
+                r.all_reduce_sum(&mut a).unwrap();
+            });
+            (a[0], b[0])
+        });
+        assert_eq!(out, vec![(1.0, 10.0), (1.0, 10.0)]);
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! ranks that fell behind) and aborts the job, so that every rank stops instead of waiting forever.
 //! A rank that dies is seen by `mpirun`/`srun`, which terminate the others and name it.
 //!
-//! MPI is initialised with `MPI_THREAD_SERIALIZED` and every call is made under a mutex, so a
-//! collective may be called from any thread, one at a time.
+//! MPI is initialised with `MPI_THREAD_SERIALIZED` and every MPI call of the process is made under one
+//! mutex, held for a call and released between the polls of a pending collective: two threads (the
+//! training thread and the gradient all-reduce thread) can each have a collective in progress on their
+//! own communicator, and both progress.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,9 +25,17 @@ use super::{check_group_size, Collective, CollectiveError};
 /// behind, read from the run's heartbeat files.
 pub type TimeoutReport = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Held for every MPI call of the process (MPI_THREAD_SERIALIZED allows one at a time).
+static MPI_CALLS: Mutex<()> = Mutex::new(());
+
+fn mpi_call<R>(call: impl FnOnce() -> R) -> R {
+    let _serial = MPI_CALLS.lock().unwrap_or_else(|p| p.into_inner());
+    call()
+}
+
 /// A communicator of MPI processes.
 pub struct MpiCollective {
-    comm: Mutex<SimpleCommunicator>,
+    comm: SimpleCommunicator,
     rank: usize,
     size: usize,
     timeout: Duration,
@@ -35,8 +45,9 @@ pub struct MpiCollective {
     _universe: Option<Universe>,
 }
 
-// SAFETY: MPI is initialised with MPI_THREAD_SERIALIZED and every MPI call goes through the `comm`
-// mutex (the universe is only touched on drop), so calls from several threads never overlap.
+// SAFETY: MPI is initialised with MPI_THREAD_SERIALIZED and every MPI call goes through `mpi_call`
+// (the communicator is freed and the universe finalised on drop, after the threads that use them have
+// been joined), so calls from several threads never overlap.
 unsafe impl Send for MpiCollective {}
 unsafe impl Sync for MpiCollective {}
 
@@ -71,23 +82,12 @@ impl MpiCollective {
         }
         let comm = universe.world();
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
-        Ok(Arc::new(MpiCollective {
-            comm: Mutex::new(comm),
-            rank,
-            size,
-            timeout,
-            report: Mutex::new(None),
-            _universe: Some(universe),
-        }))
+        Ok(Arc::new(MpiCollective { comm, rank, size, timeout, report: Mutex::new(None), _universe: Some(universe) }))
     }
 
     /// Installs what a timed-out rank prints before it aborts the job.
     pub fn on_timeout(&self, report: TimeoutReport) {
         *self.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
-    }
-
-    fn comm(&self) -> std::sync::MutexGuard<'_, SimpleCommunicator> {
-        self.comm.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Polls `request` until it completes; on timeout prints the error and aborts the job.
@@ -100,7 +100,7 @@ impl MpiCollective {
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            request = match request.test() {
+            request = match mpi_call(|| request.test()) {
                 Ok(_) => return,
                 Err(pending) => pending,
             };
@@ -131,10 +131,12 @@ impl MpiCollective {
         if self.size == 1 || values.is_empty() {
             return Ok(());
         }
-        let comm = self.comm();
-        let send = values.to_vec();
+        let comm = &self.comm;
+        let send_buffer = values.to_vec();
+        let send = &send_buffer[..];
         mpi::request::scope(|scope| {
-            self.wait(&comm, name, comm.immediate_all_reduce_into(scope, &send[..], values, op));
+            let request = mpi_call(move || comm.immediate_all_reduce_into(scope, send, values, op));
+            self.wait(comm, name, request);
         });
         Ok(())
     }
@@ -166,9 +168,10 @@ impl Collective for MpiCollective {
         if self.size == 1 || values.is_empty() {
             return Ok(());
         }
-        let comm = self.comm();
+        let comm = &self.comm;
         mpi::request::scope(|scope| {
-            self.wait(&comm, "broadcast", comm.process_at_rank(root as i32).immediate_broadcast_into(scope, values));
+            let request = mpi_call(move || comm.process_at_rank(root as i32).immediate_broadcast_into(scope, values));
+            self.wait(comm, "broadcast", request);
         });
         Ok(())
     }
@@ -176,31 +179,39 @@ impl Collective for MpiCollective {
         if self.size == 1 {
             return Ok(());
         }
-        let comm = self.comm();
-        self.wait(&comm, "barrier", comm.immediate_barrier());
+        let request = mpi_call(|| self.comm.immediate_barrier());
+        self.wait(&self.comm, "barrier", request);
         Ok(())
     }
     fn abort(&self, reason: &str) {
         if self.size > 1 {
             eprintln!("error: rank {} aborts the job: {reason}", self.rank);
-            // Not through the mutex: another thread may hold it, waiting in a collective.
+            // Not through `mpi_call`: the run is over, and another thread may be inside a call.
             mpi::topology::SimpleCommunicator::world().abort(1);
         }
     }
     fn subgroup(&self, group_size: usize) -> Result<Arc<dyn Collective>, CollectiveError> {
         check_group_size(group_size, self.size)?;
-        let comm = self.comm();
-        let sub = comm
-            .split_by_color(Color::with_value((self.rank / group_size) as i32))
+        let sub = mpi_call(|| self.comm.split_by_color(Color::with_value((self.rank / group_size) as i32)))
             .ok_or_else(|| CollectiveError::Transport("MPI_Comm_split gave no communicator".into()))?;
-        let (rank, size) = (sub.rank() as usize, sub.size() as usize);
-        Ok(Arc::new(MpiCollective {
-            comm: Mutex::new(sub),
+        Ok(self.child(sub))
+    }
+    fn duplicate(&self) -> Result<Arc<dyn Collective>, CollectiveError> {
+        Ok(self.child(mpi_call(|| self.comm.duplicate())))
+    }
+}
+
+impl MpiCollective {
+    /// A communicator made from this one (a subgroup or a duplicate), with the same timeout and report.
+    fn child(&self, comm: SimpleCommunicator) -> Arc<dyn Collective> {
+        let (rank, size) = mpi_call(|| (comm.rank() as usize, comm.size() as usize));
+        Arc::new(MpiCollective {
+            comm,
             rank,
             size,
             timeout: self.timeout,
             report: Mutex::new(self.report.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             _universe: None,
-        }))
+        })
     }
 }
