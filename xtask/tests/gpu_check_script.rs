@@ -28,9 +28,14 @@ fn gpu_check_reports_every_stage_and_counts_failures() {
   bench) sleep 30;;
 esac"#,
     );
-    stub(&bin, "device", r#"echo "SWAV_REQUIRE_CUDA=$SWAV_REQUIRE_CUDA SWAV_SKIP_EMULATOR=$SWAV_SKIP_EMULATOR""#);
+    stub(
+        &bin,
+        "device",
+        r#"echo "SWAV_REQUIRE_CUDA=$SWAV_REQUIRE_CUDA SWAV_SKIP_EMULATOR=$SWAV_SKIP_EMULATOR cases in $SWAV_SOURCE_DIR""#,
+    );
     stub(&bin, "device_ops", "echo ops ok");
-    stub(&bin, "cuda_parity", "echo parity failed; exit 101");
+    // The Sinkhorn parity tests fail; the NCCL one, run as its own stage, passes.
+    stub(&bin, "cuda_parity", r#"if [ "$1" = nccl ]; then echo nccl ok; else echo parity failed; exit 101; fi"#);
     let out = tmp.path().join("out");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check.sh");
     let status = Command::new("bash")
@@ -46,7 +51,8 @@ esac"#,
     assert!(line("doctor").contains(" ok "), "{summary}");
     assert!(line("tensors").contains(" ok "), "{summary}");
     assert!(line("ops-parity").contains(" ok "), "{summary}");
-    assert!(line("sinkhorn-and-nccl").contains("FAILED: exit 101"), "{summary}");
+    assert!(line("sinkhorn-parity").contains("FAILED: exit 101"), "{summary}");
+    assert!(line("nccl-one-rank").contains(" ok "), "{summary}");
     assert!(line("reference-on-cuda").contains("FAILED: exit 3"), "{summary}");
     assert!(line("bench-rn18-small-bf16").contains("FAILED: timed out after 2 s"), "{summary}");
     // The failing stage's output is quoted in the summary, and kept whole in its log.
@@ -55,8 +61,33 @@ esac"#,
     // Parity tests run with a missing device as a failure and without their emulated halves.
     let env = std::fs::read_to_string(out.join("tensors.log")).unwrap();
     assert!(env.contains("SWAV_REQUIRE_CUDA=1 SWAV_SKIP_EMULATOR=1"), "{env}");
+    // Prebuilt test binaries read their reference cases from the checkout the script runs in.
+    let checkout = script.parent().unwrap().parent().unwrap().canonicalize().unwrap();
+    assert!(env.contains(&format!("cases in {}", checkout.display())), "{env}");
     assert!(summary.contains("3 stage(s) failed"), "{summary}");
     assert_eq!(status.status.code(), Some(3), "{}", String::from_utf8_lossy(&status.stderr));
+}
+
+#[test]
+fn gpu_check_runs_only_the_named_stages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for name in ["xtask", "device", "device_ops", "cuda_parity"] {
+        stub(&bin, name, "echo ran");
+    }
+    let out = tmp.path().join("out");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .args(["quick", bin.to_str().unwrap(), out.to_str().unwrap()])
+        .env("SWAV_GPU_CHECK_STAGES", "doctor nccl-one-rank")
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(0));
+    let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
+    let ran: Vec<&str> = summary.lines().filter(|l| l.contains(" ok ")).map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(ran, ["doctor", "nccl-one-rank"], "{summary}");
 }
 
 #[test]
