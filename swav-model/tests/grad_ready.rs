@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use swav_core::rng::SplitMix64;
 use swav_model::param::{Slot, Visit};
 use swav_model::{Arch, ModelConfig, SwavModel};
 use swav_tensor::Tensor;
@@ -22,29 +23,24 @@ fn small(arch: Arch, prototypes: Vec<usize>) -> ModelConfig {
     }
 }
 
-/// Deterministic pseudo-random values in [-1, 1).
+/// Reproducible values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| rng.uniform(-1.0, 1.0) as f32).collect()
 }
 
 fn check(cfg: ModelConfig) {
     let batch = 2;
     let mut model = SwavModel::new(cfg, 5).unwrap();
     // Two crop groups, so the backbone runs backward twice and accumulates.
-    let groups = vec![
-        Tensor::from_vec(&[2 * batch, 16, 16, 3], values(2 * batch * 16 * 16 * 3, 1)).unwrap(),
-        Tensor::from_vec(&[2 * batch, 8, 8, 3], values(2 * batch * 8 * 8 * 3, 2)).unwrap(),
-    ];
+    let groups = || {
+        vec![
+            Tensor::from_vec(&[2 * batch, 16, 16, 3], values(2 * batch * 16 * 16 * 3, 1)).unwrap(),
+            Tensor::from_vec(&[2 * batch, 8, 8, 3], values(2 * batch * 8 * 8 * 3, 2)).unwrap(),
+        ]
+    };
     model.zero_grad();
-    let (out, acts) = model.forward_train(groups).unwrap();
+    let (out, acts) = model.forward_train(groups()).unwrap();
     let dscores: Vec<Tensor> = (out.scores.iter().enumerate())
         .map(|(h, s)| Tensor::from_vec(s.shape(), values(s.len(), 10 + h as u64)).unwrap())
         .collect();
@@ -86,11 +82,7 @@ fn check(cfg: ModelConfig) {
     // The same gradients as the plain backward.
     let mut again = SwavModel::new(model.config.clone(), 5).unwrap();
     again.zero_grad();
-    let groups = vec![
-        Tensor::from_vec(&[2 * batch, 16, 16, 3], values(2 * batch * 16 * 16 * 3, 1)).unwrap(),
-        Tensor::from_vec(&[2 * batch, 8, 8, 3], values(2 * batch * 8 * 8 * 3, 2)).unwrap(),
-    ];
-    let (out, acts) = again.forward_train(groups).unwrap();
+    let (out, acts) = again.forward_train(groups()).unwrap();
     again.backward(acts, &out, &dscores).unwrap();
     again.visit("", &mut |name, slot| {
         if let Slot::Param(p) = slot {

@@ -1,7 +1,8 @@
 //! Data-parallel training across real processes under `mpirun` (feature `mpi`; needs Open MPI):
 //! `cargo test --release -p xtask --features mpi --test distributed`.
 //!
-//! - 2 ranks with SyncBN and batch b against 1 rank with batch 2b, 3 steps on the embedded images;
+//! - 2 ranks with SyncBN and batch b against 1 rank with batch 2b, 3 steps on the embedded images
+//!   (relative error < 1e-5 per tensor, each measured in the unit it acts in);
 //! - a 2-rank run stopped at step 3 and resumed gives the same tensors at step 6 as one that never
 //!   stopped (every rank's queue in use);
 //! - the distributed Sinkhorn reference case of world size 3 across 3 processes;
@@ -25,7 +26,8 @@ fn data(dir: &Path) -> PathBuf {
     out
 }
 
-/// `xtask train` on `ranks` processes (1: without mpirun) with the cpu-tiny preset.
+/// `xtask train` on `ranks` processes (1: without mpirun) with the cpu-tiny preset, unless `extra`
+/// names a `--config`.
 fn train(ranks: usize, data: &Path, run: &Path, extra: &[&str]) -> std::process::Output {
     let mut cmd = if ranks == 1 {
         Command::new(xtask())
@@ -35,7 +37,11 @@ fn train(ranks: usize, data: &Path, run: &Path, extra: &[&str]) -> std::process:
         c
     };
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    cmd.args(["train", "--preset", "cpu-tiny", "--threads", "1", "--data"]).arg(data).arg("--run-dir").arg(run);
+    cmd.arg("train");
+    if !extra.contains(&"--config") {
+        cmd.args(["--preset", "cpu-tiny"]);
+    }
+    cmd.args(["--threads", "1", "--data"]).arg(data).arg("--run-dir").arg(run);
     cmd.args(extra).stdin(Stdio::null()).output().expect("mpirun on the PATH (apt-get install openmpi-bin)")
 }
 
@@ -65,34 +71,93 @@ fn ok(out: &std::process::Output) {
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
+/// cpu-tiny's network at width 8 with larger crops: every batch norm sees enough values per channel
+/// that its statistics are well-conditioned (on 8- and 12-pixel crops the deepest ones see a handful,
+/// and their rounding differences grow past 1e-5 within 3 steps whatever the summation order).
+const SYNC_BN_CONFIG: &str = r#"
+[model]
+arch = "resnet18"
+width = 8
+small_stem = true
+in_channels = 1
+hidden_mlp = 32
+feat_dim = 16
+prototypes = [12]
+sync_bn = true
+
+[[crops.groups]]
+count = 2
+size = 28
+min_scale = 0.3
+max_scale = 1.0
+
+[[crops.groups]]
+count = 1
+size = 24
+min_scale = 0.2
+max_scale = 0.5
+
+[crops.augment]
+saturation = 0.0
+hue = 0.0
+grayscale_p = 0.0
+blur_p = 0.0
+
+[train]
+epochs = 1
+batch_size = 8
+base_lr = 0.3
+final_lr = 0.003
+warmup_epochs = 0
+crops_for_assign = [0, 1]
+freeze_prototypes_niters = 0
+seed = 7
+workers = 1
+"#;
+
 #[test]
 fn two_ranks_with_sync_bn_follow_one_rank_with_the_double_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let data = data(tmp.path());
-    let common = ["--set", "model.sync_bn=true", "--max-steps", "3"];
+    let config = tmp.path().join("sync-bn.toml");
+    std::fs::write(&config, SYNC_BN_CONFIG).unwrap();
+    let common = ["--config", config.to_str().unwrap(), "--max-steps", "3"];
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     ok(&train(1, &data, &one, &[&common[..], &["--set", "train.batch_size=16"]].concat()));
     ok(&train(2, &data, &two, &[&common[..], &["--set", "train.batch_size=8"]].concat()));
     let (a, b) = (tensors(&checkpoint(&one, 3, "safetensors")), tensors(&checkpoint(&two, 3, "safetensors")));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    let mut worst = (0.0f64, String::new());
-    for (name, x) in &a {
-        // The bias of the linear layer before the head's batch norm has a gradient of exactly 0 in
-        // exact arithmetic: what it gets is rounding noise, which LARS scales to a full step.
+    // Each tensor against the unit it acts in: a batch norm's shift (which starts at 0 and sums
+    // gradients that nearly cancel) against its scale gamma; a running mean against the running
+    // standard deviation; the bias of the linear layer before the head's batch norm (whose gradient is
+    // 0 in exact arithmetic: it receives rounding noise, which LARS scales to a full step, and it has
+    // no effect on a training-mode forward) against the standard deviation of that batch norm's
+    // input; every other tensor against itself.
+    let std_of = |bn: &str| -> Vec<f32> { a[&format!("{bn}.running_var")].iter().map(|v| v.sqrt()).collect() };
+    let scale = |name: &str| -> Vec<f32> {
         if name == "projection_head.0.bias" {
-            continue;
+            return std_of("projection_head.1");
         }
+        match (name.strip_suffix(".bias"), name.strip_suffix(".running_mean")) {
+            (Some(bn), _) if a.contains_key(&format!("{bn}.running_mean")) => a[&format!("{bn}.weight")].clone(),
+            (_, Some(bn)) => std_of(bn),
+            _ => a[name].clone(),
+        }
+    };
+    let mut worst = Vec::new();
+    for (name, x) in &a {
         let y = &b[name];
         let d: f64 = x.iter().zip(y).map(|(p, q)| (*p as f64 - *q as f64).powi(2)).sum::<f64>().sqrt();
-        let n: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
-        let e = d / n.max(1e-30);
-        if e > worst.0 {
-            worst = (e, name.clone());
-        }
+        let n: f64 = scale(name).iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        worst.push((d / n.max(1e-30), name.clone()));
     }
-    eprintln!("2 ranks vs 1 rank after 3 steps: worst relative error {:e} ({})", worst.0, worst.1);
-    // Without SyncBN the two differ by far more (per-rank batch statistics).
-    assert!(worst.0 < 1e-4, "{}: {:e}", worst.1, worst.0);
+    worst.sort_by(|p, q| q.0.total_cmp(&p.0));
+    eprintln!("2 ranks vs 1 rank after 3 steps, worst relative errors: {:?}", &worst[..4]);
+    let pre_bn_bias = worst.iter().find(|(_, n)| n == "projection_head.0.bias").unwrap().0;
+    let (e, name) = worst.iter().find(|(_, n)| n != "projection_head.0.bias").unwrap();
+    assert!(*e < 1e-5, "{name}: {e:e}");
+    // The noise-driven bias is held to a looser bound, in its own unit.
+    assert!(pre_bn_bias < 2e-4, "projection_head.0.bias: {pre_bn_bias:e}");
 }
 
 #[test]

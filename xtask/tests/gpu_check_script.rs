@@ -13,6 +13,20 @@ fn stub(dir: &Path, name: &str, body: &str) {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+fn script() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check.sh")
+}
+
+/// Runs the quick mode on the stand-ins of `bin`, results in `out`, with `env` set.
+fn run_quick(bin: &Path, out: &Path, env: &[(&str, &std::ffi::OsStr)]) -> std::process::Output {
+    let mut cmd = Command::new("bash");
+    cmd.arg(script()).args(["quick", bin.to_str().unwrap(), out.to_str().unwrap()]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
 #[test]
 fn gpu_check_reports_every_stage_and_counts_failures() {
     let tmp = tempfile::tempdir().unwrap();
@@ -37,14 +51,7 @@ esac"#,
     // The Sinkhorn parity tests fail; the NCCL one, run as its own stage, passes.
     stub(&bin, "cuda_parity", r#"if [ "$1" = nccl ]; then echo nccl ok; else echo parity failed; exit 101; fi"#);
     let out = tmp.path().join("out");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check.sh");
-    let status = Command::new("bash")
-        .arg(&script)
-        .args(["quick", bin.to_str().unwrap(), out.to_str().unwrap()])
-        .env("SWAV_GPU_CHECK_LIMIT", "2")
-        .env("TMPDIR", tmp.path())
-        .output()
-        .unwrap();
+    let status = run_quick(&bin, &out, &[("SWAV_GPU_CHECK_LIMIT", "2".as_ref()), ("TMPDIR", tmp.path().as_os_str())]);
     let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
     let line =
         |stage: &str| summary.lines().find(|l| l.starts_with(stage)).unwrap_or_else(|| panic!("{stage}: {summary}"));
@@ -62,7 +69,7 @@ esac"#,
     let env = std::fs::read_to_string(out.join("tensors.log")).unwrap();
     assert!(env.contains("SWAV_REQUIRE_CUDA=1 SWAV_SKIP_EMULATOR=1"), "{env}");
     // Prebuilt test binaries read their reference cases from the checkout the script runs in.
-    let checkout = script.parent().unwrap().parent().unwrap().canonicalize().unwrap();
+    let checkout = script().parent().unwrap().parent().unwrap().canonicalize().unwrap();
     assert!(env.contains(&format!("cases in {}", checkout.display())), "{env}");
     assert!(summary.contains("3 stage(s) failed"), "{summary}");
     assert_eq!(status.status.code(), Some(3), "{}", String::from_utf8_lossy(&status.stderr));
@@ -77,13 +84,7 @@ fn gpu_check_runs_only_the_named_stages() {
         stub(&bin, name, "echo ran");
     }
     let out = tmp.path().join("out");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check.sh");
-    let status = Command::new("bash")
-        .arg(&script)
-        .args(["quick", bin.to_str().unwrap(), out.to_str().unwrap()])
-        .env("SWAV_GPU_CHECK_STAGES", "doctor nccl-one-rank")
-        .output()
-        .unwrap();
+    let status = run_quick(&bin, &out, &[("SWAV_GPU_CHECK_STAGES", "doctor nccl-one-rank".as_ref())]);
     assert_eq!(status.status.code(), Some(0));
     let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
     let ran: Vec<&str> = summary.lines().filter(|l| l.contains(" ok ")).map(|l| l.split(' ').next().unwrap()).collect();
@@ -92,8 +93,7 @@ fn gpu_check_runs_only_the_named_stages() {
 
 #[test]
 fn gpu_check_refuses_an_unknown_mode() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check.sh");
-    let out = Command::new("bash").arg(&script).arg("everything").output().unwrap();
+    let out = Command::new("bash").arg(script()).arg("everything").output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
 }
