@@ -34,7 +34,7 @@ pub mod device;
 pub mod error;
 pub mod matmul;
 pub mod ops;
-mod parallel;
+pub mod parallel;
 pub mod profile;
 pub mod tensor;
 

@@ -7,6 +7,8 @@
 //! Gradient: `d/ds_v[b,k] = sum_{a != v} (softmax_k(s_v[b]/T) sum_j q_a[b,j] - q_a[b,k]) / (T B (V-1) A)`
 //! (`A = |crops_for_assign|`); the codes are constants (computed without gradient).
 
+use swav_tensor::parallel::{map_chunks, rows_per_chunk};
+
 use crate::error::TrainError;
 
 /// Loss value and its gradient with respect to every score.
@@ -37,35 +39,61 @@ pub fn swapped_prediction_loss(
         return Err(TrainError::Shape(format!("crop {a} in crops_for_assign but only {crops} crops")));
     }
     let inv_t = 1.0 / temperature as f64;
-    // log softmax of every crop's scores, per row, in f64.
-    let mut log_p = vec![0.0f64; scores.len()];
-    for (row, out) in scores.chunks_exact(k).zip(log_p.chunks_exact_mut(k)) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64 * inv_t;
-        let lse = row.iter().map(|&v| (v as f64 * inv_t - max).exp()).sum::<f64>().ln() + max;
-        for (o, &v) in out.iter_mut().zip(row) {
-            *o = v as f64 * inv_t - lse;
+    let denom = (crops - 1) as f64 * crops_for_assign.len() as f64;
+    let grad_scale = inv_t / (batch as f64 * denom);
+    // Row by row (in parallel, chunks fixed by the sizes): the log softmax in f64, the gradient of the
+    // row from every assigned crop that predicts it, and those crops' cross-entropy terms.
+    let rows = crops * batch;
+    let chunks = map_chunks(rows, rows_per_chunk(k, 1 << 15), |range| {
+        let mut dscores = Vec::with_capacity(range.len() * k);
+        let mut cross = Vec::new();
+        let (mut log_p, mut p, mut d) = (vec![0.0f64; k], vec![0.0f64; k], vec![0.0f64; k]);
+        for r in range {
+            let (v, b) = (r / batch, r % batch);
+            let row = &scores[r * k..(r + 1) * k];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64 * inv_t;
+            let lse = row.iter().map(|&x| (x as f64 * inv_t - max).exp()).sum::<f64>().ln() + max;
+            for ((l, e), &x) in log_p.iter_mut().zip(p.iter_mut()).zip(row) {
+                *l = x as f64 * inv_t - lse;
+                *e = l.exp();
+            }
+            d.fill(0.0);
+            for (i, (&a, q)) in crops_for_assign.iter().zip(codes).enumerate() {
+                if a == v {
+                    continue;
+                }
+                let qr = &q[b * k..(b + 1) * k];
+                let q_sum: f64 = qr.iter().map(|&x| x as f64).sum();
+                cross.push((
+                    (i * crops + v) * batch + b,
+                    qr.iter().zip(&log_p).map(|(&x, &l)| x as f64 * l).sum::<f64>(),
+                ));
+                for ((dj, &qv), &pj) in d.iter_mut().zip(qr).zip(&p) {
+                    *dj += (pj * q_sum - qv as f64) * grad_scale;
+                }
+            }
+            dscores.extend(d.iter().map(|&x| x as f32));
+        }
+        (dscores, cross)
+    });
+    let mut dscores = Vec::with_capacity(scores.len());
+    let mut cross = vec![0.0f64; crops_for_assign.len() * rows];
+    for (d, c) in chunks {
+        dscores.extend(d);
+        for (at, value) in c {
+            cross[at] = value;
         }
     }
-    let denom = (crops - 1) as f64 * crops_for_assign.len() as f64;
+    // Summed in a fixed order (assigned crop, predicting crop, image), whatever the chunks.
     let mut loss = 0.0f64;
-    let mut dscores = vec![0.0f64; scores.len()];
-    let grad_scale = inv_t / (batch as f64 * denom);
-    for (&a, q) in crops_for_assign.iter().zip(codes) {
+    for (i, &a) in crops_for_assign.iter().enumerate() {
         for v in (0..crops).filter(|&v| v != a) {
             for b in 0..batch {
-                let qr = &q[b * k..(b + 1) * k];
-                let at = (v * batch + b) * k;
-                let lp = &log_p[at..at + k];
-                let q_sum: f64 = qr.iter().map(|&x| x as f64).sum();
-                let cross: f64 = qr.iter().zip(lp).map(|(&x, &l)| x as f64 * l).sum();
-                loss -= cross / (batch as f64 * denom);
-                for ((d, &qv), &l) in dscores[at..at + k].iter_mut().zip(qr).zip(lp) {
-                    *d += (l.exp() * q_sum - qv as f64) * grad_scale;
-                }
+                loss -= cross[(i * crops + v) * batch + b] / (batch as f64 * denom);
             }
         }
     }
-    Ok(LossOutput { loss, dscores: dscores.into_iter().map(|d| d as f32).collect() })
+    Ok(LossOutput { loss, dscores })
 }
 
 #[cfg(test)]
