@@ -341,18 +341,18 @@ impl ResNet {
         let stem_final = pooled.as_ref().unwrap_or(&stem_out);
         let last = blocks.last().map_or(stem_final, |b| &b.out);
         let mut d = global_avg_pool_backward(last, dfeatures)?;
-        let names: Vec<String> = (self.stages.iter().enumerate())
-            .flat_map(|(s, stage)| (0..stage.len()).map(move |b| format!("layer{}.{b}.", s + 1)))
-            .collect();
-        let mut all: Vec<&mut Block> = self.stages.iter_mut().flatten().collect();
-        for (i, block) in all.iter_mut().enumerate().rev() {
-            let input = if i == 0 { stem_final } else { &blocks[i - 1].out };
-            d = block.backward(input, &blocks[i], &d)?;
-            if let Some(ready) = ready.as_mut() {
-                ready(&names[i], &mut **block);
+        // `i` counts the blocks across stages, as `blocks` holds their activations.
+        let mut i = blocks.len();
+        for (s, stage) in self.stages.iter_mut().enumerate().rev() {
+            for (b, block) in stage.iter_mut().enumerate().rev() {
+                i -= 1;
+                let input = if i == 0 { stem_final } else { &blocks[i - 1].out };
+                d = block.backward(input, &blocks[i], &d)?;
+                if let Some(ready) = ready.as_mut() {
+                    ready(&block_prefix(s, b), block);
+                }
             }
         }
-        drop(all);
         drop(blocks);
         if let Some(idx) = &pool_idx {
             d = max_pool_backward(stem_out.shape(), idx, &d)?;
@@ -369,13 +369,18 @@ impl ResNet {
     }
 }
 
+/// The torchvision name of block `block` of stage `stage` (both from 0): `layer1.0.`.
+fn block_prefix(stage: usize, block: usize) -> String {
+    format!("layer{}.{block}.", stage + 1)
+}
+
 impl Visit for ResNet {
     fn visit(&mut self, prefix: &str, f: &mut Visitor<'_>) {
         self.conv1.visit(&format!("{prefix}conv1."), f);
         self.bn1.visit(&format!("{prefix}bn1."), f);
         for (s, stage) in self.stages.iter_mut().enumerate() {
             for (b, block) in stage.iter_mut().enumerate() {
-                block.visit(&format!("{prefix}layer{}.{b}.", s + 1), f);
+                block.visit(&format!("{prefix}{}", block_prefix(s, b)), f);
             }
         }
     }

@@ -404,6 +404,10 @@ impl Collective for ThreadRank {
     }
 }
 
+fn thread_gone() -> CollectiveError {
+    CollectiveError::Transport("the all-reduce thread has stopped".into())
+}
+
 /// Gradient averaging that overlaps the backward pass (DDP's reducer): the caller pushes gradients
 /// as they become final; whenever [`BUCKET_BYTES`] (or the size given) have gathered, the bucket is
 /// sent to a communication thread that all-reduces it on a [duplicate](Collective::duplicate) of the
@@ -481,8 +485,7 @@ impl BucketedMean {
 
     fn send(&mut self) -> Result<(), CollectiveError> {
         let bucket = std::mem::take(&mut self.filling);
-        let gone = || CollectiveError::Transport("the all-reduce thread has stopped".into());
-        self.to_thread.as_ref().ok_or_else(gone)?.send(bucket).map_err(|_| gone())?;
+        self.to_thread.as_ref().ok_or_else(thread_gone)?.send(bucket).map_err(|_| thread_gone())?;
         self.in_flight += 1;
         Ok(())
     }
@@ -496,19 +499,11 @@ impl BucketedMean {
         let mut out = Vec::new();
         let scale = 1.0 / self.world as f32;
         while self.in_flight > 0 {
-            let bucket = match self.from_thread.recv() {
-                Ok(result) => result,
-                Err(_) => Err(CollectiveError::Transport("the all-reduce thread has stopped".into())),
-            };
             self.in_flight -= 1;
-            let bucket = match bucket {
-                Ok(b) => b,
-                Err(e) => {
-                    // Out of step with the other ranks: nothing more may be sent.
-                    self.to_thread = None;
-                    return Err(e);
-                }
-            };
+            let bucket = self.from_thread.recv().unwrap_or_else(|_| Err(thread_gone())).inspect_err(|_| {
+                // Out of step with the other ranks: nothing more may be sent.
+                self.to_thread = None;
+            })?;
             out.extend(bucket.into_iter().map(|v| v * scale));
         }
         Ok((out, std::mem::take(&mut self.started_early)))
