@@ -79,7 +79,13 @@ pub fn report() -> Report {
         let mut v = 0;
         // SAFETY: an out-pointer to a live integer.
         match catch_unwind(AssertUnwindSafe(|| unsafe { drv_sys::cuDriverGetVersion(&mut v) })) {
-            Ok(drv_sys::CUresult::CUDA_SUCCESS) => driver.version = Some(cuda_version(v)),
+            Ok(drv_sys::CUresult::CUDA_SUCCESS) => {
+                let release = std::fs::read_to_string("/proc/driver/nvidia/version").ok();
+                driver.version = Some(match release.as_deref().and_then(driver_release) {
+                    Some(r) => format!("CUDA {} (driver {r})", cuda_version(v)),
+                    None => format!("CUDA {}", cuda_version(v)),
+                });
+            }
             other => driver.problem = Some(format!("cuDriverGetVersion failed: {other:?}")),
         }
     } else {
@@ -191,6 +197,18 @@ fn devices() -> (Vec<DeviceInfo>, Option<String>) {
     }
 }
 
+/// The kernel module's release (`580.65.06`) from `/proc/driver/nvidia/version`, whose first line
+/// reads `NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.65.06  <date>` (or `... Open Kernel Module
+/// for x86_64  580.65.06  Release Build ...`): the first word after "Module" that starts with a digit.
+fn driver_release(text: &str) -> Option<String> {
+    let line = text.lines().next()?;
+    let after = &line[line.find("Module")? + "Module".len()..];
+    after
+        .split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()) && w.contains('.'))
+        .map(str::to_string)
+}
+
 /// `13000` -> `13.0` (the driver API's encoding, 1000 * major + 10 * minor).
 fn cuda_version(v: i32) -> String {
     format!("{}.{}", v / 1000, (v % 1000) / 10)
@@ -235,6 +253,16 @@ fn mapped_files(maps: &str, soname: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_driver_release() {
+        let proprietary = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\nGCC version:  gcc version 12.2.0\n";
+        assert_eq!(driver_release(proprietary).as_deref(), Some("550.54.15"));
+        let open = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs-builder@U16-I3-B03-4-3)  Sun Jul 27 06:54:38 UTC 2025\n";
+        assert_eq!(driver_release(open).as_deref(), Some("580.65.06"));
+        assert_eq!(driver_release("something else\n"), None);
+        assert_eq!(driver_release(""), None);
+    }
 
     #[test]
     fn decodes_library_versions() {

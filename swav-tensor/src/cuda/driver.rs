@@ -6,8 +6,10 @@
 //! for the lowest supported architecture as the fallback when this NVRTC does not know the device.
 //!
 //! cuDNN: descriptors are built from [`ConvCall`]s (NHWC activations, KRSC filters, fp32 compute,
-//! tensor-op math); the algorithm of each (call, pass) is chosen once by cuDNN's heuristics, cached,
-//! and the next candidate is tried when one fails or needs more workspace than allowed.
+//! tensor-op math); the algorithms of each (call, pass) are measured once by cuDNN (`cudnnFind*`;
+//! its heuristics when that fails, or with `SWAV_CUDNN_SEARCH=heuristic`), cached, and the next
+//! candidate is tried when one fails. cuBLAS gets an explicit workspace of its own at open (it would
+//! otherwise allocate one on first use, which CUDA graph capture forbids).
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -27,6 +29,8 @@ use crate::Result;
 
 /// The most workspace a convolution algorithm may ask for.
 const MAX_WORKSPACE: usize = 256 << 20;
+/// cuBLAS's workspace (what PyTorch gives it on Hopper: 32 MiB).
+const CUBLAS_WORKSPACE: usize = 32 << 20;
 
 fn err(what: impl std::fmt::Display) -> TensorError {
     TensorError::Device(format!("cuda: {what}"))
@@ -94,10 +98,18 @@ impl DriverBackend {
         nvrtc::available().map_err(err)?;
         let cublas = blas::create_handle().map_err(|e| err(format!("cublasCreate: {e:?}")))?;
         let cudnn = dnn::create_handle().map_err(|e| err(format!("cudnnCreate: {e:?}")))?;
-        // SAFETY: fresh handles, bound to this backend's live stream.
+        // SAFETY: fresh handles, bound to this backend's live stream; the cuBLAS workspace is a block
+        // of its own, allocated on that stream and complete before cuBLAS is handed it (never freed: a
+        // device stays open for the life of the process, as the runtime registry keeps it).
         unsafe {
             blas::set_stream(cublas, stream.cu_stream() as _).map_err(|e| err(format!("cublasSetStream: {e:?}")))?;
             dnn::set_stream(cudnn, stream.cu_stream() as _).map_err(|e| err(format!("cudnnSetStream: {e:?}")))?;
+            let ws = drv::malloc_async(stream.cu_stream(), CUBLAS_WORKSPACE)
+                .map_err(|e| err(format!("allocating cuBLAS's workspace: {e}")))?;
+            stream.synchronize().map_err(err)?;
+            blas_sys::cublasSetWorkspace_v2(cublas, ws as *mut c_void, CUBLAS_WORKSPACE)
+                .result()
+                .map_err(|e| err(format!("cublasSetWorkspace: {e:?}")))?;
         }
         Ok(DriverBackend {
             ctx,
@@ -263,78 +275,181 @@ impl Drop for ConvDescriptors {
     }
 }
 
-/// cuDNN's ranked algorithms for a call: (algorithm, workspace bytes), successful ones first.
-fn rank_algorithms(h: &Handles, call: &ConvCall, d: &ConvDescriptors) -> Result<Vec<(i32, usize)>> {
-    const N: i32 = 8;
-    let mut count = 0;
-    let mut out = Vec::new();
-    // SAFETY: live handle and descriptors; the result arrays hold N entries.
-    unsafe {
-        match call.pass {
-            ConvPass::Forward => {
-                let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionFwdAlgoPerf_t>(); N as usize];
-                dnn::get_convolution_forward_algorithm(
-                    h.cudnn,
-                    d.x,
-                    d.w,
-                    d.conv,
-                    d.y,
-                    N,
-                    &mut count,
-                    perf.as_mut_ptr(),
-                )
-                .map_err(|e| err(format!("cudnnGetConvolutionForwardAlgorithm_v7: {e:?}")))?;
-                for p in &perf[..count as usize] {
-                    if p.status == dnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
-                        out.push((p.algo as i32, p.memory));
-                    }
-                }
-            }
-            ConvPass::BackwardData => {
-                let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionBwdDataAlgoPerf_t>(); N as usize];
-                dnn::get_convolution_backward_data_algorithm(
-                    h.cudnn,
-                    d.w,
-                    d.y,
-                    d.conv,
-                    d.x,
-                    N,
-                    &mut count,
-                    perf.as_mut_ptr(),
-                )
-                .map_err(|e| err(format!("cudnnGetConvolutionBackwardDataAlgorithm_v7: {e:?}")))?;
-                for p in &perf[..count as usize] {
-                    if p.status == dnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
-                        out.push((p.algo as i32, p.memory));
-                    }
-                }
-            }
-            ConvPass::BackwardFilter => {
-                let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); N as usize];
-                dnn::get_convolution_backward_filter_algorithm(
-                    h.cudnn,
-                    d.x,
-                    d.y,
-                    d.conv,
-                    d.w,
-                    N,
-                    &mut count,
-                    perf.as_mut_ptr(),
-                )
-                .map_err(|e| err(format!("cudnnGetConvolutionBackwardFilterAlgorithm_v7: {e:?}")))?;
-                for p in &perf[..count as usize] {
-                    if p.status == dnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
-                        out.push((p.algo as i32, p.memory));
-                    }
-                }
-            }
-        }
+/// One algorithm cuDNN offers for a call.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    algo: i32,
+    workspace: usize,
+    deterministic: bool,
+}
+
+/// How the algorithms of a call are ranked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Search {
+    /// cuDNN runs every algorithm on the call's shapes and ranks them by time (`cudnnFind*`).
+    Measure,
+    /// cuDNN's heuristics rank them without running anything (`cudnnGet*_v7`).
+    Heuristic,
+}
+
+/// The search `SWAV_CUDNN_SEARCH` asks for: `heuristic`, or measurement (the default).
+fn search_mode() -> Search {
+    match std::env::var("SWAV_CUDNN_SEARCH").as_deref() {
+        Ok("heuristic") => Search::Heuristic,
+        _ => Search::Measure,
     }
-    out.retain(|&(_, ws)| ws <= MAX_WORKSPACE);
-    if out.is_empty() {
+}
+
+/// The successful entries of a cuDNN perf-result array, in cuDNN's order.
+macro_rules! candidates {
+    ($perf:expr, $count:expr) => {
+        $perf[..($count.max(0) as usize).min($perf.len())]
+            .iter()
+            .filter(|p| p.status == dnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+            .map(|p| Candidate {
+                algo: p.algo as i32,
+                workspace: p.memory,
+                deterministic: p.determinism == dnn_sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
+            })
+            .collect::<Vec<_>>()
+    };
+}
+
+/// cuDNN's algorithms for a call, ranked by `search`.
+///
+/// # Safety
+/// `h` and `d` must be live and describe `call`.
+unsafe fn offered(h: &Handles, call: &ConvCall, d: &ConvDescriptors, search: Search) -> Result<Vec<Candidate>> {
+    const N: usize = 8;
+    let mut count = 0;
+    let status = |what: &str, s: dnn_sys::cudnnStatus_t| {
+        if s == dnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(err(format!("{what}: {s:?}")))
+        }
+    };
+    // SAFETY (all calls): live handle and descriptors (the caller's contract); each result array
+    // holds N entries.
+    Ok(match (call.pass, search) {
+        (ConvPass::Forward, Search::Measure) => {
+            let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionFwdAlgoPerf_t>(); N];
+            let s = dnn_sys::cudnnFindConvolutionForwardAlgorithm(
+                h.cudnn,
+                d.x,
+                d.w,
+                d.conv,
+                d.y,
+                N as i32,
+                &mut count,
+                perf.as_mut_ptr(),
+            );
+            status("cudnnFindConvolutionForwardAlgorithm", s)?;
+            candidates!(perf, count)
+        }
+        (ConvPass::Forward, Search::Heuristic) => {
+            let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionFwdAlgoPerf_t>(); N];
+            dnn::get_convolution_forward_algorithm(
+                h.cudnn,
+                d.x,
+                d.w,
+                d.conv,
+                d.y,
+                N as i32,
+                &mut count,
+                perf.as_mut_ptr(),
+            )
+            .map_err(|e| err(format!("cudnnGetConvolutionForwardAlgorithm_v7: {e:?}")))?;
+            candidates!(perf, count)
+        }
+        (ConvPass::BackwardData, Search::Measure) => {
+            let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionBwdDataAlgoPerf_t>(); N];
+            let s = dnn_sys::cudnnFindConvolutionBackwardDataAlgorithm(
+                h.cudnn,
+                d.w,
+                d.y,
+                d.conv,
+                d.x,
+                N as i32,
+                &mut count,
+                perf.as_mut_ptr(),
+            );
+            status("cudnnFindConvolutionBackwardDataAlgorithm", s)?;
+            candidates!(perf, count)
+        }
+        (ConvPass::BackwardData, Search::Heuristic) => {
+            let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionBwdDataAlgoPerf_t>(); N];
+            dnn::get_convolution_backward_data_algorithm(
+                h.cudnn,
+                d.w,
+                d.y,
+                d.conv,
+                d.x,
+                N as i32,
+                &mut count,
+                perf.as_mut_ptr(),
+            )
+            .map_err(|e| err(format!("cudnnGetConvolutionBackwardDataAlgorithm_v7: {e:?}")))?;
+            candidates!(perf, count)
+        }
+        (ConvPass::BackwardFilter, Search::Measure) => {
+            let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); N];
+            let s = dnn_sys::cudnnFindConvolutionBackwardFilterAlgorithm(
+                h.cudnn,
+                d.x,
+                d.y,
+                d.conv,
+                d.w,
+                N as i32,
+                &mut count,
+                perf.as_mut_ptr(),
+            );
+            status("cudnnFindConvolutionBackwardFilterAlgorithm", s)?;
+            candidates!(perf, count)
+        }
+        (ConvPass::BackwardFilter, Search::Heuristic) => {
+            let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); N];
+            dnn::get_convolution_backward_filter_algorithm(
+                h.cudnn,
+                d.x,
+                d.y,
+                d.conv,
+                d.w,
+                N as i32,
+                &mut count,
+                perf.as_mut_ptr(),
+            )
+            .map_err(|e| err(format!("cudnnGetConvolutionBackwardFilterAlgorithm_v7: {e:?}")))?;
+            candidates!(perf, count)
+        }
+    })
+}
+
+/// The algorithms to try for a call, best first: measured once (cuDNN runs each on scratch memory of
+/// its own), or ranked by the heuristics when measuring fails or is turned off; those that need more
+/// than [`MAX_WORKSPACE`] dropped; deterministic ones first (each group in cuDNN's order), so that a
+/// run repeats itself bit for bit wherever cuDNN has a deterministic algorithm for the shape.
+fn rank_algorithms(h: &Handles, call: &ConvCall, d: &ConvDescriptors) -> Result<Vec<(i32, usize)>> {
+    // A library without the entry point panics in the loader: treat that as a failed measurement.
+    let measured = match search_mode() {
+        Search::Measure => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: live handle and descriptors of `call`.
+            unsafe { offered(h, call, d, Search::Measure) }
+        }))
+        .unwrap_or_else(|_| Err(err("cuDNN has no cudnnFind entry points"))),
+        Search::Heuristic => Ok(Vec::new()),
+    };
+    let mut list = match measured {
+        Ok(list) if !list.is_empty() => list,
+        // SAFETY: as above.
+        _ => unsafe { offered(h, call, d, Search::Heuristic)? },
+    };
+    list.retain(|c| c.workspace <= MAX_WORKSPACE);
+    list.sort_by_key(|c| !c.deterministic);
+    if list.is_empty() {
         return Err(err(format!("cuDNN offers no algorithm for {call:?}")));
     }
-    Ok(out)
+    Ok(list.into_iter().map(|c| (c.algo, c.workspace)).collect())
 }
 
 impl Backend for DriverBackend {
