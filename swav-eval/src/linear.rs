@@ -205,7 +205,7 @@ pub fn init_classifier(dim: usize, classes: usize, seed: u64) -> Result<Linear, 
     let mut rng = SplitMix64::from_key(&[seed, LINEAR_STREAM]);
     let w: Vec<f32> = (0..classes * dim).map(|_| (rng.normal() * 0.01) as f32).collect();
     let weight = Param::new(Tensor::from_vec(&[classes, dim], w)?, ParamLayout::Plain);
-    Ok(Linear { weight, bias: Some(Param::zeros(&[classes])) })
+    Ok(Linear { weight, bias: Some(Param::zeros(&[classes])), compute: swav_tensor::DType::F32 })
 }
 
 /// One SGD step of the classifier on a batch of features `[B, F]`: forward, cross-entropy, gradient,

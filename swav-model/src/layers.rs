@@ -1,6 +1,7 @@
 //! The three layers with parameters: convolution, batch norm and linear. Each wraps the engine's op
 //! with its parameters and names; the networks compose them.
 
+use std::borrow::Cow;
 use swav_tensor::ops::batchnorm::{
     batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, sync_batchnorm_backward,
     sync_batchnorm_train_forward, BnCache, BnParams, Fused,
@@ -8,11 +9,19 @@ use swav_tensor::ops::batchnorm::{
 use swav_tensor::ops::conv::{conv2d_backward, conv2d_forward, ConvParams};
 use swav_tensor::ops::linear::{linear_backward, linear_forward};
 use swav_tensor::ops::winograd::ConvAlgorithm;
-use swav_tensor::{Collective, Device, Tensor};
+
+use swav_tensor::{Collective, DType, Device, Tensor};
 
 use crate::init::InitRng;
 use crate::param::{Layout, Param, Slot, Visit, Visitor};
 use crate::Result;
+
+/// `t` in `dtype`: itself, or a copy when it is stored otherwise. Under mixed precision the layers
+/// compute in bf16 on copies of the fp32 master weights, made per call: the weights change every
+/// step, and a copy costs far less than the layer.
+fn in_dtype(t: &Tensor, dtype: DType) -> Result<Cow<'_, Tensor>> {
+    Ok(if t.dtype() == dtype { Cow::Borrowed(t) } else { Cow::Owned(t.to_dtype(dtype)?) })
+}
 
 /// Convolution without bias; weight `[out, kh, kw, in]` (OHWI) in memory.
 #[derive(Clone, Debug)]
@@ -45,21 +54,10 @@ impl Conv2d {
         ConvParams { stride: self.stride, pad: self.pad, algo: self.algo }
     }
 
-    /// The weight in the dtype of the activations: under mixed precision the convolution runs in bf16
-    /// on a copy of the fp32 master weight (made per call: the weights change every step, and a copy
-    /// costs far less than the convolution).
-    fn weight_for<'a>(w: &'a Tensor, x: &Tensor) -> Result<std::borrow::Cow<'a, Tensor>> {
-        Ok(if x.dtype() == w.dtype() {
-            std::borrow::Cow::Borrowed(w)
-        } else {
-            std::borrow::Cow::Owned(w.to_dtype(x.dtype())?)
-        })
-    }
-
     /// The convolution of `x: [n, h, w, in]` (NHWC): `[n, oh, ow, out]` on the device of `x`, with the
     /// weight in the dtype of `x` (bf16 under mixed precision).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = Self::weight_for(&self.weight.value, x)?;
+        let w = in_dtype(&self.weight.value, x.dtype())?;
         Ok(conv2d_forward(x, &w, self.params())?)
     }
 
@@ -68,7 +66,7 @@ impl Conv2d {
     pub fn backward(&mut self, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
         let p = self.params();
         let Param { value, grad, .. } = &mut self.weight;
-        let w = Self::weight_for(value, x)?;
+        let w = in_dtype(value, x.dtype())?;
         Ok(conv2d_backward(x, &w, dy, p, grad, want_dx)?)
     }
 }
@@ -173,6 +171,9 @@ pub struct Linear {
     pub weight: Param,
     /// `[out]`, if the layer has a bias.
     pub bias: Option<Param>,
+    /// The storage of the GEMM's inputs: `F32`, or `Bf16` under mixed precision on a CUDA device
+    /// (input and weight cast to bf16, fp32 accumulation and output, like PyTorch's autocast).
+    pub compute: DType,
 }
 
 impl Linear {
@@ -183,19 +184,22 @@ impl Linear {
         let b = bias.then(|| {
             Param::new(Tensor::from_vec(&[fout], rng.uniform_fan_in(fout, fin)).expect("shape"), Layout::Plain)
         });
-        Linear { weight: Param::new(w, Layout::Plain), bias: b }
+        Linear { weight: Param::new(w, Layout::Plain), bias: b, compute: DType::F32 }
     }
 
-    /// `x: [rows, in]` to `[rows, out]`.
+    /// `x: [rows, in]` to `[rows, out]` (fp32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(linear_forward(x, &self.weight.value, self.bias.as_ref().map(|b| &b.value))?)
+        let (xc, w) = (in_dtype(x, self.compute)?, in_dtype(&self.weight.value, self.compute)?);
+        Ok(linear_forward(&xc, &w, self.bias.as_ref().map(|b| &b.value))?)
     }
 
     /// Backward of [`Linear::forward`] on the same `x`: accumulates the weight and bias gradients and
-    /// returns the input gradient when `want_dx`.
+    /// returns the input gradient (fp32) when `want_dx`.
     pub fn backward(&mut self, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
+        let xc = in_dtype(x, self.compute)?;
+        let w = in_dtype(&self.weight.value, self.compute)?;
         let db = self.bias.as_mut().map(|b| &mut b.grad);
-        Ok(linear_backward(x, &self.weight.value, dy, &mut self.weight.grad, db, want_dx)?)
+        Ok(linear_backward(&xc, &w, dy, &mut self.weight.grad, db, want_dx)?)
     }
 }
 

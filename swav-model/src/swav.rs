@@ -160,6 +160,21 @@ impl SwavModel {
         }
     }
 
+    /// The storage of the head's and the prototypes' GEMM inputs: `DType::Bf16` under mixed precision
+    /// on a CUDA device (fp32 accumulation and outputs), `DType::F32` otherwise (the default).
+    pub fn set_linear_compute(&mut self, compute: swav_tensor::DType) {
+        match &mut self.head {
+            crate::head::ProjectionHead::Mlp { fc1, fc2, .. } => {
+                fc1.compute = compute;
+                fc2.compute = compute;
+            }
+            crate::head::ProjectionHead::Linear(fc) => fc.compute = compute,
+        }
+        for p in &mut self.prototypes.heads {
+            p.compute = compute;
+        }
+    }
+
     /// Scales every prototype to unit L2 norm.
     pub fn normalize_prototypes(&mut self) -> Result<()> {
         self.prototypes.normalize()

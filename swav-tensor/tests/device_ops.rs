@@ -194,10 +194,46 @@ fn f32_ops(dev: Device) {
     }
 }
 
+/// Mixed precision's linear layer: bf16 input and weight, fp32 accumulation and outputs, the backward
+/// on a bf16 copy of `dy` (the bias gradient on `dy` itself): the CPU op on the rounded values.
+fn bf16_linear_ops(dev: Device) {
+    let mut rng = Rng(5);
+    for (rows, fin, fout) in [(1, 3, 5), (37, 64, 20), (200, 128, 300)] {
+        let name = format!("bf16 linear {rows}x{fin}->{fout} on {dev}");
+        let x = t(&[rows, fin], rng.vec(rows * fin, 0.0, 1.0));
+        let w = t(&[fout, fin], rng.vec(fout * fin, 0.0, 0.3));
+        let b = t(&[fout], rng.vec(fout, 0.0, 0.3));
+        let dy = t(&[rows, fout], rng.vec(rows * fout, 0.0, 1.0));
+        let (xr, wr, dyr) = (rounded(&x, DType::Bf16), rounded(&w, DType::Bf16), rounded(&dy, DType::Bf16));
+        let y = linear_forward(&xr, &wr, Some(&b)).unwrap();
+        let (mut dw, mut db) = (Tensor::full(w.shape(), 0.5, Device::Cpu), Tensor::full(&[fout], 0.5, Device::Cpu));
+        let dx = linear_backward(&xr, &wr, &dyr, &mut dw, None, true).unwrap().unwrap();
+        let mut unused = Tensor::zeros(w.shape(), Device::Cpu);
+        linear_backward(&xr, &wr, &dy, &mut unused, Some(&mut db), false).unwrap();
+
+        let (xd, wd) = (on(&x, dev, DType::Bf16), on(&w, dev, DType::Bf16));
+        let (bd, dyd) = (on(&b, dev, DType::F32), on(&dy, dev, DType::F32));
+        let yd = linear_forward(&xd, &wd, Some(&bd)).unwrap();
+        assert_eq!(yd.dtype(), DType::F32, "{name}: output in fp32");
+        close(&format!("{name} y"), &yd, &y, 1e-4);
+        let (mut ddw, mut ddb) = (Tensor::full(w.shape(), 0.5, dev), Tensor::full(&[fout], 0.5, dev));
+        let ddx = linear_backward(&xd, &wd, &dyd, &mut ddw, Some(&mut ddb), true).unwrap().unwrap();
+        assert_eq!(ddx.dtype(), DType::F32, "{name}: dx in fp32");
+        close(&format!("{name} dx"), &ddx, &dx, 1e-4);
+        close(&format!("{name} dw"), &ddw, &dw, 1e-4);
+        close(&format!("{name} db"), &ddb, &db, 1e-4);
+        // Against the unrounded fp32 op: what mixed precision costs, within the bf16 tolerance.
+        close(&format!("{name} y against fp32"), &yd, &linear_forward(&x, &w, Some(&b)).unwrap(), tol(DType::Bf16));
+        // Input and weight must agree.
+        assert!(linear_forward(&xd, &on(&w, dev, DType::F32), None).is_err(), "{name}: mixed inputs refused");
+    }
+}
+
 #[test]
 fn every_op_on_a_cuda_device_matches_the_cpu() {
     for dev in devices() {
         f32_ops(dev);
+        bf16_linear_ops(dev);
         for dtype in [DType::F32, DType::Bf16] {
             conv_ops(dev, dtype);
             batchnorm_ops(dev, dtype);

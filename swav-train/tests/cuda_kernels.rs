@@ -258,6 +258,7 @@ fn prototype_normalisation_matches_the_model() {
             heads: vec![Linear {
                 weight: Param::new(Tensor::from_slice(&[k, d], &w).unwrap(), Layout::Plain),
                 bias: None,
+                compute: swav_tensor::DType::F32,
             }],
         };
         protos.normalize().unwrap();

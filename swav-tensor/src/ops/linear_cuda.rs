@@ -1,8 +1,10 @@
 //! The device path of the linear layer (`linear.rs`): GEMMs through cuBLAS, described as
 //! [`GemmCall`]s (the row-major `[rows, cols]` matrices of the engine are column-major `cols x rows`
 //! to cuBLAS), and the bias through two small kernels (`ew_add_rows_f32`, `ew_col_sum_add_f32`).
-//! The head and the prototype scores run in fp32: they are a sliver of the step's work, and the loss
-//! and Sinkhorn need fp32 scores.
+//! Inputs and weight come in fp32 or, under mixed precision, both in bf16 (the layer casts them, as
+//! PyTorch's autocast does for `linear`); products are accumulated in fp32 and every output (`y`,
+//! `dx`, `dw`) is fp32, so the loss and Sinkhorn see fp32 scores and the master gradients stay fp32.
+//! The bf16 backward multiplies a bf16 copy of `dy`, as autocast's backward does.
 
 use std::sync::Arc;
 
@@ -14,9 +16,20 @@ use crate::{DType, Result, Tensor};
 
 fn f32_only(tensors: &[&Tensor]) -> Result<()> {
     if tensors.iter().any(|t| t.dtype() != DType::F32) {
-        return Err(shape_err("linear (cuda)", "linear layers run in f32"));
+        return Err(shape_err("linear (cuda)", "expected f32 tensors"));
     }
     Ok(())
+}
+
+/// The storage of the GEMM's inputs: that of `x` and `w`, which must agree.
+fn input_storage(x: &Tensor, w: &Tensor) -> Result<DType> {
+    if x.dtype() != w.dtype() {
+        return Err(shape_err(
+            "linear (cuda)",
+            format!("input in {:?} and weight in {:?}: both f32 or both bf16", x.dtype(), w.dtype()),
+        ));
+    }
+    Ok(x.dtype())
 }
 
 /// `y = x w^T (+ b)`.
@@ -28,12 +41,15 @@ pub(crate) fn forward_on(
     (rows, fin, fout): (usize, usize, usize),
 ) -> Result<Tensor> {
     check_device("linear (cuda)", rt, &[x, w])?;
-    f32_only(&[x, w])?;
+    let ab = input_storage(x, w)?;
+    if let Some(b) = b {
+        f32_only(&[b])?;
+    }
     let y = Tensor::device_uninit(rt, &[rows, fout], DType::F32)?;
     if rows == 0 || fout == 0 {
         return Ok(y);
     }
-    let call = GemmCall::linear_forward(rows, fin, fout, DType::F32, DType::F32);
+    let call = GemmCall::linear_forward(rows, fin, fout, ab, DType::F32);
     rt.backend().gemm(&call, w.ptr(), x.ptr(), y.ptr())?;
     if let Some(b) = b {
         check_device("linear (cuda)", rt, &[b])?;
@@ -54,13 +70,18 @@ pub(crate) fn backward_on(
 ) -> Result<Option<Tensor>> {
     let (rows, fin, fout) = (x.dim(0), x.dim(1), w.dim(0));
     check_device("linear_backward (cuda)", rt, &[x, w, dy, dw])?;
-    f32_only(&[x, w, dy, dw])?;
+    let ab = input_storage(x, w)?;
+    f32_only(&[dw])?;
+    // The gradient in the inputs' storage for the GEMMs (the bias gradient sums the original).
+    let dy_ab =
+        if dy.dtype() == ab { std::borrow::Cow::Borrowed(dy) } else { std::borrow::Cow::Owned(dy.to_dtype(ab)?) };
     if rows > 0 {
-        let call = GemmCall::linear_weight_grad(rows, fin, fout, DType::F32);
-        rt.backend().gemm(&call, x.ptr(), dy.ptr(), dw.ptr())?;
+        let call = GemmCall::linear_weight_grad(rows, fin, fout, ab);
+        rt.backend().gemm(&call, x.ptr(), dy_ab.ptr(), dw.ptr())?;
     }
     if let Some(db) = db {
         check_device("linear_backward (cuda)", rt, &[db])?;
+        f32_only(&[dy, db])?;
         if rows > 0 {
             rt.run(&ew::SOURCE, &ew::col_sum_add(rows, fout)?, &[(ew::X, dy.ptr()), (ew::Y, db.ptr())])?;
         }
@@ -70,8 +91,8 @@ pub(crate) fn backward_on(
     }
     let dx = Tensor::device_uninit(rt, &[rows, fin], DType::F32)?;
     if rows > 0 && fin > 0 {
-        let call = GemmCall::linear_data_grad(rows, fin, fout, DType::F32, DType::F32);
-        rt.backend().gemm(&call, w.ptr(), dy.ptr(), dx.ptr())?;
+        let call = GemmCall::linear_data_grad(rows, fin, fout, ab, DType::F32);
+        rt.backend().gemm(&call, w.ptr(), dy_ab.ptr(), dx.ptr())?;
     }
     Ok(Some(dx))
 }

@@ -104,11 +104,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some("bf16") => Some(swav_train::config::Precision::Bf16),
         Some(other) => anyhow::bail!("--precision must be fp32 or bf16, not `{other}`"),
     };
-    let activations = match (precision, device.is_cuda()) {
-        (Some(swav_train::config::Precision::Bf16), false) => anyhow::bail!("bf16 is for CUDA devices"),
-        (Some(swav_train::config::Precision::Bf16), true) | (None, true) => swav_tensor::DType::Bf16,
-        _ => swav_tensor::DType::F32,
-    };
+    let activations = swav_train::trainer::activation_dtype(precision, device)?;
     let conv: swav_tensor::ops::winograd::ConvAlgorithm = a.conv.parse().map_err(anyhow::Error::msg)?;
     let s = setup(&a)?;
     let cfg = ModelConfig {
@@ -197,6 +193,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         state.model.set_conv_algorithm(conv);
     }
     state.model.to_device(device)?;
+    state.model.set_linear_compute(activations);
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut times = Vec::new();
     for i in 0..a.warmup + a.steps {
