@@ -16,6 +16,7 @@ use swav_model::SwavModel;
 use swav_tensor::cuda::runtime::{DeviceBuffer, DeviceRuntime};
 use swav_tensor::{DType, Tensor};
 
+use crate::distributed::CollectiveReducer;
 use crate::lars::Lars;
 use crate::{lars_cuda, loss_cuda, prototypes_cuda, TrainError};
 
@@ -31,19 +32,26 @@ pub struct DeviceSinkhorn {
 }
 
 impl DeviceSinkhorn {
-    /// The codes of `scores` (`[rows, k]`, f32 on a CUDA device): Sinkhorn over every row.
-    fn run(&mut self, scores: &Tensor, params: &swav_sinkhorn::Params) -> Result<Tensor, TrainError> {
+    /// The codes of `scores` (`[rows, k]`, f32 on a CUDA device): Sinkhorn over every row, its sums
+    /// all-reduced over the ranks of `reducer` (through host memory).
+    fn run(
+        &mut self,
+        scores: &Tensor,
+        params: &swav_sinkhorn::Params,
+        reducer: CollectiveReducer<'_>,
+    ) -> Result<Tensor, TrainError> {
         let (rows, k) = (scores.dim(0), scores.dim(1));
         #[cfg(feature = "cuda")]
         {
             let rt = runtime(scores)?;
             if let Some(driver) = rt.backend().as_any().downcast_ref::<swav_tensor::cuda::driver::DriverBackend>() {
-                return self.run_cuda(driver.stream(), rt, scores, rows, k, params);
+                return self.run_cuda(driver.stream(), rt, scores, (rows, k), params, reducer);
             }
         }
         let host = scores.to_vec();
-        let q = match swav_sinkhorn::sinkhorn(&host, rows, k, params) {
-            Ok(q) => q,
+        let mut q = vec![0f32; rows * k];
+        let q = match swav_sinkhorn::sinkhorn_into(&host, rows, k, params, &reducer, &mut q) {
+            Ok(()) => q,
             // As the device kernels with their check off: codes of no meaning, and the loss of the
             // non-finite scores raises the skip flag.
             Err(swav_sinkhorn::SinkhornError::NonFinite { .. }) => vec![1.0 / k as f32; rows * k],
@@ -58,12 +66,11 @@ impl DeviceSinkhorn {
         stream: &Arc<swav_sinkhorn::cuda::cudarc::driver::CudaStream>,
         rt: &Arc<DeviceRuntime>,
         scores: &Tensor,
-        rows: usize,
-        k: usize,
+        (rows, k): (usize, usize),
         params: &swav_sinkhorn::Params,
+        reducer: CollectiveReducer<'_>,
     ) -> Result<Tensor, TrainError> {
-        use swav_sinkhorn::cuda::CudaSinkhorn;
-        use swav_sinkhorn::SingleProcess;
+        use swav_sinkhorn::cuda::{CudaSinkhorn, HostStaged};
         let sk_err = |e: swav_sinkhorn::SinkhornError| TrainError::Sinkhorn(e.to_string());
         if self.cuda.is_none() {
             let mut sk = CudaSinkhorn::new(stream).map_err(sk_err)?;
@@ -78,7 +85,8 @@ impl DeviceSinkhorn {
         unsafe {
             let s = stream.upgrade_device_ptr::<f32>(scores.ptr(), rows * k);
             let mut out = stream.upgrade_device_ptr::<f32>(q.ptr(), rows * k);
-            let result = self.cuda.as_mut().expect("created above").run(&s, rows, k, params, &SingleProcess, &mut out);
+            let sk = self.cuda.as_mut().expect("created above");
+            let result = sk.run(&s, rows, k, params, &HostStaged(reducer), &mut out);
             s.leak();
             out.leak();
             result.map_err(sk_err)?;
@@ -88,19 +96,21 @@ impl DeviceSinkhorn {
 }
 
 /// The codes of one assigned crop: Sinkhorn of `[queue scores; crop scores]`, the crop's own (last
-/// `crop_scores.dim(0)`) rows kept (see `assign.rs` for the official order).
+/// `crop_scores.dim(0)`) rows kept (see `assign.rs` for the official order); Sinkhorn's sums run over
+/// the ranks of `reducer` (`CollectiveReducer(&SingleProcess)` for one process).
 pub fn codes_for_crop(
     sinkhorn: &mut DeviceSinkhorn,
     crop_scores: &Tensor,
     queue_scores: Option<&Tensor>,
     params: &swav_sinkhorn::Params,
+    reducer: CollectiveReducer<'_>,
 ) -> Result<Tensor, TrainError> {
     let batch = crop_scores.dim(0);
     match queue_scores {
-        None => sinkhorn.run(crop_scores, params),
+        None => sinkhorn.run(crop_scores, params, reducer),
         Some(q) => {
             let all = Tensor::cat(&[q, crop_scores])?;
-            let codes = sinkhorn.run(&all, params)?;
+            let codes = sinkhorn.run(&all, params, reducer)?;
             Ok(codes.narrow(all.dim(0) - batch, batch)?)
         }
     }

@@ -33,6 +33,7 @@ pub fn err(e: swav_tensor::CollectiveError) -> TrainError {
 }
 
 /// Sinkhorn's reducer over the run's collective.
+#[derive(Clone, Copy)]
 pub struct CollectiveReducer<'a>(pub &'a dyn Collective);
 
 impl swav_sinkhorn::Reducer for CollectiveReducer<'_> {

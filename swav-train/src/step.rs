@@ -132,9 +132,6 @@ pub fn start_step(
     let on_device = state.model.device().is_cuda();
     let world = state.collective.clone();
     let distributed = world.world_size() > 1;
-    if distributed && on_device {
-        return Err(TrainError::Config("distributed training runs on the CPU engine only for now".into()));
-    }
     if distributed && !state.gradient_averager.as_ref().is_some_and(|a| a.serves(&world)) {
         state.gradient_averager = Some(GradientAverager::new(&world, state.gradient_bucket_bytes)?);
     }
@@ -146,14 +143,13 @@ pub fn start_step(
         distributed::broadcast_from_rank0(model, world.as_ref(), false)?;
     }
     let (out, acts) = model.forward_train(groups)?;
-    if !on_device {
-        let mut bad = out.scores.iter().flat_map(|s| s.as_slice()).find(|v| !v.is_finite()).map_or(0.0, |v| {
-            if v.is_nan() {
-                f32::NAN
-            } else {
-                *v
-            }
-        });
+    // On one device the loss kernel's flag stops a bad update without the host looking; across ranks
+    // the host looks (the ranks must agree before Sinkhorn's collectives, or one would stop early and
+    // leave the others waiting).
+    if !on_device || distributed {
+        let host: Vec<Vec<f32>> = out.scores.iter().map(Tensor::to_vec).collect();
+        let mut bad =
+            host.iter().flatten().find(|v| !v.is_finite()).map_or(0.0, |v| if v.is_nan() { f32::NAN } else { *v });
         if distributed {
             // Every rank takes the same branch: one that stopped here would leave the others waiting.
             let mut flag = [bad];
@@ -181,11 +177,12 @@ pub fn start_step(
                 Some(q) if q.is_full(j)? => Some(linear_forward(&q.rows[j], &head.weight.value, None)?),
                 _ => None,
             };
+            let reducer = CollectiveReducer(world.as_ref());
             let q = if on_device {
-                device::codes_for_crop(&mut state.device_sinkhorn, &crop_scores, queue_scores.as_ref(), &sinkhorn)?
+                let queue_scores = queue_scores.as_ref();
+                device::codes_for_crop(&mut state.device_sinkhorn, &crop_scores, queue_scores, &sinkhorn, reducer)?
             } else {
                 let (k, q) = (scores.dim(1), queue_scores.as_ref().map(Tensor::as_slice));
-                let reducer = CollectiveReducer(world.as_ref());
                 Tensor::from_vec(
                     &[batch, k],
                     codes_for_crop_on(crop_scores.as_slice(), q, batch, k, &sinkhorn, &reducer)?,
@@ -224,7 +221,23 @@ pub fn start_step(
             }
             mean
         };
-        (Loss::Device(loss), Some(skip))
+        if distributed {
+            // The global batch's loss, on every rank; all ranks stop together when it is not finite.
+            let mut sum = [loss.to_vec()[0]];
+            world.all_reduce_sum(&mut sum).map_err(distributed::err)?;
+            let global = sum[0] as f64 / world.world_size() as f64;
+            if !global.is_finite() {
+                return Ok(PendingStats(Pending::Ready(StepStats {
+                    loss: global,
+                    cluster_entropy: f64::NAN,
+                    clusters_used: 0,
+                })));
+            }
+            let loss = Tensor::from_slice(&[1], &[global as f32])?.to_device(loss.device())?;
+            (Loss::Device(loss), Some(skip))
+        } else {
+            (Loss::Device(loss), Some(skip))
+        }
     } else {
         let mut total = 0.0;
         for (scores, head_codes) in out.scores.iter().zip(&codes) {

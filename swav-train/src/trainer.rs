@@ -149,9 +149,10 @@ fn initial_model(config: &Config) -> Result<SwavModel, TrainError> {
     Ok(model)
 }
 
-/// The storage of activations: `train.precision`, or bf16 on CUDA and fp32 on the CPU by default.
-fn activation_dtype(config: &Config, device: Device) -> Result<DType, TrainError> {
-    match (config.train.precision, device.is_cuda()) {
+/// The storage of activations for `train.precision` on `device`: bf16 on CUDA and fp32 on the CPU
+/// by default; bf16 on the CPU is refused.
+pub fn activation_dtype(precision: Option<Precision>, device: Device) -> Result<DType, TrainError> {
+    match (precision, device.is_cuda()) {
         (Some(Precision::Bf16), false) => Err(TrainError::Config(
             "train.precision = \"bf16\" is for CUDA devices: the CPU engine computes in fp32".into(),
         )),
@@ -224,10 +225,11 @@ fn check_distributed(config: &Config, opts: &TrainOptions) -> Result<(), TrainEr
     if n == 1 {
         return Ok(());
     }
-    if opts.device.is_cuda() {
+    if opts.device.is_cuda() && config.model.sync_bn {
         return Err(TrainError::Config(format!(
-            "{n} ranks on a CUDA device: distributed training runs on the CPU engine only for now (gradients and \
-             Sinkhorn's sums are not yet exchanged from device memory)"
+            "model.sync_bn = true with {n} ranks on a CUDA device: synchronised batch norm runs on the CPU engine \
+             only for now; set model.sync_bn = false (each rank's batch norms then use its own batch, and rank 0's \
+             running statistics are broadcast before each forward)"
         )));
     }
     if t.conv == swav_tensor::ops::winograd::ConvAlgorithm::Measured {
@@ -422,8 +424,10 @@ impl<'a> Run<'a> {
             state.model.set_sync_batchnorm(group);
             state.collective = world.clone();
         }
-        let activations = activation_dtype(config, opts.device)?;
+        let activations = activation_dtype(config.train.precision, opts.device)?;
         move_state(&mut state, opts.device)?;
+        // Under mixed precision the head and the prototypes multiply bf16 copies too (autocast).
+        state.model.set_linear_compute(activations);
         tracing::info!(
             "run {}: {} epochs of {steps_per_epoch} steps (batch {} x {n} rank(s)), from step {iteration}",
             opts.run_dir.display(),

@@ -8,6 +8,8 @@
 //! 1 + 1e-7 moves the weights after 3 steps by about 1e-2), so any change of summation order grows past
 //! 1e-5 by the third step. The comparison uses plain SGD (see `config`).
 
+mod fixtures;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +17,7 @@ use std::time::Duration;
 use swav_model::param::{Slot, Visit};
 use swav_model::SwavModel;
 use swav_tensor::collective::ThreadGroup;
-use swav_tensor::{Collective, Tensor};
+use swav_tensor::{Collective, Device, Tensor};
 use swav_train::config::{self, Config};
 use swav_train::lars::Lars;
 use swav_train::queue::Queue;
@@ -148,6 +150,11 @@ fn rank_images(s: u64, r: usize, world: usize) -> Vec<usize> {
 }
 
 fn run_two_ranks(sync: bool) -> Vec<BTreeMap<String, Vec<f32>>> {
+    run_two_ranks_on(sync, Device::Cpu)
+}
+
+/// Two thread ranks training on `device` (both on the same one: a test has one emulated device).
+fn run_two_ranks_on(sync: bool, device: Device) -> Vec<BTreeMap<String, Vec<f32>>> {
     let cfg = config(sync);
     let ranks = ThreadGroup::new(2, Duration::from_secs(120));
     std::thread::scope(|scope| {
@@ -158,8 +165,12 @@ fn run_two_ranks(sync: bool) -> Vec<BTreeMap<String, Vec<f32>>> {
                 scope.spawn(move || {
                     let r = rank.rank();
                     let mut st = state(cfg, B, rank, sync);
+                    st.model.to_device(device).unwrap();
+                    let q = st.queue.as_mut().unwrap();
+                    q.rows = q.rows.iter().map(|rows| rows.to_device(device).unwrap()).collect();
                     for s in 0..STEPS {
                         let g = groups(cfg, s, &rank_images(s, r, 2));
+                        let g = g.iter().map(|t| t.to_device(device).unwrap()).collect();
                         swav_step(&mut st, &cfg.train, g, B, s as usize, LR).unwrap();
                     }
                     weights(&mut st.model)
@@ -217,6 +228,32 @@ fn without_sync_bn_every_rank_keeps_the_same_weights_and_buffers() {
     // And they differ from what SyncBN gives (the statistics are per rank): the flag does something.
     let synced = run_two_ranks(true);
     assert_ne!(got[0], synced[0]);
+}
+
+/// The same two ranks on a CUDA device (the emulated one; both ranks share it) follow the two ranks on
+/// the CPU: device codes with Sinkhorn's sums all-reduced, the global loss, device gradients averaged
+/// through host memory, rank 0's buffers broadcast into device memory. fp32 against the CPU engine,
+/// relative error < 1e-4 per tensor (the device op parity bound), and the ranks agree exactly.
+#[test]
+fn two_ranks_on_a_cuda_device_follow_two_ranks_on_the_cpu() {
+    let Some(device) = fixtures::emulated_device() else { return };
+    let want = run_two_ranks(false);
+    let got = run_two_ranks_on(false, device);
+    let params = |m: &BTreeMap<String, Vec<f32>>| -> Vec<String> {
+        m.keys().filter(|k| !k.contains("running_")).cloned().collect()
+    };
+    for name in params(&got[0]) {
+        assert_eq!(got[0][&name], got[1][&name], "{name}: the ranks on the device diverged");
+    }
+    let mut worst = (0.0f64, String::new());
+    for (name, w) in &want[0] {
+        let e = diff(&got[0][name], w) / norm(w).max(1e-30);
+        if e > worst.0 {
+            worst = (e, name.clone());
+        }
+    }
+    eprintln!("worst relative error against the CPU over {} tensors: {:e} ({})", want[0].len(), worst.0, worst.1);
+    assert!(worst.0 < 1e-4, "{}: relative error {:e}", worst.1, worst.0);
 }
 
 /// The gradients averaged while the backward runs (small buckets, so that most start before the

@@ -5,36 +5,11 @@
 mod fixtures;
 
 use std::path::Path;
-use std::sync::OnceLock;
 
 use swav_model::checkpoint::NamedTensors;
 use swav_tensor::Device;
 use swav_train::config::{self, Config};
 use swav_train::trainer::{train, TrainOptions};
-
-fn emulated() -> Option<Device> {
-    static DEVICE: OnceLock<Option<Device>> = OnceLock::new();
-    *DEVICE.get_or_init(|| {
-        let probe = swav_cuda_emu::Source { name: "probe.cu", code: "extern \"C\" __global__ void probe(int n) {}" };
-        swav_cuda_emu::Emulator::new_or_skip(&[probe])?;
-        let backend = swav_tensor::cuda::emulated::EmulatedBackend::new();
-        swav_tensor::cuda::runtime::register(99, Box::new(backend)).expect("registered once");
-        Some(Device::Cuda(99))
-    })
-}
-
-fn real() -> Option<Device> {
-    match swav_tensor::cuda::runtime::runtime(0) {
-        Ok(_) => Some(Device::Cuda(0)),
-        Err(e) => {
-            if std::env::var("SWAV_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
-                panic!("SWAV_REQUIRE_CUDA=1 but there is no usable CUDA device: {e}");
-            }
-            eprintln!("SKIPPED on a GPU: {e}");
-            None
-        }
-    }
-}
 
 fn tiny(overrides: &[&str]) -> Config {
     let mut o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
@@ -59,7 +34,7 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn training_on_a_cuda_device_follows_the_cpu() {
-    let devices: Vec<Device> = emulated().into_iter().chain(real()).collect();
+    let devices: Vec<Device> = fixtures::emulated_device().into_iter().chain(fixtures::real_device()).collect();
     if devices.is_empty() {
         return;
     }
@@ -127,7 +102,7 @@ fn training_on_a_cuda_device_follows_the_cpu() {
 
 #[test]
 fn a_diverging_run_on_a_cuda_device_stops_with_the_step_named_and_saves_nothing() {
-    let Some(device) = emulated().or_else(real) else { return };
+    let Some(device) = fixtures::emulated_device().or_else(fixtures::real_device) else { return };
     let tmp = tempfile::tempdir().unwrap();
     let data = fixtures::shapes_dataset(tmp.path(), 32, 12);
     let cfg = tiny(&["train.epochs=2", "train.lars=false", "train.base_lr=1e30", "train.final_lr=1e30"]);
@@ -142,4 +117,69 @@ fn a_diverging_run_on_a_cuda_device_stops_with_the_step_named_and_saves_nothing(
     assert!(swav_train::checkpoint::latest(&run).unwrap().is_none(), "nothing may be saved from a diverged state");
     let metrics = swav_train::metrics::read(&run.join(swav_train::metrics::METRICS_FILE)).unwrap();
     assert!(metrics.rows.iter().all(|m| m.loss.unwrap().is_finite()), "only finite steps are logged");
+}
+
+/// Trains `cfg` for `steps` steps with two ranks that are threads, every rank on `device`; returns
+/// each rank's result and (from rank 0's metrics) the losses.
+fn run_two_ranks(
+    dir: &Path,
+    data: &Path,
+    cfg: &Config,
+    device: Device,
+    steps: usize,
+) -> Vec<Result<swav_train::trainer::TrainOutcome, swav_train::TrainError>> {
+    let ranks = swav_tensor::collective::ThreadGroup::new(2, std::time::Duration::from_secs(300));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|rank| {
+                scope.spawn(move || {
+                    let opts = TrainOptions {
+                        max_steps: Some(steps),
+                        device,
+                        collective: rank,
+                        ..TrainOptions::new(dir, data)
+                    };
+                    train(cfg, &opts)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// The whole trainer with two ranks on a CUDA device (the emulated one, shared by both ranks):
+/// the losses rank 0 logs follow those of the same two ranks on the CPU; SyncBN there is refused
+/// before any work with a message naming the setting.
+#[test]
+fn two_ranks_train_on_a_cuda_device_as_on_the_cpu() {
+    let Some(device) = fixtures::emulated_device() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures::shapes_dataset(tmp.path(), 32, 12);
+    let cfg = tiny(&["train.precision=fp32", "train.queue_length=16", "train.freeze_prototypes_niters=1"]);
+    let losses = |dir: &Path| -> Vec<f64> {
+        let metrics = swav_train::metrics::read(&dir.join(swav_train::metrics::METRICS_FILE)).unwrap();
+        metrics.rows.iter().map(|m| m.loss.unwrap()).collect()
+    };
+    let (cpu_dir, dev_dir) = (tmp.path().join("cpu"), tmp.path().join("dev"));
+    for r in run_two_ranks(&cpu_dir, &data, &cfg, Device::Cpu, 2) {
+        r.unwrap();
+    }
+    for r in run_two_ranks(&dev_dir, &data, &cfg, device, 2) {
+        r.unwrap();
+    }
+    let (want, got) = (losses(&cpu_dir), losses(&dev_dir));
+    assert_eq!(got.len(), 2, "two steps logged: {got:?}");
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        // As in the one-rank comparison: the first step differs by rounding only.
+        let tol = if i == 0 { 1e-5 } else { 2e-3 };
+        assert!(((a - b) / b).abs() < tol, "step {i}: loss {a} on {device} vs {b} on the CPU");
+    }
+    assert!(swav_train::checkpoint::latest(&dev_dir).unwrap().is_some(), "rank 0 saved the run");
+
+    let sync = tiny(&["train.precision=fp32", "model.sync_bn=true"]);
+    for r in run_two_ranks(&tmp.path().join("sync"), &data, &sync, device, 1) {
+        let err = r.unwrap_err().to_string();
+        assert!(err.contains("model.sync_bn"), "{err}");
+    }
 }

@@ -169,3 +169,39 @@ fn two_heads_on_a_cuda_device_follow_the_cpu() {
         }
     }
 }
+
+/// The caching allocator's promise: a step allocates the same sizes in the same order every time, so
+/// after the first steps (which fill the cache and create the momentum buffers) a step asks the device
+/// for no memory at all, and memory in use returns to the same level after each step. In bf16 with
+/// the queue in use, as a CUDA run trains by default.
+#[test]
+fn training_steps_on_a_cuda_device_reach_a_steady_state_of_memory() {
+    let probe = swav_cuda_emu::Source { name: "probe.cu", code: "extern \"C\" __global__ void probe(int n) {}" };
+    if swav_cuda_emu::Emulator::new_or_skip(&[probe]).is_none() {
+        return;
+    }
+    let device = Device::Cuda(97);
+    let rt = swav_tensor::cuda::runtime::register(97, Box::new(swav_tensor::cuda::emulated::EmulatedBackend::new()))
+        .expect("registered once");
+    let cfg = config("[5, 7]");
+    let mut dev = state(SwavModel::new(cfg.model.clone(), 3).unwrap(), &cfg);
+    dev.model.to_device(device).unwrap();
+    dev.model.set_linear_compute(swav_tensor::DType::Bf16);
+    let rows = dev.queue.as_ref().unwrap().rows.iter().map(|r| r.to_device(device).unwrap()).collect();
+    dev.queue = Some(Queue::from_rows(rows));
+    let mut after = Vec::new();
+    for i in 0..5 {
+        let groups = crops(&cfg, 5 + i)
+            .into_iter()
+            .map(|g| g.to_device(device).unwrap().to_dtype(swav_tensor::DType::Bf16).unwrap())
+            .collect();
+        let stats = swav_step(&mut dev, &cfg.train, groups, BATCH, 10 + i as usize, 0.1).unwrap();
+        assert!(stats.loss.is_finite());
+        after.push(rt.stats());
+    }
+    let (warm, last) = (after[2], after[4]);
+    assert!(warm.hits > 0, "{warm:?}");
+    assert_eq!(last.misses, warm.misses, "steps after the warm-up allocated device memory: {after:#?}");
+    assert_eq!(last.reserved, warm.reserved, "{after:#?}");
+    assert_eq!(last.in_use, warm.in_use, "memory in use grows from step to step: {after:#?}");
+}

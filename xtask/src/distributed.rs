@@ -57,6 +57,18 @@ impl World {
         self.collective.rank()
     }
 
+    /// The device `--device` names for this rank: a bare `cuda` on several ranks is the GPU of this
+    /// rank's local rank (one GPU per rank on each node, as `torch.distributed` launches do; the global
+    /// rank when the launcher gives no local rank); anything else as given.
+    pub fn device_spec(&self, spec: &str) -> String {
+        #[cfg(feature = "mpi")]
+        if spec == "cuda" && self.collective.world_size() > 1 {
+            let local = swav_tensor::collective::mpi::local_rank().unwrap_or_else(|| self.rank());
+            return format!("cuda:{local}");
+        }
+        spec.to_string()
+    }
+
     /// What a rank that times out prints: which ranks fell behind, from the run's heartbeat files.
     pub fn on_timeout(&self, run_dir: &Path) {
         #[cfg(feature = "mpi")]

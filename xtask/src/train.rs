@@ -31,7 +31,7 @@ pub struct Args {
     /// Stop after this many iterations in total (a checkpoint is saved; run again to continue).
     #[arg(long)]
     max_steps: Option<usize>,
-    /// cpu, or cuda[:N].
+    /// cpu, or cuda[:N]. With several ranks, a bare `cuda` gives each rank the GPU of its local rank.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Convolution algorithms: auto (Winograd where it needs fewer multiplications), winograd2 (only
@@ -81,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let (data, run_dir) = (args.data.expect("required by clap"), args.run_dir.expect("required by clap"));
     let world = crate::distributed::world(std::time::Duration::from_secs(args.rank_timeout))?;
-    let (device, _) = crate::open_device(&args.device)?;
+    let (device, _) = crate::open_device(&world.device_spec(&args.device))?;
     if let Some(n) = args.threads {
         rayon_threads(n)?;
     }

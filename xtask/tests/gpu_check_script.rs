@@ -48,6 +48,7 @@ esac"#,
         r#"echo "SWAV_REQUIRE_CUDA=$SWAV_REQUIRE_CUDA SWAV_SKIP_EMULATOR=$SWAV_SKIP_EMULATOR cases in $SWAV_SOURCE_DIR""#,
     );
     stub(&bin, "device_ops", "echo ops ok");
+    stub(&bin, "step_on_device", "echo step ops ok");
     // The Sinkhorn parity tests fail; the NCCL one, run as its own stage, passes.
     stub(&bin, "cuda_parity", r#"if [ "$1" = nccl ]; then echo nccl ok; else echo parity failed; exit 101; fi"#);
     let out = tmp.path().join("out");
@@ -58,6 +59,7 @@ esac"#,
     assert!(line("doctor").contains(" ok "), "{summary}");
     assert!(line("tensors").contains(" ok "), "{summary}");
     assert!(line("ops-parity").contains(" ok "), "{summary}");
+    assert!(line("step-ops-parity").contains(" ok "), "{summary}");
     assert!(line("sinkhorn-parity").contains("FAILED: exit 101"), "{summary}");
     assert!(line("nccl-one-rank").contains(" ok "), "{summary}");
     assert!(line("reference-on-cuda").contains("FAILED: exit 3"), "{summary}");
