@@ -80,11 +80,12 @@ export SWAV_REQUIRE_CUDA=1 SWAV_SKIP_EMULATOR=1 RUST_LOG=warn
 
 # Quick: does every part of the CUDA path work?
 stage doctor 60 "$bin/xtask" doctor
-stage tensors 60 "$bin/device" --nocapture
+stage tensors 60 "$bin/device" --nocapture --skip nccl
 stage ops-parity 120 "$bin/device_ops" --nocapture
 stage step-ops-parity 120 "$bin/step_on_device" --nocapture
 stage sinkhorn-parity 120 "$bin/cuda_parity" --nocapture --skip nccl
 stage nccl-one-rank 60 "$bin/cuda_parity" nccl --nocapture
+stage nccl-gradients-one-rank 60 "$bin/device" nccl --nocapture
 stage reference-on-cuda 150 "$bin/xtask" verify-reference --device cuda swav-reference/cases/*.safetensors
 bench_py=()
 [ -n "$python" ] && bench_py=(--python "$python")

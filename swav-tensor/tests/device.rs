@@ -56,3 +56,41 @@ fn moves_and_basic_ops(dev: Device) {
     let after = rt.stats();
     assert!(after.hits > before.hits, "{before:?} -> {after:?}");
 }
+
+/// NCCL's device-memory path with one rank (the GPU check runs it): the communicator starts over the
+/// host collective, and the grouped in-place all-reduce leaves a rank's own values as they are, in
+/// their blocks. On the emulated device it is refused by name.
+#[test]
+fn nccl_reduces_device_tensors_in_place() {
+    use std::sync::Arc;
+    use swav_tensor::collective::nccl::NcclCollective;
+    use swav_tensor::collective::SingleProcess;
+    use swav_tensor::cuda::runtime::runtime;
+    use swav_tensor::Collective;
+
+    if let Some(Device::Cuda(i)) = emulated_device() {
+        let e = NcclCollective::new(Arc::new(SingleProcess), runtime(i).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("real CUDA device"), "{e}");
+    }
+    let Some(Device::Cuda(i)) = real_device() else { return };
+    if !swav_tensor::collective::nccl::available() {
+        assert!(std::env::var("SWAV_REQUIRE_CUDA").as_deref() != Ok("1"), "SWAV_REQUIRE_CUDA=1 but no libnccl");
+        eprintln!("SKIPPED: NCCL is not on the library path");
+        return;
+    }
+    let nccl = NcclCollective::new(Arc::new(SingleProcess), runtime(i).unwrap()).expect("a one-rank communicator");
+    assert!(nccl.reduces_device_memory() && nccl.world_size() == 1);
+    let mut rng = Rng(3);
+    let values: Vec<Vec<f32>> = [1usize, 1000, 70_000].iter().map(|&n| rng.vec(n, 0.0, 1.0)).collect();
+    let mut tensors: Vec<Tensor> =
+        values.iter().map(|v| Tensor::from_slice(&[v.len()], v).unwrap().to_device(Device::Cuda(i)).unwrap()).collect();
+    let ptrs: Vec<u64> = tensors.iter().map(|t| t.ptr()).collect();
+    nccl.all_reduce_sum_device(&mut tensors.iter_mut().collect::<Vec<_>>()).unwrap();
+    for ((t, v), p) in tensors.iter().zip(&values).zip(&ptrs) {
+        assert_eq!(t.ptr(), *p, "reduced in place");
+        assert_eq!(&t.to_vec(), v, "one rank's sum is its own values");
+    }
+    // A CPU tensor is refused, not reduced.
+    let mut host = Tensor::zeros(&[4], Device::Cpu);
+    assert!(nccl.all_reduce_sum_device(&mut [&mut host]).is_err());
+}

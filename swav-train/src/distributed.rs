@@ -7,7 +7,8 @@
 //!   per rank, `queue_length / world_size` rows each;
 //! - gradients are averaged over ranks in buckets, each bucket all-reduced on a communication thread
 //!   as soon as the backward has made its gradients final ([`GradientAverager`], DDP's reducer), so
-//!   that communication overlaps the rest of the backward; batch-norm buffers
+//!   that communication overlaps the rest of the backward (gradients in device memory go to NCCL
+//!   in one call after the backward when the collective reduces device memory); batch-norm buffers
 //!   are broadcast from rank 0 before each forward (DDP's `broadcast_buffers`), unless the batch norms
 //!   are synchronised (`model.sync_bn`), whose statistics are the group's;
 //! - rank 0 writes checkpoints and metrics; every rank resumes from the same checkpoint.
@@ -166,8 +167,14 @@ impl GradientAverager {
         });
     }
 
+    /// Whether the gradients are reduced where they are, after the backward (NCCL on device memory)
+    /// instead of bucket by bucket through the host while it runs.
+    fn in_device_memory(&self, grad: &Tensor) -> bool {
+        grad.device().is_cuda() && self.collective.reduces_device_memory()
+    }
+
     fn push(&mut self, name: &str, grad: &Tensor) {
-        if self.error.is_some() {
+        if self.error.is_some() || self.in_device_memory(grad) {
             return;
         }
         self.pushed.push((name.to_string(), grad.len()));
@@ -182,6 +189,17 @@ impl GradientAverager {
     /// waits for every bucket and replaces each gradient by its mean over the ranks. Returns how many
     /// buckets were started before the backward ended.
     pub fn finish(&mut self, model: &mut SwavModel) -> Result<usize, TrainError> {
+        let mut on_device = false;
+        model.visit("", &mut |_, slot| {
+            if let Slot::Param(p) = slot {
+                on_device |= self.in_device_memory(&p.grad);
+            }
+        });
+        if on_device {
+            self.pushed.clear();
+            average_gradients(model, self.collective.as_ref())?;
+            return Ok(0);
+        }
         let handed: std::collections::HashSet<String> = self.pushed.iter().map(|(n, _)| n.clone()).collect();
         model.visit("", &mut |name, slot| {
             if let Slot::Param(p) = slot {

@@ -155,6 +155,15 @@ fn run_two_ranks(sync: bool) -> Vec<BTreeMap<String, Vec<f32>>> {
 
 /// Two thread ranks training on `device` (both on the same one: a test has one emulated device).
 fn run_two_ranks_on(sync: bool, device: Device) -> Vec<BTreeMap<String, Vec<f32>>> {
+    run_two_ranks_over(sync, device, |rank| rank)
+}
+
+/// [`run_two_ranks_on`] with each rank's collective made by `transport` from its thread rank.
+fn run_two_ranks_over(
+    sync: bool,
+    device: Device,
+    transport: fn(Arc<dyn Collective>) -> Arc<dyn Collective>,
+) -> Vec<BTreeMap<String, Vec<f32>>> {
     let cfg = config(sync);
     let ranks = ThreadGroup::new(2, Duration::from_secs(120));
     std::thread::scope(|scope| {
@@ -162,6 +171,7 @@ fn run_two_ranks_on(sync: bool, device: Device) -> Vec<BTreeMap<String, Vec<f32>
             .into_iter()
             .map(|rank| {
                 let cfg = &cfg;
+                let rank = transport(rank);
                 scope.spawn(move || {
                     let r = rank.rank();
                     let mut st = state(cfg, B, rank, sync);
@@ -254,6 +264,81 @@ fn two_ranks_on_a_cuda_device_follow_two_ranks_on_the_cpu() {
     }
     eprintln!("worst relative error against the CPU over {} tensors: {:e} ({})", want[0].len(), worst.0, worst.1);
     assert!(worst.0 < 1e-4, "{}: relative error {:e}", worst.1, worst.0);
+}
+
+/// Drives the ranks the way NCCL is driven (the gradients reduced in device memory, all at once after
+/// the backward, the mean taken on the device); the reduction itself goes through the host rank here,
+/// as no GPU is needed to check which path the trainer takes and what it does with the result.
+#[derive(Debug)]
+struct DeviceTransport(Arc<dyn Collective>, Arc<std::sync::atomic::AtomicUsize>);
+
+static DEVICE_REDUCTIONS: std::sync::LazyLock<Arc<std::sync::atomic::AtomicUsize>> =
+    std::sync::LazyLock::new(Default::default);
+
+impl Collective for DeviceTransport {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn all_reduce_sum(&self, v: &mut [f32]) -> Result<(), swav_tensor::CollectiveError> {
+        self.0.all_reduce_sum(v)
+    }
+    fn all_reduce_sum_f64(&self, v: &mut [f64]) -> Result<(), swav_tensor::CollectiveError> {
+        self.0.all_reduce_sum_f64(v)
+    }
+    fn all_reduce_max(&self, v: &mut [f32]) -> Result<(), swav_tensor::CollectiveError> {
+        self.0.all_reduce_max(v)
+    }
+    fn broadcast(&self, v: &mut [f32], root: usize) -> Result<(), swav_tensor::CollectiveError> {
+        self.0.broadcast(v, root)
+    }
+    fn barrier(&self) -> Result<(), swav_tensor::CollectiveError> {
+        self.0.barrier()
+    }
+    fn abort(&self, reason: &str) {
+        self.0.abort(reason)
+    }
+    fn subgroup(&self, g: usize) -> Result<Arc<dyn Collective>, swav_tensor::CollectiveError> {
+        self.0.subgroup(g)
+    }
+    fn duplicate(&self) -> Result<Arc<dyn Collective>, swav_tensor::CollectiveError> {
+        self.0.duplicate()
+    }
+    fn reduces_device_memory(&self) -> bool {
+        true
+    }
+    fn all_reduce_sum_device(&self, tensors: &mut [&mut Tensor]) -> Result<(), swav_tensor::CollectiveError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut flat: Vec<f32> = tensors.iter().flat_map(|t| t.to_vec()).collect();
+        self.0.all_reduce_sum(&mut flat)?;
+        let mut at = 0;
+        for t in tensors.iter_mut() {
+            assert!(t.device().is_cuda(), "only device tensors reach the device transport");
+            let n = t.len();
+            **t = Tensor::from_slice(t.shape(), &flat[at..at + n]).unwrap().to_device(t.device()).unwrap();
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+/// With a transport that reduces device memory (NCCL's path), the gradients are reduced once per
+/// step after the backward, and the weights are exactly those of the host-staged buckets.
+#[test]
+fn gradients_reduced_in_device_memory_equal_the_host_staged_ones() {
+    let Some(device) = fixtures::emulated_device() else { return };
+    let want = run_two_ranks_on(false, device);
+    let got = run_two_ranks_over(false, device, |rank| Arc::new(DeviceTransport(rank, DEVICE_REDUCTIONS.clone())));
+    assert_eq!(
+        DEVICE_REDUCTIONS.load(std::sync::atomic::Ordering::SeqCst),
+        2 * STEPS as usize,
+        "one device reduction per rank and step"
+    );
+    for (name, w) in &want[0] {
+        assert_eq!(&got[0][name], w, "{name}");
+    }
 }
 
 /// The gradients averaged while the backward runs (small buckets, so that most start before the

@@ -47,9 +47,31 @@ pub fn world(timeout: Duration) -> anyhow::Result<World> {
 }
 
 impl World {
-    /// The collective the trainer uses.
+    /// The host collective (MPI's ranks, or one process).
     pub fn collective(&self) -> Arc<dyn Collective> {
         self.collective.clone()
+    }
+
+    /// The collective for a run on `runtime`'s device: on GPUs with several ranks, NCCL reduces the
+    /// gradients in device memory (`SWAV_NCCL=0` stages them through the host collective instead);
+    /// otherwise the host collective.
+    pub fn collective_on(
+        &self,
+        runtime: Option<&Arc<swav_tensor::cuda::runtime::DeviceRuntime>>,
+    ) -> anyhow::Result<Arc<dyn Collective>> {
+        #[cfg(feature = "cuda")]
+        if let Some(rt) = runtime {
+            let real = rt.backend().as_any().is::<swav_tensor::cuda::driver::DriverBackend>();
+            if real && self.collective.world_size() > 1 && std::env::var("SWAV_NCCL").as_deref() != Ok("0") {
+                let nccl = swav_tensor::collective::nccl::NcclCollective::new(self.collective.clone(), rt.clone())
+                    .context("starting NCCL (SWAV_NCCL=0 stages the gradients through host memory instead)")?;
+                tracing::info!("gradients through NCCL on cuda:{}", rt.ordinal());
+                return Ok(Arc::new(nccl));
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = runtime;
+        Ok(self.collective.clone())
     }
 
     /// This process's rank.

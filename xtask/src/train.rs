@@ -81,7 +81,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let (data, run_dir) = (args.data.expect("required by clap"), args.run_dir.expect("required by clap"));
     let world = crate::distributed::world(std::time::Duration::from_secs(args.rank_timeout))?;
-    let (device, _) = crate::open_device(&world.device_spec(&args.device))?;
+    let (device, runtime) = crate::open_device(&world.device_spec(&args.device))?;
+    let collective = world.collective_on(runtime.as_ref()).map_err(|e| world.fail(e))?;
     if let Some(n) = args.threads {
         rayon_threads(n)?;
     }
@@ -139,7 +140,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         progress: true,
         max_memory: args.max_memory,
         device,
-        collective: world.collective(),
+        collective,
         ..TrainOptions::new(&run_dir, &data)
     };
     let out = match train(&config, &opts) {

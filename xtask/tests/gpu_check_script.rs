@@ -62,6 +62,7 @@ esac"#,
     assert!(line("step-ops-parity").contains(" ok "), "{summary}");
     assert!(line("sinkhorn-parity").contains("FAILED: exit 101"), "{summary}");
     assert!(line("nccl-one-rank").contains(" ok "), "{summary}");
+    assert!(line("nccl-gradients-one-rank").contains(" ok "), "{summary}");
     assert!(line("reference-on-cuda").contains("FAILED: exit 3"), "{summary}");
     assert!(line("bench-rn18-small-bf16").contains("FAILED: timed out after 2 s"), "{summary}");
     // The failing stage's output is quoted in the summary, and kept whole in its log.

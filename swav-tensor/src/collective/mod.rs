@@ -7,13 +7,18 @@
 //! - [`ThreadGroup`]: ranks that are threads of one process, for tests and for checking the
 //!   distributed algorithm without launching processes; a rank that does not arrive within the
 //!   timeout is named in the error of the others;
-//! - `MpiCollective` (cargo feature `mpi`): processes started by `mpirun` or `srun`, through Open MPI.
+//! - `MpiCollective` (cargo feature `mpi`): processes started by `mpirun` or `srun`, through Open MPI;
+//! - `NcclCollective` (cargo feature `cuda`): another collective for the host buffers, NCCL for
+//!   tensors in device memory (one GPU per rank).
 //!
 //! The buffers are host memory. Tensors on a CUDA device are staged through the host by
-//! [`all_reduce_mean`].
+//! [`all_reduce_mean`], unless the collective reduces device memory itself
+//! ([`Collective::reduces_device_memory`]).
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -92,6 +97,19 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     /// so that another thread can run collectives (gradient buckets while the backward goes on) while
     /// this thread runs its own (synchronised batch norm). Every rank calls it at the same point.
     fn duplicate(&self) -> Result<Arc<dyn Collective>, CollectiveError>;
+
+    /// Whether [`Collective::all_reduce_sum_device`] works: the transport reduces tensors in device
+    /// memory (NCCL). Otherwise device tensors go through host memory.
+    fn reduces_device_memory(&self) -> bool {
+        false
+    }
+
+    /// Element-wise sum over ranks of f32 CUDA tensors, in place in device memory, queued on their
+    /// device's stream. Every rank passes tensors of the same sizes in the same order.
+    fn all_reduce_sum_device(&self, tensors: &mut [&mut Tensor]) -> Result<(), CollectiveError> {
+        let _ = tensors;
+        Err(CollectiveError::Transport("this collective reduces host memory only".into()))
+    }
 
     /// Element-wise sum over ranks of bf16 values (their bits), summed in f32 and rounded back to
     /// nearest even: MPI has no bf16 type, and the sum of a few ranks loses nothing more in f32.
@@ -523,6 +541,11 @@ pub fn all_reduce_mean(tensors: &mut [&mut Tensor], collective: &dyn Collective)
         return Ok(0);
     }
     let scale = 1.0 / world as f32;
+    if collective.reduces_device_memory() && tensors.iter().all(|t| t.device().is_cuda()) {
+        collective.all_reduce_sum_device(tensors).map_err(|e| crate::TensorError::Collective(e.to_string()))?;
+        tensors.iter_mut().for_each(|t| t.scale(scale));
+        return Ok(1);
+    }
     let cap = BUCKET_BYTES / 4;
     let mut calls = 0;
     let mut start = 0;
