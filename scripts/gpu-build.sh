@@ -13,7 +13,7 @@ cargo build --release -p xtask
 cp target/release/xtask "$out/xtask"
 # The CUDA feature of every crate with a device path; the test binaries' real-device halves need it.
 features="swav-tensor/cuda,swav-sinkhorn/cuda,swav-train/cuda"
-tests=(device_ops device step_on_device cuda_parity device_train end_to_end cases)
+tests=(device_ops device sync_batchnorm step_on_device cuda_parity device_train end_to_end cases)
 args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 cargo test --release --no-run --message-format=json --features "$features" \

@@ -83,6 +83,7 @@ stage doctor 60 "$bin/xtask" doctor
 stage tensors 60 "$bin/device" --nocapture --skip nccl
 stage ops-parity 120 "$bin/device_ops" --nocapture
 stage step-ops-parity 120 "$bin/step_on_device" --nocapture
+stage sync-bn-parity 60 "$bin/sync_batchnorm" --nocapture
 stage sinkhorn-parity 120 "$bin/cuda_parity" --nocapture --skip nccl
 stage nccl-one-rank 60 "$bin/cuda_parity" nccl --nocapture
 stage nccl-gradients-one-rank 60 "$bin/device" nccl --nocapture

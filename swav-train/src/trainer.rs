@@ -225,13 +225,6 @@ fn check_distributed(config: &Config, opts: &TrainOptions) -> Result<(), TrainEr
     if n == 1 {
         return Ok(());
     }
-    if opts.device.is_cuda() && config.model.sync_bn {
-        return Err(TrainError::Config(format!(
-            "model.sync_bn = true with {n} ranks on a CUDA device: synchronised batch norm runs on the CPU engine \
-             only for now; set model.sync_bn = false (each rank's batch norms then use its own batch, and rank 0's \
-             running statistics are broadcast before each forward)"
-        )));
-    }
     if t.conv == swav_tensor::ops::winograd::ConvAlgorithm::Measured {
         return Err(TrainError::Config(
             "train.conv = \"measured\" with several ranks: each rank would measure its own plan, and the ranks would \

@@ -240,30 +240,37 @@ fn without_sync_bn_every_rank_keeps_the_same_weights_and_buffers() {
     assert_ne!(got[0], synced[0]);
 }
 
-/// The same two ranks on a CUDA device (the emulated one; both ranks share it) follow the two ranks on
-/// the CPU: device codes with Sinkhorn's sums all-reduced, the global loss, device gradients averaged
+/// The same two ranks on a CUDA device (the emulated one; both ranks share it), with and without
+/// SyncBN, follow the two ranks on the CPU: device codes with Sinkhorn's sums all-reduced, the global loss, device gradients averaged
 /// through host memory, rank 0's buffers broadcast into device memory. fp32 against the CPU engine,
 /// relative error < 1e-4 per tensor (the device op parity bound), and the ranks agree exactly.
 #[test]
 fn two_ranks_on_a_cuda_device_follow_two_ranks_on_the_cpu() {
     let Some(device) = fixtures::emulated_device() else { return };
-    let want = run_two_ranks(false);
-    let got = run_two_ranks_on(false, device);
-    let params = |m: &BTreeMap<String, Vec<f32>>| -> Vec<String> {
-        m.keys().filter(|k| !k.contains("running_")).cloned().collect()
-    };
-    for name in params(&got[0]) {
-        assert_eq!(got[0][&name], got[1][&name], "{name}: the ranks on the device diverged");
-    }
-    let mut worst = (0.0f64, String::new());
-    for (name, w) in &want[0] {
-        let e = diff(&got[0][name], w) / norm(w).max(1e-30);
-        if e > worst.0 {
-            worst = (e, name.clone());
+    for sync in [false, true] {
+        let want = run_two_ranks(sync);
+        let got = run_two_ranks_on(sync, device);
+        let params = |m: &BTreeMap<String, Vec<f32>>| -> Vec<String> {
+            m.keys().filter(|k| !k.contains("running_")).cloned().collect()
+        };
+        for name in params(&got[0]) {
+            assert_eq!(got[0][&name], got[1][&name], "sync_bn {sync}, {name}: the ranks on the device diverged");
         }
+        let mut worst = (0.0f64, String::new());
+        for (name, w) in &want[0] {
+            let e = diff(&got[0][name], w) / norm(w).max(1e-30);
+            if e > worst.0 {
+                worst = (e, name.clone());
+            }
+        }
+        eprintln!(
+            "sync_bn {sync}: worst relative error against the CPU over {} tensors: {:e} ({})",
+            want[0].len(),
+            worst.0,
+            worst.1
+        );
+        assert!(worst.0 < 1e-4, "sync_bn {sync}, {}: relative error {:e}", worst.1, worst.0);
     }
-    eprintln!("worst relative error against the CPU over {} tensors: {:e} ({})", want[0].len(), worst.0, worst.1);
-    assert!(worst.0 < 1e-4, "{}: relative error {:e}", worst.1, worst.0);
 }
 
 /// Drives the ranks the way NCCL is driven (the gradients reduced in device memory, all at once after

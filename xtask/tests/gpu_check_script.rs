@@ -49,6 +49,7 @@ esac"#,
     );
     stub(&bin, "device_ops", "echo ops ok");
     stub(&bin, "step_on_device", "echo step ops ok");
+    stub(&bin, "sync_batchnorm", "echo sync bn ok");
     // The Sinkhorn parity tests fail; the NCCL one, run as its own stage, passes.
     stub(&bin, "cuda_parity", r#"if [ "$1" = nccl ]; then echo nccl ok; else echo parity failed; exit 101; fi"#);
     let out = tmp.path().join("out");
@@ -60,6 +61,7 @@ esac"#,
     assert!(line("tensors").contains(" ok "), "{summary}");
     assert!(line("ops-parity").contains(" ok "), "{summary}");
     assert!(line("step-ops-parity").contains(" ok "), "{summary}");
+    assert!(line("sync-bn-parity").contains(" ok "), "{summary}");
     assert!(line("sinkhorn-parity").contains("FAILED: exit 101"), "{summary}");
     assert!(line("nccl-one-rank").contains(" ok "), "{summary}");
     assert!(line("nccl-gradients-one-rank").contains(" ok "), "{summary}");

@@ -106,7 +106,8 @@ pub fn batchnorm_train_forward(
 
 /// [`batchnorm_train_forward`] with the batch statistics of every rank of `group` (SyncBatchNorm):
 /// the per-channel sums and the row counts are all-reduced, so every rank normalises with the
-/// statistics of the group's whole batch. CPU tensors only.
+/// statistics of the group's whole batch. On a CUDA device the per-channel sums come to the host
+/// for the exchange (one round trip per batch norm).
 #[allow(clippy::too_many_arguments)]
 pub fn sync_batchnorm_train_forward(
     x: &Tensor,
@@ -121,23 +122,13 @@ pub fn sync_batchnorm_train_forward(
     train_forward(x, p, running_mean, running_var, momentum, residual, relu, Some(group))
 }
 
-/// Refuses SyncBN on a CUDA device, where it is not built yet.
-fn host_only<'g>(x: &Tensor, group: Option<&'g dyn Collective>) -> Result<Option<&'g dyn Collective>> {
-    match group {
-        Some(g) if g.world_size() > 1 => {
-            if x.device().is_cuda() {
-                return Err(TensorError::Device(
-                    "synchronised batch norm runs on the CPU engine only: set model.sync_bn = false on CUDA".into(),
-                ));
-            }
-            Ok(Some(g))
-        }
-        _ => Ok(None),
-    }
+/// The group to synchronise over: none for a group of one rank.
+fn group_of(group: Option<&dyn Collective>) -> Option<&dyn Collective> {
+    group.filter(|g| g.world_size() > 1)
 }
 
 /// Sums `[sums | rows]` over the group, in place; returns the group's row count.
-fn reduce_over_group(sums: &mut Vec<f64>, rows: usize, group: Option<&dyn Collective>) -> Result<f64> {
+pub(crate) fn reduce_over_group(sums: &mut Vec<f64>, rows: usize, group: Option<&dyn Collective>) -> Result<f64> {
     let Some(group) = group else { return Ok(rows as f64) };
     sums.push(rows as f64);
     group.all_reduce_sum_f64(sums).map_err(|e| TensorError::Collective(e.to_string()))?;
@@ -156,31 +147,61 @@ fn train_forward(
     group: Option<&dyn Collective>,
 ) -> Result<(Tensor, BnCache)> {
     let _p = crate::profile::scope("bn forward");
-    let group = host_only(x, group)?;
+    let group = group_of(group);
     if let Some(rt) = x.runtime() {
-        return super::batchnorm_cuda::train_forward_on(rt, x, p, running_mean, running_var, momentum, residual, relu);
+        return match group {
+            Some(g) => super::batchnorm_cuda::sync_train_forward_on(
+                rt,
+                x,
+                p,
+                running_mean,
+                running_var,
+                momentum,
+                residual,
+                relu,
+                g,
+            ),
+            None => {
+                super::batchnorm_cuda::train_forward_on(rt, x, p, running_mean, running_var, momentum, residual, relu)
+            }
+        };
     }
     let (rows, c) = channels(x, p)?;
     let xs = x.as_slice();
     let chunk = rows_per_chunk(c, CHUNK_VALUES);
     let mut sums = sum_rows(rows, 2 * c, chunk, |r, acc| moments(&xs[r.start * c..r.end * c], c, acc));
     let n = reduce_over_group(&mut sums, rows, group)?;
+    let (mean, rstd) =
+        batch_statistics(&sums, n, p.eps, momentum, running_mean.as_mut_slice(), running_var.as_mut_slice())?;
+    let y = normalize(x, p, &mean, &rstd, residual, relu)?;
+    Ok((y, BnCache { mean: Tensor::from_vec(&[c], mean)?, rstd: Tensor::from_vec(&[c], rstd)? }))
+}
+
+/// Mean and `1 / sqrt(var + eps)` per channel from the sums `[sum x | sum x^2]` of `n` rows, and the
+/// running statistics `rm`, `rv` updated (PyTorch: the unbiased variance, `momentum` of the new one).
+pub(crate) fn batch_statistics(
+    sums: &[f64],
+    n: f64,
+    eps: f32,
+    momentum: f32,
+    rm: &mut [f32],
+    rv: &mut [f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
     if n < 2.0 {
         return Err(shape_err("batchnorm", format!("training mode needs more than one value per channel, got {n}")));
     }
+    let c = rm.len();
     let mut mean = vec![0.0f32; c];
     let mut rstd = vec![0.0f32; c];
-    let (rm, rv) = (running_mean.as_mut_slice(), running_var.as_mut_slice());
     for ch in 0..c {
         let mu = sums[ch] / n;
         let var = (sums[c + ch] / n - mu * mu).max(0.0);
         mean[ch] = mu as f32;
-        rstd[ch] = (1.0 / (var + p.eps as f64).sqrt()) as f32;
+        rstd[ch] = (1.0 / (var + eps as f64).sqrt()) as f32;
         rm[ch] = (1.0 - momentum) * rm[ch] + momentum * mu as f32;
         rv[ch] = (1.0 - momentum) * rv[ch] + momentum * (var * n / (n - 1.0)) as f32;
     }
-    let y = normalize(x, p, &mean, &rstd, residual, relu)?;
-    Ok((y, BnCache { mean: Tensor::from_vec(&[c], mean)?, rstd: Tensor::from_vec(&[c], rstd)? }))
+    Ok((mean, rstd))
 }
 
 simd_fn! {
@@ -319,9 +340,12 @@ fn backward(
     group: Option<&dyn Collective>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let _p = crate::profile::scope("bn backward");
-    let group = host_only(x, group)?;
+    let group = group_of(group);
     if let Some(rt) = x.runtime() {
-        return super::batchnorm_cuda::backward_on(rt, x, y, dy, p, cache, fused, dgamma, dbeta);
+        return match group {
+            Some(g) => super::batchnorm_cuda::sync_backward_on(rt, x, y, dy, p, cache, fused, dgamma, dbeta, g),
+            None => super::batchnorm_cuda::backward_on(rt, x, y, dy, p, cache, fused, dgamma, dbeta),
+        };
     }
     let (rows, c) = channels(x, p)?;
     x.check_same_shape("batchnorm_backward (dy)", dy)?;
@@ -336,25 +360,9 @@ fn backward(
         let src = Rows { xs: &xs[at.clone()], ys: &ys[at.clone()], dys: &dys[at] };
         grad_sums(&src, mean, fused.relu, acc)
     });
-    let gamma = p.gamma.as_slice();
-    let (dga, dbe) = (dgamma.as_mut_slice(), dbeta.as_mut_slice());
     let n = reduce_over_group(&mut sums, rows, group)?;
-    // With a group, every rank takes 1/size of the group's dgamma and dbeta: once the gradients are
-    // averaged over the ranks, that equals the mean of the ranks' own shares, without the rounding of
-    // adding per-rank partial sums that nearly cancel.
-    let share = group.map_or(1.0, |g| 1.0 / g.world_size() as f64);
-    // dx = gamma rstd (g - mean(g) - xhat mean(g xhat)) = a g + b + e (x - mean).
-    let mut coef = Coefficients { a: vec![0.0; c], b: vec![0.0; c], e: vec![0.0; c] };
-    for ch in 0..c {
-        let r = rstd[ch] as f64;
-        let (sum_g, sum_gxhat) = (sums[ch], sums[c + ch] * r);
-        dga[ch] += (sum_gxhat * share) as f32;
-        dbe[ch] += (sum_g * share) as f32;
-        let k = gamma[ch] as f64 * r;
-        coef.a[ch] = k as f32;
-        coef.b[ch] = (-k * sum_g / n) as f32;
-        coef.e[ch] = (-k * r * sum_gxhat / n) as f32;
-    }
+    let coef =
+        backward_coefficients(&sums, n, group, rstd, p.gamma.as_slice(), dgamma.as_mut_slice(), dbeta.as_mut_slice());
     // Pass 2: dx, and the residual's gradient (= g) in the same sweep.
     let mut dx = Tensor::for_overwrite(x.shape(), x.device());
     let mut g = fused.residual.then(|| Tensor::for_overwrite(x.shape(), x.device()));
@@ -425,10 +433,41 @@ fn grad_sums_rows<const RELU: bool>(src: &Rows<'_>, mean: &[f32], acc: &mut [f64
 }
 
 /// Per-channel coefficients of `dx = a g + b + e (x - mean)`.
-struct Coefficients {
-    a: Vec<f32>,
-    b: Vec<f32>,
-    e: Vec<f32>,
+pub(crate) struct Coefficients {
+    pub(crate) a: Vec<f32>,
+    pub(crate) b: Vec<f32>,
+    pub(crate) e: Vec<f32>,
+}
+
+/// From the sums `[sum g | sum g (x - mean)]` of `n` rows: accumulates `dgamma` and `dbeta`, and
+/// returns the coefficients of `dx = a g + b + e (x - mean)`.
+pub(crate) fn backward_coefficients(
+    sums: &[f64],
+    n: f64,
+    group: Option<&dyn Collective>,
+    rstd: &[f32],
+    gamma: &[f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Coefficients {
+    let c = rstd.len();
+    // With a group, every rank takes 1/size of the group's dgamma and dbeta: once the gradients are
+    // averaged over the ranks, that equals the mean of the ranks' own shares, without the rounding of
+    // adding per-rank partial sums that nearly cancel.
+    let share = group.map_or(1.0, |g| 1.0 / g.world_size() as f64);
+    // dx = gamma rstd (g - mean(g) - xhat mean(g xhat)) = a g + b + e (x - mean).
+    let mut coef = Coefficients { a: vec![0.0; c], b: vec![0.0; c], e: vec![0.0; c] };
+    for ch in 0..c {
+        let r = rstd[ch] as f64;
+        let (sum_g, sum_gxhat) = (sums[ch], sums[c + ch] * r);
+        dgamma[ch] += (sum_gxhat * share) as f32;
+        dbeta[ch] += (sum_g * share) as f32;
+        let k = gamma[ch] as f64 * r;
+        coef.a[ch] = k as f32;
+        coef.b[ch] = (-k * sum_g / n) as f32;
+        coef.e[ch] = (-k * r * sum_gxhat / n) as f32;
+    }
+    coef
 }
 
 /// The same rows of the forward's input, output and the incoming gradient.

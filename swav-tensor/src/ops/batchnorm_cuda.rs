@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+use crate::collective::Collective;
 use crate::cuda::plan::{elementwise_grid, Arg, BufId, DType, Plan, Role, Storage, ELEMENTWISE_BLOCK};
 use crate::cuda::runtime::DeviceRuntime;
 use crate::cuda::Source;
@@ -145,7 +146,7 @@ pub fn train_forward(s: BnShape, storage: Storage, fused: Fused, momentum: f32, 
             format!("training mode needs more than one value per channel, got {}", s.rows),
         ));
     }
-    let (tile_rows, tiles) = s.tiling();
+    let (_, tiles) = s.tiling();
     let c = s.channels;
     let mut plan = Plan::default();
     activation_buffers(&mut plan, s, storage, fused);
@@ -154,12 +155,7 @@ pub fn train_forward(s: BnShape, storage: Storage, fused: Fused, momentum: f32, 
         .buffer(MEAN, DType::F32, c, Role::Out)
         .buffer(RSTD, DType::F32, c, Role::Out)
         .buffer(PARTIALS, DType::F32, 2 * c * tiles, Role::Scratch);
-    plan.launch(
-        storage.pick("bn_stats_partial_f32", "bn_stats_partial_bf16"),
-        s.reduce_grid(),
-        REDUCE_BLOCK,
-        vec![Arg::Buf(X), Arg::I32(s.rows as i32), Arg::I32(c as i32), Arg::I32(tile_rows as i32), Arg::Buf(PARTIALS)],
-    );
+    stats_partial(&mut plan, s, storage);
     plan.launch(
         storage.pick("bn_stats_combine_f32", "bn_stats_combine_bf16"),
         s.combine_grid(),
@@ -208,7 +204,7 @@ pub fn eval_forward(s: BnShape, storage: Storage, fused: Fused, eps: f32) -> Res
 /// `dgamma`, `dbeta` accumulated. Reads the forward's `x`, `y`, `mean`, `rstd`.
 pub fn backward(s: BnShape, storage: Storage, fused: Fused) -> Result<Plan> {
     s.check()?;
-    let (tile_rows, tiles) = s.tiling();
+    let (_, tiles) = s.tiling();
     let (c, act) = (s.channels, storage.dtype());
     let mut plan = Plan::default();
     plan.buffer(X, act, s.len(), Role::In)
@@ -225,23 +221,7 @@ pub fn backward(s: BnShape, storage: Storage, fused: Fused) -> Result<Plan> {
     if fused.residual {
         plan.buffer(DRESIDUAL, act, s.len(), Role::Out);
     }
-    let relu = Arg::I32(fused.relu as i32);
-    plan.launch(
-        storage.pick("bn_backward_partial_f32", "bn_backward_partial_bf16"),
-        s.reduce_grid(),
-        REDUCE_BLOCK,
-        vec![
-            Arg::Buf(X),
-            Arg::Buf(Y),
-            Arg::Buf(DY),
-            Arg::Buf(MEAN),
-            Arg::I32(s.rows as i32),
-            Arg::I32(c as i32),
-            Arg::I32(tile_rows as i32),
-            relu,
-            Arg::Buf(PARTIALS),
-        ],
-    );
+    backward_partial(&mut plan, s, storage, fused);
     plan.launch(
         "bn_backward_combine",
         s.combine_grid(),
@@ -258,6 +238,33 @@ pub fn backward(s: BnShape, storage: Storage, fused: Fused) -> Result<Plan> {
             Arg::Buf(COEF),
         ],
     );
+    backward_dx(&mut plan, s, storage, fused);
+    Ok(plan)
+}
+
+/// Pass 1 of the backward: per-tile `[sum g | sum g (x - mean)]` into `partials`.
+fn backward_partial(plan: &mut Plan, s: BnShape, storage: Storage, fused: Fused) {
+    let (tile_rows, _) = s.tiling();
+    plan.launch(
+        storage.pick("bn_backward_partial_f32", "bn_backward_partial_bf16"),
+        s.reduce_grid(),
+        REDUCE_BLOCK,
+        vec![
+            Arg::Buf(X),
+            Arg::Buf(Y),
+            Arg::Buf(DY),
+            Arg::Buf(MEAN),
+            Arg::I32(s.rows as i32),
+            Arg::I32(s.channels as i32),
+            Arg::I32(tile_rows as i32),
+            Arg::I32(fused.relu as i32),
+            Arg::Buf(PARTIALS),
+        ],
+    );
+}
+
+/// Pass 2 of the backward: `dx` (and `dresidual`) from the coefficients.
+fn backward_dx(plan: &mut Plan, s: BnShape, storage: Storage, fused: Fused) {
     plan.launch(
         storage.pick("bn_backward_dx_f32", "bn_backward_dx_bf16"),
         elementwise_grid(s.len()),
@@ -269,12 +276,83 @@ pub fn backward(s: BnShape, storage: Storage, fused: Fused) -> Result<Plan> {
             Arg::Buf(MEAN),
             Arg::Buf(COEF),
             Arg::I64(s.len() as i64),
-            Arg::I32(c as i32),
-            relu,
+            Arg::I32(s.channels as i32),
+            Arg::I32(fused.relu as i32),
             Arg::Buf(DX),
             if fused.residual { Arg::Buf(DRESIDUAL) } else { Arg::Null },
         ],
     );
+}
+
+/// The forward's per-tile shifted sums `[sum d | sum d^2]`, `d = x - x[0]`, into `partials`.
+fn stats_partial(plan: &mut Plan, s: BnShape, storage: Storage) {
+    let (tile_rows, _) = s.tiling();
+    plan.launch(
+        storage.pick("bn_stats_partial_f32", "bn_stats_partial_bf16"),
+        s.reduce_grid(),
+        REDUCE_BLOCK,
+        vec![
+            Arg::Buf(X),
+            Arg::I32(s.rows as i32),
+            Arg::I32(s.channels as i32),
+            Arg::I32(tile_rows as i32),
+            Arg::Buf(PARTIALS),
+        ],
+    );
+}
+
+/// SyncBN's first half of the forward: only the per-tile shifted sums (`partials`, out), which the
+/// host combines with the other ranks'.
+pub fn sync_stats(s: BnShape, storage: Storage) -> Result<Plan> {
+    s.check()?;
+    let (_, tiles) = s.tiling();
+    let mut plan = Plan::default();
+    plan.buffer(X, storage.dtype(), s.len(), Role::In).buffer(PARTIALS, DType::F32, 2 * s.channels * tiles, Role::Out);
+    stats_partial(&mut plan, s, storage);
+    Ok(plan)
+}
+
+/// SyncBN's second half of the forward: `y` with the group's `mean` and `rstd` (in).
+pub fn sync_apply(s: BnShape, storage: Storage, fused: Fused) -> Result<Plan> {
+    s.check()?;
+    let mut plan = Plan::default();
+    activation_buffers(&mut plan, s, storage, fused);
+    plan.buffer(MEAN, DType::F32, s.channels, Role::In).buffer(RSTD, DType::F32, s.channels, Role::In);
+    apply(&mut plan, s, storage, fused, MEAN);
+    Ok(plan)
+}
+
+/// SyncBN's first half of the backward: the per-tile gradient sums (`partials`, out).
+pub fn sync_backward_sums(s: BnShape, storage: Storage, fused: Fused) -> Result<Plan> {
+    s.check()?;
+    let (_, tiles) = s.tiling();
+    let act = storage.dtype();
+    let mut plan = Plan::default();
+    plan.buffer(X, act, s.len(), Role::In)
+        .buffer(Y, act, s.len(), Role::In)
+        .buffer(DY, act, s.len(), Role::In)
+        .buffer(MEAN, DType::F32, s.channels, Role::In)
+        .buffer(PARTIALS, DType::F32, 2 * s.channels * tiles, Role::Out);
+    backward_partial(&mut plan, s, storage, fused);
+    Ok(plan)
+}
+
+/// SyncBN's second half of the backward: `dx` (and `dresidual`) from the coefficients the host
+/// made of the group's sums (`coef`, in).
+pub fn sync_backward_dx(s: BnShape, storage: Storage, fused: Fused) -> Result<Plan> {
+    s.check()?;
+    let act = storage.dtype();
+    let mut plan = Plan::default();
+    plan.buffer(X, act, s.len(), Role::In)
+        .buffer(Y, act, s.len(), Role::In)
+        .buffer(DY, act, s.len(), Role::In)
+        .buffer(MEAN, DType::F32, s.channels, Role::In)
+        .buffer(COEF, DType::F32, 3 * s.channels, Role::In)
+        .buffer(DX, act, s.len(), Role::Out);
+    if fused.residual {
+        plan.buffer(DRESIDUAL, act, s.len(), Role::Out);
+    }
+    backward_dx(&mut plan, s, storage, fused);
     Ok(plan)
 }
 
@@ -385,5 +463,148 @@ pub(crate) fn backward_on(
     ];
     bind.extend(dres.as_ref().map(|d| (DRESIDUAL, d.ptr())));
     rt.run(&SOURCE, &plan, &bind)?;
+    Ok((dx, dres))
+}
+
+/// A new f32 device tensor holding `values`.
+fn upload_f32(rt: &Arc<DeviceRuntime>, shape: &[usize], values: &[f32]) -> Result<Tensor> {
+    let t = Tensor::device_uninit(rt, shape, Storage::F32)?;
+    overwrite_f32(rt, &t, values)?;
+    Ok(t)
+}
+
+/// Writes `values` over the f32 device tensor `t` (same length), in place.
+fn overwrite_f32(rt: &Arc<DeviceRuntime>, t: &Tensor, values: &[f32]) -> Result<()> {
+    debug_assert_eq!(t.len(), values.len());
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    rt.backend().upload(t.ptr(), &bytes)
+}
+
+/// Per-channel f64 sums `[first | second]` of a `[tiles, 2c]` partials buffer, tiles in order.
+fn sum_tiles(partials: &[f32], c: usize) -> Vec<f64> {
+    let mut sums = vec![0.0f64; 2 * c];
+    for tile in partials.chunks_exact(2 * c) {
+        for (s, &v) in sums.iter_mut().zip(tile) {
+            *s += v as f64;
+        }
+    }
+    sums
+}
+
+/// The first row of `x` (the shift of the device's statistics sums), as f32 on the host.
+fn first_row(rt: &Arc<DeviceRuntime>, x: &Tensor, c: usize) -> Result<Vec<f32>> {
+    match x.dtype() {
+        Storage::F32 => {
+            let mut bytes = vec![0u8; 4 * c];
+            rt.backend().download(x.ptr(), &mut bytes)?;
+            Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        }
+        Storage::Bf16 => {
+            let mut bytes = vec![0u8; 2 * c];
+            rt.backend().download(x.ptr(), &mut bytes)?;
+            Ok(bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect())
+        }
+    }
+}
+
+/// The device path of [`crate::ops::batchnorm::sync_batchnorm_train_forward`]: the device sums its
+/// rows (shifted by the first row, as the plain forward), the host turns them into plain sums in f64,
+/// all-reduces them over `group` and makes the statistics exactly as the CPU op does, and the device
+/// normalises with them. One device-host round trip per call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sync_train_forward_on(
+    rt: &Arc<DeviceRuntime>,
+    x: &Tensor,
+    p: &BnParams<'_>,
+    running_mean: &mut Tensor,
+    running_var: &mut Tensor,
+    momentum: f32,
+    residual: Option<&Tensor>,
+    relu: bool,
+    group: &dyn Collective,
+) -> Result<(Tensor, BnCache)> {
+    let (rows, c) = channels(x, p)?;
+    check_device("batchnorm (cuda)", rt, &[x, p.gamma, p.beta, running_mean, running_var])?;
+    if let Some(r) = residual {
+        x.check_same_shape("batchnorm (residual)", r)?;
+        check_device("batchnorm (cuda)", rt, &[r])?;
+    }
+    let s = BnShape { rows, channels: c };
+    let (_, tiles) = s.tiling();
+    let partials = Tensor::device_uninit(rt, &[2 * c * tiles], Storage::F32)?;
+    rt.run(&SOURCE, &sync_stats(s, x.dtype())?, &[(X, x.ptr()), (PARTIALS, partials.ptr())])?;
+    let shifted = sum_tiles(&partials.to_vec(), c);
+    let shift = first_row(rt, x, c)?;
+    // sum x = S1 + n k, sum x^2 = S2 + 2 k S1 + n k^2 for the shift k.
+    let n = rows as f64;
+    let mut sums = vec![0.0f64; 2 * c];
+    for ch in 0..c {
+        let (k, s1, s2) = (shift[ch] as f64, shifted[ch], shifted[c + ch]);
+        sums[ch] = s1 + n * k;
+        sums[c + ch] = s2 + 2.0 * k * s1 + n * k * k;
+    }
+    let n = crate::ops::batchnorm::reduce_over_group(&mut sums, rows, Some(group))?;
+    let (mut rm, mut rv) = (running_mean.to_vec(), running_var.to_vec());
+    let (mean, rstd) = crate::ops::batchnorm::batch_statistics(&sums, n, p.eps, momentum, &mut rm, &mut rv)?;
+    overwrite_f32(rt, running_mean, &rm)?;
+    overwrite_f32(rt, running_var, &rv)?;
+    let (mean, rstd) = (upload_f32(rt, &[c], &mean)?, upload_f32(rt, &[c], &rstd)?);
+    let fused = Fused { residual: residual.is_some(), relu };
+    let y = Tensor::device_uninit(rt, x.shape(), x.dtype())?;
+    let mut bind = vec![
+        (X, x.ptr()),
+        (GAMMA, p.gamma.ptr()),
+        (BETA, p.beta.ptr()),
+        (MEAN, mean.ptr()),
+        (RSTD, rstd.ptr()),
+        (Y, y.ptr()),
+    ];
+    bind.extend(residual.map(|r| (RESIDUAL, r.ptr())));
+    rt.run(&SOURCE, &sync_apply(s, x.dtype(), fused)?, &bind)?;
+    Ok((y, BnCache { mean, rstd }))
+}
+
+/// The device path of [`crate::ops::batchnorm::sync_batchnorm_backward`]: the device sums the
+/// gradient, the host all-reduces the sums over `group` and makes the coefficients (and the shares of
+/// `dgamma`, `dbeta`) as the CPU op does, and the device writes `dx`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sync_backward_on(
+    rt: &Arc<DeviceRuntime>,
+    x: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    p: &BnParams<'_>,
+    cache: &BnCache,
+    fused: Fused,
+    dgamma: &mut Tensor,
+    dbeta: &mut Tensor,
+    group: &dyn Collective,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (rows, c) = channels(x, p)?;
+    x.check_same_shape("batchnorm_backward (dy)", dy)?;
+    x.check_same_shape("batchnorm_backward (y)", y)?;
+    check_device("batchnorm_backward (cuda)", rt, &[x, y, dy, p.gamma, &cache.mean, &cache.rstd, dgamma, dbeta])?;
+    if dy.dtype() != x.dtype() || y.dtype() != x.dtype() {
+        return Err(shape_err("batchnorm_backward (cuda)", "x, y and dy must have one dtype"));
+    }
+    let s = BnShape { rows, channels: c };
+    let (_, tiles) = s.tiling();
+    let partials = Tensor::device_uninit(rt, &[2 * c * tiles], Storage::F32)?;
+    let bind = [(X, x.ptr()), (Y, y.ptr()), (DY, dy.ptr()), (MEAN, cache.mean.ptr()), (PARTIALS, partials.ptr())];
+    rt.run(&SOURCE, &sync_backward_sums(s, x.dtype(), fused)?, &bind)?;
+    let mut sums = sum_tiles(&partials.to_vec(), c);
+    let n = crate::ops::batchnorm::reduce_over_group(&mut sums, rows, Some(group))?;
+    let (mut dga, mut dbe) = (dgamma.to_vec(), dbeta.to_vec());
+    let (rstd, gamma) = (cache.rstd.to_vec(), p.gamma.to_vec());
+    let coef = crate::ops::batchnorm::backward_coefficients(&sums, n, Some(group), &rstd, &gamma, &mut dga, &mut dbe);
+    overwrite_f32(rt, dgamma, &dga)?;
+    overwrite_f32(rt, dbeta, &dbe)?;
+    let coef = upload_f32(rt, &[3 * c], &[coef.a, coef.b, coef.e].concat())?;
+    let dx = Tensor::device_uninit(rt, x.shape(), x.dtype())?;
+    let dres = if fused.residual { Some(Tensor::device_uninit(rt, x.shape(), x.dtype())?) } else { None };
+    let mut bind =
+        vec![(X, x.ptr()), (Y, y.ptr()), (DY, dy.ptr()), (MEAN, cache.mean.ptr()), (COEF, coef.ptr()), (DX, dx.ptr())];
+    bind.extend(dres.as_ref().map(|d| (DRESIDUAL, d.ptr())));
+    rt.run(&SOURCE, &sync_backward_dx(s, x.dtype(), fused)?, &bind)?;
     Ok((dx, dres))
 }
