@@ -142,7 +142,9 @@ impl Prototypes {
     pub fn normalize(&mut self) -> Result<()> {
         for head in &mut self.heads {
             if head.weight.value.runtime().is_some() {
-                head.weight.value = swav_tensor::ops::normalize::l2_normalize_forward(&head.weight.value)?.0;
+                // In place: the weight keeps its (persistent) block.
+                let normalized = swav_tensor::ops::normalize::l2_normalize_forward(&head.weight.value)?.0;
+                head.weight.value.copy_from(&normalized)?;
                 continue;
             }
             let d = head.weight.value.dim(1);

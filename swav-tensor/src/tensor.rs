@@ -210,6 +210,14 @@ impl Tensor {
         }
     }
 
+    /// The allocator pool of a CUDA tensor's block.
+    pub fn device_pool(&self) -> Option<crate::cuda::runtime::Pool> {
+        match &self.memory {
+            Memory::Cpu(_) => None,
+            Memory::Cuda { buf, .. } => Some(buf.pool()),
+        }
+    }
+
     /// The device address of a CUDA tensor (panics for a CPU tensor: an op's dispatch error).
     pub fn ptr(&self) -> DevPtr {
         self.device_block()
@@ -361,6 +369,27 @@ impl Tensor {
                     &[(elementwise_cuda::Y, buf.ptr()), (elementwise_cuda::X, other.ptr())],
                 )?;
             }
+        }
+        Ok(())
+    }
+
+    /// Overwrites the values with `other`'s (same shape, dtype and device), keeping this tensor's
+    /// block: its address stays what earlier work and the allocator's pool know.
+    pub fn copy_from(&mut self, other: &Tensor) -> Result<()> {
+        self.check_same_shape("copy_from", other)?;
+        if self.device() != other.device() || self.dtype() != other.dtype() {
+            return Err(shape_err(
+                "copy_from",
+                format!("{:?} on {} from {:?} on {}", self.dtype(), self.device(), other.dtype(), other.device()),
+            ));
+        }
+        match (&mut self.memory, &other.memory) {
+            (Memory::Cpu(dst), Memory::Cpu(src)) => dst.copy_from_slice(src),
+            (Memory::Cuda { buf, dtype }, Memory::Cuda { buf: src, .. }) => {
+                let bytes = self.shape.iter().product::<usize>() * dtype_bytes(*dtype);
+                buf.runtime().backend().copy(buf.ptr(), src.ptr(), bytes)?;
+            }
+            _ => unreachable!("devices checked above"),
         }
         Ok(())
     }

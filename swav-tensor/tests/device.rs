@@ -94,3 +94,30 @@ fn nccl_reduces_device_tensors_in_place() {
     let mut host = Tensor::zeros(&[4], Device::Cpu);
     assert!(nccl.all_reduce_sum_device(&mut [&mut host]).is_err());
 }
+
+/// The allocator's two pools: a block freed by the persistent side is not handed to a step, and a
+/// step's blocks come back at the same addresses in the next step.
+#[test]
+fn step_allocations_come_from_a_pool_of_their_own() {
+    use swav_tensor::cuda::runtime::{runtime, Pool};
+    let Some(dev @ Device::Cuda(i)) = emulated_device() else { return };
+    let rt = runtime(i).unwrap();
+    // A size no other test of this file uses.
+    let n = 123_457;
+    let persistent = Tensor::zeros(&[n], dev);
+    assert_eq!(persistent.device_pool(), Some(Pool::Persistent));
+    let kept = persistent.ptr();
+    drop(persistent);
+    let mut step_addrs = Vec::new();
+    for _ in 0..2 {
+        let _step = rt.in_step();
+        let t = Tensor::zeros(&[n], dev);
+        assert_eq!(t.device_pool(), Some(Pool::Step));
+        assert_ne!(t.ptr(), kept, "a step took the persistent pool's free block");
+        step_addrs.push(t.ptr());
+    }
+    assert_eq!(step_addrs[0], step_addrs[1], "the second step reuses the first one's block");
+    let again = Tensor::zeros(&[n], dev);
+    assert_eq!((again.device_pool(), again.ptr()), (Some(Pool::Persistent), kept));
+    assert!(rt.stats().step_reserved >= 4 * n, "{:?}", rt.stats());
+}

@@ -130,6 +130,8 @@ pub fn start_step(
 ) -> Result<PendingStats, TrainError> {
     let crops: usize = groups.iter().map(|g| g.dim(0) / batch).sum();
     let on_device = state.model.device().is_cuda();
+    // What the step allocates on a device comes from the per-step pool.
+    let _step_pool = groups.first().and_then(Tensor::runtime).map(|rt| rt.in_step());
     let world = state.collective.clone();
     let distributed = world.world_size() > 1;
     if distributed && !state.gradient_averager.as_ref().is_some_and(|a| a.serves(&world)) {

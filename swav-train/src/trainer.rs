@@ -519,6 +519,11 @@ impl<'a> Run<'a> {
         let step_start = Instant::now();
         let bs = batch.len();
         let mut groups = batch.groups().map(|g| Tensor::from_slice(&g.shape, g.data)).collect::<Result<Vec<_>, _>>()?;
+        // The uploaded batch is the step's memory (a scope of its own: the step opens one too).
+        let _step_pool = match self.opts.device {
+            Device::Cuda(i) => Some(swav_tensor::cuda::runtime::runtime(i)?.in_step()),
+            Device::Cpu => None,
+        };
         if self.opts.device.is_cuda() {
             groups = groups
                 .iter()

@@ -204,4 +204,14 @@ fn training_steps_on_a_cuda_device_reach_a_steady_state_of_memory() {
     assert_eq!(last.misses, warm.misses, "steps after the warm-up allocated device memory: {after:#?}");
     assert_eq!(last.reserved, warm.reserved, "{after:#?}");
     assert_eq!(last.in_use, warm.in_use, "memory in use grows from step to step: {after:#?}");
+    // The step's memory is its own pool; the weights stay in the persistent one.
+    assert!(last.step_reserved > 0 && last.step_reserved < last.reserved, "{last:?}");
+    assert_eq!(last.step_reserved, warm.step_reserved, "{after:#?}");
+    let mut pools = Vec::new();
+    dev.model.visit("", &mut |_, slot| {
+        if let swav_model::param::Slot::Param(p) = slot {
+            pools.push(p.value.device_pool());
+        }
+    });
+    assert!(pools.iter().all(|&p| p == Some(swav_tensor::cuda::runtime::Pool::Persistent)), "{pools:?}");
 }

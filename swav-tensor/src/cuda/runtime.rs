@@ -117,12 +117,38 @@ impl std::fmt::Debug for PendingDownload {
 /// Blocks are rounded up to this many bytes, so that sizes that differ a little share blocks.
 const GRANULE: usize = 512;
 
+/// Which cache a block comes from and goes back to. Blocks are never split or moved between pools,
+/// so the per-step blocks (activations, scratch, the uploaded batch) are the same addresses every step
+/// and the long-lived ones (weights, gradients, running statistics) never fragment them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    /// Everything allocated outside a step: the model's tensors, buffers made once.
+    Persistent,
+    /// What a training step allocates ([`DeviceRuntime::in_step`]).
+    Step,
+}
+
 /// One CUDA device with its caching allocator.
 pub struct DeviceRuntime {
     ordinal: usize,
     backend: Box<dyn Backend>,
-    free_blocks: Mutex<BTreeMap<usize, Vec<DevPtr>>>,
+    /// Free blocks by rounded size: `[persistent, step]`.
+    free_blocks: Mutex<[BTreeMap<usize, Vec<DevPtr>>; 2]>,
+    /// How many [`StepScope`]s are open: allocations go to the step pool while one is.
+    step_depth: std::sync::atomic::AtomicUsize,
     stats: Mutex<AllocStats>,
+}
+
+/// While alive, the allocations of its runtime come from the per-step pool ([`DeviceRuntime::in_step`]).
+#[must_use = "the step pool is used only while the scope lives"]
+pub struct StepScope {
+    rt: Arc<DeviceRuntime>,
+}
+
+impl Drop for StepScope {
+    fn drop(&mut self) {
+        self.rt.step_depth.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// What the allocator did (for the benchmark's memory report and for tests).
@@ -138,6 +164,8 @@ pub struct AllocStats {
     pub hits: u64,
     /// Requests that went to the device.
     pub misses: u64,
+    /// Of `reserved`, the bytes of the per-step pool.
+    pub step_reserved: usize,
 }
 
 impl std::fmt::Debug for DeviceRuntime {
@@ -152,7 +180,8 @@ impl DeviceRuntime {
         DeviceRuntime {
             ordinal,
             backend,
-            free_blocks: Mutex::new(BTreeMap::new()),
+            free_blocks: Mutex::new([BTreeMap::new(), BTreeMap::new()]),
+            step_depth: std::sync::atomic::AtomicUsize::new(0),
             stats: Mutex::new(AllocStats::default()),
         }
     }
@@ -172,11 +201,29 @@ impl DeviceRuntime {
         *self.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A block of at least `bytes` bytes (contents unspecified), from the cache when one of its size
-    /// waits there.
+    /// Until the returned scope is dropped, allocations on this runtime come from the per-step pool
+    /// (the training step holds one; the training thread is the only one that allocates).
+    pub fn in_step(self: &Arc<Self>) -> StepScope {
+        self.step_depth.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        StepScope { rt: self.clone() }
+    }
+
+    /// The pool an allocation made now comes from.
+    pub fn current_pool(&self) -> Pool {
+        if self.step_depth.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            Pool::Step
+        } else {
+            Pool::Persistent
+        }
+    }
+
+    /// A block of at least `bytes` bytes (contents unspecified), from the current pool's cache when
+    /// one of its size waits there.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
         let size = bytes.max(1).div_ceil(GRANULE) * GRANULE;
-        let cached = self.free_blocks.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&size).and_then(Vec::pop);
+        let pool = self.current_pool();
+        let cached =
+            self.free_blocks.lock().unwrap_or_else(|e| e.into_inner())[pool as usize].get_mut(&size).and_then(Vec::pop);
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         let ptr = match cached {
             Some(p) => {
@@ -196,28 +243,36 @@ impl DeviceRuntime {
                 stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
                 stats.misses += 1;
                 stats.reserved += size;
+                if pool == Pool::Step {
+                    stats.step_reserved += size;
+                }
                 p
             }
         };
         stats.in_use += size;
         stats.peak = stats.peak.max(stats.in_use);
-        Ok(DeviceBuffer { rt: self.clone(), ptr, bytes, size })
+        Ok(DeviceBuffer { rt: self.clone(), ptr, bytes, size, pool })
     }
 
-    /// Returns every cached block to the device.
+    /// Returns every cached block (of both pools) to the device.
     pub fn release_cached(&self) {
-        let blocks = std::mem::take(&mut *self.free_blocks.lock().unwrap_or_else(|e| e.into_inner()));
+        let pools = std::mem::take(&mut *self.free_blocks.lock().unwrap_or_else(|e| e.into_inner()));
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        for (size, ptrs) in blocks {
-            for p in ptrs {
-                self.backend.free(p, size);
-                stats.reserved -= size;
+        for (i, blocks) in pools.into_iter().enumerate() {
+            for (size, ptrs) in blocks {
+                for p in ptrs {
+                    self.backend.free(p, size);
+                    stats.reserved -= size;
+                    if i == Pool::Step as usize {
+                        stats.step_reserved -= size;
+                    }
+                }
             }
         }
     }
 
-    fn give_back(&self, ptr: DevPtr, size: usize) {
-        self.free_blocks.lock().unwrap_or_else(|e| e.into_inner()).entry(size).or_default().push(ptr);
+    fn give_back(&self, ptr: DevPtr, size: usize, pool: Pool) {
+        self.free_blocks.lock().unwrap_or_else(|e| e.into_inner())[pool as usize].entry(size).or_default().push(ptr);
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         stats.in_use -= size;
     }
@@ -297,6 +352,7 @@ pub struct DeviceBuffer {
     ptr: DevPtr,
     bytes: usize,
     size: usize,
+    pool: Pool,
 }
 
 impl std::fmt::Debug for DeviceBuffer {
@@ -320,11 +376,16 @@ impl DeviceBuffer {
     pub fn runtime(&self) -> &Arc<DeviceRuntime> {
         &self.rt
     }
+
+    /// The pool it came from and goes back to.
+    pub fn pool(&self) -> Pool {
+        self.pool
+    }
 }
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        self.rt.give_back(self.ptr, self.size);
+        self.rt.give_back(self.ptr, self.size, self.pool);
     }
 }
 

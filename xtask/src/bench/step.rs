@@ -261,10 +261,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "swav-rs: {ours:.1} ms/step, {:.1} images/s, peak RSS {}{}",
         s.batch as f64 / ours * 1e3,
         rss.map_or("?".into(), |r| format!("{r:.0} MiB")),
-        runtime.as_ref().map_or(String::new(), |rt| format!(
-            ", peak device memory {:.0} MiB",
-            rt.stats().peak as f64 / (1u64 << 20) as f64
-        ))
+        runtime.as_ref().map_or(String::new(), |rt| {
+            let (st, mib) = (rt.stats(), |b: usize| b as f64 / (1u64 << 20) as f64);
+            format!(
+                ", peak device memory {:.0} MiB (reserved {:.0} MiB: {:.0} persistent, {:.0} per step)",
+                mib(st.peak),
+                mib(st.reserved),
+                mib(st.reserved - st.step_reserved),
+                mib(st.step_reserved)
+            )
+        })
     );
     // Convolution FLOPs as a direct convolution counts them (Winograd does fewer multiplications, so a
     // rate above the peak is possible in principle): forward, weight gradient, and data gradient for
