@@ -125,6 +125,20 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), memory: Memory::Cuda { buf: rt.alloc(bytes)?, dtype } })
     }
 
+    /// An f32 CUDA tensor holding `values` (a loader batch): copied on the device's copy stream,
+    /// so that the copy overlaps the work queued before, into a block of the upload pool (see
+    /// [`DeviceRuntime::alloc_upload`]). Later work on the device sees the values.
+    pub fn upload(rt: &Arc<DeviceRuntime>, shape: &[usize], values: &[f32]) -> Result<Tensor> {
+        let expected: usize = shape.iter().product();
+        if values.len() != expected {
+            return Err(TensorError::Len { shape: shape.to_vec(), expected, got: values.len() });
+        }
+        let (buf, after) = rt.alloc_upload(4 * values.len())?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        rt.backend().upload_after(buf.ptr(), &bytes, &after)?;
+        Ok(Tensor { shape: shape.to_vec(), memory: Memory::Cuda { buf, dtype: DType::F32 } })
+    }
+
     /// A CUDA tensor of `dtype` filled with zeros.
     pub fn device_zeros(rt: &Arc<DeviceRuntime>, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let t = Tensor::device_uninit(rt, shape, dtype)?;

@@ -121,3 +121,108 @@ fn step_allocations_come_from_a_pool_of_their_own() {
     assert_eq!((again.device_pool(), again.ptr()), (Some(Pool::Persistent), kept));
     assert!(rt.stats().step_reserved >= 4 * n, "{:?}", rt.stats());
 }
+
+/// A device that records its fences and which fence each upload waited for (the emulated device
+/// underneath does the work).
+struct Fenced {
+    inner: swav_tensor::cuda::emulated::EmulatedBackend,
+    /// Fences made so far; each carries its number.
+    fences: std::sync::atomic::AtomicU64,
+    /// The fence (number) each `upload_after` was given, in call order.
+    waited: std::sync::Mutex<Vec<Option<u64>>>,
+}
+
+mod fenced {
+    use super::Fenced;
+    use swav_tensor::cuda::calls::{ConvCall, GemmCall};
+    use swav_tensor::cuda::plan::Launch;
+    use swav_tensor::cuda::runtime::{Backend, ConvPtrs, DevPtr, Fence, LaunchArg};
+    use swav_tensor::cuda::Source;
+    use swav_tensor::Result;
+
+    impl Backend for Fenced {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        fn alloc(&self, bytes: usize) -> Result<DevPtr> {
+            self.inner.alloc(bytes)
+        }
+        fn free(&self, ptr: DevPtr, bytes: usize) {
+            self.inner.free(ptr, bytes)
+        }
+        fn upload(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
+            self.inner.upload(dst, src)
+        }
+        fn download(&self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
+            self.inner.download(src, dst)
+        }
+        fn copy(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+            self.inner.copy(dst, src, bytes)
+        }
+        fn zero(&self, dst: DevPtr, bytes: usize) -> Result<()> {
+            self.inner.zero(dst, bytes)
+        }
+        fn launch(&self, source: &Source, launch: &Launch, args: &[LaunchArg]) -> Result<()> {
+            self.inner.launch(source, launch, args)
+        }
+        fn conv(&self, call: &ConvCall, ptrs: ConvPtrs) -> Result<()> {
+            self.inner.conv(call, ptrs)
+        }
+        fn gemm(&self, call: &GemmCall, a: DevPtr, b: DevPtr, c: DevPtr) -> Result<()> {
+            self.inner.gemm(call, a, b, c)
+        }
+        fn synchronize(&self) -> Result<()> {
+            self.inner.synchronize()
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+        fn fence(&self) -> Result<Fence> {
+            let n = self.fences.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            Ok(Fence(Some(Box::new(n))))
+        }
+        fn upload_after(&self, dst: DevPtr, src: &[u8], after: &Fence) -> Result<()> {
+            let n = after.0.as_ref().map(|f| *f.downcast_ref::<u64>().expect("one of our fences"));
+            self.waited.lock().unwrap().push(n);
+            self.inner.upload(dst, src)
+        }
+    }
+}
+
+/// Uploaded batches: their values arrive; a block of the upload pool is reused only behind the
+/// fence made when it was freed (the point after its last readers on the compute stream), and never
+/// given to the other pools.
+#[test]
+fn an_upload_block_is_reused_behind_the_fence_of_its_last_use() {
+    use std::sync::atomic::Ordering;
+    use swav_tensor::cuda::runtime::{register, Pool};
+    if emulated_device().is_none() {
+        return;
+    }
+    let backend = Fenced {
+        inner: swav_tensor::cuda::emulated::EmulatedBackend::new(),
+        fences: Default::default(),
+        waited: Default::default(),
+    };
+    let rt = register(96, Box::new(backend)).expect("registered once");
+    let fenced = || rt.backend().as_any().downcast_ref::<Fenced>().unwrap();
+    let mut rng = Rng(11);
+    let (a, b) = (rng.vec(3000, 0.0, 1.0), rng.vec(3000, 0.0, 1.0));
+    let first = Tensor::upload(&rt, &[3, 1000], &a).unwrap();
+    assert_eq!(first.device_pool(), Some(Pool::Upload));
+    assert_eq!(first.to_vec(), a);
+    let at = first.ptr();
+    assert_eq!(*fenced().waited.lock().unwrap(), [None], "a new block waits for nothing");
+    // Freed: a fence marks its last use. A step's block of that size does not take it.
+    drop(first);
+    assert_eq!(fenced().fences.load(Ordering::SeqCst), 1);
+    {
+        let _step = rt.in_step();
+        let other = Tensor::device_zeros(&rt, &[3, 1000], DType::F32).unwrap();
+        assert_ne!(other.ptr(), at, "the step pool took an upload block");
+    }
+    let second = Tensor::upload(&rt, &[3, 1000], &b).unwrap();
+    assert_eq!((second.ptr(), second.to_vec()), (at, b), "the block is reused with the new values");
+    assert_eq!(*fenced().waited.lock().unwrap(), [None, Some(1)], "the reuse waits for the fence of the free");
+    assert!(Tensor::upload(&rt, &[3, 1000], &a[..10]).is_err(), "a length that does not fit the shape");
+}

@@ -518,18 +518,21 @@ impl<'a> Run<'a> {
     fn step(&mut self, batch: Batch, waited: f64) -> Result<(), TrainError> {
         let step_start = Instant::now();
         let bs = batch.len();
-        let mut groups = batch.groups().map(|g| Tensor::from_slice(&g.shape, g.data)).collect::<Result<Vec<_>, _>>()?;
-        // The uploaded batch is the step's memory (a scope of its own: the step opens one too).
-        let _step_pool = match self.opts.device {
-            Device::Cuda(i) => Some(swav_tensor::cuda::runtime::runtime(i)?.in_step()),
-            Device::Cpu => None,
+        // On a device, the batch is copied on the copy stream (overlapping the step before) into the
+        // upload pool, and cast to the activations' type by the step's work.
+        let groups = match self.opts.device {
+            Device::Cuda(i) => {
+                let rt = swav_tensor::cuda::runtime::runtime(i)?;
+                let _step_pool = rt.in_step();
+                batch
+                    .groups()
+                    .map(|g| Tensor::upload(&rt, &g.shape, g.data).and_then(|t| t.to_dtype(self.activations)))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            Device::Cpu => {
+                batch.groups().map(|g| Tensor::from_slice(&g.shape, g.data)).collect::<Result<Vec<_>, _>>()?
+            }
         };
-        if self.opts.device.is_cuda() {
-            groups = groups
-                .iter()
-                .map(|g| g.to_device(self.opts.device).and_then(|g| g.to_dtype(self.activations)))
-                .collect::<Result<Vec<_>, _>>()?;
-        }
         drop(batch);
         let lr = self.schedule.lr(self.iteration);
         self.heartbeat.beat(self.iteration)?;

@@ -22,7 +22,7 @@ use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaStream};
 use crate::cuda::calls::{ConvCall, ConvPass, GemmCall};
 use crate::cuda::pinned::{synchronous_copies, PinnedDownload, Staging};
 use crate::cuda::plan::{Launch, Storage};
-use crate::cuda::runtime::{Backend, ConvPtrs, DevPtr, LaunchArg, PendingDownload};
+use crate::cuda::runtime::{Backend, ConvPtrs, DevPtr, Fence, LaunchArg, PendingDownload};
 use crate::cuda::{nvrtc, Source};
 use crate::error::TensorError;
 use crate::Result;
@@ -52,6 +52,8 @@ struct Handles {
 pub struct DriverBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Uploads of loader batches ([`Backend::upload_after`]), so that they overlap compute.
+    copy_stream: Arc<CudaStream>,
     arch: String,
     name: String,
     handles: Mutex<Handles>,
@@ -85,6 +87,7 @@ impl DriverBackend {
         // work on one stream itself.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(err)?;
+        let copy_stream = ctx.new_stream().map_err(err)?;
         let (major, minor) = ctx.compute_capability().map_err(err)?;
         let name = ctx.name().map_err(err)?;
         present(
@@ -114,6 +117,7 @@ impl DriverBackend {
         Ok(DriverBackend {
             ctx,
             stream,
+            copy_stream,
             arch: format!("sm_{major}{minor}"),
             name,
             handles: Mutex::new(Handles {
@@ -483,6 +487,26 @@ impl Backend for DriverBackend {
         }
     }
 
+    fn fence(&self) -> Result<Fence> {
+        self.ctx.bind_to_thread().map_err(err)?;
+        Ok(Fence(Some(Box::new(Event::after(self.cu_stream())?))))
+    }
+
+    fn upload_after(&self, dst: DevPtr, src: &[u8], after: &Fence) -> Result<()> {
+        if synchronous_copies() {
+            return self.upload(dst, src);
+        }
+        self.ctx.bind_to_thread().map_err(err)?;
+        let copy = self.copy_stream.cu_stream();
+        // The copy waits for the last use of `dst` on the compute stream, not for everything queued.
+        if let Some(event) = after.0.as_ref().and_then(|e| e.downcast_ref::<Event>()) {
+            event.wait_on(copy)?;
+        }
+        self.lock().staging.upload(copy, dst, src)?;
+        // Compute queued from now on waits for the copy.
+        Event::after(copy)?.wait_on(self.cu_stream())
+    }
+
     fn download_later(&self, src: DevPtr, bytes: usize) -> Result<PendingDownload> {
         if synchronous_copies() {
             let mut out = vec![0u8; bytes];
@@ -661,5 +685,39 @@ impl Backend for DriverBackend {
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+}
+
+/// A CUDA event recorded on a stream, destroyed when dropped (the driver keeps it alive until the
+/// work it marks is done).
+struct Event(drv_sys::CUevent);
+
+// SAFETY: an event handle may be used from any thread with its context current, which every user
+// of the backend binds first.
+unsafe impl Send for Event {}
+
+impl Event {
+    /// An event after the work queued so far on `stream`.
+    fn after(stream: drv_sys::CUstream) -> Result<Event> {
+        let event = drv::event::create(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| err(format!("cuEventCreate: {e}")))?;
+        let event = Event(event);
+        // SAFETY: our own live event and a live stream of the current context.
+        unsafe { drv::event::record(event.0, stream) }.map_err(|e| err(format!("cuEventRecord: {e}")))?;
+        Ok(event)
+    }
+
+    /// Makes the work queued on `stream` from now on wait for this event.
+    fn wait_on(&self, stream: drv_sys::CUstream) -> Result<()> {
+        // SAFETY: our own live event and a live stream of the current context.
+        unsafe { drv::stream::wait_event(stream, self.0, drv_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+            .map_err(|e| err(format!("cuStreamWaitEvent: {e}")))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created in `after`, destroyed once.
+        let _ = unsafe { drv::event::destroy(self.0) };
     }
 }

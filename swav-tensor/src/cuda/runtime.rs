@@ -7,10 +7,13 @@
 //! device tests all of it on a machine without a GPU; only the backend's calls into the libraries are
 //! left to the GPU check script.
 //!
-//! Memory: a caching allocator keyed by size. Freed blocks wait for the next request of their size, so
-//! a training step, which allocates the same sizes in the same order every iteration, reaches a steady
-//! state with no calls into the driver and the same addresses every step (what CUDA graph capture
-//! needs). Frees are stream-ordered: a block is reused only by work queued after the free.
+//! Memory: a caching allocator keyed by size, with three pools ([`Pool`]). Freed blocks wait for the
+//! next request of their size, so a training step, which allocates the same sizes in the same order
+//! every iteration, reaches a steady state with no calls into the driver and the same addresses every
+//! step (what CUDA graph capture needs). Frees are stream-ordered: a block is reused only by work
+//! queued after the free. Uploaded batches are the exception: they are copied on a second stream so
+//! that the copy overlaps the step before, and a block of theirs is reused only once the compute
+//! stream has passed the point where it was freed (a [`Fence`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -52,7 +55,19 @@ pub struct ConvPtrs {
     pub y: DevPtr,
 }
 
-/// What a device must do; everything is queued on its compute stream, in call order.
+/// A point in the compute stream's queued work (a CUDA event), which a copy on the copy stream waits
+/// for. Empty where the backend has one stream (the emulated device), or the point has passed.
+#[derive(Default)]
+pub struct Fence(pub Option<Box<dyn std::any::Any + Send>>);
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Fence(set)" } else { "Fence(none)" })
+    }
+}
+
+/// What a device must do; everything is queued on its compute stream, in call order (uploads made
+/// with [`Backend::upload_after`] on its copy stream).
 pub trait Backend: Send + Sync {
     /// Human-readable description (name, compute capability, libraries).
     fn describe(&self) -> String;
@@ -62,6 +77,18 @@ pub trait Backend: Send + Sync {
     fn free(&self, ptr: DevPtr, bytes: usize);
     /// Copies host bytes to the device (the host buffer may be reused when this returns).
     fn upload(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
+    /// A fence after the work queued so far on the compute stream. The default has one stream:
+    /// nothing to wait for.
+    fn fence(&self) -> Result<Fence> {
+        Ok(Fence(None))
+    }
+    /// Copies host bytes to `dst` on the copy stream, once the compute stream has passed `after`
+    /// (the last use of `dst`); work queued on the compute stream afterwards waits for the copy, and
+    /// the host buffer may be reused when this returns. The default: [`Backend::upload`].
+    fn upload_after(&self, dst: DevPtr, src: &[u8], after: &Fence) -> Result<()> {
+        let _ = after;
+        self.upload(dst, src)
+    }
     /// Copies device bytes to the host, waiting for the work queued before.
     fn download(&self, src: DevPtr, dst: &mut [u8]) -> Result<()>;
     /// Starts copying `bytes` device bytes to the host behind the work queued before; they are read
@@ -126,6 +153,9 @@ pub enum Pool {
     Persistent,
     /// What a training step allocates ([`DeviceRuntime::in_step`]).
     Step,
+    /// Uploaded batches ([`crate::Tensor::upload`]): copied on the copy stream, each free block with
+    /// the fence of its last use.
+    Upload,
 }
 
 /// One CUDA device with its caching allocator.
@@ -134,6 +164,8 @@ pub struct DeviceRuntime {
     backend: Box<dyn Backend>,
     /// Free blocks by rounded size: `[persistent, step]`.
     free_blocks: Mutex<[BTreeMap<usize, Vec<DevPtr>>; 2]>,
+    /// Free upload blocks by rounded size, each with the fence of its last use.
+    free_uploads: Mutex<BTreeMap<usize, Vec<(DevPtr, Fence)>>>,
     /// How many [`StepScope`]s are open: allocations go to the step pool while one is.
     step_depth: std::sync::atomic::AtomicUsize,
     stats: Mutex<AllocStats>,
@@ -181,6 +213,7 @@ impl DeviceRuntime {
             ordinal,
             backend,
             free_blocks: Mutex::new([BTreeMap::new(), BTreeMap::new()]),
+            free_uploads: Mutex::new(BTreeMap::new()),
             step_depth: std::sync::atomic::AtomicUsize::new(0),
             stats: Mutex::new(AllocStats::default()),
         }
@@ -224,6 +257,25 @@ impl DeviceRuntime {
         let pool = self.current_pool();
         let cached =
             self.free_blocks.lock().unwrap_or_else(|e| e.into_inner())[pool as usize].get_mut(&size).and_then(Vec::pop);
+        let ptr = self.take(cached, size, pool)?;
+        Ok(DeviceBuffer { rt: self.clone(), ptr, bytes, size, pool })
+    }
+
+    /// A block of the upload pool of at least `bytes` bytes, with the fence the copy into it must
+    /// wait for (that of its last use, for a cached block).
+    pub fn alloc_upload(self: &Arc<Self>, bytes: usize) -> Result<(DeviceBuffer, Fence)> {
+        let size = bytes.max(1).div_ceil(GRANULE) * GRANULE;
+        let cached = self.free_uploads.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&size).and_then(Vec::pop);
+        let (cached, fence) = match cached {
+            Some((p, f)) => (Some(p), f),
+            None => (None, Fence(None)),
+        };
+        let ptr = self.take(cached, size, Pool::Upload)?;
+        Ok((DeviceBuffer { rt: self.clone(), ptr, bytes, size, pool: Pool::Upload }, fence))
+    }
+
+    /// `cached`, or a new block of `size` bytes from the device; counted in the statistics.
+    fn take(&self, cached: Option<DevPtr>, size: usize, pool: Pool) -> Result<DevPtr> {
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         let ptr = match cached {
             Some(p) => {
@@ -243,7 +295,7 @@ impl DeviceRuntime {
                 stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
                 stats.misses += 1;
                 stats.reserved += size;
-                if pool == Pool::Step {
+                if pool != Pool::Persistent {
                     stats.step_reserved += size;
                 }
                 p
@@ -251,13 +303,22 @@ impl DeviceRuntime {
         };
         stats.in_use += size;
         stats.peak = stats.peak.max(stats.in_use);
-        Ok(DeviceBuffer { rt: self.clone(), ptr, bytes, size, pool })
+        Ok(ptr)
     }
 
-    /// Returns every cached block (of both pools) to the device.
+    /// Returns every cached block (of every pool) to the device.
     pub fn release_cached(&self) {
         let pools = std::mem::take(&mut *self.free_blocks.lock().unwrap_or_else(|e| e.into_inner()));
+        let uploads = std::mem::take(&mut *self.free_uploads.lock().unwrap_or_else(|e| e.into_inner()));
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        for (size, blocks) in uploads {
+            // Frees are stream-ordered on the compute stream, after the fences' points.
+            for (p, _fence) in blocks {
+                self.backend.free(p, size);
+                stats.reserved -= size;
+                stats.step_reserved -= size;
+            }
+        }
         for (i, blocks) in pools.into_iter().enumerate() {
             for (size, ptrs) in blocks {
                 for p in ptrs {
@@ -272,7 +333,20 @@ impl DeviceRuntime {
     }
 
     fn give_back(&self, ptr: DevPtr, size: usize, pool: Pool) {
-        self.free_blocks.lock().unwrap_or_else(|e| e.into_inner())[pool as usize].entry(size).or_default().push(ptr);
+        if pool == Pool::Upload {
+            // The next copy into this block waits for the work queued so far (its last readers); if
+            // no fence can be made, for everything.
+            let fence = self.backend.fence().unwrap_or_else(|_| {
+                let _ = self.backend.synchronize();
+                Fence(None)
+            });
+            self.free_uploads.lock().unwrap_or_else(|e| e.into_inner()).entry(size).or_default().push((ptr, fence));
+        } else {
+            self.free_blocks.lock().unwrap_or_else(|e| e.into_inner())[pool as usize]
+                .entry(size)
+                .or_default()
+                .push(ptr);
+        }
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         stats.in_use -= size;
     }
