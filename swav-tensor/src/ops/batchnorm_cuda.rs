@@ -356,6 +356,46 @@ pub fn sync_backward_dx(s: BnShape, storage: Storage, fused: Fused) -> Result<Pl
     Ok(plan)
 }
 
+/// The shape of a forward's activation, once `x`, the parameters, `stats` and the residual are
+/// checked to be on `rt` and to fit.
+fn forward_shape(
+    rt: &Arc<DeviceRuntime>,
+    x: &Tensor,
+    p: &BnParams<'_>,
+    stats: &[&Tensor],
+    residual: Option<&Tensor>,
+) -> Result<BnShape> {
+    let (rows, channels) = channels(x, p)?;
+    check_device("batchnorm (cuda)", rt, &[x, p.gamma, p.beta])?;
+    check_device("batchnorm (cuda)", rt, stats)?;
+    if let Some(r) = residual {
+        x.check_same_shape("batchnorm (residual)", r)?;
+        check_device("batchnorm (cuda)", rt, &[r])?;
+    }
+    Ok(BnShape { rows, channels })
+}
+
+/// The shape of a backward's activations, once `x`, `y`, `dy` (one dtype), gamma and `per_channel`
+/// are checked to be on `rt` and to fit.
+fn backward_shape(
+    rt: &Arc<DeviceRuntime>,
+    x: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    p: &BnParams<'_>,
+    per_channel: &[&Tensor],
+) -> Result<BnShape> {
+    let (rows, channels) = channels(x, p)?;
+    x.check_same_shape("batchnorm_backward (dy)", dy)?;
+    x.check_same_shape("batchnorm_backward (y)", y)?;
+    check_device("batchnorm_backward (cuda)", rt, &[x, y, dy, p.gamma])?;
+    check_device("batchnorm_backward (cuda)", rt, per_channel)?;
+    if dy.dtype() != x.dtype() || y.dtype() != x.dtype() {
+        return Err(shape_err("batchnorm_backward (cuda)", "x, y and dy must have one dtype"));
+    }
+    Ok(BnShape { rows, channels })
+}
+
 /// The device path of [`crate::ops::batchnorm::batchnorm_train_forward`]: batch statistics and the
 /// normalised output on the device of `x` (its dtype); running statistics updated in place.
 #[allow(clippy::too_many_arguments)]
@@ -369,14 +409,10 @@ pub(crate) fn train_forward_on(
     residual: Option<&Tensor>,
     relu: bool,
 ) -> Result<(Tensor, BnCache)> {
-    let (rows, c) = channels(x, p)?;
-    check_device("batchnorm (cuda)", rt, &[x, p.gamma, p.beta, running_mean, running_var])?;
-    if let Some(r) = residual {
-        x.check_same_shape("batchnorm (residual)", r)?;
-        check_device("batchnorm (cuda)", rt, &[r])?;
-    }
+    let s = forward_shape(rt, x, p, &[running_mean, running_var], residual)?;
+    let c = s.channels;
     let fused = Fused { residual: residual.is_some(), relu };
-    let plan = train_forward(BnShape { rows, channels: c }, x.dtype(), fused, momentum, p.eps)?;
+    let plan = train_forward(s, x.dtype(), fused, momentum, p.eps)?;
     let y = Tensor::device_uninit(rt, x.shape(), x.dtype())?;
     let mean = Tensor::device_uninit(rt, &[c], Storage::F32)?;
     let rstd = Tensor::device_uninit(rt, &[c], Storage::F32)?;
@@ -405,14 +441,9 @@ pub(crate) fn eval_forward_on(
     residual: Option<&Tensor>,
     relu: bool,
 ) -> Result<Tensor> {
-    let (rows, c) = channels(x, p)?;
-    check_device("batchnorm (cuda)", rt, &[x, p.gamma, p.beta, running_mean, running_var])?;
-    if let Some(r) = residual {
-        x.check_same_shape("batchnorm (residual)", r)?;
-        check_device("batchnorm (cuda)", rt, &[r])?;
-    }
+    let s = forward_shape(rt, x, p, &[running_mean, running_var], residual)?;
     let fused = Fused { residual: residual.is_some(), relu };
-    let plan = eval_forward(BnShape { rows, channels: c }, x.dtype(), fused, p.eps)?;
+    let plan = eval_forward(s, x.dtype(), fused, p.eps)?;
     let y = Tensor::device_uninit(rt, x.shape(), x.dtype())?;
     let mut bind = vec![
         (X, x.ptr()),
@@ -440,14 +471,8 @@ pub(crate) fn backward_on(
     dgamma: &mut Tensor,
     dbeta: &mut Tensor,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let (rows, c) = channels(x, p)?;
-    x.check_same_shape("batchnorm_backward (dy)", dy)?;
-    x.check_same_shape("batchnorm_backward (y)", y)?;
-    check_device("batchnorm_backward (cuda)", rt, &[x, y, dy, p.gamma, &cache.mean, &cache.rstd, dgamma, dbeta])?;
-    if dy.dtype() != x.dtype() || y.dtype() != x.dtype() {
-        return Err(shape_err("batchnorm_backward (cuda)", "x, y and dy must have one dtype"));
-    }
-    let plan = backward(BnShape { rows, channels: c }, x.dtype(), fused)?;
+    let s = backward_shape(rt, x, y, dy, p, &[&cache.mean, &cache.rstd, dgamma, dbeta])?;
+    let plan = backward(s, x.dtype(), fused)?;
     let dx = Tensor::device_uninit(rt, x.shape(), x.dtype())?;
     let dres = if fused.residual { Some(Tensor::device_uninit(rt, x.shape(), x.dtype())?) } else { None };
     let mut bind = vec![
@@ -523,13 +548,8 @@ pub(crate) fn sync_train_forward_on(
     relu: bool,
     group: &dyn Collective,
 ) -> Result<(Tensor, BnCache)> {
-    let (rows, c) = channels(x, p)?;
-    check_device("batchnorm (cuda)", rt, &[x, p.gamma, p.beta, running_mean, running_var])?;
-    if let Some(r) = residual {
-        x.check_same_shape("batchnorm (residual)", r)?;
-        check_device("batchnorm (cuda)", rt, &[r])?;
-    }
-    let s = BnShape { rows, channels: c };
+    let s = forward_shape(rt, x, p, &[running_mean, running_var], residual)?;
+    let (rows, c) = (s.rows, s.channels);
     let (_, tiles) = s.tiling();
     let partials = Tensor::device_uninit(rt, &[2 * c * tiles], Storage::F32)?;
     rt.run(&SOURCE, &sync_stats(s, x.dtype())?, &[(X, x.ptr()), (PARTIALS, partials.ptr())])?;
@@ -580,14 +600,8 @@ pub(crate) fn sync_backward_on(
     dbeta: &mut Tensor,
     group: &dyn Collective,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let (rows, c) = channels(x, p)?;
-    x.check_same_shape("batchnorm_backward (dy)", dy)?;
-    x.check_same_shape("batchnorm_backward (y)", y)?;
-    check_device("batchnorm_backward (cuda)", rt, &[x, y, dy, p.gamma, &cache.mean, &cache.rstd, dgamma, dbeta])?;
-    if dy.dtype() != x.dtype() || y.dtype() != x.dtype() {
-        return Err(shape_err("batchnorm_backward (cuda)", "x, y and dy must have one dtype"));
-    }
-    let s = BnShape { rows, channels: c };
+    let s = backward_shape(rt, x, y, dy, p, &[&cache.mean, &cache.rstd, dgamma, dbeta])?;
+    let (rows, c) = (s.rows, s.channels);
     let (_, tiles) = s.tiling();
     let partials = Tensor::device_uninit(rt, &[2 * c * tiles], Storage::F32)?;
     let bind = [(X, x.ptr()), (Y, y.ptr()), (DY, dy.ptr()), (MEAN, cache.mean.ptr()), (PARTIALS, partials.ptr())];
