@@ -526,7 +526,15 @@ impl<'a> Run<'a> {
                 let _step_pool = rt.in_step();
                 batch
                     .groups()
-                    .map(|g| Tensor::upload(&rt, &g.shape, g.data).and_then(|t| t.to_dtype(self.activations)))
+                    .map(|g| {
+                        let t = Tensor::upload(&rt, &g.shape, g.data)?;
+                        // fp32 activations use the uploaded block itself (a cast to f32 would copy it).
+                        if t.dtype() == self.activations {
+                            Ok(t)
+                        } else {
+                            t.to_dtype(self.activations)
+                        }
+                    })
                     .collect::<Result<Vec<_>, _>>()?
             }
             Device::Cpu => {
