@@ -134,8 +134,7 @@ impl Tensor {
             return Err(TensorError::Len { shape: shape.to_vec(), expected, got: values.len() });
         }
         let (buf, after) = rt.alloc_upload(4 * values.len())?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        rt.backend().upload_after(buf.ptr(), &bytes, &after)?;
+        rt.backend().upload_after(buf.ptr(), &f32_bytes(values), &after)?;
         Ok(Tensor { shape: shape.to_vec(), memory: Memory::Cuda { buf, dtype: DType::F32 } })
     }
 
@@ -281,6 +280,34 @@ impl Tensor {
         }
     }
 
+    /// The first `n` values (as f32): a short read for a device tensor.
+    pub(crate) fn leading_values(&self, n: usize) -> Result<Vec<f32>> {
+        let n = n.min(self.len());
+        match &self.memory {
+            Memory::Cpu(v) => Ok(v[..n].to_vec()),
+            Memory::Cuda { buf, dtype } => {
+                let mut bytes = vec![0u8; n * dtype_bytes(*dtype)];
+                buf.runtime().backend().download(buf.ptr(), &mut bytes)?;
+                Ok(decode(&bytes, *dtype))
+            }
+        }
+    }
+
+    /// Overwrites the values of an f32 tensor with `values` (as many), in place: the block stays.
+    pub(crate) fn write_f32(&mut self, values: &[f32]) -> Result<()> {
+        if values.len() != self.len() || self.dtype() != DType::F32 {
+            return Err(shape_err(
+                "write_f32",
+                format!("{} values into {:?} {:?}", values.len(), self.dtype(), self.shape),
+            ));
+        }
+        match &mut self.memory {
+            Memory::Cpu(v) => v.copy_from_slice(values),
+            Memory::Cuda { buf, .. } => buf.runtime().backend().upload(buf.ptr(), &f32_bytes(values))?,
+        }
+        Ok(())
+    }
+
     /// The values, read when [`PendingValues::wait`] is called: a device tensor's copy is queued behind
     /// the work already on its stream and the host goes on (on the CPU they are there already).
     pub fn to_vec_later(&self) -> Result<PendingValues> {
@@ -310,8 +337,7 @@ impl Tensor {
             (_, Device::Cuda(i)) => {
                 let rt = runtime::runtime(i)?;
                 let t = Tensor::device_uninit(&rt, &self.shape, DType::F32)?;
-                let bytes: Vec<u8> = self.to_vec().iter().flat_map(|v| v.to_le_bytes()).collect();
-                rt.backend().upload(t.ptr(), &bytes)?;
+                rt.backend().upload(t.ptr(), &f32_bytes(&self.to_vec()))?;
                 Ok(t)
             }
         }
@@ -495,6 +521,11 @@ impl Tensor {
         out.as_mut_slice().copy_from_slice(&self.as_slice()[start * row..(start + count) * row]);
         Ok(out)
     }
+}
+
+/// f32 values as little-endian bytes (what a device copy takes).
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 /// Little-endian f32 or bf16 bytes as f32 values.

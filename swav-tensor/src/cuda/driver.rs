@@ -20,7 +20,7 @@ use cudarc::cudnn::{result as dnn, sys as dnn_sys};
 use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaStream};
 
 use crate::cuda::calls::{ConvCall, ConvPass, GemmCall};
-use crate::cuda::pinned::{synchronous_copies, PinnedDownload, Staging};
+use crate::cuda::pinned::{synchronous_copies, Event, PinnedDownload, Staging};
 use crate::cuda::plan::{Launch, Storage};
 use crate::cuda::runtime::{Backend, ConvPtrs, DevPtr, Fence, LaunchArg, PendingDownload};
 use crate::cuda::{nvrtc, Source};
@@ -326,106 +326,54 @@ macro_rules! candidates {
 unsafe fn offered(h: &Handles, call: &ConvCall, d: &ConvDescriptors, search: Search) -> Result<Vec<Candidate>> {
     const N: usize = 8;
     let mut count = 0;
-    let status = |what: &str, s: dnn_sys::cudnnStatus_t| {
-        if s == dnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
-            Ok(())
-        } else {
-            Err(err(format!("{what}: {s:?}")))
-        }
-    };
+    // One pass: its perf-result type, its `cudnnFind*` and `cudnnGet*_v7` entry points (the same
+    // arguments), and its three descriptors in cuDNN's order.
+    macro_rules! rank {
+        ($perf:ty, $find:ident, $get:ident, $a:expr, $b:expr, $c:expr) => {{
+            let mut perf = [std::mem::zeroed::<$perf>(); N];
+            let (name, s) = match search {
+                Search::Measure => (
+                    stringify!($find),
+                    dnn_sys::$find(h.cudnn, $a, $b, d.conv, $c, N as i32, &mut count, perf.as_mut_ptr()),
+                ),
+                Search::Heuristic => (
+                    stringify!($get),
+                    dnn_sys::$get(h.cudnn, $a, $b, d.conv, $c, N as i32, &mut count, perf.as_mut_ptr()),
+                ),
+            };
+            if s != dnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+                return Err(err(format!("{name}: {s:?}")));
+            }
+            candidates!(perf, count)
+        }};
+    }
     // SAFETY (all calls): live handle and descriptors (the caller's contract); each result array
     // holds N entries.
-    Ok(match (call.pass, search) {
-        (ConvPass::Forward, Search::Measure) => {
-            let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionFwdAlgoPerf_t>(); N];
-            let s = dnn_sys::cudnnFindConvolutionForwardAlgorithm(
-                h.cudnn,
-                d.x,
-                d.w,
-                d.conv,
-                d.y,
-                N as i32,
-                &mut count,
-                perf.as_mut_ptr(),
-            );
-            status("cudnnFindConvolutionForwardAlgorithm", s)?;
-            candidates!(perf, count)
-        }
-        (ConvPass::Forward, Search::Heuristic) => {
-            let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionFwdAlgoPerf_t>(); N];
-            dnn::get_convolution_forward_algorithm(
-                h.cudnn,
-                d.x,
-                d.w,
-                d.conv,
-                d.y,
-                N as i32,
-                &mut count,
-                perf.as_mut_ptr(),
-            )
-            .map_err(|e| err(format!("cudnnGetConvolutionForwardAlgorithm_v7: {e:?}")))?;
-            candidates!(perf, count)
-        }
-        (ConvPass::BackwardData, Search::Measure) => {
-            let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionBwdDataAlgoPerf_t>(); N];
-            let s = dnn_sys::cudnnFindConvolutionBackwardDataAlgorithm(
-                h.cudnn,
-                d.w,
-                d.y,
-                d.conv,
-                d.x,
-                N as i32,
-                &mut count,
-                perf.as_mut_ptr(),
-            );
-            status("cudnnFindConvolutionBackwardDataAlgorithm", s)?;
-            candidates!(perf, count)
-        }
-        (ConvPass::BackwardData, Search::Heuristic) => {
-            let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionBwdDataAlgoPerf_t>(); N];
-            dnn::get_convolution_backward_data_algorithm(
-                h.cudnn,
-                d.w,
-                d.y,
-                d.conv,
-                d.x,
-                N as i32,
-                &mut count,
-                perf.as_mut_ptr(),
-            )
-            .map_err(|e| err(format!("cudnnGetConvolutionBackwardDataAlgorithm_v7: {e:?}")))?;
-            candidates!(perf, count)
-        }
-        (ConvPass::BackwardFilter, Search::Measure) => {
-            let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); N];
-            let s = dnn_sys::cudnnFindConvolutionBackwardFilterAlgorithm(
-                h.cudnn,
-                d.x,
-                d.y,
-                d.conv,
-                d.w,
-                N as i32,
-                &mut count,
-                perf.as_mut_ptr(),
-            );
-            status("cudnnFindConvolutionBackwardFilterAlgorithm", s)?;
-            candidates!(perf, count)
-        }
-        (ConvPass::BackwardFilter, Search::Heuristic) => {
-            let mut perf = [std::mem::zeroed::<dnn_sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); N];
-            dnn::get_convolution_backward_filter_algorithm(
-                h.cudnn,
-                d.x,
-                d.y,
-                d.conv,
-                d.w,
-                N as i32,
-                &mut count,
-                perf.as_mut_ptr(),
-            )
-            .map_err(|e| err(format!("cudnnGetConvolutionBackwardFilterAlgorithm_v7: {e:?}")))?;
-            candidates!(perf, count)
-        }
+    Ok(match call.pass {
+        ConvPass::Forward => rank!(
+            dnn_sys::cudnnConvolutionFwdAlgoPerf_t,
+            cudnnFindConvolutionForwardAlgorithm,
+            cudnnGetConvolutionForwardAlgorithm_v7,
+            d.x,
+            d.w,
+            d.y
+        ),
+        ConvPass::BackwardData => rank!(
+            dnn_sys::cudnnConvolutionBwdDataAlgoPerf_t,
+            cudnnFindConvolutionBackwardDataAlgorithm,
+            cudnnGetConvolutionBackwardDataAlgorithm_v7,
+            d.w,
+            d.y,
+            d.x
+        ),
+        ConvPass::BackwardFilter => rank!(
+            dnn_sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+            cudnnFindConvolutionBackwardFilterAlgorithm,
+            cudnnGetConvolutionBackwardFilterAlgorithm_v7,
+            d.x,
+            d.y,
+            d.w
+        ),
     })
 }
 
@@ -685,39 +633,5 @@ impl Backend for DriverBackend {
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
-    }
-}
-
-/// A CUDA event recorded on a stream, destroyed when dropped (the driver keeps it alive until the
-/// work it marks is done).
-struct Event(drv_sys::CUevent);
-
-// SAFETY: an event handle may be used from any thread with its context current, which every user
-// of the backend binds first.
-unsafe impl Send for Event {}
-
-impl Event {
-    /// An event after the work queued so far on `stream`.
-    fn after(stream: drv_sys::CUstream) -> Result<Event> {
-        let event = drv::event::create(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-            .map_err(|e| err(format!("cuEventCreate: {e}")))?;
-        let event = Event(event);
-        // SAFETY: our own live event and a live stream of the current context.
-        unsafe { drv::event::record(event.0, stream) }.map_err(|e| err(format!("cuEventRecord: {e}")))?;
-        Ok(event)
-    }
-
-    /// Makes the work queued on `stream` from now on wait for this event.
-    fn wait_on(&self, stream: drv_sys::CUstream) -> Result<()> {
-        // SAFETY: our own live event and a live stream of the current context.
-        unsafe { drv::stream::wait_event(stream, self.0, drv_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
-            .map_err(|e| err(format!("cuStreamWaitEvent: {e}")))
-    }
-}
-
-impl Drop for Event {
-    fn drop(&mut self) {
-        // SAFETY: created in `after`, destroyed once.
-        let _ = unsafe { drv::event::destroy(self.0) };
     }
 }

@@ -29,11 +29,66 @@ pub(crate) fn synchronous_copies() -> bool {
     std::env::var("SWAV_CUDA_SYNC_COPIES").is_ok_and(|v| v == "1")
 }
 
+/// A CUDA event of the current context, destroyed when dropped (the driver keeps it alive until the
+/// work it marks is done).
+pub(crate) struct Event(drv_sys::CUevent);
+
+// SAFETY: an event handle may be used from any thread with its context current, which every user
+// binds first.
+unsafe impl Send for Event {}
+
+impl Event {
+    fn new() -> Result<Event> {
+        drv::event::create(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map(Event)
+            .map_err(|e| err(format!("cuEventCreate: {e}")))
+    }
+
+    /// A new event after the work queued so far on `stream`.
+    pub(crate) fn after(stream: drv_sys::CUstream) -> Result<Event> {
+        let event = Event::new()?;
+        event.record(stream)?;
+        Ok(event)
+    }
+
+    /// Marks the point after the work queued so far on `stream`.
+    fn record(&self, stream: drv_sys::CUstream) -> Result<()> {
+        // SAFETY: our own live event and a live stream of the current context.
+        unsafe { drv::event::record(self.0, stream) }.map_err(|e| err(format!("cuEventRecord: {e}")))
+    }
+
+    /// Makes the work queued on `stream` from now on wait for this event.
+    pub(crate) fn wait_on(&self, stream: drv_sys::CUstream) -> Result<()> {
+        // SAFETY: our own live event and a live stream of the current context.
+        unsafe { drv::stream::wait_event(stream, self.0, drv_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+            .map_err(|e| err(format!("cuStreamWaitEvent: {e}")))
+    }
+
+    /// Whether the marked work is done (without waiting).
+    fn done(&self) -> bool {
+        // SAFETY: our own live event.
+        unsafe { drv::event::query(self.0) }.is_ok()
+    }
+
+    /// Waits on the host for the marked work.
+    fn synchronize(&self) -> Result<()> {
+        // SAFETY: our own live event.
+        unsafe { drv::event::synchronize(self.0) }.map_err(|e| err(format!("cuEventSynchronize: {e}")))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { drv::event::destroy(self.0) };
+    }
+}
+
 /// A page-locked host block with the event of the last copy that reads or writes it.
 struct Block {
     host: *mut c_void,
     capacity: usize,
-    event: drv_sys::CUevent,
+    event: Event,
     /// A copy was queued since the event was last seen complete.
     busy: bool,
 }
@@ -42,15 +97,20 @@ impl Block {
     fn new(capacity: usize) -> Result<Block> {
         // SAFETY: plain allocations; freed in `Drop`.
         let host = unsafe { drv::malloc_host(capacity.max(1), 0) }.map_err(|e| err(format!("cuMemHostAlloc: {e}")))?;
-        let event = drv::event::create(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-            .map_err(|e| err(format!("cuEventCreate: {e}")))?;
+        let event = match Event::new() {
+            Ok(e) => e,
+            Err(e) => {
+                // SAFETY: allocated just above, freed once.
+                let _ = unsafe { drv::free_host(host) };
+                return Err(e);
+            }
+        };
         Ok(Block { host, capacity: capacity.max(1), event, busy: false })
     }
 
     /// Whether the last copy of this block has finished (without waiting).
     fn idle(&mut self) -> bool {
-        // SAFETY: our own event.
-        if self.busy && unsafe { drv::event::query(self.event) }.is_ok() {
+        if self.busy && self.event.done() {
             self.busy = false;
         }
         !self.busy
@@ -58,8 +118,7 @@ impl Block {
 
     fn wait(&mut self) -> Result<()> {
         if self.busy {
-            // SAFETY: our own event.
-            unsafe { drv::event::synchronize(self.event) }.map_err(|e| err(format!("cuEventSynchronize: {e}")))?;
+            self.event.synchronize()?;
             self.busy = false;
         }
         Ok(())
@@ -68,13 +127,10 @@ impl Block {
 
 impl Drop for Block {
     fn drop(&mut self) {
-        // A block is freed only once the copy that uses it is done.
+        // A block is freed only once the copy that uses it is done (its event goes after it).
         let _ = self.wait();
         // SAFETY: allocated in `new`, freed once.
-        unsafe {
-            let _ = drv::event::destroy(self.event);
-            let _ = drv::free_host(self.host);
-        }
+        let _ = unsafe { drv::free_host(self.host) };
     }
 }
 
@@ -104,8 +160,8 @@ impl Staging {
             drv_sys::cuMemcpyHtoDAsync_v2(dst, b.host, src.len(), stream)
                 .result()
                 .map_err(|e| err(format!("cuMemcpyHtoDAsync of {} bytes: {e}", src.len())))?;
-            drv::event::record(b.event, stream).map_err(|e| err(format!("cuEventRecord: {e}")))?;
         }
+        b.event.record(stream)?;
         b.busy = true;
         Ok(())
     }
@@ -152,8 +208,8 @@ impl PinnedDownload {
             drv_sys::cuMemcpyDtoHAsync_v2(block.host, src, bytes, stream)
                 .result()
                 .map_err(|e| err(format!("cuMemcpyDtoHAsync of {bytes} bytes: {e}")))?;
-            drv::event::record(block.event, stream).map_err(|e| err(format!("cuEventRecord: {e}")))?;
         }
+        block.event.record(stream)?;
         block.busy = true;
         Ok(PinnedDownload { ctx, block, bytes })
     }

@@ -196,7 +196,7 @@ pub struct AllocStats {
     pub hits: u64,
     /// Requests that went to the device.
     pub misses: u64,
-    /// Of `reserved`, the bytes of the per-step pool.
+    /// Of `reserved`, the bytes of the per-step and upload pools.
     pub step_reserved: usize,
 }
 
@@ -308,25 +308,23 @@ impl DeviceRuntime {
 
     /// Returns every cached block (of every pool) to the device.
     pub fn release_cached(&self) {
-        let pools = std::mem::take(&mut *self.free_blocks.lock().unwrap_or_else(|e| e.into_inner()));
-        let uploads = std::mem::take(&mut *self.free_uploads.lock().unwrap_or_else(|e| e.into_inner()));
+        let [persistent, step] = std::mem::take(&mut *self.free_blocks.lock().unwrap_or_else(|e| e.into_inner()));
+        // Frees are stream-ordered on the compute stream, after the upload blocks' fences.
+        let uploads = std::mem::take(&mut *self.free_uploads.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .map(|(size, blocks)| (size, blocks.into_iter().map(|(p, _fence)| p).collect::<Vec<_>>()));
+        let all = persistent
+            .into_iter()
+            .map(|b| (Pool::Persistent, b))
+            .chain(step.into_iter().map(|b| (Pool::Step, b)))
+            .chain(uploads.map(|b| (Pool::Upload, b)));
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        for (size, blocks) in uploads {
-            // Frees are stream-ordered on the compute stream, after the fences' points.
-            for (p, _fence) in blocks {
+        for (pool, (size, ptrs)) in all {
+            for p in ptrs {
                 self.backend.free(p, size);
                 stats.reserved -= size;
-                stats.step_reserved -= size;
-            }
-        }
-        for (i, blocks) in pools.into_iter().enumerate() {
-            for (size, ptrs) in blocks {
-                for p in ptrs {
-                    self.backend.free(p, size);
-                    stats.reserved -= size;
-                    if i == Pool::Step as usize {
-                        stats.step_reserved -= size;
-                    }
+                if pool != Pool::Persistent {
+                    stats.step_reserved -= size;
                 }
             }
         }

@@ -491,18 +491,9 @@ pub(crate) fn backward_on(
     Ok((dx, dres))
 }
 
-/// A new f32 device tensor holding `values`.
-fn upload_f32(rt: &Arc<DeviceRuntime>, shape: &[usize], values: &[f32]) -> Result<Tensor> {
-    let t = Tensor::device_uninit(rt, shape, Storage::F32)?;
-    overwrite_f32(rt, &t, values)?;
-    Ok(t)
-}
-
-/// Writes `values` over the f32 device tensor `t` (same length), in place.
-fn overwrite_f32(rt: &Arc<DeviceRuntime>, t: &Tensor, values: &[f32]) -> Result<()> {
-    debug_assert_eq!(t.len(), values.len());
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    rt.backend().upload(t.ptr(), &bytes)
+/// A new f32 device tensor holding `values`, on the device of `like`.
+fn upload_f32(like: &Tensor, shape: &[usize], values: &[f32]) -> Result<Tensor> {
+    Tensor::from_slice(shape, values)?.to_device(like.device())
 }
 
 /// Per-channel f64 sums `[first | second]` of a `[tiles, 2c]` partials buffer, tiles in order.
@@ -514,22 +505,6 @@ fn sum_tiles(partials: &[f32], c: usize) -> Vec<f64> {
         }
     }
     sums
-}
-
-/// The first row of `x` (the shift of the device's statistics sums), as f32 on the host.
-fn first_row(rt: &Arc<DeviceRuntime>, x: &Tensor, c: usize) -> Result<Vec<f32>> {
-    match x.dtype() {
-        Storage::F32 => {
-            let mut bytes = vec![0u8; 4 * c];
-            rt.backend().download(x.ptr(), &mut bytes)?;
-            Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-        }
-        Storage::Bf16 => {
-            let mut bytes = vec![0u8; 2 * c];
-            rt.backend().download(x.ptr(), &mut bytes)?;
-            Ok(bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect())
-        }
-    }
 }
 
 /// The device path of [`crate::ops::batchnorm::sync_batchnorm_train_forward`]: the device sums its
@@ -554,7 +529,8 @@ pub(crate) fn sync_train_forward_on(
     let partials = Tensor::device_uninit(rt, &[2 * c * tiles], Storage::F32)?;
     rt.run(&SOURCE, &sync_stats(s, x.dtype())?, &[(X, x.ptr()), (PARTIALS, partials.ptr())])?;
     let shifted = sum_tiles(&partials.to_vec(), c);
-    let shift = first_row(rt, x, c)?;
+    // The shift of the device's sums: the first row of `x`.
+    let shift = x.leading_values(c)?;
     // sum x = S1 + n k, sum x^2 = S2 + 2 k S1 + n k^2 for the shift k.
     let n = rows as f64;
     let mut sums = vec![0.0f64; 2 * c];
@@ -566,9 +542,9 @@ pub(crate) fn sync_train_forward_on(
     let n = crate::ops::batchnorm::reduce_over_group(&mut sums, rows, Some(group))?;
     let (mut rm, mut rv) = (running_mean.to_vec(), running_var.to_vec());
     let (mean, rstd) = crate::ops::batchnorm::batch_statistics(&sums, n, p.eps, momentum, &mut rm, &mut rv)?;
-    overwrite_f32(rt, running_mean, &rm)?;
-    overwrite_f32(rt, running_var, &rv)?;
-    let (mean, rstd) = (upload_f32(rt, &[c], &mean)?, upload_f32(rt, &[c], &rstd)?);
+    running_mean.write_f32(&rm)?;
+    running_var.write_f32(&rv)?;
+    let (mean, rstd) = (upload_f32(x, &[c], &mean)?, upload_f32(x, &[c], &rstd)?);
     let fused = Fused { residual: residual.is_some(), relu };
     let y = Tensor::device_uninit(rt, x.shape(), x.dtype())?;
     let mut bind = vec![
@@ -611,9 +587,9 @@ pub(crate) fn sync_backward_on(
     let (mut dga, mut dbe) = (dgamma.to_vec(), dbeta.to_vec());
     let (rstd, gamma) = (cache.rstd.to_vec(), p.gamma.to_vec());
     let coef = crate::ops::batchnorm::backward_coefficients(&sums, n, Some(group), &rstd, &gamma, &mut dga, &mut dbe);
-    overwrite_f32(rt, dgamma, &dga)?;
-    overwrite_f32(rt, dbeta, &dbe)?;
-    let coef = upload_f32(rt, &[3 * c], &[coef.a, coef.b, coef.e].concat())?;
+    dgamma.write_f32(&dga)?;
+    dbeta.write_f32(&dbe)?;
+    let coef = upload_f32(x, &[3 * c], &[coef.a, coef.b, coef.e].concat())?;
     let dx = Tensor::device_uninit(rt, x.shape(), x.dtype())?;
     let dres = if fused.residual { Some(Tensor::device_uninit(rt, x.shape(), x.dtype())?) } else { None };
     let mut bind =
