@@ -149,9 +149,15 @@ pub fn start_step(
     // the host looks (the ranks must agree before Sinkhorn's collectives, or one would stop early and
     // leave the others waiting).
     if !on_device || distributed {
-        let host: Vec<Vec<f32>> = out.scores.iter().map(Tensor::to_vec).collect();
-        let mut bad =
-            host.iter().flatten().find(|v| !v.is_finite()).map_or(0.0, |v| if v.is_nan() { f32::NAN } else { *v });
+        let host: Vec<std::borrow::Cow<[f32]>> =
+            out.scores.iter().map(|s| if on_device { s.to_vec().into() } else { s.as_slice().into() }).collect();
+        let mut bad = host.iter().flat_map(|s| s.iter()).find(|v| !v.is_finite()).map_or(0.0, |v| {
+            if v.is_nan() {
+                f32::NAN
+            } else {
+                *v
+            }
+        });
         if distributed {
             // Every rank takes the same branch: one that stopped here would leave the others waiting.
             let mut flag = [bad];
@@ -223,7 +229,7 @@ pub fn start_step(
             }
             mean
         };
-        if distributed {
+        let loss = if distributed {
             // The global batch's loss, on every rank; all ranks stop together when it is not finite.
             let mut sum = [loss.to_vec()[0]];
             world.all_reduce_sum(&mut sum).map_err(distributed::err)?;
@@ -235,11 +241,11 @@ pub fn start_step(
                     clusters_used: 0,
                 })));
             }
-            let loss = Tensor::from_slice(&[1], &[global as f32])?.to_device(loss.device())?;
-            (Loss::Device(loss), Some(skip))
+            Tensor::from_slice(&[1], &[global as f32])?.to_device(loss.device())?
         } else {
-            (Loss::Device(loss), Some(skip))
-        }
+            loss
+        };
+        (Loss::Device(loss), Some(skip))
     } else {
         let mut total = 0.0;
         for (scores, head_codes) in out.scores.iter().zip(&codes) {

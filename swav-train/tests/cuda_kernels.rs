@@ -3,6 +3,8 @@
 //! bits. The loss gradient is also checked against finite differences of the emulated loss. Without a
 //! C++ compiler every test prints SKIPPED and passes.
 
+mod fixtures;
+
 use std::sync::OnceLock;
 
 use swav_model::head::Prototypes;
@@ -17,6 +19,8 @@ use swav_train::lars::Lars;
 use swav_train::lars_cuda::{self, LarsSettings, LarsTensor};
 use swav_train::loss::swapped_prediction_loss;
 use swav_train::{cuda_sources, loss_cuda, prototypes_cuda as proto};
+
+use fixtures::rel_err;
 
 fn emu() -> Option<&'static Emulator> {
     static EMU: OnceLock<Option<Emulator>> = OnceLock::new();
@@ -40,17 +44,6 @@ impl Rng {
     }
     fn vec(&mut self, n: usize, offset: f32, scale: f32) -> Vec<f32> {
         (0..n).map(|_| offset + scale * self.next()).collect()
-    }
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w as f64).powi(2)).sum::<f64>().sqrt();
-    let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum::<f64>().sqrt();
-    if den == 0.0 {
-        num
-    } else {
-        num / den
     }
 }
 

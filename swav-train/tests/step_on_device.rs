@@ -39,19 +39,8 @@ fn codes(rng: &mut SplitMix64, rows: usize, k: usize) -> Vec<f32> {
     q
 }
 
-fn rel(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w as f64).powi(2)).sum::<f64>().sqrt();
-    let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum::<f64>().sqrt();
-    if den == 0.0 {
-        num
-    } else {
-        num / den
-    }
-}
-
 fn close(what: &str, got: &[f32], want: &[f32]) {
-    let e = rel(got, want);
+    let e = fixtures::rel_err(got, want);
     assert!(e < 1e-4, "{what}: relative error {e:.2e}");
 }
 
