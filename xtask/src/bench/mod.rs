@@ -2,6 +2,7 @@
 
 use clap::Subcommand;
 
+mod conv;
 mod data;
 mod sinkhorn;
 mod step;
@@ -14,6 +15,8 @@ pub struct Args {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Per-layer-shape convolution times of a training step, optionally beside PyTorch.
+    Conv(conv::Args),
     /// Multi-crop loader throughput (images/s), optionally beside the Python/torchvision baseline.
     Data(data::Args),
     /// Sinkhorn-Knopp on CPU and CUDA against the official-order baseline and naive kernels.
@@ -66,6 +69,7 @@ fn print_kernels(crates: &[&str], extra: &[String]) {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
+        Bench::Conv(a) => conv::run(a),
         Bench::Data(a) => data::run(a),
         Bench::Sinkhorn(a) => sinkhorn::run(a),
         Bench::Step(a) => step::run(a),
