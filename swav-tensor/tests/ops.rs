@@ -209,6 +209,32 @@ fn conv2d_large_enough_to_use_many_tiles_is_deterministic_and_correct() {
 }
 
 #[test]
+fn weight_gradient_is_the_same_whether_chunks_or_products_are_spread_over_threads() {
+    // 4096 pixels make 8 chunks: one thread runs them in parallel (trivially), five threads have too
+    // few chunks to share and spread each product instead. Both must give the naive gradient, with the
+    // same bits (a pointwise convolution's chunks are single products whatever the thread count).
+    let mut rng = Rng(4);
+    let (n, h, cin, cout) = (16, 16, 64, 48);
+    let nc = NaiveConv { n, h, w: h, cin, cout, k: 1, s: 1, p: 0 };
+    let x = rng.tensor(&[n, h, h, cin]);
+    let wt = rng.tensor(&[cout, 1, 1, cin]);
+    let dy = rng.tensor(&[n, h, h, cout]);
+    let (_, _, dw_ref) = nc.run(x.as_slice(), wt.as_slice(), dy.as_slice());
+    let isa = swav_core::isa::available();
+    let grad = |threads: usize| {
+        swav_tensor::with_isa(isa, threads, || {
+            let mut dw = Tensor::zeros(wt.shape(), Default::default());
+            conv2d_backward(&x, &wt, &dy, ConvParams::new(1, 0), &mut dw, false).unwrap();
+            dw
+        })
+        .unwrap()
+    };
+    let (one, five) = (grad(1), grad(5));
+    assert_close("pointwise dw, 1 thread", one.as_slice(), &dw_ref, 1e-5);
+    assert_eq!(one.as_slice(), five.as_slice(), "1 thread against 5 threads");
+}
+
+#[test]
 fn conv2d_rejects_mismatched_shapes() {
     let x = Tensor::zeros(&[1, 4, 4, 3], Default::default());
     assert!(conv2d_forward(&x, &Tensor::zeros(&[2, 3, 3, 4], Default::default()), ConvParams::new(1, 1)).is_err());

@@ -18,7 +18,7 @@
 use rayon::prelude::*;
 
 use super::scratch::{with_scratch, SharedMut};
-use super::winograd::{self, ConvAlgorithm};
+use super::winograd::{self, add_into, ConvAlgorithm};
 use crate::error::shape_err;
 use crate::matmul::{matmul, MatMut, MatRef, Threads};
 use crate::{Result, Tensor};
@@ -242,34 +242,52 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     // Fixed chunking (independent of the thread count) keeps the sum order, and so the bits, stable.
     let chunks = (m_total / 512).clamp(1, 8);
     let chunk = m_total.div_ceil(chunks);
-    let tile = tile_rows(k, chunk);
+    // Rows `[start, end)` of the product into `acc`, in tiles whose im2col matrix stays in cache (a
+    // pointwise convolution needs no im2col: its rows are one product of the whole depth).
+    let rows_into = |acc: &mut [f32], start: usize, end: usize, threads: Threads| {
+        let tile = if g.is_pointwise() { end - start } else { tile_rows(k, chunk) };
+        let mut r = start;
+        while r < end {
+            let rows = tile.min(end - r);
+            let dyt = MatRef::new(&dy[r * g.cout..(r + rows) * g.cout], rows, g.cout).t();
+            if g.is_pointwise() {
+                let xt = MatRef::new(&x[r * k..(r + rows) * k], rows, k);
+                matmul(MatMut::new(acc, g.cout, k), dyt, xt, true, threads);
+            } else {
+                with_scratch(rows * k, 0, |col, _| {
+                    im2col(x, g, r, rows, col);
+                    matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(col, rows, k), true, threads);
+                });
+            }
+            r += rows;
+        }
+    };
+    let bounds = |c: usize| (c * chunk, ((c + 1) * chunk).min(m_total));
+    if chunks < 2 * rayon::current_num_threads() {
+        // Too few chunks to keep every thread busy (the late stages' small maps): the chunks one after
+        // the other, each product spread over the pool.
+        let mut acc = crate::alloc::take(g.cout * k);
+        for c in 0..chunks {
+            acc.fill(0.0);
+            let (start, end) = bounds(c);
+            rows_into(&mut acc, start, end, Threads::Pool);
+            add_into(dw, &acc);
+        }
+        crate::alloc::give(acc);
+        return;
+    }
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
         .map(|c| {
-            let mut acc = vec![0.0f32; g.cout * k];
-            let (start, end) = (c * chunk, ((c + 1) * chunk).min(m_total));
-            let mut r = start;
-            while r < end {
-                let rows = tile.min(end - r);
-                let dyt = MatRef::new(&dy[r * g.cout..(r + rows) * g.cout], rows, g.cout).t();
-                if g.is_pointwise() {
-                    let xt = MatRef::new(&x[r * k..(r + rows) * k], rows, k);
-                    matmul(MatMut::new(&mut acc, g.cout, k), dyt, xt, true, Threads::Serial);
-                } else {
-                    with_scratch(rows * k, 0, |col, _| {
-                        im2col(x, g, r, rows, col);
-                        matmul(MatMut::new(&mut acc, g.cout, k), dyt, MatRef::new(col, rows, k), true, Threads::Serial);
-                    });
-                }
-                r += rows;
-            }
+            let mut acc = crate::alloc::zeros(g.cout * k);
+            let (start, end) = bounds(c);
+            rows_into(&mut acc, start, end, Threads::Serial);
             acc
         })
         .collect();
     for p in partials {
-        for (d, v) in dw.iter_mut().zip(p) {
-            *d += v;
-        }
+        add_into(dw, &p);
+        crate::alloc::give(p);
     }
 }
 

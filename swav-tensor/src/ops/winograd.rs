@@ -352,7 +352,7 @@ simd_fn! {
 
 simd_fn! {
     /// `acc += x`.
-    fn add_into(acc: &mut [f32], x: &[f32]) {
+    pub(super) fn add_into(acc: &mut [f32], x: &[f32]) {
         axpy(acc, 1.0, x);
     }
 }
