@@ -12,7 +12,9 @@
 //!   `dg = G^T dU G`.
 //!
 //! Tiles are processed in blocks whose transformed matrices stay in cache; blocks run in parallel and
-//! weight-gradient partial sums are combined in a fixed order (deterministic).
+//! weight-gradient partial sums are combined in a fixed order (deterministic). Where the transformed
+//! weights outweigh the tiles (few pixels, many channels), all tiles are transformed first and each
+//! position is one GEMM over all of them instead, so that the weights are packed once.
 //! The transforms are written once and compiled per instruction set (`simd_fn!`): every level gives
 //! the same bits, and the tests compare each with the baseline.
 //! Accuracy: F(2,3) is within float32 rounding of direct convolution; F(4,3) loses about one more
@@ -212,51 +214,115 @@ fn block_tiles(v: &Variant, cin: usize, cout: usize, total: usize) -> usize {
     rows.min(total.div_ceil(2 * rayon::current_num_threads()).max(16))
 }
 
+/// How a layer's tiles meet its per-position GEMMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Schedule {
+    /// Blocks of tiles in parallel, each running all `a^2` GEMMs on its own tiles: the transformed
+    /// tiles stay in cache, but every block packs the whole of `U` again.
+    Blocks,
+    /// Every tile transformed first, then one GEMM per position over all tiles (spread over the
+    /// pool): `U` is packed once per position at the cost of one trip of the transformed tiles
+    /// through memory. Wins when `U` outweighs the tiles (the late stages: few pixels, many channels).
+    Positions,
+}
+
+/// Most values the `Positions` schedule keeps transformed at once (input and output tiles together).
+const POSITIONS_MAX_VALUES: usize = 1 << 25;
+
+fn schedule(v: &Variant, cin: usize, cout: usize, total: usize) -> Schedule {
+    let blocks = total.div_ceil(block_tiles(v, cin, cout, total));
+    let repacked = blocks * cin * cout; // values of U packed per position, over all blocks
+    let round_trip = 2 * total * (cin + cout); // values of the tiles written and read back, per position
+    let held = v.a * v.a * total * (cin + cout);
+    if repacked > round_trip && held <= POSITIONS_MAX_VALUES {
+        Schedule::Positions
+    } else {
+        Schedule::Blocks
+    }
+}
+
+/// Values of a weight plane transformed at a time: the pieces of all the planes a transform reads and
+/// writes for that many channel pairs stay in cache (whole 512 x 512 planes do not: streaming them
+/// through memory plane after plane cost more than the convolution itself on the late stages).
+const PLANE_CHUNK: usize = 2048;
+
+/// Runs `f(lo, hi, pieces)` on consecutive ranges of a plane of `plane` values, in parallel, where
+/// `pieces[i]` is the range `[lo, hi)` of plane `i` of `out` (`count` planes).
+fn by_plane_chunks(out: &mut [f32], count: usize, plane: usize, f: impl Fn(usize, usize, &mut [&mut [f32]]) + Sync) {
+    assert_eq!(out.len(), count * plane);
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    (0..plane.div_ceil(PLANE_CHUNK)).into_par_iter().for_each(|c| {
+        let (lo, hi) = (c * PLANE_CHUNK, ((c + 1) * PLANE_CHUNK).min(plane));
+        // SAFETY: chunk c covers values [lo, hi) of every plane and no other chunk does, so the
+        // slices are disjoint, and they lie inside `out` (checked above).
+        let mut pieces: Vec<&mut [f32]> = (0..count)
+            .map(|i| unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * plane + lo), hi - lo) })
+            .collect();
+        f(lo, hi, &mut pieces);
+    });
+}
+
 /// `U[p] = (G g G^T)[p]` for every (row, column) channel pair at once: `planes` holds the nine
 /// kernel taps `g[ky][kx]` as `rows x cols` matrices; the result is `a^2` such matrices. Both
-/// stages are multiply-adds of whole planes (vectorised).
+/// stages are multiply-adds of whole planes (vectorised), a chunk of channel pairs at a time.
 fn transform_weights(planes: &[f32], plane: usize, v: &Variant) -> Vec<f32> {
     let a = v.a;
-    // t[i][kx] = sum_ky G[i][ky] g[ky][kx], then U[i][j] = sum_kx G[j][kx] t[i][kx].
-    let mut t = crate::alloc::take(a * 3 * plane);
-    for i in 0..a {
-        for kx in 0..3 {
-            let out = &mut t[(i * 3 + kx) * plane..(i * 3 + kx + 1) * plane];
-            combine_planes(out, &terms((0..3).map(|ky| (v.g[i * 3 + ky], row(planes, ky * 3 + kx, plane)))));
-        }
-    }
     let mut u = crate::alloc::take(a * a * plane);
-    for i in 0..a {
-        for j in 0..a {
-            let out = &mut u[(i * a + j) * plane..(i * a + j + 1) * plane];
-            combine_planes(out, &terms((0..3).map(|kx| (v.g[j * 3 + kx], row(&t, i * 3 + kx, plane)))));
-        }
-    }
-    crate::alloc::give(t);
+    by_plane_chunks(&mut u, a * a, plane, |lo, hi, out| {
+        let len = hi - lo;
+        let piece = |tap: usize| &planes[tap * plane + lo..tap * plane + hi];
+        // t[i][kx] = sum_ky G[i][ky] g[ky][kx], then U[i][j] = sum_kx G[j][kx] t[i][kx].
+        with_scratch(a * 3 * len, 0, |t, _| {
+            for i in 0..a {
+                for kx in 0..3 {
+                    let dst = &mut t[(i * 3 + kx) * len..(i * 3 + kx + 1) * len];
+                    combine_planes(dst, &terms((0..3).map(|ky| (v.g[i * 3 + ky], piece(ky * 3 + kx)))));
+                }
+            }
+            for i in 0..a {
+                for j in 0..a {
+                    let terms = terms((0..3).map(|kx| (v.g[j * 3 + kx], row(t, i * 3 + kx, len))));
+                    combine_planes(out[i * a + j], &terms);
+                }
+            }
+        });
+    });
     u
 }
+
+/// Block edge of the transposes between OHWI weights and `cin x cout` planes: a block's rows and
+/// columns both stay in cache, where a plain loop would write (or read) one value per cache line.
+const TRANSPOSE_BLOCK: usize = 16;
 
 /// The nine taps of an OHWI 3x3 weight as `cin x cout` matrices (forward), or, rotated by 180 degrees,
 /// as `cout x cin` matrices (the data gradient's convolution).
 fn weight_planes(w: &[f32], cin: usize, cout: usize, rotated: bool) -> Vec<f32> {
     let plane = cin * cout;
     let mut out = crate::alloc::take(9 * plane);
-    for co in 0..cout {
-        for ky in 0..3 {
-            for kx in 0..3 {
-                let src = &w[((co * 3 + ky) * 3 + kx) * cin..((co * 3 + ky) * 3 + kx + 1) * cin];
-                if rotated {
-                    let tap = (2 - ky) * 3 + (2 - kx);
-                    out[tap * plane + co * cin..tap * plane + (co + 1) * cin].copy_from_slice(src);
-                } else {
-                    let tap = ky * 3 + kx;
-                    for (ci, &val) in src.iter().enumerate() {
-                        out[tap * plane + ci * cout + co] = val;
+    if rotated {
+        for co in 0..cout {
+            for tap in 0..9 {
+                let src = &w[(co * 9 + tap) * cin..(co * 9 + tap + 1) * cin];
+                let dst = (8 - tap) * plane + co * cin;
+                out[dst..dst + cin].copy_from_slice(src);
+            }
+        }
+        return out;
+    }
+    out.par_chunks_mut(plane).enumerate().for_each(|(tap, dst)| {
+        for ci0 in (0..cin).step_by(TRANSPOSE_BLOCK) {
+            let ci1 = (ci0 + TRANSPOSE_BLOCK).min(cin);
+            for co0 in (0..cout).step_by(TRANSPOSE_BLOCK) {
+                let co1 = (co0 + TRANSPOSE_BLOCK).min(cout);
+                for ci in ci0..ci1 {
+                    let dst = &mut dst[ci * cout + co0..ci * cout + co1];
+                    for (co, d) in (co0..co1).zip(dst) {
+                        *d = w[(co * 9 + tap) * cin + ci];
                     }
                 }
             }
         }
-    }
+    });
     out
 }
 
@@ -368,6 +434,51 @@ pub fn forward(x: &[f32], w: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant) {
 
 /// The forward with the weights already transformed (`u`: `a^2` matrices `cin x cout`).
 fn forward_transformed(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant) {
+    match schedule(v, g.cin, g.cout, tiles(g, v).total) {
+        Schedule::Blocks => forward_blocks(x, u, g, y, v),
+        Schedule::Positions => forward_positions(x, u, g, y, v),
+    }
+}
+
+/// Every input tile transformed into `a^2` vectors of `cin` values, tile after tile (`[tile][p][ci]`).
+fn transform_all_inputs(x: &[f32], g: &ConvGeom, v: &Variant, t: &Tiles) -> Vec<f32> {
+    let (a2, cin) = (v.a * v.a, g.cin);
+    let mut vbuf = crate::alloc::take(t.total * a2 * cin);
+    vbuf.par_chunks_mut(a2 * cin).enumerate().for_each(|(tile, out)| {
+        with_scratch(2 * a2 * cin, 0, |s, _| {
+            let (d, tmp) = s.split_at_mut(a2 * cin);
+            input_tile(x, g, v, t, tile, d, tmp, out, cin, 0);
+        });
+    });
+    vbuf
+}
+
+/// The `Positions` schedule of the forward: all input tiles, one GEMM per position, all output tiles.
+fn forward_positions(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant) {
+    let t = tiles(g, v);
+    let (a2, cin, cout) = (v.a * v.a, g.cin, g.cout);
+    let vbuf = transform_all_inputs(x, g, v, &t);
+    let mut mbuf = crate::alloc::take(t.total * a2 * cout);
+    for p in 0..a2 {
+        // Position p of every tile: rows `a^2 * c` values apart in the tile-major buffers.
+        let vm = MatRef::strided(&vbuf[p * cin..], t.total, cin, (a2 * cin) as isize, 1);
+        let um = MatRef::new(&u[p * cin * cout..(p + 1) * cin * cout], cin, cout);
+        matmul(MatMut::strided(&mut mbuf[p * cout..], t.total, cout, a2 * cout), vm, um, false, Threads::Pool);
+    }
+    crate::alloc::give(vbuf);
+    let y_ptr = SharedMut(y.as_mut_ptr());
+    mbuf.par_chunks(a2 * cout).enumerate().for_each(|(tile, m)| {
+        with_scratch(2 * a2 * cout, 0, |s, _| {
+            let (tmp, res) = s.split_at_mut(a2 * cout);
+            // SAFETY: each output tile is written by exactly one iteration.
+            unsafe { output_tile(m, cout, 0, g, v, &t, tile, tmp, res, y_ptr) };
+        });
+    });
+    crate::alloc::give(mbuf);
+}
+
+/// The `Blocks` schedule of the forward.
+fn forward_blocks(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant) {
     let t = tiles(g, v);
     let (a2, cin, cout) = (v.a * v.a, g.cin, g.cout);
     let tb = block_tiles(v, cin, cout, t.total);
@@ -470,8 +581,41 @@ pub fn data_grad(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32], v: &Varian
 
 /// Accumulates the weight gradient (OHWI) of a 3x3 stride-1 padding-1 convolution into `dw`.
 pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], v: &Variant) {
+    let du = match schedule(v, g.cin, g.cout, tiles(g, v).total) {
+        Schedule::Blocks => transformed_weight_grad_blocks(x, dy, g, v),
+        Schedule::Positions => transformed_weight_grad_positions(x, dy, g, v),
+    };
+    add_weight_grad(&du, g, dw, v);
+    crate::alloc::give(du);
+}
+
+/// `dU[p] = V[p]^T . dM[p]` over all tiles, one GEMM of the whole depth per position.
+fn transformed_weight_grad_positions(x: &[f32], dy: &[f32], g: &ConvGeom, v: &Variant) -> Vec<f32> {
     let t = tiles(g, v);
-    let (a, a2, cin, cout) = (v.a, v.a * v.a, g.cin, g.cout);
+    let (a2, cin, cout) = (v.a * v.a, g.cin, g.cout);
+    let vbuf = transform_all_inputs(x, g, v, &t);
+    let mut dmbuf = crate::alloc::take(t.total * a2 * cout);
+    dmbuf.par_chunks_mut(a2 * cout).enumerate().for_each(|(tile, out)| {
+        with_scratch(a2 * cout + v.a * v.m * cout, 0, |s, _| {
+            let (d, tmp) = s.split_at_mut(v.m * v.m * cout);
+            output_grad_tile(dy, g, v, &t, tile, d, tmp, out, cout, 0);
+        });
+    });
+    let mut du = crate::alloc::take(a2 * cin * cout);
+    for p in 0..a2 {
+        let vt = MatRef::strided(&vbuf[p * cin..], t.total, cin, (a2 * cin) as isize, 1).t();
+        let dm = MatRef::strided(&dmbuf[p * cout..], t.total, cout, (a2 * cout) as isize, 1);
+        matmul(MatMut::new(&mut du[p * cin * cout..(p + 1) * cin * cout], cin, cout), vt, dm, false, Threads::Pool);
+    }
+    crate::alloc::give(vbuf);
+    crate::alloc::give(dmbuf);
+    du
+}
+
+/// `dU[p]` summed over blocks of tiles: partial sums per fixed chunk of blocks, added in order.
+fn transformed_weight_grad_blocks(x: &[f32], dy: &[f32], g: &ConvGeom, v: &Variant) -> Vec<f32> {
+    let t = tiles(g, v);
+    let (a2, cin, cout) = (v.a * v.a, g.cin, g.cout);
     let tb = block_tiles(v, cin, cout, t.total);
     let blocks = t.total.div_ceil(tb);
     // Fixed chunking (partial dU per chunk, added in order): deterministic whatever the thread count,
@@ -515,30 +659,43 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], v: &Vari
         add_into(&mut du, &p);
         crate::alloc::give(p);
     }
-    // dg = G^T dU G for every channel pair (planes of cin x cout), then added into the OHWI gradient.
+    du
+}
+
+/// `dg = G^T dU G` for every channel pair (planes of `cin x cout`, a chunk of pairs at a time), added
+/// into the OHWI gradient.
+fn add_weight_grad(du: &[f32], g: &ConvGeom, dw: &mut [f32], v: &Variant) {
+    let (a, cin, cout) = (v.a, g.cin, g.cout);
     let plane = cin * cout;
-    let mut t2 = crate::alloc::take(3 * a * plane);
-    for ky in 0..3 {
-        for j in 0..a {
-            let out = &mut t2[(ky * a + j) * plane..(ky * a + j + 1) * plane];
-            combine_planes(out, &terms((0..a).map(|i| (v.g[i * 3 + ky], row(&du, i * a + j, plane)))));
-        }
-    }
-    let mut tap = crate::alloc::take(plane);
-    for ky in 0..3 {
-        for kx in 0..3 {
-            combine_planes(&mut tap, &terms((0..a).map(|j| (v.g[j * 3 + kx], row(&t2, ky * a + j, plane)))));
-            for co in 0..cout {
-                let row = &mut dw[((co * 3 + ky) * 3 + kx) * cin..((co * 3 + ky) * 3 + kx + 1) * cin];
-                for (ci, d) in row.iter_mut().enumerate() {
-                    *d += tap[ci * cout + co];
+    let mut taps = crate::alloc::take(9 * plane);
+    by_plane_chunks(&mut taps, 9, plane, |lo, hi, out| {
+        let len = hi - lo;
+        let piece = |p: usize| &du[p * plane + lo..p * plane + hi];
+        // t2[ky][j] = sum_i G[i][ky] dU[i][j], then tap[ky][kx] = sum_j G[j][kx] t2[ky][j].
+        with_scratch(3 * a * len, 0, |t2, _| {
+            for ky in 0..3 {
+                for j in 0..a {
+                    let dst = &mut t2[(ky * a + j) * len..(ky * a + j + 1) * len];
+                    combine_planes(dst, &terms((0..a).map(|i| (v.g[i * 3 + ky], piece(i * a + j)))));
                 }
             }
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    let terms = terms((0..a).map(|j| (v.g[j * 3 + kx], row(t2, ky * a + j, len))));
+                    combine_planes(out[ky * 3 + kx], &terms);
+                }
+            }
+        });
+    });
+    dw.par_chunks_mut(9 * cin).enumerate().for_each(|(co, dst)| {
+        for tap in 0..9 {
+            let src = &taps[tap * plane..(tap + 1) * plane];
+            for (ci, d) in dst[tap * cin..(tap + 1) * cin].iter_mut().enumerate() {
+                *d += src[ci * cout + co];
+            }
         }
-    }
-    crate::alloc::give(tap);
-    crate::alloc::give(t2);
-    crate::alloc::give(du);
+    });
+    crate::alloc::give(taps);
 }
 
 simd_fn! {
@@ -610,6 +767,47 @@ mod tests {
         assert_eq!(choose(&geom(28, 28, 64, 64, 1), ConvAlgorithm::Winograd2).map(|v| v.m), Some(2));
         assert!(choose(&geom(28, 28, 64, 64, 1), ConvAlgorithm::Direct).is_none());
         assert_eq!("winograd2".parse::<ConvAlgorithm>().map(|a| a.to_string()), Ok("winograd2".to_string()));
+    }
+
+    #[test]
+    fn both_schedules_compute_the_same_convolution_and_gradients() {
+        // Small maps with many channels take `Positions`, large maps with few take `Blocks`; each
+        // schedule is run on each shape and the two compared (the direct-loop comparison of every
+        // path is in the integration tests).
+        let cases = [(6, 3, 3, 64, 96), (2, 7, 7, 64, 64), (3, 14, 13, 32, 48), (2, 28, 28, 32, 32)];
+        for (n, h, w, cin, cout) in cases {
+            let g = ConvGeom::new(&[n, h, w, cin], &[cout, 3, 3, cin], 1, 1).unwrap();
+            let wave = |len: usize, f: f32| (0..len).map(|i| ((i as f32) * f).sin()).collect::<Vec<f32>>();
+            let x = wave(n * h * w * cin, 0.37);
+            let wt = wave(cout * 9 * cin, 0.91);
+            let dy = wave(n * h * w * cout, 0.53);
+            for v in [&F2, &F4] {
+                let u = transform_weights(&weight_planes(&wt, cin, cout, false), cin * cout, v);
+                let (mut y1, mut y2) = (vec![0.0; dy.len()], vec![0.0; dy.len()]);
+                forward_blocks(&x, &u, &g, &mut y1, v);
+                forward_positions(&x, &u, &g, &mut y2, v);
+                let du1 = transformed_weight_grad_blocks(&x, &dy, &g, v);
+                let du2 = transformed_weight_grad_positions(&x, &dy, &g, v);
+                for (name, a, b) in [("forward", &y1, &y2), ("weight gradient", &du1, &du2)] {
+                    let scale = a.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+                    for (p, q) in a.iter().zip(b.iter()) {
+                        assert!(
+                            (p - q).abs() <= 1e-5 * scale,
+                            "{name} F({}) {n}x{h}x{w} {cin}->{cout}: {p} vs {q}",
+                            v.m
+                        );
+                    }
+                }
+            }
+        }
+        let chosen = |n: usize, h: usize, c: usize| {
+            let g = ConvGeom::new(&[n, h, h, c], &[c, 3, 3, c], 1, 1).unwrap();
+            schedule(&F2, c, c, tiles(&g, &F2).total)
+        };
+        assert_eq!(chosen(6, 3, 64), Schedule::Positions);
+        assert_eq!(chosen(16, 7, 512), Schedule::Positions);
+        assert_eq!(chosen(2, 28, 32), Schedule::Blocks);
+        assert_eq!(chosen(16, 56, 64), Schedule::Blocks);
     }
 
     #[test]
