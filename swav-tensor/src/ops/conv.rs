@@ -124,6 +124,27 @@ fn tile_rows(k: usize, total: usize) -> usize {
     rows.min(per_thread)
 }
 
+/// Most values of a whole im2col (or gather) matrix built at once.
+const WHOLE_MAX_VALUES: usize = 1 << 24;
+
+/// Whether a product of `rows x k` pixels by a `k x n` weight should be one product over the pool
+/// instead of tiles of `tile` rows: each tile packs the whole weight again, so where the weight
+/// outweighs the tiles (few pixels, many channels: the late stages) building the whole im2col matrix,
+/// one trip through memory, costs less than packing the weight tile after tile.
+fn weights_outweigh_tiles(rows: usize, tile: usize, k: usize, n: usize) -> bool {
+    let repacked = rows.div_ceil(tile) * k * n;
+    repacked > 2 * rows * k && rows * k <= WHOLE_MAX_VALUES
+}
+
+/// Rows `[r0, r0 + rows)` of the im2col matrix of `x`, built over the pool in a pooled buffer.
+fn im2col_rows(x: &[f32], g: &ConvGeom, r0: usize, rows: usize) -> Vec<f32> {
+    const PART: usize = 32;
+    let k = g.k();
+    let mut col = crate::alloc::take(rows * k);
+    col.par_chunks_mut(PART * k).enumerate().for_each(|(i, part)| im2col(x, g, r0 + i * PART, part.len() / k, part));
+    col
+}
+
 /// The convolution of `x: [n, h, w, cin]` (NHWC) by `weight: [cout, kh, kw, cin]` (OHWI), without bias:
 /// `[n, oh, ow, cout]` on the device of `x`. Shapes that do not fit are
 /// [`TensorError::Shape`](crate::TensorError::Shape).
@@ -147,6 +168,13 @@ pub fn conv2d_forward(x: &Tensor, weight: &Tensor, p: ConvParams) -> Result<Tens
         return Ok(y);
     }
     let tile = tile_rows(k, m_total);
+    if weights_outweigh_tiles(m_total, tile, k, g.cout) {
+        let col = im2col_rows(xs, &g, 0, m_total);
+        let out = MatMut::new(y.as_mut_slice(), m_total, g.cout);
+        matmul(out, MatRef::new(&col, m_total, k), MatRef::new(ws, g.cout, k).t(), false, Threads::Pool);
+        crate::alloc::give(col);
+        return Ok(y);
+    }
     y.as_mut_slice().par_chunks_mut(tile * g.cout).enumerate().for_each(|(t, out)| {
         let rows = out.len() / g.cout;
         with_scratch(rows * k, 0, |col, _| {
@@ -244,8 +272,16 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     let chunk = m_total.div_ceil(chunks);
     // Rows `[start, end)` of the product into `acc`, in tiles whose im2col matrix stays in cache (a
     // pointwise convolution needs no im2col: its rows are one product of the whole depth).
+    let tile = tile_rows(k, chunk);
     let rows_into = |acc: &mut [f32], start: usize, end: usize, threads: Threads| {
-        let tile = if g.is_pointwise() { end - start } else { tile_rows(k, chunk) };
+        if !g.is_pointwise() && threads == Threads::Pool && weights_outweigh_tiles(end - start, tile, k, g.cout) {
+            let col = im2col_rows(x, g, start, end - start);
+            let dyt = MatRef::new(&dy[start * g.cout..end * g.cout], end - start, g.cout).t();
+            matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(&col, end - start, k), true, threads);
+            crate::alloc::give(col);
+            return;
+        }
+        let tile = if g.is_pointwise() { end - start } else { tile };
         let mut r = start;
         while r < end {
             let rows = tile.min(end - r);
@@ -336,6 +372,32 @@ fn data_grad_class(dy: &[f32], w: &[f32], g: &ConvGeom, c: &Class, dx: SharedMut
     let per_image = c.ys.len() * c.xs.len();
     let pixels = g.n * per_image;
     let tile = tile_rows(kc, pixels);
+    // Where input pixel `p` of the class sits in `dx`.
+    let dst_of = |p: usize| {
+        let (b, rem) = (p / per_image, p % per_image);
+        let (iy, ix) = (c.ys[rem / c.xs.len()], c.xs[rem % c.xs.len()]);
+        ((b * g.h + iy) * g.w + ix) * g.cin
+    };
+    if weights_outweigh_tiles(pixels, tile, kc, g.cin) {
+        const PART: usize = 32;
+        let mut gather = crate::alloc::take(pixels * kc);
+        gather.par_chunks_mut(PART * kc).enumerate().for_each(|(i, part)| {
+            for (j, row) in part.chunks_mut(kc).enumerate() {
+                gather_row(dy, g, c, i * PART + j, row);
+            }
+        });
+        let mut out = crate::alloc::take(pixels * g.cin);
+        let (a, w) = (MatRef::new(&gather, pixels, kc), MatRef::new(&wc, kc, g.cin));
+        matmul(MatMut::new(&mut out, pixels, g.cin), a, w, false, Threads::Pool);
+        out.par_chunks(g.cin).enumerate().for_each(|(p, row)| {
+            // SAFETY: every input pixel belongs to exactly one class and appears once in it, so no two
+            // writers touch the same `cin` values, and `dst + cin <= dx.len()` by construction.
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dx.get().add(dst_of(p)), g.cin) };
+        });
+        crate::alloc::give(gather);
+        crate::alloc::give(out);
+        return;
+    }
     let tiles = pixels.div_ceil(tile);
     (0..tiles).into_par_iter().for_each(|t| {
         let p0 = t * tile;
@@ -352,13 +414,11 @@ fn data_grad_class(dy: &[f32], w: &[f32], g: &ConvGeom, c: &Class, dx: SharedMut
                 Threads::Serial,
             );
             for i in 0..rows {
-                let p = p0 + i;
-                let (b, rem) = (p / per_image, p % per_image);
-                let (iy, ix) = (c.ys[rem / c.xs.len()], c.xs[rem % c.xs.len()]);
-                let dst = ((b * g.h + iy) * g.w + ix) * g.cin;
                 // SAFETY: every input pixel belongs to exactly one class and one tile, so no two
                 // writers touch the same `cin` values, and `dst + cin <= dx.len()` by construction.
-                unsafe { std::ptr::copy_nonoverlapping(out[i * g.cin..].as_ptr(), dx.get().add(dst), g.cin) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping(out[i * g.cin..].as_ptr(), dx.get().add(dst_of(p0 + i)), g.cin)
+                };
             }
         });
     });
