@@ -274,7 +274,9 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     // pointwise convolution needs no im2col: its rows are one product of the whole depth).
     let tile = tile_rows(k, chunk);
     let rows_into = |acc: &mut [f32], start: usize, end: usize, threads: Threads| {
-        if !g.is_pointwise() && threads == Threads::Pool && weights_outweigh_tiles(end - start, tile, k, g.cout) {
+        // Every chunk may hold its whole im2col matrix at once: within the budget of one.
+        let whole = weights_outweigh_tiles(end - start, tile, k, g.cout) && m_total * k <= WHOLE_MAX_VALUES;
+        if !g.is_pointwise() && threads == Threads::Pool && whole {
             let col = im2col_rows(x, g, start, end - start);
             let dyt = MatRef::new(&dy[start * g.cout..end * g.cout], end - start, g.cout).t();
             matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(&col, end - start, k), true, threads);
@@ -298,26 +300,14 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
             r += rows;
         }
     };
-    let bounds = |c: usize| (c * chunk, ((c + 1) * chunk).min(m_total));
-    if chunks < 2 * rayon::current_num_threads() {
-        // Too few chunks to keep every thread busy (the late stages' small maps): the chunks one after
-        // the other, each product spread over the pool.
-        let mut acc = crate::alloc::take(g.cout * k);
-        for c in 0..chunks {
-            acc.fill(0.0);
-            let (start, end) = bounds(c);
-            rows_into(&mut acc, start, end, Threads::Pool);
-            add_into(dw, &acc);
-        }
-        crate::alloc::give(acc);
-        return;
-    }
+    // Too few chunks to keep every thread busy (the late stages' small maps): each chunk's products
+    // are spread over the pool as well (same bits: the pool splits a product by its output).
+    let threads = if chunks < 2 * rayon::current_num_threads() { Threads::Pool } else { Threads::Serial };
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
         .map(|c| {
             let mut acc = crate::alloc::zeros(g.cout * k);
-            let (start, end) = bounds(c);
-            rows_into(&mut acc, start, end, Threads::Serial);
+            rows_into(&mut acc, c * chunk, ((c + 1) * chunk).min(m_total), threads);
             acc
         })
         .collect();
