@@ -152,6 +152,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut algo: ConvAlgorithm = a.conv.parse().map_err(anyhow::Error::msg)?;
     let layers = layers(&a.preset)?;
     super::print_cpu();
+    super::print_peak();
     if algo == ConvAlgorithm::Measured {
         let geoms: Vec<ConvGeom> = layers.iter().map(|l| l.g).collect();
         algo = ConvAlgorithm::Planned(conv_plan::measure(&geoms)?.0.leak());
@@ -206,8 +207,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         println!("{line}");
     }
-    let peak = super::peak_gflops().map_or(String::new(), |p| {
-        format!(" ({:.0}% of the {p:.0} GFLOP/s peak)", 100.0 * flops_total / ours_total / 1e9 / p)
+    let peak = super::peak_gflops().map_or(String::new(), |(p, how)| {
+        format!(" ({:.0}% of the {how} {p:.0} GFLOP/s peak)", 100.0 * flops_total / ours_total / 1e9 / p)
     });
     println!(
         "swav-rs convolutions: {:.1} ms per step, {:.1} GFLOP/s{peak}",

@@ -4,6 +4,7 @@ use clap::Subcommand;
 
 mod conv;
 mod data;
+mod peak;
 mod sinkhorn;
 mod step;
 
@@ -39,9 +40,17 @@ fn print_cpu() {
     );
 }
 
-/// The machine's peak fp32 rate in GFLOP/s, from the clock `/proc/cpuinfo` reports (the nominal one
-/// in a virtual machine; turbo can exceed it) and two FMA units per core at the kernels' vector width.
-fn peak_gflops() -> Option<f64> {
+/// The machine's peak fp32 rate in GFLOP/s and how it was found: measured by a vector FMA loop on every
+/// core where the CPU has one (see `peak.rs`), else from the clock `/proc/cpuinfo` reports (the nominal
+/// one in a virtual machine; turbo can exceed it) and two FMA units per core at the kernels' vector width.
+fn peak_gflops() -> Option<(f64, &'static str)> {
+    if let Some(measured) = peak::measured_gflops() {
+        return Some((measured, "measured"));
+    }
+    nominal_peak_gflops().map(|p| (p, "nominal"))
+}
+
+fn nominal_peak_gflops() -> Option<f64> {
     let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = text.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
     let lanes = match swav_tensor::matmul::gemm_isa() {
@@ -50,6 +59,16 @@ fn peak_gflops() -> Option<f64> {
         swav_core::isa::Isa::Baseline => 4.0,
     };
     Some(swav_core::sys::cores() as f64 * mhz * 1e-3 * lanes * 2.0 * 2.0)
+}
+
+/// The machine's fp32 peak, both ways, for the header of a benchmark.
+fn print_peak() {
+    let show = |p: Option<f64>| p.map_or("?".to_string(), |p| format!("{p:.0} GFLOP/s"));
+    println!(
+        "fp32 peak: {} measured (FMA loop on every core), {} nominal (clock from /proc/cpuinfo)",
+        show(peak::measured_gflops()),
+        show(nominal_peak_gflops())
+    );
 }
 
 /// The instruction set each kernel whose name starts with one of `crates` ran at in this process.

@@ -162,6 +162,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.conv
     );
     super::print_cpu();
+    if !device.is_cuda() {
+        super::print_peak();
+    }
     let mut state = SwavState::new(SwavModel::new(cfg, 0)?, Lars::new(0.9, 1e-6, 0.001, false));
     if conv == swav_tensor::ops::winograd::ConvAlgorithm::Measured && !device.is_cuda() {
         let t0 = Instant::now();
@@ -286,7 +289,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let rate = |ms: f64| {
         let gflops = conv_flops / (ms * 1e-3) / 1e9;
         match peak {
-            Some(p) => format!("{gflops:.1} GFLOP/s, {:.0}% of the {p:.0} GFLOP/s peak", 100.0 * gflops / p),
+            Some((p, how)) => {
+                format!("{gflops:.1} GFLOP/s, {:.0}% of the {how} {p:.0} GFLOP/s peak", 100.0 * gflops / p)
+            }
             None => format!("{gflops:.1} GFLOP/s"),
         }
     };
