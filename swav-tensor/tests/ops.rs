@@ -235,6 +235,26 @@ fn weight_gradient_is_the_same_whether_chunks_or_products_are_spread_over_thread
 }
 
 #[test]
+fn weight_gradient_of_im2col_tiles_with_products_over_the_pool() {
+    // 8 chunks on 5 threads: each chunk's im2col tiles are multiplied over the pool, large enough for
+    // the GEMM to split, while other chunks run on the same threads.
+    let mut rng = Rng(5);
+    let nc = NaiveConv { n: 8, h: 32, w: 32, cin: 64, cout: 64, k: 3, s: 1, p: 1 };
+    let x = rng.tensor(&[8, 32, 32, 64]);
+    let wt = rng.tensor(&[64, 3, 3, 64]);
+    let dy = rng.tensor(&[8, 32, 32, 64]);
+    let (_, _, dw_ref) = nc.run(x.as_slice(), wt.as_slice(), dy.as_slice());
+    let params = ConvParams { stride: 1, pad: 1, algo: ConvAlgorithm::Direct };
+    let dw = swav_tensor::with_isa(swav_core::isa::available(), 5, || {
+        let mut dw = Tensor::zeros(wt.shape(), Default::default());
+        conv2d_backward(&x, &wt, &dy, params, &mut dw, false).unwrap();
+        dw
+    })
+    .unwrap();
+    assert_close("3x3 dw, 5 threads", dw.as_slice(), &dw_ref, 1e-5);
+}
+
+#[test]
 fn conv2d_rejects_mismatched_shapes() {
     let x = Tensor::zeros(&[1, 4, 4, 3], Default::default());
     assert!(conv2d_forward(&x, &Tensor::zeros(&[2, 3, 3, 4], Default::default()), ConvParams::new(1, 1)).is_err());

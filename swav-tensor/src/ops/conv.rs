@@ -267,7 +267,8 @@ fn im2col(x: &[f32], g: &ConvGeom, r0: usize, rows: usize, col: &mut [f32]) {
 fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     let _p = crate::profile::scope("conv weight grad");
     let (m_total, k) = (g.out_pixels(), g.k());
-    // Fixed chunking (independent of the thread count) keeps the sum order, and so the bits, stable.
+    // Fixed chunking, partial sums added in chunk order: the bits do not depend on which thread
+    // finishes first.
     let chunks = (m_total / 512).clamp(1, 8);
     let chunk = m_total.div_ceil(chunks);
     // Rows `[start, end)` of the product into `acc`, in tiles whose im2col matrix stays in cache (a
@@ -291,6 +292,12 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
             if g.is_pointwise() {
                 let xt = MatRef::new(&x[r * k..(r + rows) * k], rows, k);
                 matmul(MatMut::new(acc, g.cout, k), dyt, xt, true, threads);
+            } else if threads == Threads::Pool {
+                // Not in the thread's scratch: while the product runs over the pool, this thread may
+                // pick up another chunk, whose tiles need the scratch.
+                let col = im2col_rows(x, g, r, rows);
+                matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(&col, rows, k), true, threads);
+                crate::alloc::give(col);
             } else {
                 with_scratch(rows * k, 0, |col, _| {
                     im2col(x, g, r, rows, col);
