@@ -88,6 +88,15 @@ fn setup(a: &Args) -> anyhow::Result<Setup> {
     Ok(s)
 }
 
+/// Minor page faults of this process so far (Linux): memory touched for the first time. A step in the
+/// steady state should have few, since freed tensors are reused by the caching allocator.
+fn minor_faults() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (in parentheses, which may hold spaces): state is the first, minflt
+    // the eighth.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(7)?.parse().ok()
+}
+
 /// Peak resident memory of this process (Linux), in MiB.
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -225,6 +234,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if a.profile && i == a.warmup {
             swav_tensor::profile::enable();
         }
+        let faults_before = minor_faults();
         let t0 = Instant::now();
         let stats = swav_step(&mut state, &train, groups, s.batch, i, 0.1)?;
         if let Some(rt) = &runtime {
@@ -234,8 +244,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if i >= a.warmup {
             times.push(dt);
         }
+        let faults = minor_faults()
+            .zip(faults_before)
+            .map_or(String::new(), |(now, before)| format!(", {:.1}k page faults", (now - before) as f64 / 1e3));
         eprintln!(
-            "  step {i}: {:.1} ms (loss {:.3}){}",
+            "  step {i}: {:.1} ms (loss {:.3}{faults}){}",
             dt * 1e3,
             stats.loss,
             if i < a.warmup { " warm-up" } else { "" }
