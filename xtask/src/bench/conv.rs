@@ -41,27 +41,12 @@ struct Layer {
 }
 
 fn layers(preset: &str) -> anyhow::Result<Vec<Layer>> {
-    let (arch, small_stem, crops, batch): (&str, bool, &[(usize, usize)], usize) = match preset {
-        "rn18-small" => ("resnet18", true, &[(2, 28), (4, 16)], 64),
-        "rn50" => ("resnet50", false, &[(2, 224), (6, 96)], 8),
-        other => bail!("unknown preset `{other}` (rn18-small or rn50)"),
-    };
-    let cfg = ModelConfig {
-        arch: Arch::parse(arch)?,
-        width: None,
-        small_stem,
-        in_channels: 3,
-        hidden_mlp: 2048,
-        head_bn: true,
-        feat_dim: 128,
-        prototypes: vec![3000],
-        sync_bn: false,
-        sync_bn_group: 0,
-    };
+    let s = super::step::preset(preset)?;
+    let cfg = ModelConfig { arch: Arch::parse(&s.arch)?, small_stem: s.small_stem, ..ModelConfig::swav_resnet50() };
     let model = SwavModel::new(cfg, 0)?;
     let mut by_geom: BTreeMap<(usize, ConvShape), Layer> = BTreeMap::new();
-    for &(n, size) in crops {
-        for (i, g) in model.conv_geometries(n * batch, size, size)?.into_iter().enumerate() {
+    for &(n, size) in &s.crops {
+        for (i, g) in model.conv_geometries(n * s.batch, size, size)?.into_iter().enumerate() {
             let layer = by_geom.entry((g.n, ConvShape::from(&g))).or_insert(Layer { g, count: 0, first: false });
             layer.count += 1;
             layer.first |= i == 0;

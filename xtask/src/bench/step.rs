@@ -57,19 +57,24 @@ pub struct Args {
     python: Option<PathBuf>,
 }
 
-struct Setup {
-    arch: String,
-    small_stem: bool,
-    crops: Vec<(usize, usize)>,
-    batch: usize,
+pub(super) struct Setup {
+    pub(super) arch: String,
+    pub(super) small_stem: bool,
+    pub(super) crops: Vec<(usize, usize)>,
+    pub(super) batch: usize,
 }
 
-fn setup(a: &Args) -> anyhow::Result<Setup> {
-    let mut s = match a.preset.as_str() {
+/// The model, crops and batch of a step preset (shared with `bench conv`).
+pub(super) fn preset(name: &str) -> anyhow::Result<Setup> {
+    Ok(match name {
         "rn18-small" => Setup { arch: "resnet18".into(), small_stem: true, crops: vec![(2, 28), (4, 16)], batch: 64 },
         "rn50" => Setup { arch: "resnet50".into(), small_stem: false, crops: vec![(2, 224), (6, 96)], batch: 8 },
         other => bail!("unknown step preset `{other}` (rn18-small or rn50)"),
-    };
+    })
+}
+
+fn setup(a: &Args) -> anyhow::Result<Setup> {
+    let mut s = preset(&a.preset)?;
     if let Some(arch) = &a.arch {
         s.arch = arch.clone();
     }
