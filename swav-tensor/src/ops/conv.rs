@@ -271,16 +271,21 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     // finishes first.
     let chunks = (m_total / 512).clamp(1, 8);
     let chunk = m_total.div_ceil(chunks);
-    // Rows `[start, end)` of the product into `acc`, in tiles whose im2col matrix stays in cache (a
-    // pointwise convolution needs no im2col: its rows are one product of the whole depth).
+    // Rows `[start, end)` of the product into `acc`, which they overwrite (the first product does not
+    // add), in tiles whose im2col matrix stays in cache (a pointwise convolution needs no im2col: its
+    // rows are one product of the whole depth).
     let tile = tile_rows(k, chunk);
     let rows_into = |acc: &mut [f32], start: usize, end: usize, threads: Threads| {
+        if start >= end {
+            acc.fill(0.0);
+            return;
+        }
         // Every chunk may hold its whole im2col matrix at once: within the budget of one.
         let whole = weights_outweigh_tiles(end - start, tile, k, g.cout) && m_total * k <= WHOLE_MAX_VALUES;
         if !g.is_pointwise() && threads == Threads::Pool && whole {
             let col = im2col_rows(x, g, start, end - start);
             let dyt = MatRef::new(&dy[start * g.cout..end * g.cout], end - start, g.cout).t();
-            matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(&col, end - start, k), true, threads);
+            matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(&col, end - start, k), false, threads);
             crate::alloc::give(col);
             return;
         }
@@ -288,20 +293,21 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
         let mut r = start;
         while r < end {
             let rows = tile.min(end - r);
+            let add = r > start;
             let dyt = MatRef::new(&dy[r * g.cout..(r + rows) * g.cout], rows, g.cout).t();
             if g.is_pointwise() {
                 let xt = MatRef::new(&x[r * k..(r + rows) * k], rows, k);
-                matmul(MatMut::new(acc, g.cout, k), dyt, xt, true, threads);
+                matmul(MatMut::new(acc, g.cout, k), dyt, xt, add, threads);
             } else if threads == Threads::Pool {
                 // Not in the thread's scratch: while the product runs over the pool, this thread may
                 // pick up another chunk, whose tiles need the scratch.
                 let col = im2col_rows(x, g, r, rows);
-                matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(&col, rows, k), true, threads);
+                matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(&col, rows, k), add, threads);
                 crate::alloc::give(col);
             } else {
                 with_scratch(rows * k, 0, |col, _| {
                     im2col(x, g, r, rows, col);
-                    matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(col, rows, k), true, threads);
+                    matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(col, rows, k), add, threads);
                 });
             }
             r += rows;
@@ -313,7 +319,7 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
         .map(|c| {
-            let mut acc = crate::alloc::zeros(g.cout * k);
+            let mut acc = crate::alloc::take(g.cout * k);
             rows_into(&mut acc, c * chunk, ((c + 1) * chunk).min(m_total), threads);
             acc
         })

@@ -623,11 +623,15 @@ fn transformed_weight_grad_blocks(x: &[f32], dy: &[f32], g: &ConvGeom, v: &Varia
     let per_partial = a2 * cin * cout;
     let chunks = blocks.min(8).min(((1usize << 26) / per_partial).max(1));
     let per_chunk = blocks.div_ceil(chunks);
+    let chunks = blocks.div_ceil(per_chunk); // none left empty
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
         .map(|ch| {
-            let mut du = crate::alloc::zeros(per_partial);
-            for blk in ch * per_chunk..((ch + 1) * per_chunk).min(blocks) {
+            let own = ch * per_chunk..((ch + 1) * per_chunk).min(blocks);
+            // The chunk's first block overwrites `du`.
+            let mut du = crate::alloc::take(per_partial);
+            for blk in own.clone() {
+                let add = blk > own.start;
                 let first = blk * tb;
                 let n = tb.min(t.total - first);
                 with_scratch(a2 * n * cin + 2 * a2 * cin.max(cout), a2 * n * cout, |s1, dmbuf| {
@@ -644,7 +648,7 @@ fn transformed_weight_grad_blocks(x: &[f32], dy: &[f32], g: &ConvGeom, v: &Varia
                             MatMut::new(&mut du[p * cin * cout..(p + 1) * cin * cout], cin, cout),
                             vt,
                             dm,
-                            true,
+                            add,
                             Threads::Serial,
                         );
                     }
