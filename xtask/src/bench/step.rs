@@ -55,6 +55,11 @@ pub struct Args {
     /// A Python with torch and torchvision: also run the PyTorch step and print the ratio.
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Alternate this many times between swav-rs's measured steps and PyTorch's (with --python): on a
+    /// machine whose speed drifts, each round compares the two within the same minutes, and the median
+    /// of the rounds' ratios is the result.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 pub(super) struct Setup {
@@ -211,53 +216,128 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     state.model.to_device(device)?;
     state.model.set_linear_compute(activations);
+    let mut torch = match &a.python {
+        None => None,
+        Some(py) => {
+            // The checkout's script when run from one (a binary carried to another machine runs there),
+            // else the one of the source tree it was built from.
+            let local = PathBuf::from("benches/python/step.py");
+            let script = if local.is_file() {
+                local
+            } else {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../benches/python/step.py")
+            };
+            let mut cmd = Command::new(py);
+            cmd.arg(&script)
+                .args(["--arch", &s.arch, "--crops", &crops_text, "--batch", &s.batch.to_string()])
+                .args([
+                    "--steps",
+                    &a.steps.to_string(),
+                    "--warmup",
+                    &a.warmup.to_string(),
+                    "--threads",
+                    &threads.to_string(),
+                ])
+                .args([
+                    "--channels",
+                    &a.channels.to_string(),
+                    "--hidden",
+                    &a.hidden_mlp.to_string(),
+                    "--prototypes",
+                    &a.prototypes.to_string(),
+                ]);
+            if a.width.is_some_and(|w| w != 64) {
+                bail!("the PyTorch baseline uses torchvision's widths; --width cannot be compared");
+            }
+            if s.small_stem {
+                cmd.arg("--small-stem");
+            }
+            if let Device::Cuda(i) = device {
+                let precision = if activations == swav_tensor::DType::Bf16 { "bf16" } else { "fp32" };
+                cmd.args(["--device", &format!("cuda:{i}"), "--precision", precision]);
+            }
+            Some((py, cmd))
+        }
+    };
+    if a.rounds == 0 || (a.rounds > 1 && torch.is_none()) {
+        bail!("--rounds needs --python and at least 1");
+    }
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut times = Vec::new();
-    for i in 0..a.warmup + a.steps {
-        let groups: Vec<Tensor> = s
-            .crops
-            .iter()
-            .map(|&(n, size)| {
-                let len = n * s.batch * size * size * a.channels;
-                let data = (0..len)
-                    .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    // (swav-rs, PyTorch) milliseconds per step of each round.
+    let mut rounds: Vec<(f64, f64)> = Vec::new();
+    let mut torch_json = serde_json::Value::Null;
+    let mut i = 0;
+    for round in 0..a.rounds {
+        let mut round_times = Vec::new();
+        let last = i + a.steps + if round == 0 { a.warmup } else { 0 };
+        while i < last {
+            let groups: Vec<Tensor> = s
+                .crops
+                .iter()
+                .map(|&(n, size)| {
+                    let len = n * s.batch * size * size * a.channels;
+                    let data = (0..len)
+                        .map(|_| {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                        })
+                        .collect();
+                    Tensor::from_vec(&[n * s.batch, size, size, a.channels], data).and_then(|t| {
+                        if device.is_cuda() {
+                            t.to_device(device)?.to_dtype(activations)
+                        } else {
+                            Ok(t)
+                        }
                     })
-                    .collect();
-                Tensor::from_vec(&[n * s.batch, size, size, a.channels], data).and_then(|t| {
-                    if device.is_cuda() {
-                        t.to_device(device)?.to_dtype(activations)
-                    } else {
-                        Ok(t)
-                    }
                 })
-            })
-            .collect::<Result<_, _>>()?;
-        if a.profile && i == a.warmup {
-            swav_tensor::profile::enable();
+                .collect::<Result<_, _>>()?;
+            if a.profile && i == a.warmup {
+                swav_tensor::profile::enable();
+            }
+            let faults_before = minor_faults();
+            let t0 = Instant::now();
+            let stats = swav_step(&mut state, &train, groups, s.batch, i, 0.1)?;
+            if let Some(rt) = &runtime {
+                rt.backend().synchronize()?;
+            }
+            let dt = t0.elapsed().as_secs_f64();
+            if i >= a.warmup {
+                times.push(dt);
+                round_times.push(dt);
+            }
+            let faults = minor_faults()
+                .zip(faults_before)
+                .map_or(String::new(), |(now, before)| format!(", {:.1}k page faults", (now - before) as f64 / 1e3));
+            eprintln!(
+                "  step {i}: {:.1} ms (loss {:.3}{faults}){}",
+                dt * 1e3,
+                stats.loss,
+                if i < a.warmup { " warm-up" } else { "" }
+            );
+            i += 1;
         }
-        let faults_before = minor_faults();
-        let t0 = Instant::now();
-        let stats = swav_step(&mut state, &train, groups, s.batch, i, 0.1)?;
-        if let Some(rt) = &runtime {
-            rt.backend().synchronize()?;
+        if let Some((py, cmd)) = &mut torch {
+            let out = cmd.output().with_context(|| format!("running {}", py.display()))?;
+            if !out.status.success() {
+                bail!("the PyTorch baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let line = String::from_utf8_lossy(&out.stdout);
+            torch_json = serde_json::from_str(line.trim().lines().last().unwrap_or(""))
+                .context("reading the baseline's JSON")?;
+            let theirs = torch_json["step_ms"].as_f64().context("step_ms")?;
+            round_times.sort_by(f64::total_cmp);
+            let ours = round_times[round_times.len() / 2] * 1e3;
+            if a.rounds > 1 {
+                println!(
+                    "round {round}: swav-rs {ours:.1} ms/step, PyTorch {theirs:.1} ms/step, ratio {:.2}x",
+                    theirs / ours
+                );
+            }
+            rounds.push((ours, theirs));
         }
-        let dt = t0.elapsed().as_secs_f64();
-        if i >= a.warmup {
-            times.push(dt);
-        }
-        let faults = minor_faults()
-            .zip(faults_before)
-            .map_or(String::new(), |(now, before)| format!(", {:.1}k page faults", (now - before) as f64 / 1e3));
-        eprintln!(
-            "  step {i}: {:.1} ms (loss {:.3}{faults}){}",
-            dt * 1e3,
-            stats.loss,
-            if i < a.warmup { " warm-up" } else { "" }
-        );
     }
     let total: f64 = times.iter().sum();
     times.sort_by(f64::total_cmp);
@@ -267,9 +347,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         for (op, secs, calls) in swav_tensor::profile::report() {
             println!(
                 "  {op:<20} {:>8.1} ms/step {:>5.1}%  ({} calls/step)",
-                secs / a.steps as f64 * 1e3,
+                secs / times.len() as f64 * 1e3,
                 100.0 * secs / total,
-                calls / a.steps as u64
+                calls / times.len() as u64
             );
         }
     }
@@ -314,52 +394,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     };
     println!("convolutions: {:.1} GFLOP per step; swav-rs {}", conv_flops / 1e9, rate(ours));
-    if let Some(py) = &a.python {
-        // The checkout's script when run from one (a binary carried to another machine runs there),
-        // else the one of the source tree it was built from.
-        let local = PathBuf::from("benches/python/step.py");
-        let script = if local.is_file() {
-            local
-        } else {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../benches/python/step.py")
+    if !rounds.is_empty() {
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            let h = v.len() / 2;
+            if v.len().is_multiple_of(2) {
+                (v[h - 1] + v[h]) / 2.0
+            } else {
+                v[h]
+            }
         };
-        let mut cmd = Command::new(py);
-        cmd.arg(&script)
-            .args(["--arch", &s.arch, "--crops", &crops_text, "--batch", &s.batch.to_string()])
-            .args([
-                "--steps",
-                &a.steps.to_string(),
-                "--warmup",
-                &a.warmup.to_string(),
-                "--threads",
-                &threads.to_string(),
-            ])
-            .args([
-                "--channels",
-                &a.channels.to_string(),
-                "--hidden",
-                &a.hidden_mlp.to_string(),
-                "--prototypes",
-                &a.prototypes.to_string(),
-            ]);
-        if a.width.is_some_and(|w| w != 64) {
-            bail!("the PyTorch baseline uses torchvision's widths; --width cannot be compared");
-        }
-        if s.small_stem {
-            cmd.arg("--small-stem");
-        }
-        if let Device::Cuda(i) = device {
-            let precision = if activations == swav_tensor::DType::Bf16 { "bf16" } else { "fp32" };
-            cmd.args(["--device", &format!("cuda:{i}"), "--precision", precision]);
-        }
-        let out = cmd.output().with_context(|| format!("running {}", py.display()))?;
-        if !out.status.success() {
-            bail!("the PyTorch baseline failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let line = String::from_utf8_lossy(&out.stdout);
-        let v: serde_json::Value =
-            serde_json::from_str(line.trim().lines().last().unwrap_or("")).context("reading the baseline's JSON")?;
-        let theirs = v["step_ms"].as_f64().context("step_ms")?;
+        let theirs = median(rounds.iter().map(|r| r.1).collect());
+        let ratios: Vec<f64> = rounds.iter().map(|r| r.1 / r.0).collect();
+        let v = &torch_json;
         println!(
             "PyTorch {}: {theirs:.1} ms/step, peak RSS {:.0} MiB{}",
             v["torch"].as_str().unwrap_or("?"),
@@ -367,7 +414,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             v["peak_device_mib"].as_f64().map_or(String::new(), |m| format!(", peak device memory {m:.0} MiB"))
         );
         println!("PyTorch convolutions: {}", rate(theirs));
-        println!("ratio (PyTorch time / swav-rs time): {:.2}x", theirs / ours);
+        let each = ratios.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(", ");
+        let ratio = median(ratios);
+        if rounds.len() > 1 {
+            println!(
+                "ratio (PyTorch time / swav-rs time): {ratio:.2}x, the median of {} rounds ({each})",
+                rounds.len()
+            );
+        } else {
+            println!("ratio (PyTorch time / swav-rs time): {ratio:.2}x");
+        }
     }
     Ok(())
 }
