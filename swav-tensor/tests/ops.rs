@@ -452,6 +452,43 @@ fn max_pool_matches_direct_loops_and_routes_gradients_to_the_argmax() {
 }
 
 #[test]
+fn max_pool_takes_the_first_of_equal_maxima_and_propagates_nan() {
+    // 16 channels (whole vectors at every instruction set), all values equal but one NaN in channel 5:
+    // each gradient goes to the first pixel of its window in window order, except where the NaN is.
+    let (h, w, c) = (6, 6, 16);
+    let nan_at = (2 * w + 3) * c + 5; // pixel (2, 3), channel 5
+    let mut values = vec![1.0f32; h * w * c];
+    values[nan_at] = f32::NAN;
+    let x = Tensor::from_vec(&[1, h, w, c], values).unwrap();
+    let (y, idx) = max_pool_forward(&x, 3, 2, 1).unwrap();
+    let dy = Tensor::full(y.shape(), 1.0, Default::default());
+    let dx = max_pool_backward(x.shape(), &idx, &dy).unwrap();
+    let (oh, ow) = (y.shape()[1], y.shape()[2]);
+    let mut want = vec![0.0f64; x.len()];
+    for oy in 0..oh {
+        for ox in 0..ow {
+            // The window's first pixel inside the image (padding 1).
+            let (iy, ix) = ((oy * 2).saturating_sub(1), (ox * 2).saturating_sub(1));
+            let covers_nan = (oy * 2).saturating_sub(1) <= 2
+                && 2 <= oy * 2 + 1
+                && (ox * 2).saturating_sub(1) <= 3
+                && 3 <= ox * 2 + 1;
+            for ch in 0..c {
+                let o = (oy * ow + ox) * c + ch;
+                if ch == 5 && covers_nan {
+                    assert!(y.as_slice()[o].is_nan(), "output ({oy},{ox}) should be NaN");
+                    want[nan_at] += 1.0;
+                } else {
+                    assert_eq!(y.as_slice()[o], 1.0);
+                    want[(iy * w + ix) * c + ch] += 1.0;
+                }
+            }
+        }
+    }
+    assert_close("max pool dx with ties and a NaN", dx.as_slice(), &want, 1e-12);
+}
+
+#[test]
 fn global_avg_pool_and_its_gradient() {
     let mut rng = Rng(8);
     let x = rng.tensor(&[3, 4, 5, 6]);

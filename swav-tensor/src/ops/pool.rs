@@ -132,13 +132,13 @@ simd_fn! {
                             continue;
                         }
                         let src = ((b * g.h + iy as usize) * g.w + ix as usize) * g.c;
-                        for ch in 0..g.c {
-                            let v = xs[src + ch];
-                            // `>` keeps the first maximum; NaN propagates like PyTorch's max-pool.
-                            if v > yo[o + ch] || v.is_nan() {
-                                yo[o + ch] = v;
-                                io[o + ch] = (src + ch) as u32;
-                            }
+                        let pixel = xs[src..src + g.c].iter().zip(&mut yo[o..o + g.c]).zip(&mut io[o..o + g.c]);
+                        for (ch, ((&v, best), at)) in pixel.enumerate() {
+                            // `>` keeps the first maximum; NaN propagates like PyTorch's max-pool. Both
+                            // stores are selects, so that the loop vectorises.
+                            let take = v > *best || v.is_nan();
+                            *best = if take { v } else { *best };
+                            *at = if take { (src + ch) as u32 } else { *at };
                         }
                     }
                 }
@@ -160,11 +160,14 @@ pub fn max_pool_backward(x_shape: &[usize], idx: &PoolIndices, dy: &Tensor) -> R
         }
     };
     let n = x_shape[0];
-    let mut dx = Tensor::zeros(x_shape, dy.device());
+    // Each image's gradient is zeroed by the thread that scatters into it, while it is in that core's
+    // cache (a zeroed tensor would be one serial pass over all images first).
+    let mut dx = Tensor::for_overwrite(x_shape, dy.device());
     let per_in = dx.len() / n.max(1);
     let per_out = dy.len() / n.max(1);
     let dys = dy.as_slice();
-    dx.as_mut_slice().par_chunks_mut(per_in).enumerate().for_each(|(b, dxb)| {
+    dx.as_mut_slice().par_chunks_mut(per_in.max(1)).enumerate().for_each(|(b, dxb)| {
+        dxb.fill(0.0);
         let base = b * per_in;
         for o in b * per_out..(b + 1) * per_out {
             dxb[idx[o] as usize - base] += dys[o];
