@@ -5,11 +5,16 @@
 //! built in a per-thread scratch buffer that stays in cache; tiles run in parallel, each GEMM serially.
 //! - forward: `y[tile] = col(x)[tile] (m x kh*kw*cin) . w^T`
 //! - weight: `dw += dy[tile]^T . col(x)[tile]`, partial sums per fixed chunk of rows, added in
-//!   chunk order (deterministic whatever the thread count)
+//!   chunk order (deterministic run to run); with fewer chunks than twice the threads, each chunk's
+//!   products are spread over the pool as well
 //! - data: `dx[pixel]` = sum over the taps that reach it of `dy[tap's output pixel] . w[tap]`.
 //!   With stride s the input pixels split into s*s classes by `(i + pad) mod s`; in a class every pixel
 //!   is reached by the same taps, so each class is one dense GEMM with no multiplications by zero
 //!   (stride 1: one class, all taps; a 1x1 stride-2 conv: one class with one tap, three with none).
+//!
+//! Where the weight outweighs the tiles (few pixels, many channels: the late stages), every tile would
+//! pack the whole weight again; there the whole im2col (or gather) matrix is built at once and
+//! multiplied in one GEMM over the pool.
 //!
 //! 1x1 stride-1 convolutions need no im2col: they are a single GEMM on the activations.
 //! 3x3 stride-1 convolutions with enough channels use Winograd's algorithm instead (`winograd.rs`),
