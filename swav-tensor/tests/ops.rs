@@ -208,6 +208,16 @@ fn conv2d_large_enough_to_use_many_tiles_is_deterministic_and_correct() {
     assert_eq!(dx.as_slice(), dx2.as_slice());
 }
 
+/// The weight gradient alone (no `dx`), computed on a pool of `threads` compute threads.
+fn weight_grad_on(threads: usize, x: &Tensor, wt: &Tensor, dy: &Tensor, params: ConvParams) -> Tensor {
+    swav_tensor::with_isa(swav_core::isa::available(), threads, || {
+        let mut dw = Tensor::zeros(wt.shape(), Default::default());
+        conv2d_backward(x, wt, dy, params, &mut dw, false).unwrap();
+        dw
+    })
+    .unwrap()
+}
+
 #[test]
 fn weight_gradient_is_the_same_whether_chunks_or_products_are_spread_over_threads() {
     // 4096 pixels make 8 chunks: one thread runs them in parallel (trivially), five threads have too
@@ -220,15 +230,7 @@ fn weight_gradient_is_the_same_whether_chunks_or_products_are_spread_over_thread
     let wt = rng.tensor(&[cout, 1, 1, cin]);
     let dy = rng.tensor(&[n, h, h, cout]);
     let (_, _, dw_ref) = nc.run(x.as_slice(), wt.as_slice(), dy.as_slice());
-    let isa = swav_core::isa::available();
-    let grad = |threads: usize| {
-        swav_tensor::with_isa(isa, threads, || {
-            let mut dw = Tensor::zeros(wt.shape(), Default::default());
-            conv2d_backward(&x, &wt, &dy, ConvParams::new(1, 0), &mut dw, false).unwrap();
-            dw
-        })
-        .unwrap()
-    };
+    let grad = |threads: usize| weight_grad_on(threads, &x, &wt, &dy, ConvParams::new(1, 0));
     let (one, five) = (grad(1), grad(5));
     assert_close("pointwise dw, 1 thread", one.as_slice(), &dw_ref, 1e-5);
     assert_eq!(one.as_slice(), five.as_slice(), "1 thread against 5 threads");
@@ -245,12 +247,7 @@ fn weight_gradient_of_im2col_tiles_with_products_over_the_pool() {
     let dy = rng.tensor(&[8, 32, 32, 64]);
     let (_, _, dw_ref) = nc.run(x.as_slice(), wt.as_slice(), dy.as_slice());
     let params = ConvParams { stride: 1, pad: 1, algo: ConvAlgorithm::Direct };
-    let dw = swav_tensor::with_isa(swav_core::isa::available(), 5, || {
-        let mut dw = Tensor::zeros(wt.shape(), Default::default());
-        conv2d_backward(&x, &wt, &dy, params, &mut dw, false).unwrap();
-        dw
-    })
-    .unwrap();
+    let dw = weight_grad_on(5, &x, &wt, &dy, params);
     assert_close("3x3 dw, 5 threads", dw.as_slice(), &dw_ref, 1e-5);
 }
 

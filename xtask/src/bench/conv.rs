@@ -55,17 +55,6 @@ fn layers(preset: &str) -> anyhow::Result<Vec<Layer>> {
     Ok(by_geom.into_values().collect())
 }
 
-fn random(len: usize, seed: &mut u64) -> Vec<f32> {
-    (0..len)
-        .map(|_| {
-            *seed ^= *seed << 13;
-            *seed ^= *seed >> 7;
-            *seed ^= *seed << 17;
-            (*seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
 /// Best-of-`reps` seconds of `f` after one untimed run.
 fn best_of(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     f()?;
@@ -82,9 +71,10 @@ fn best_of(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Re
 fn time_layer(l: &Layer, algo: ConvAlgorithm, reps: usize) -> anyhow::Result<[f64; 3]> {
     let g = l.g;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let x = Tensor::from_vec(&[g.n, g.h, g.w, g.cin], random(g.n * g.h * g.w * g.cin, &mut seed))?;
-    let w = Tensor::from_vec(&[g.cout, g.kh, g.kw, g.cin], random(g.cout * g.kh * g.kw * g.cin, &mut seed))?;
-    let dy = Tensor::from_vec(&g.out_shape(), random(g.out_pixels() * g.cout, &mut seed))?;
+    let x = Tensor::from_vec(&[g.n, g.h, g.w, g.cin], super::random_values(g.n * g.h * g.w * g.cin, &mut seed))?;
+    let w =
+        Tensor::from_vec(&[g.cout, g.kh, g.kw, g.cin], super::random_values(g.cout * g.kh * g.kw * g.cin, &mut seed))?;
+    let dy = Tensor::from_vec(&g.out_shape(), super::random_values(g.out_pixels() * g.cout, &mut seed))?;
     let mut dw = Tensor::zeros(w.shape(), x.device());
     let p = ConvParams { stride: g.stride, pad: g.pad, algo };
     let fwd = best_of(reps, || conv2d_forward(&x, &w, p).map(drop).map_err(Into::into))?;

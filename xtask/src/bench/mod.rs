@@ -40,6 +40,19 @@ fn print_cpu() {
     );
 }
 
+/// `len` values uniform in [-1, 1) from a xorshift generator advanced in `seed`: benchmark inputs that
+/// cost nothing to make and are the same from run to run.
+fn random_values(len: usize, seed: &mut u64) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            (*seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 /// The machine's peak fp32 rate in GFLOP/s and how it was found: measured by a vector FMA loop on every
 /// core where the CPU has one (see `peak.rs`), else from the clock `/proc/cpuinfo` reports (the nominal
 /// one in a virtual machine; turbo can exceed it) and two FMA units per core at the kernels' vector width.

@@ -277,14 +277,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .iter()
                 .map(|&(n, size)| {
                     let len = n * s.batch * size * size * a.channels;
-                    let data = (0..len)
-                        .map(|_| {
-                            seed ^= seed << 13;
-                            seed ^= seed >> 7;
-                            seed ^= seed << 17;
-                            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-                        })
-                        .collect();
+                    let data = super::random_values(len, &mut seed);
                     Tensor::from_vec(&[n * s.batch, size, size, a.channels], data).and_then(|t| {
                         if device.is_cuda() {
                             t.to_device(device)?.to_dtype(activations)
