@@ -364,6 +364,40 @@ fn batchnorm_train_matches_reference_with_every_fusion() {
     }
 }
 
+/// The fused ReLU's backward (which recomputes the mask from `x` when there is no residual) equals the
+/// plain backward of the gradient masked by the forward's output, bit for bit: the recomputed mask is
+/// exactly `y > 0`, on values around zero too and over many rows (several chunks and sum blocks).
+#[test]
+fn batchnorm_relu_backward_is_the_plain_backward_of_the_gradient_masked_by_the_output() {
+    let mut rng = Rng(11);
+    for shape in [vec![2, 9, 7, 24], vec![3000, 13]] {
+        let c = *shape.last().unwrap();
+        let x = rng.tensor(&shape);
+        let dy = rng.tensor(&shape);
+        let gamma = rng.tensor(&[c]);
+        let beta = rng.tensor(&[c]);
+        let p = BnParams { gamma: &gamma, beta: &beta, eps: 1e-5 };
+        let (mut rm, mut rv) = (Tensor::zeros(&[c], Default::default()), Tensor::zeros(&[c], Default::default()));
+        let (y, cache) = batchnorm_train_forward(&x, &p, &mut rm, &mut rv, 0.1, None, true).unwrap();
+        let (y_plain, _) = batchnorm_train_forward(&x, &p, &mut rm, &mut rv, 0.1, None, false).unwrap();
+        let masked: Vec<f32> =
+            dy.as_slice().iter().zip(y.as_slice()).map(|(&d, &v)| if v > 0.0 { d } else { 0.0 }).collect();
+        let live = masked.iter().zip(dy.as_slice()).filter(|(m, d)| m == d).count();
+        assert!(
+            live > dy.len() / 4 && live < dy.len() * 3 / 4,
+            "the mask should cut about half: {live} of {}",
+            dy.len()
+        );
+        let masked = Tensor::from_vec(&shape, masked).unwrap();
+        let grads = |fused: Fused, y: &Tensor, dy: &Tensor| {
+            let (mut dg, mut db) = (Tensor::zeros(&[c], Default::default()), Tensor::zeros(&[c], Default::default()));
+            let (dx, _) = batchnorm_backward(&x, y, dy, &p, &cache, fused, &mut dg, &mut db).unwrap();
+            [dx.as_slice().to_vec(), dg.as_slice().to_vec(), db.as_slice().to_vec()]
+        };
+        assert_eq!(grads(Fused::RELU, &y, &dy), grads(Fused::NONE, &y_plain, &masked), "{shape:?}");
+    }
+}
+
 #[test]
 fn batchnorm_gradients_match_finite_differences() {
     let mut rng = Rng(5);

@@ -9,7 +9,8 @@
 //!
 //! Backward (with `xhat = (x - mean) * rstd` and `g = dy * [y > 0]` when the ReLU is fused):
 //! `dgamma += sum g xhat`, `dbeta += sum g`, `dx = gamma rstd (g - mean(g) - xhat mean(g xhat))`,
-//! and `dresidual = g`.
+//! and `dresidual = g`. Without a residual, the mask `y > 0` is recomputed from `x` (the forward's
+//! own expression, so the same bits) instead of read from `y`: one stream of memory less.
 //! The per-row loops are compiled per instruction set (`simd_fn!`), with the same bits at every level.
 
 use rayon::prelude::*;
@@ -292,7 +293,9 @@ simd_fn! {
     }
 }
 
-/// Backward of the training-mode forward. `y` is the forward's output (only read for the ReLU mask).
+/// Backward of the training-mode forward. `y` is the forward's output (only read for the ReLU mask
+/// after a residual); `p` must hold the forward's parameters (without a residual, the mask is
+/// recomputed from `x` with them).
 /// Accumulates `dgamma`, `dbeta`; returns `dx` and, when the forward had a residual, its gradient.
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_backward(
@@ -352,13 +355,16 @@ fn backward(
     x.check_same_shape("batchnorm_backward (y)", y)?;
     let (xs, ys, dys) = (x.as_slice(), y.as_slice(), dy.as_slice());
     let (mean, rstd) = (&cache.mean.as_slice()[..c], &cache.rstd.as_slice()[..c]);
+    let scale: Vec<f32> = (0..c).map(|i| rstd[i] * p.gamma.as_slice()[i]).collect();
+    let k = Affine { mean, scale: &scale, shift: p.beta.as_slice() };
+    let mask = Mask::of(fused);
     // Pass 1: per-channel sums of g and g (x - mean), g = dy masked by the ReLU. Rows are summed in
     // f32 over short blocks (vectorised), the blocks in f64.
     let chunk = rows_per_chunk(c, CHUNK_VALUES);
     let mut sums = sum_rows(rows, 2 * c, chunk, |r, acc| {
         let at = r.start * c..r.end * c;
         let src = Rows { xs: &xs[at.clone()], ys: &ys[at.clone()], dys: &dys[at] };
-        grad_sums(&src, mean, fused.relu, acc)
+        grad_sums(&src, k, mask, acc)
     });
     let n = reduce_over_group(&mut sums, rows, group)?;
     let coef =
@@ -373,7 +379,7 @@ fn backward(
             ys: &ys[start..start + out.len()],
             dys: &dys[start..start + out.len()],
         };
-        input_grad(&src, mean, &coef, fused.relu, out, gout)
+        input_grad(&src, k, &coef, mask, out, gout)
     };
     match &mut g {
         Some(gt) => dx
@@ -391,42 +397,78 @@ fn backward(
     Ok((dx, g))
 }
 
-/// `g = dy` where the forward's output is positive (or everywhere without a ReLU). A compile-time
-/// choice, so that the mask is a vector blend, not a branch mispredicted on half the values.
+/// Where the backward finds the ReLU's mask.
+#[derive(Clone, Copy)]
+enum Mask {
+    /// No ReLU: `g = dy` everywhere.
+    None,
+    /// After a residual: where the forward's output `y` is positive.
+    FromY,
+    /// Without a residual, `y > 0` exactly where `(x - mean) scale + shift > 0`, the forward's own
+    /// float expression with the same operands: recomputing it is cheaper than reading `y`, one
+    /// stream of memory less in both passes.
+    FromX,
+}
+
+impl Mask {
+    fn of(fused: Fused) -> Mask {
+        match (fused.relu, fused.residual) {
+            (false, _) => Mask::None,
+            (true, true) => Mask::FromY,
+            (true, false) => Mask::FromX,
+        }
+    }
+}
+
+const MASK_NONE: u8 = 0;
+const MASK_Y: u8 = 1;
+const MASK_X: u8 = 2;
+
+/// `g = dy` where the mask `M` (one of the `MASK_*` constants) lets it through, with the channel's
+/// `mean`, `scale` and `shift` for `MASK_X`. A compile-time choice, so that the mask is a vector
+/// blend, not a branch mispredicted on half the values.
 #[inline(always)]
-fn masked<const RELU: bool>(y: f32, dy: f32) -> f32 {
-    if RELU && y <= 0.0 {
-        0.0
-    } else {
+fn masked<const M: u8>(x: f32, y: f32, dy: f32, mean: f32, scale: f32, shift: f32) -> f32 {
+    let live = match M {
+        MASK_Y => y > 0.0,
+        MASK_X => (x - mean) * scale + shift > 0.0,
+        _ => true,
+    };
+    if live {
         dy
+    } else {
+        0.0
     }
 }
 
 simd_fn! {
     /// Pass 1 of the backward over whole rows: adds `[sum g | sum g (x - mean)]` into `acc`.
-    fn grad_sums(src: &Rows<'_>, mean: &[f32], relu: bool, acc: &mut [f64]) {
-        if relu {
-            grad_sums_rows::<true>(src, mean, acc)
-        } else {
-            grad_sums_rows::<false>(src, mean, acc)
+    fn grad_sums(src: &Rows<'_>, k: Affine<'_>, mask: Mask, acc: &mut [f64]) {
+        match mask {
+            Mask::None => grad_sums_rows::<MASK_NONE>(src, &k, acc),
+            Mask::FromY => grad_sums_rows::<MASK_Y>(src, &k, acc),
+            Mask::FromX => grad_sums_rows::<MASK_X>(src, &k, acc),
         }
     }
 }
 
+/// Rows summed into f32 sums, every `SUM_BLOCK` rows into the f64 totals.
 #[inline(always)]
-fn grad_sums_rows<const RELU: bool>(src: &Rows<'_>, mean: &[f32], acc: &mut [f64]) {
-    let c = mean.len();
+fn grad_sums_rows<const M: u8>(src: &Rows<'_>, k: &Affine<'_>, acc: &mut [f64]) {
+    let c = k.mean.len();
+    let (mean, scale, shift) = (&k.mean[..c], &k.scale[..c], &k.shift[..c]);
     let mut sg = vec![0.0f32; c];
     let mut sgx = vec![0.0f32; c];
     let rows = src.xs.chunks_exact(c).zip(src.ys.chunks_exact(c)).zip(src.dys.chunks_exact(c));
     for (b, ((xr, yr), dr)) in rows.enumerate() {
+        let (sg, sgx) = (&mut sg[..c], &mut sgx[..c]);
         for ch in 0..c {
-            let g = masked::<RELU>(yr[ch], dr[ch]);
+            let g = masked::<M>(xr[ch], yr[ch], dr[ch], mean[ch], scale[ch], shift[ch]);
             sg[ch] += g;
             sgx[ch] += g * (xr[ch] - mean[ch]);
         }
         if (b + 1) % SUM_BLOCK == 0 {
-            flush(&mut sg, &mut sgx, acc);
+            flush(sg, sgx, acc);
         }
     }
     flush(&mut sg, &mut sgx, acc);
@@ -479,35 +521,37 @@ struct Rows<'a> {
 
 simd_fn! {
     /// Pass 2 of the backward: `dx` (and `g`, the residual's gradient) for a run of whole rows.
-    fn input_grad(src: &Rows<'_>, mean: &[f32], k: &Coefficients, relu: bool, out: &mut [f32], gout: Option<&mut [f32]>) {
-        if relu {
-            input_grad_rows::<true>(src, mean, k, out, gout)
-        } else {
-            input_grad_rows::<false>(src, mean, k, out, gout)
+    fn input_grad(src: &Rows<'_>, k: Affine<'_>, coef: &Coefficients, mask: Mask, out: &mut [f32], gout: Option<&mut [f32]>) {
+        match mask {
+            Mask::None => input_grad_rows::<MASK_NONE>(src, &k, coef, out, gout),
+            Mask::FromY => input_grad_rows::<MASK_Y>(src, &k, coef, out, gout),
+            Mask::FromX => input_grad_rows::<MASK_X>(src, &k, coef, out, gout),
         }
     }
 }
 
 #[inline(always)]
-fn input_grad_rows<const RELU: bool>(
+fn input_grad_rows<const M: u8>(
     src: &Rows<'_>,
-    mean: &[f32],
-    k: &Coefficients,
+    k: &Affine<'_>,
+    coef: &Coefficients,
     out: &mut [f32],
     mut gout: Option<&mut [f32]>,
 ) {
-    let c = mean.len();
-    let (a, b, e) = (&k.a[..c], &k.b[..c], &k.e[..c]);
+    let c = k.mean.len();
+    let (a, b, e) = (&coef.a[..c], &coef.b[..c], &coef.e[..c]);
+    let (mean, scale, shift) = (&k.mean[..c], &k.scale[..c], &k.shift[..c]);
     for (row, o) in out.chunks_exact_mut(c).enumerate() {
         let at = row * c;
         let (xr, yr, dr) = (&src.xs[at..at + c], &src.ys[at..at + c], &src.dys[at..at + c]);
         for ch in 0..c {
-            o[ch] = a[ch] * masked::<RELU>(yr[ch], dr[ch]) + b[ch] + e[ch] * (xr[ch] - mean[ch]);
+            let g = masked::<M>(xr[ch], yr[ch], dr[ch], mean[ch], scale[ch], shift[ch]);
+            o[ch] = a[ch] * g + b[ch] + e[ch] * (xr[ch] - mean[ch]);
         }
         if let Some(gout) = gout.as_deref_mut() {
             let gr = &mut gout[at..at + c];
             for ch in 0..c {
-                gr[ch] = masked::<RELU>(yr[ch], dr[ch]);
+                gr[ch] = masked::<M>(xr[ch], yr[ch], dr[ch], mean[ch], scale[ch], shift[ch]);
             }
         }
     }
