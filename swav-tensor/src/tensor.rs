@@ -389,11 +389,7 @@ impl Tensor {
     pub fn add_assign(&mut self, other: &Tensor) -> Result<()> {
         self.check_same_shape("add_assign", other)?;
         match &mut self.memory {
-            Memory::Cpu(v) => {
-                for (a, b) in v.iter_mut().zip(other.as_slice()) {
-                    *a += b;
-                }
-            }
+            Memory::Cpu(v) => crate::ops::elementwise::add_assign_cpu(v, other.as_slice()),
             Memory::Cuda { buf, dtype } => {
                 if other.device() != Device::Cuda(buf.runtime().ordinal()) || other.dtype() != *dtype {
                     return Err(shape_err("add_assign", "operands on different devices or of different types"));

@@ -32,14 +32,15 @@ pub fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
 /// `a + b`; its backward passes `dy` to both inputs unchanged.
 pub fn add_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.check_same_shape("add", b)?;
-    if a.runtime().is_some() {
-        let mut y = a.clone();
-        y.add_assign(b)?;
-        return Ok(y);
-    }
     let mut y = a.clone();
-    y.as_mut_slice().par_chunks_mut(CHUNK).zip(b.as_slice().par_chunks(CHUNK)).for_each(|(y, b)| add_in_place(y, b));
+    y.add_assign(b)?;
     Ok(y)
+}
+
+/// `y += b` over the pool (the CPU side of [`Tensor::add_assign`]: the residual gradients of a ResNet's
+/// backward are whole activations, too large for one thread).
+pub(crate) fn add_assign_cpu(y: &mut [f32], b: &[f32]) {
+    y.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(y, b)| add_in_place(y, b));
 }
 
 simd_fn! {
