@@ -216,7 +216,12 @@ pub fn extract_features(
         let batch = batch?;
         let group = batch.group(0);
         let images = Tensor::from_slice(&group.shape, group.data)?.to_device(device)?;
-        let f = model.features(&images)?;
+        let f = if device.is_cuda() {
+            model.features(&images)?
+        } else {
+            // The batch's ops fork from a compute thread: see `on_compute_thread`.
+            swav_tensor::on_compute_thread(|| model.features(&images))?
+        };
         if f.shape() != [batch.len(), dim] {
             return Err(EvalError::Invalid(format!(
                 "features of a batch of {}: {:?}, expected [{}, {dim}]",

@@ -62,10 +62,17 @@ pub fn take(len: usize) -> Vec<f32> {
     vec![0.0; len]
 }
 
-/// A zero-filled buffer of `len` values.
+/// A zero-filled buffer of `len` values (filled over the pool when large: the zeroed input gradients
+/// of strided convolutions are whole activations).
 pub fn zeros(len: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const PART: usize = 1 << 16;
     let mut v = take(len);
-    v.fill(0.0);
+    if len > 2 * PART {
+        v.par_chunks_mut(PART).for_each(|part| part.fill(0.0));
+    } else {
+        v.fill(0.0);
+    }
     v
 }
 

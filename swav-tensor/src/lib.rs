@@ -58,10 +58,36 @@ pub fn with_isa<R: Send>(isa: swav_core::isa::Isa, threads: usize, f: impl FnOnc
     Ok(pool.install(|| swav_core::isa::with_ceiling(isa, f)))
 }
 
+/// Runs `f` on one of the CPU compute threads (at once if this is one). Ops started on a compute thread
+/// fork from inside the pool: that thread works on its share and only the others are woken. Started
+/// from any other thread, every op wakes all the compute threads and puts the caller to sleep until the
+/// op ends; on a virtual machine, a core left idle that way takes tens to hundreds of microseconds to
+/// wake, at each of the thousands of ops of a training step.
+pub fn on_compute_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    // `scope` runs its body on a thread of the pool.
+    rayon::scope(|_| f())
+}
+
 /// Sets the number of CPU compute threads (once, before the first op runs).
 pub fn set_threads(n: usize) -> Result<()> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()
         .map_err(|e| TensorError::Device(format!("cannot set {n} compute threads: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn on_compute_thread_moves_work_onto_the_pool_once() {
+        assert_eq!(rayon::current_thread_index(), None, "the test harness's thread is not a compute thread");
+        let (outer, inner) = super::on_compute_thread(|| {
+            (rayon::current_thread_index(), super::on_compute_thread(rayon::current_thread_index))
+        });
+        assert!(outer.is_some(), "the work ran on a compute thread");
+        assert_eq!(outer, inner, "from a compute thread it runs in place");
+    }
 }

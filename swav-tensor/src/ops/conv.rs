@@ -23,7 +23,7 @@
 use rayon::prelude::*;
 
 use super::scratch::{with_scratch, SharedMut};
-use super::winograd::{self, add_into, ConvAlgorithm};
+use super::winograd::{self, add_parts_into, ConvAlgorithm};
 use crate::error::shape_err;
 use crate::matmul::{matmul, MatMut, MatRef, Threads};
 use crate::{Result, Tensor};
@@ -329,10 +329,7 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
             acc
         })
         .collect();
-    for p in partials {
-        add_into(dw, &p);
-        crate::alloc::give(p);
-    }
+    add_parts_into(dw, partials);
 }
 
 /// One class of input pixels for the data gradient: the rows/columns `i` with `(i + pad) % s == c`,

@@ -138,6 +138,11 @@ const MEASURE_PIXELS: usize = 1 << 14;
 /// Measures every distinct shape of `geoms` (cached per process) and returns the plan with what was
 /// measured.
 pub fn measure(geoms: &[ConvGeom]) -> Result<(ConvPlan, Vec<Measurement>)> {
+    // Timed as the step runs them: forked from a compute thread.
+    crate::on_compute_thread(|| measure_here(geoms))
+}
+
+fn measure_here(geoms: &[ConvGeom]) -> Result<(ConvPlan, Vec<Measurement>)> {
     let mut distinct: HashMap<ConvShape, ConvGeom> = HashMap::new();
     for g in geoms {
         distinct.entry(ConvShape::from(g)).or_insert(*g);

@@ -418,8 +418,23 @@ simd_fn! {
 
 simd_fn! {
     /// `acc += x`.
-    pub(super) fn add_into(acc: &mut [f32], x: &[f32]) {
+    fn add_into(acc: &mut [f32], x: &[f32]) {
         axpy(acc, 1.0, x);
+    }
+}
+
+/// `acc += parts[0]`, then `+= parts[1]`, and so on: for every value the same additions in the same
+/// order as one `add_into` per part, but over the pool, a slice of `acc` at a time (partial sums of
+/// weight gradients reach megabytes). The parts go back to the buffer pool.
+pub(super) fn add_parts_into(acc: &mut [f32], parts: Vec<Vec<f32>>) {
+    const SLICE: usize = 1 << 14;
+    acc.par_chunks_mut(SLICE).enumerate().for_each(|(i, a)| {
+        for p in &parts {
+            add_into(a, &p[i * SLICE..i * SLICE + a.len()]);
+        }
+    });
+    for p in parts {
+        crate::alloc::give(p);
     }
 }
 
@@ -659,10 +674,7 @@ fn transformed_weight_grad_blocks(x: &[f32], dy: &[f32], g: &ConvGeom, v: &Varia
         .collect();
     let mut parts = partials.into_iter();
     let mut du = parts.next().expect("at least one chunk");
-    for p in parts {
-        add_into(&mut du, &p);
-        crate::alloc::give(p);
-    }
+    add_parts_into(&mut du, parts.collect());
     du
 }
 
