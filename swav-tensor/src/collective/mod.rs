@@ -104,6 +104,13 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether this rank is the only one in its process. Ranks that are threads of one process share
+    /// its compute pool, so a rank must not wait for the others from inside the pool (one rank's step
+    /// could run on top of another's there and never return); the default assumes they may.
+    fn alone_in_process(&self) -> bool {
+        self.world_size() == 1
+    }
+
     /// Element-wise sum over ranks of f32 CUDA tensors, in place in device memory, queued on their
     /// device's stream. Every rank passes tensors of the same sizes in the same order.
     fn all_reduce_sum_device(&self, tensors: &mut [&mut Tensor]) -> Result<(), CollectiveError> {

@@ -143,6 +143,10 @@ impl MpiCollective {
 }
 
 impl Collective for MpiCollective {
+    fn alone_in_process(&self) -> bool {
+        true // one MPI rank per process
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }
