@@ -249,8 +249,8 @@ fn normalize(
     if let Some(r) = residual {
         x.check_same_shape("batchnorm (residual)", r)?;
     }
-    let (gamma, shift) = (p.gamma.as_slice(), p.beta.as_slice());
-    let scale: Vec<f32> = (0..c).map(|i| rstd[i] * gamma[i]).collect();
+    let shift = p.beta.as_slice();
+    let scale = scales(rstd, p.gamma.as_slice());
     let mut y = Tensor::for_overwrite(x.shape(), x.device());
     let chunk = rows_per_chunk(c, CHUNK_VALUES) * c;
     let xs = x.as_slice();
@@ -261,6 +261,18 @@ fn normalize(
         normalize_rows(out, xin, rin, Affine { mean, scale: &scale, shift }, relu);
     });
     Ok(y)
+}
+
+/// `rstd gamma` per channel: the forward's scale, which the backward recomputes for its mask.
+fn scales(rstd: &[f32], gamma: &[f32]) -> Vec<f32> {
+    rstd.iter().zip(gamma).map(|(&r, &g)| r * g).collect()
+}
+
+/// `(x - mean) scale + shift`: the one expression of the normalisation, so that the backward's mask
+/// recomputed from `x` has the forward's bits.
+#[inline(always)]
+fn affine(x: f32, mean: f32, scale: f32, shift: f32) -> f32 {
+    (x - mean) * scale + shift
 }
 
 /// `y = (x - mean) scale + shift` per channel.
@@ -277,7 +289,7 @@ simd_fn! {
         let c = k.mean.len();
         for (o_row, x_row) in out.chunks_exact_mut(c).zip(xin.chunks_exact(c)) {
             for ((((o, &v), &m), &a), &b) in o_row.iter_mut().zip(x_row).zip(k.mean).zip(k.scale).zip(k.shift) {
-                *o = (v - m) * a + b;
+                *o = affine(v, m, a, b);
             }
         }
         if let Some(res) = res {
@@ -355,7 +367,7 @@ fn backward(
     x.check_same_shape("batchnorm_backward (y)", y)?;
     let (xs, ys, dys) = (x.as_slice(), y.as_slice(), dy.as_slice());
     let (mean, rstd) = (&cache.mean.as_slice()[..c], &cache.rstd.as_slice()[..c]);
-    let scale: Vec<f32> = (0..c).map(|i| rstd[i] * p.gamma.as_slice()[i]).collect();
+    let scale = scales(rstd, p.gamma.as_slice());
     let k = Affine { mean, scale: &scale, shift: p.beta.as_slice() };
     let mask = Mask::of(fused);
     // Pass 1: per-channel sums of g and g (x - mean), g = dy masked by the ReLU. Rows are summed in
@@ -431,7 +443,7 @@ const MASK_X: u8 = 2;
 fn masked<const M: u8>(x: f32, y: f32, dy: f32, mean: f32, scale: f32, shift: f32) -> f32 {
     let live = match M {
         MASK_Y => y > 0.0,
-        MASK_X => (x - mean) * scale + shift > 0.0,
+        MASK_X => affine(x, mean, scale, shift) > 0.0,
         _ => true,
     };
     if live {
