@@ -2,6 +2,7 @@
 //! with its parameters and names; the networks compose them.
 
 use std::borrow::Cow;
+use swav_tensor::matmul::MulPrecision;
 use swav_tensor::ops::batchnorm::{
     batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, sync_batchnorm_backward,
     sync_batchnorm_train_forward, BnCache, BnParams, Fused,
@@ -34,6 +35,8 @@ pub struct Conv2d {
     pub pad: usize,
     /// The algorithms this layer's convolutions may use (see [`SwavModel::set_conv_algorithm`](crate::SwavModel::set_conv_algorithm)).
     pub algo: ConvAlgorithm,
+    /// What this layer's CPU products multiply (see [`SwavModel::set_conv_precision`](crate::SwavModel::set_conv_precision)).
+    pub precision: MulPrecision,
 }
 
 impl Conv2d {
@@ -42,7 +45,13 @@ impl Conv2d {
     pub fn new(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, rng: &mut InitRng) -> Conv2d {
         let values = rng.kaiming_normal_fan_out(cout * k * k * cin, cout * k * k);
         let weight = Tensor::from_vec(&[cout, k, k, cin], values).expect("shape matches length");
-        Conv2d { weight: Param::new(weight, Layout::Ohwi), stride, pad, algo: ConvAlgorithm::default() }
+        Conv2d {
+            weight: Param::new(weight, Layout::Ohwi),
+            stride,
+            pad,
+            algo: ConvAlgorithm::default(),
+            precision: MulPrecision::F32,
+        }
     }
 
     /// Channels of the output.
@@ -51,7 +60,7 @@ impl Conv2d {
     }
 
     fn params(&self) -> ConvParams {
-        ConvParams { stride: self.stride, pad: self.pad, algo: self.algo }
+        ConvParams { stride: self.stride, pad: self.pad, algo: self.algo, precision: self.precision }
     }
 
     /// The convolution of `x: [n, h, w, in]` (NHWC): `[n, oh, ow, out]` on the device of `x`, with the

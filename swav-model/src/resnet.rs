@@ -10,6 +10,7 @@
 //! Training-mode forwards return the activations the backward needs; a block's input is not stored
 //! twice: it is the previous block's output, passed back in by [`ResNet::backward`].
 
+use swav_tensor::matmul::MulPrecision;
 use swav_tensor::ops::batchnorm::{BnCache, Fused};
 use swav_tensor::ops::conv::ConvGeom;
 use swav_tensor::ops::pool::{
@@ -236,11 +237,20 @@ impl ResNet {
 
     /// Lets every convolution of the backbone use `algo`.
     pub fn set_conv_algorithm(&mut self, algo: ConvAlgorithm) {
-        self.conv1.algo = algo;
+        self.for_each_conv(|c| c.algo = algo);
+    }
+
+    /// Lets every convolution of the backbone multiply at `precision` on the CPU.
+    pub fn set_conv_precision(&mut self, precision: MulPrecision) {
+        self.for_each_conv(|c| c.precision = precision);
+    }
+
+    fn for_each_conv(&mut self, mut f: impl FnMut(&mut Conv2d)) {
+        f(&mut self.conv1);
         for block in self.stages.iter_mut().flatten() {
-            block.convs.iter_mut().for_each(|c| c.algo = algo);
+            block.convs.iter_mut().for_each(&mut f);
             if let Some(ds) = &mut block.downsample {
-                ds.conv.algo = algo;
+                f(&mut ds.conv);
             }
         }
     }

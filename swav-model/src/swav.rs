@@ -142,6 +142,12 @@ impl SwavModel {
         self.backbone.set_conv_algorithm(algo);
     }
 
+    /// What the backbone's convolutions multiply on the CPU: f32, or factors rounded to bf16 with fp32
+    /// accumulation (the head stays f32).
+    pub fn set_conv_precision(&mut self, precision: swav_tensor::matmul::MulPrecision) {
+        self.backbone.set_conv_precision(precision);
+    }
+
     /// The shape of every backbone convolution for `n` images of `h x w` (see [`ResNet::conv_geometries`]).
     pub fn conv_geometries(&self, n: usize, h: usize, w: usize) -> Result<Vec<swav_tensor::ops::conv::ConvGeom>> {
         self.backbone.conv_geometries(n, h, w)

@@ -6,6 +6,46 @@
 
 use gemm::Parallelism;
 
+mod bf16;
+
+pub use bf16::{bf16_hardware, matmul_bf16, round_bf16};
+
+/// What a product multiplies: the f32 factors as they are, or the factors rounded to bfloat16 with
+/// fp32 accumulation (twice the products per cycle on CPUs with AVX512_BF16; see [`matmul_bf16`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MulPrecision {
+    /// f32 factors.
+    #[default]
+    F32,
+    /// Factors rounded to bf16 (to nearest, ties to even), products summed in f32.
+    Bf16,
+}
+
+impl MulPrecision {
+    /// The name in settings and reports (`fp32`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            MulPrecision::F32 => "fp32",
+            MulPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// [`matmul`] or [`matmul_bf16`], as `precision` says.
+pub fn matmul_in(
+    precision: MulPrecision,
+    c: MatMut<'_>,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    accumulate: bool,
+    threads: Threads,
+) {
+    match precision {
+        MulPrecision::F32 => matmul(c, a, b, accumulate, threads),
+        MulPrecision::Bf16 => matmul_bf16(c, a, b, accumulate, threads),
+    }
+}
+
 /// A read-only `rows x cols` matrix view into a slice, element `(i, j)` at `i * rs + j * cs`.
 #[derive(Clone, Copy)]
 pub struct MatRef<'a> {

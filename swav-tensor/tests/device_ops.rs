@@ -61,7 +61,7 @@ fn conv_ops(dev: Device, dtype: DType) {
         (1, 13, 11, 3, 8, 7, 2, 3),
     ] {
         let name = format!("conv {n}x{h}x{w}x{cin}->{cout} k{k} s{s} p{p} {dtype:?} on {dev}");
-        let params = ConvParams { stride: s, pad: p, algo: ConvAlgorithm::Direct };
+        let params = ConvParams { algo: ConvAlgorithm::Direct, ..ConvParams::new(s, p) };
         let x = rounded(&t(&[n, h, w, cin], rng.vec(n * h * w * cin, 0.0, 1.0)), dtype);
         let wt = rounded(&t(&[cout, k, k, cin], rng.vec(cout * k * k * cin, 0.0, 0.5)), dtype);
         let y = conv2d_forward(&x, &wt, params).unwrap();

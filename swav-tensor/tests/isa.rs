@@ -36,7 +36,7 @@ fn run_kernels() -> Vec<(String, Vec<f32>)> {
         ("pointwise", ConvAlgorithm::Auto, 1, 1, 0),
     ] {
         let w = tensor(&[34, k, k, 33], 2);
-        let p = ConvParams { stride, pad, algo };
+        let p = ConvParams { algo, ..ConvParams::new(stride, pad) };
         let y = conv2d_forward(&x, &w, p).unwrap();
         let dy = tensor(y.shape(), 3);
         let mut dw = Tensor::zeros(w.shape(), x.device());

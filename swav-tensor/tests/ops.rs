@@ -1,6 +1,7 @@
 //! Every op against an independent float64 implementation written from its definition (direct loops,
 //! no im2col, no fusion), and against finite differences of the op itself.
 
+use swav_tensor::matmul::{round_bf16, MulPrecision};
 use swav_tensor::ops::batchnorm::{
     batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, BnParams, Fused,
 };
@@ -155,7 +156,7 @@ fn conv2d_matches_direct_loops_for_every_kernel_stride_and_padding() {
         let dw_ref: Vec<f64> = dw_ref.iter().map(|v| v + 0.5).collect();
         // Every algorithm choice (Winograd F(4,3)/F(2,3) where allowed, im2col elsewhere) is exact.
         for algo in [ConvAlgorithm::Auto, ConvAlgorithm::Winograd2, ConvAlgorithm::Direct] {
-            let params = ConvParams { stride: s, pad: p, algo };
+            let params = ConvParams { algo, ..ConvParams::new(s, p) };
             let y = conv2d_forward(&x, &wt, params).unwrap();
             assert_eq!(y.shape(), [n, oh, ow, cout]);
             let name = format!("conv n{n} {h}x{w} {cin}->{cout} k{k} s{s} p{p} {algo}");
@@ -246,9 +247,59 @@ fn weight_gradient_of_im2col_tiles_with_products_over_the_pool() {
     let wt = rng.tensor(&[64, 3, 3, 64]);
     let dy = rng.tensor(&[8, 32, 32, 64]);
     let (_, _, dw_ref) = nc.run(x.as_slice(), wt.as_slice(), dy.as_slice());
-    let params = ConvParams { stride: 1, pad: 1, algo: ConvAlgorithm::Direct };
+    let params = ConvParams { algo: ConvAlgorithm::Direct, ..ConvParams::new(1, 1) };
     let dw = weight_grad_on(5, &x, &wt, &dy, params);
     assert_close("3x3 dw, 5 threads", dw.as_slice(), &dw_ref, 1e-5);
+}
+
+/// `t` with every value rounded to bf16.
+fn rounded(t: &Tensor) -> Tensor {
+    Tensor::from_vec(t.shape(), t.as_slice().iter().map(|&v| round_bf16(v)).collect()).unwrap()
+}
+
+#[test]
+fn bf16_convolutions_are_the_f32_convolutions_of_the_rounded_factors() {
+    // Every im2col product path: tiles, a whole-matrix product (late-stage shape), pointwise, strided
+    // (data-gradient classes) and a first-layer-like 3-channel input; with a Winograd plan allowed,
+    // Winograd's products stay f32.
+    let mut rng = Rng(7);
+    let cases = [
+        (4, 12, 12, 16, 24, 3, 1, 1, ConvAlgorithm::Direct),
+        (2, 3, 3, 64, 96, 3, 1, 1, ConvAlgorithm::Direct),
+        (3, 8, 8, 24, 40, 1, 1, 0, ConvAlgorithm::Direct),
+        (2, 9, 9, 16, 32, 3, 2, 1, ConvAlgorithm::Direct),
+        (2, 14, 14, 3, 16, 7, 2, 3, ConvAlgorithm::Direct),
+        (2, 8, 8, 32, 32, 3, 1, 1, ConvAlgorithm::Auto),
+    ];
+    for (n, h, w, cin, cout, k, s, p, algo) in cases {
+        let name = format!("bf16 conv n{n} {h}x{w} {cin}->{cout} k{k} s{s} p{p} {algo}");
+        let x = rng.tensor(&[n, h, w, cin]);
+        let wt = rng.tensor(&[cout, k, k, cin]);
+        let f32p = ConvParams { algo, ..ConvParams::new(s, p) };
+        let bf16p = ConvParams { precision: MulPrecision::Bf16, ..f32p };
+        let y = conv2d_forward(&x, &wt, bf16p).unwrap();
+        let dy = rng.tensor(y.shape());
+        let mut dw = Tensor::zeros(wt.shape(), Default::default());
+        let dx = conv2d_backward(&x, &wt, &dy, bf16p, &mut dw, true).unwrap().unwrap();
+        let winograd = algo == ConvAlgorithm::Auto;
+        let (xr, wr, dyr) =
+            if winograd { (x.clone(), wt.clone(), dy.clone()) } else { (rounded(&x), rounded(&wt), rounded(&dy)) };
+        let y_ref = conv2d_forward(&xr, &wr, f32p).unwrap();
+        let mut dw_ref = Tensor::zeros(wt.shape(), Default::default());
+        let dx_ref = conv2d_backward(&xr, &wr, &dyr, f32p, &mut dw_ref, true).unwrap().unwrap();
+        let f64s = |t: &Tensor| t.as_slice().iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        assert_close(&format!("{name} forward"), y.as_slice(), &f64s(&y_ref), 1e-6);
+        assert_close(&format!("{name} dx"), dx.as_slice(), &f64s(&dx_ref), 1e-6);
+        assert_close(&format!("{name} dw"), dw.as_slice(), &f64s(&dw_ref), 1e-6);
+        if !winograd {
+            // And they are not the f32 convolution: bf16 keeps 8 bits of mantissa.
+            let y32 = conv2d_forward(&x, &wt, f32p).unwrap();
+            let num: f64 = y.as_slice().iter().zip(y32.as_slice()).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+            let den: f64 = y32.as_slice().iter().map(|&b| (b as f64).powi(2)).sum();
+            let e = (num / den).sqrt();
+            assert!(e > 1e-4 && e < 1e-2, "{name}: bf16 vs f32 forward differ by {e:.2e}");
+        }
+    }
 }
 
 #[test]

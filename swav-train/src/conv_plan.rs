@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use swav_model::SwavModel;
+use swav_tensor::matmul::MulPrecision;
 use swav_tensor::ops::conv_plan::{self, ConvKernel, ConvPlan, ConvShape};
 use swav_tensor::ops::winograd::ConvAlgorithm;
 use swav_tensor::Device;
@@ -56,6 +57,8 @@ pub fn apply(
     resumed: bool,
     device: Device,
 ) -> Result<(), TrainError> {
+    let products = crate::trainer::cpu_products(config.train.precision, device)?;
+    model.set_conv_precision(products);
     if config.train.conv != ConvAlgorithm::Measured {
         model.set_conv_algorithm(config.train.conv);
         return Ok(());
@@ -80,7 +83,7 @@ pub fn apply(
         model.set_conv_algorithm(ConvAlgorithm::Measured);
         return Ok(());
     } else {
-        let plan = measure(config, model)?;
+        let plan = measure(config, model, products)?;
         save(&path, &plan.1)?;
         plan.0
     };
@@ -89,13 +92,17 @@ pub fn apply(
 }
 
 /// Measures every backbone convolution shape of one training step of `config`.
-pub fn measure(config: &Config, model: &SwavModel) -> Result<(ConvPlan, Vec<conv_plan::Measurement>), TrainError> {
+pub fn measure(
+    config: &Config,
+    model: &SwavModel,
+    products: MulPrecision,
+) -> Result<(ConvPlan, Vec<conv_plan::Measurement>), TrainError> {
     let mut geoms = Vec::new();
     for g in &config.crops.groups {
         geoms.extend(model.conv_geometries(g.count * config.train.batch_size, g.size, g.size)?);
     }
     let started = std::time::Instant::now();
-    let (plan, measured) = conv_plan::measure(&geoms)?;
+    let (plan, measured) = conv_plan::measure(&geoms, products)?;
     let count = |k: ConvKernel| plan.entries.iter().filter(|e| e.1 == k).count();
     tracing::info!(
         "convolutions: measured {} shapes in {:.1} s: im2col {}, Winograd F(2,3) {}, F(4,3) {}",
@@ -162,7 +169,13 @@ mod tests {
     fn a_saved_plan_loads_back_and_a_corrupt_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE);
-        let m = |s, k| conv_plan::Measurement { shape: s, n: 2, seconds: vec![(k, 1e-3)], chosen: k };
+        let m = |s, k| conv_plan::Measurement {
+            shape: s,
+            n: 2,
+            precision: MulPrecision::F32,
+            seconds: vec![(k, 1e-3)],
+            chosen: k,
+        };
         save(&path, &[m(shape(3, 1), ConvKernel::WinogradF4), m(shape(1, 1), ConvKernel::Im2col)]).unwrap();
         let plan = load(&path).unwrap();
         assert_eq!(plan.kernel(&shape(3, 1)), Some(ConvKernel::WinogradF4));

@@ -25,6 +25,7 @@ use swav_data::{Batch, Dataset, Layout, LoaderConfig, MultiCropLoader};
 use swav_model::pretrained::{init_from_file, InitScope};
 use swav_model::{Preprocessing, SwavModel};
 use swav_tensor::collective::SingleProcess;
+use swav_tensor::matmul::MulPrecision;
 use swav_tensor::{Collective, DType, Device, Tensor};
 
 use crate::checkpoint::{self, ModelMeta, Sidecar, SIDECAR_FORMAT};
@@ -149,16 +150,33 @@ fn initial_model(config: &Config) -> Result<SwavModel, TrainError> {
     Ok(model)
 }
 
-/// The storage of activations for `train.precision` on `device`: bf16 on CUDA and fp32 on the CPU
-/// by default; bf16 on the CPU is refused.
+/// The storage of activations for `train.precision` on `device`: bf16 on CUDA by default, fp32 on
+/// the CPU (where `bf16` rounds the convolutions' factors instead: [`cpu_products`]).
 pub fn activation_dtype(precision: Option<Precision>, device: Device) -> Result<DType, TrainError> {
     match (precision, device.is_cuda()) {
-        (Some(Precision::Bf16), false) => Err(TrainError::Config(
-            "train.precision = \"bf16\" is for CUDA devices: the CPU engine computes in fp32".into(),
-        )),
+        (Some(Precision::Bf16), false) => cpu_products(precision, device).map(|_| DType::F32),
         (Some(Precision::Fp32), _) | (None, false) => Ok(DType::F32),
         (Some(Precision::Bf16), true) | (None, true) => Ok(DType::Bf16),
     }
+}
+
+/// What the CPU's convolutions multiply for `train.precision`: f32 by default; with `bf16`, factors
+/// rounded to bf16 with fp32 accumulation (PyTorch's CPU autocast for convolutions), offered only where
+/// the CPU multiplies bf16 in hardware (AVX512_BF16), since elsewhere it would be slower than fp32.
+/// Activations, batch norms, the head and the optimiser stay fp32.
+pub fn cpu_products(precision: Option<Precision>, device: Device) -> Result<MulPrecision, TrainError> {
+    if device.is_cuda() || precision != Some(Precision::Bf16) {
+        return Ok(MulPrecision::F32);
+    }
+    if !swav_tensor::matmul::bf16_hardware() {
+        return Err(TrainError::Config(format!(
+            "train.precision = \"bf16\" on the CPU needs bf16 products in hardware (AVX512_BF16 at the AVX-512 \
+             level): this CPU has {}, kernels at {}; use fp32 here",
+            swav_core::isa::bf16_support(),
+            swav_core::isa::active()
+        )));
+    }
+    Ok(MulPrecision::Bf16)
 }
 
 /// Moves the model, the momentum buffers and the queue to `device`.

@@ -226,6 +226,7 @@ impl ConvCall {
             stride: g.stride,
             pad: g.pad,
             algo: crate::ops::winograd::ConvAlgorithm::Direct,
+            precision: crate::matmul::MulPrecision::F32,
         };
         let shape_x = [g.n, g.h, g.w, g.cin];
         let filter_t = crate::Tensor::from_vec(&[g.cout, g.kh, g.kw, g.cin], filter)?;

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use super::scratch::{with_scratch, SharedMut};
 use super::winograd::{self, add_parts_into, ConvAlgorithm};
 use crate::error::shape_err;
-use crate::matmul::{matmul, MatMut, MatRef, Threads};
+use crate::matmul::{matmul_in, MatMut, MatRef, MulPrecision, Threads};
 use crate::{Result, Tensor};
 
 /// Sizes of one convolution: input `[n, h, w, cin]`, weight `[cout, kh, kw, cin]`, output
@@ -111,12 +111,15 @@ pub struct ConvParams {
     /// Which algorithms the CPU may use (Winograd or im2col GEMM; CUDA convolutions run cuDNN and ignore
     /// it). Every choice computes the same convolution, up to float rounding.
     pub algo: ConvAlgorithm,
+    /// What the CPU's im2col and pointwise products multiply: f32, or factors rounded to bf16 with
+    /// fp32 accumulation (Winograd's products stay f32: its transforms would magnify bf16's rounding).
+    pub precision: MulPrecision,
 }
 
 impl ConvParams {
     /// Stride and padding with the default algorithm choice.
     pub fn new(stride: usize, pad: usize) -> ConvParams {
-        ConvParams { stride, pad, algo: ConvAlgorithm::default() }
+        ConvParams { stride, pad, algo: ConvAlgorithm::default(), precision: MulPrecision::F32 }
     }
 }
 
@@ -157,7 +160,7 @@ pub fn conv2d_forward(x: &Tensor, weight: &Tensor, p: ConvParams) -> Result<Tens
     if let Some(rt) = x.runtime() {
         return super::conv_cuda::forward_on(rt, x, weight, p);
     }
-    let ConvParams { stride, pad, algo } = p;
+    let ConvParams { stride, pad, algo, precision } = p;
     let _p = crate::profile::scope("conv forward");
     let g = ConvGeom::new(x.shape(), weight.shape(), stride, pad)?;
     let mut y = Tensor::for_overwrite(&g.out_shape(), x.device());
@@ -169,14 +172,14 @@ pub fn conv2d_forward(x: &Tensor, weight: &Tensor, p: ConvParams) -> Result<Tens
     let (m_total, k) = (g.out_pixels(), g.k());
     if g.is_pointwise() {
         let out = MatMut::new(y.as_mut_slice(), m_total, g.cout);
-        matmul(out, MatRef::new(xs, m_total, k), MatRef::new(ws, g.cout, k).t(), false, Threads::Pool);
+        matmul_in(precision, out, MatRef::new(xs, m_total, k), MatRef::new(ws, g.cout, k).t(), false, Threads::Pool);
         return Ok(y);
     }
     let tile = tile_rows(k, m_total);
     if weights_outweigh_tiles(m_total, tile, k, g.cout) {
         let col = im2col_rows(xs, &g, 0, m_total);
         let out = MatMut::new(y.as_mut_slice(), m_total, g.cout);
-        matmul(out, MatRef::new(&col, m_total, k), MatRef::new(ws, g.cout, k).t(), false, Threads::Pool);
+        matmul_in(precision, out, MatRef::new(&col, m_total, k), MatRef::new(ws, g.cout, k).t(), false, Threads::Pool);
         crate::alloc::give(col);
         return Ok(y);
     }
@@ -185,7 +188,14 @@ pub fn conv2d_forward(x: &Tensor, weight: &Tensor, p: ConvParams) -> Result<Tens
         with_scratch(rows * k, 0, |col, _| {
             im2col(xs, &g, t * tile, rows, col);
             let out = MatMut::new(out, rows, g.cout);
-            matmul(out, MatRef::new(col, rows, k), MatRef::new(ws, g.cout, k).t(), false, Threads::Serial);
+            matmul_in(
+                precision,
+                out,
+                MatRef::new(col, rows, k),
+                MatRef::new(ws, g.cout, k).t(),
+                false,
+                Threads::Serial,
+            );
         });
     });
     Ok(y)
@@ -204,7 +214,7 @@ pub fn conv2d_backward(
     if let Some(rt) = x.runtime() {
         return super::conv_cuda::backward_on(rt, x, weight, dy, p, dweight, want_dx);
     }
-    let ConvParams { stride, pad, algo } = p;
+    let ConvParams { stride, pad, algo, precision } = p;
     let g = ConvGeom::new(x.shape(), weight.shape(), stride, pad)?;
     if dy.shape() != g.out_shape() {
         return Err(shape_err("conv2d_backward", format!("dy {:?} but output is {:?}", dy.shape(), g.out_shape())));
@@ -216,7 +226,7 @@ pub fn conv2d_backward(
             let _p = crate::profile::scope("conv weight grad");
             winograd::weight_grad(x.as_slice(), dy.as_slice(), &g, dweight.as_mut_slice(), v)
         }
-        None => weight_grad(x.as_slice(), dy.as_slice(), &g, dweight.as_mut_slice()),
+        None => weight_grad(x.as_slice(), dy.as_slice(), &g, dweight.as_mut_slice(), precision),
     }
     if !want_dx {
         return Ok(None);
@@ -234,9 +244,9 @@ pub fn conv2d_backward(
         let _p = crate::profile::scope("conv data grad");
         let out = MatMut::new(dx.as_mut_slice(), g.out_pixels(), g.cin);
         let w = MatRef::new(weight.as_slice(), g.cout, g.cin);
-        matmul(out, MatRef::new(dy.as_slice(), g.out_pixels(), g.cout), w, false, Threads::Pool);
+        matmul_in(precision, out, MatRef::new(dy.as_slice(), g.out_pixels(), g.cout), w, false, Threads::Pool);
     } else {
-        data_grad(dy.as_slice(), weight.as_slice(), &g, dx.as_mut_slice());
+        data_grad(dy.as_slice(), weight.as_slice(), &g, dx.as_mut_slice(), precision);
     }
     Ok(Some(dx))
 }
@@ -269,7 +279,7 @@ fn im2col(x: &[f32], g: &ConvGeom, r0: usize, rows: usize, col: &mut [f32]) {
     }
 }
 
-fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
+fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], precision: MulPrecision) {
     let _p = crate::profile::scope("conv weight grad");
     let (m_total, k) = (g.out_pixels(), g.k());
     // Fixed chunking, partial sums added in chunk order: the bits do not depend on which thread
@@ -290,7 +300,7 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
         if !g.is_pointwise() && threads == Threads::Pool && whole {
             let col = im2col_rows(x, g, start, end - start);
             let dyt = MatRef::new(&dy[start * g.cout..end * g.cout], end - start, g.cout).t();
-            matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(&col, end - start, k), false, threads);
+            matmul_in(precision, MatMut::new(acc, g.cout, k), dyt, MatRef::new(&col, end - start, k), false, threads);
             crate::alloc::give(col);
             return;
         }
@@ -302,17 +312,17 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
             let dyt = MatRef::new(&dy[r * g.cout..(r + rows) * g.cout], rows, g.cout).t();
             if g.is_pointwise() {
                 let xt = MatRef::new(&x[r * k..(r + rows) * k], rows, k);
-                matmul(MatMut::new(acc, g.cout, k), dyt, xt, add, threads);
+                matmul_in(precision, MatMut::new(acc, g.cout, k), dyt, xt, add, threads);
             } else if threads == Threads::Pool {
                 // Not in the thread's scratch: while the product runs over the pool, this thread may
                 // pick up another chunk, whose tiles need the scratch.
                 let col = im2col_rows(x, g, r, rows);
-                matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(&col, rows, k), add, threads);
+                matmul_in(precision, MatMut::new(acc, g.cout, k), dyt, MatRef::new(&col, rows, k), add, threads);
                 crate::alloc::give(col);
             } else {
                 with_scratch(rows * k, 0, |col, _| {
                     im2col(x, g, r, rows, col);
-                    matmul(MatMut::new(acc, g.cout, k), dyt, MatRef::new(col, rows, k), add, threads);
+                    matmul_in(precision, MatMut::new(acc, g.cout, k), dyt, MatRef::new(col, rows, k), add, threads);
                 });
             }
             r += rows;
@@ -342,7 +352,7 @@ struct Class {
     kxs: Vec<usize>,
 }
 
-fn data_grad(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+fn data_grad(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32], precision: MulPrecision) {
     let _p = crate::profile::scope("conv data grad");
     let s = g.stride;
     let dx_ptr = SharedMut(dx.as_mut_ptr());
@@ -357,12 +367,12 @@ fn data_grad(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
             if class.ys.is_empty() || class.xs.is_empty() || class.kys.is_empty() || class.kxs.is_empty() {
                 continue; // no tap reaches these pixels: their gradient stays zero
             }
-            data_grad_class(dy, w, g, &class, dx_ptr);
+            data_grad_class(dy, w, g, &class, dx_ptr, precision);
         }
     }
 }
 
-fn data_grad_class(dy: &[f32], w: &[f32], g: &ConvGeom, c: &Class, dx: SharedMut) {
+fn data_grad_class(dy: &[f32], w: &[f32], g: &ConvGeom, c: &Class, dx: SharedMut, precision: MulPrecision) {
     let kc = c.kys.len() * c.kxs.len() * g.cout;
     // The class's weight matrix, rows (tap, co), columns ci.
     let mut wc = Vec::with_capacity(kc * g.cin);
@@ -393,7 +403,7 @@ fn data_grad_class(dy: &[f32], w: &[f32], g: &ConvGeom, c: &Class, dx: SharedMut
         });
         let mut out = crate::alloc::take(pixels * g.cin);
         let (a, w) = (MatRef::new(&gather, pixels, kc), MatRef::new(&wc, kc, g.cin));
-        matmul(MatMut::new(&mut out, pixels, g.cin), a, w, false, Threads::Pool);
+        matmul_in(precision, MatMut::new(&mut out, pixels, g.cin), a, w, false, Threads::Pool);
         out.par_chunks(g.cin).enumerate().for_each(|(p, row)| {
             // SAFETY: every input pixel belongs to exactly one class and appears once in it, so no two
             // writers touch the same `cin` values, and `dst + cin <= dx.len()` by construction.
@@ -411,7 +421,8 @@ fn data_grad_class(dy: &[f32], w: &[f32], g: &ConvGeom, c: &Class, dx: SharedMut
             for i in 0..rows {
                 gather_row(dy, g, c, p0 + i, &mut gather[i * kc..(i + 1) * kc]);
             }
-            matmul(
+            matmul_in(
+                precision,
                 MatMut::new(out, rows, g.cin),
                 MatRef::new(gather, rows, kc),
                 MatRef::new(&wc, kc, g.cin),

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use super::conv::{conv2d_backward, conv2d_forward, ConvGeom, ConvParams};
 use super::winograd::ConvAlgorithm;
+use crate::matmul::MulPrecision;
 use crate::{Result, Tensor};
 
 /// One way to compute a convolution.
@@ -123,6 +124,8 @@ pub struct Measurement {
     pub shape: ConvShape,
     /// Batch size measured with (at most the layer's).
     pub n: usize,
+    /// What the products multiplied (im2col's; Winograd's are f32 at either).
+    pub precision: MulPrecision,
     /// Seconds per forward + both gradients, for each candidate tried.
     pub seconds: Vec<(ConvKernel, f64)>,
     /// The fastest of them.
@@ -135,14 +138,14 @@ static CACHE: Mutex<Vec<Measurement>> = Mutex::new(Vec::new());
 /// (every algorithm's cost is linear in the batch), few enough to plan a ResNet-50 in seconds.
 const MEASURE_PIXELS: usize = 1 << 14;
 
-/// Measures every distinct shape of `geoms` (cached per process) and returns the plan with what was
-/// measured.
-pub fn measure(geoms: &[ConvGeom]) -> Result<(ConvPlan, Vec<Measurement>)> {
+/// Measures every distinct shape of `geoms` with products at `precision` (cached per process) and
+/// returns the plan with what was measured.
+pub fn measure(geoms: &[ConvGeom], precision: MulPrecision) -> Result<(ConvPlan, Vec<Measurement>)> {
     // Timed as the step runs them: forked from a compute thread.
-    crate::on_compute_thread(|| measure_here(geoms))
+    crate::on_compute_thread(|| measure_here(geoms, precision))
 }
 
-fn measure_here(geoms: &[ConvGeom]) -> Result<(ConvPlan, Vec<Measurement>)> {
+fn measure_here(geoms: &[ConvGeom], precision: MulPrecision) -> Result<(ConvPlan, Vec<Measurement>)> {
     let mut distinct: HashMap<ConvShape, ConvGeom> = HashMap::new();
     for g in geoms {
         distinct.entry(ConvShape::from(g)).or_insert(*g);
@@ -151,11 +154,13 @@ fn measure_here(geoms: &[ConvGeom]) -> Result<(ConvPlan, Vec<Measurement>)> {
     shapes.sort_by_key(|(s, _)| *s);
     let mut out = Vec::new();
     for (shape, g) in shapes {
-        let cached = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|m| m.shape == shape).cloned();
+        let cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = cache.iter().find(|m| m.shape == shape && m.precision == precision).cloned();
+        drop(cache);
         let m = match cached {
             Some(m) => m,
             None => {
-                let m = measure_shape(&g)?;
+                let m = measure_shape(&g, precision)?;
                 CACHE.lock().unwrap_or_else(|e| e.into_inner()).push(m.clone());
                 m
             }
@@ -165,7 +170,7 @@ fn measure_here(geoms: &[ConvGeom]) -> Result<(ConvPlan, Vec<Measurement>)> {
     Ok((ConvPlan::from_entries(out.iter().map(|m| (m.shape, m.chosen))), out))
 }
 
-fn measure_shape(g: &ConvGeom) -> Result<Measurement> {
+fn measure_shape(g: &ConvGeom, precision: MulPrecision) -> Result<Measurement> {
     let shape = ConvShape::from(g);
     let n = (MEASURE_PIXELS / (g.oh * g.ow).max(1)).clamp(1, g.n.max(1));
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -185,7 +190,7 @@ fn measure_shape(g: &ConvGeom) -> Result<Measurement> {
     let mut dw = Tensor::zeros(w.shape(), x.device());
     let mut seconds = Vec::new();
     for kernel in ConvKernel::ALL.into_iter().filter(|k| k.applies(&shape)) {
-        let p = ConvParams { stride: g.stride, pad: g.pad, algo: ConvAlgorithm::Only(kernel) };
+        let p = ConvParams { stride: g.stride, pad: g.pad, algo: ConvAlgorithm::Only(kernel), precision };
         let mut best = f64::INFINITY;
         // One untimed run pages in the buffers and warms the caches; the best of the next two is the
         // least disturbed by other work on the machine.
@@ -200,7 +205,7 @@ fn measure_shape(g: &ConvGeom) -> Result<Measurement> {
         seconds.push((kernel, best));
     }
     let chosen = seconds.iter().min_by(|a, b| a.1.total_cmp(&b.1)).map_or(ConvKernel::Im2col, |s| s.0);
-    Ok(Measurement { shape, n, seconds, chosen })
+    Ok(Measurement { shape, n, precision, seconds, chosen })
 }
 
 #[cfg(test)]
@@ -214,7 +219,7 @@ mod tests {
     #[test]
     fn measures_each_distinct_shape_once_and_plans_only_kernels_that_apply() {
         let geoms = [geom(8, 32, 32, 3, 1), geom(8, 32, 32, 3, 1), geom(8, 32, 64, 3, 2), geom(8, 16, 16, 1, 1)];
-        let (plan, measured) = measure(&geoms).unwrap();
+        let (plan, measured) = measure(&geoms, MulPrecision::F32).unwrap();
         assert_eq!(plan.entries.len(), 3);
         assert_eq!(measured.len(), 3);
         for m in &measured {

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use swav_model::{Arch, ModelConfig, SwavModel};
+use swav_tensor::matmul::MulPrecision;
 use swav_tensor::ops::conv::{conv2d_backward, conv2d_forward, ConvGeom, ConvParams};
 use swav_tensor::ops::conv_plan::{self, ConvShape};
 use swav_tensor::ops::winograd::{self, ConvAlgorithm};
@@ -24,6 +25,10 @@ pub struct Args {
     /// Convolution algorithms, as for `bench step` (measured: planned here first).
     #[arg(long, default_value = "measured")]
     conv: String,
+    /// What im2col's products multiply: fp32, or bf16 (factors rounded, fp32 sums; needs AVX512_BF16
+    /// to be fast).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
     /// Timed repetitions of each pass (the best is kept, after one untimed run).
     #[arg(long, default_value_t = 2)]
     reps: usize,
@@ -68,7 +73,7 @@ fn best_of(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Re
 }
 
 /// Seconds of forward, weight gradient and data gradient of one layer.
-fn time_layer(l: &Layer, algo: ConvAlgorithm, reps: usize) -> anyhow::Result<[f64; 3]> {
+fn time_layer(l: &Layer, algo: ConvAlgorithm, precision: MulPrecision, reps: usize) -> anyhow::Result<[f64; 3]> {
     let g = l.g;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let x = Tensor::from_vec(&[g.n, g.h, g.w, g.cin], super::random_values(g.n * g.h * g.w * g.cin, &mut seed))?;
@@ -76,7 +81,7 @@ fn time_layer(l: &Layer, algo: ConvAlgorithm, reps: usize) -> anyhow::Result<[f6
         Tensor::from_vec(&[g.cout, g.kh, g.kw, g.cin], super::random_values(g.cout * g.kh * g.kw * g.cin, &mut seed))?;
     let dy = Tensor::from_vec(&g.out_shape(), super::random_values(g.out_pixels() * g.cout, &mut seed))?;
     let mut dw = Tensor::zeros(w.shape(), x.device());
-    let p = ConvParams { stride: g.stride, pad: g.pad, algo };
+    let p = ConvParams { stride: g.stride, pad: g.pad, algo, precision };
     let fwd = best_of(reps, || conv2d_forward(&x, &w, p).map(drop).map_err(Into::into))?;
     let wgrad = best_of(reps, || conv2d_backward(&x, &w, &dy, p, &mut dw, false).map(drop).map_err(Into::into))?;
     let both = best_of(reps, || conv2d_backward(&x, &w, &dy, p, &mut dw, true).map(drop).map_err(Into::into))?;
@@ -125,12 +130,13 @@ fn torch_times(py: &PathBuf, layers: &[Layer], reps: usize) -> anyhow::Result<Ve
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut algo: ConvAlgorithm = a.conv.parse().map_err(anyhow::Error::msg)?;
+    let precision = super::step::cpu_precision(&a.precision)?;
     let layers = layers(&a.preset)?;
     super::print_cpu();
     super::print_peak();
     if algo == ConvAlgorithm::Measured {
         let geoms: Vec<ConvGeom> = layers.iter().map(|l| l.g).collect();
-        algo = ConvAlgorithm::Planned(conv_plan::measure(&geoms)?.0.leak());
+        algo = ConvAlgorithm::Planned(conv_plan::measure(&geoms, precision)?.0.leak());
     }
     let theirs = a.python.as_ref().map(|py| torch_times(py, &layers, a.reps)).transpose()?;
     println!(
@@ -148,7 +154,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (mut ours_total, mut theirs_total, mut flops_total) = (0.0, 0.0, 0.0);
     for (i, l) in layers.iter().enumerate() {
         let g = l.g;
-        let t = time_layer(l, algo, a.reps)?;
+        let t = time_layer(l, algo, precision, a.reps)?;
         let kernel = match winograd::choose(&g, algo) {
             Some(v) => format!("winograd-f{}", v.m),
             None => "im2col".to_string(),

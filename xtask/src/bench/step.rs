@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use swav_model::{Arch, ModelConfig, SwavModel};
+use swav_tensor::matmul::MulPrecision;
 use swav_tensor::{Device, Tensor};
 use swav_train::config::TrainConfig;
 use swav_train::lars::Lars;
@@ -32,7 +33,9 @@ pub struct Args {
     warmup: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Activations on a CUDA device: fp32 or bf16 (default bf16 on CUDA).
+    /// fp32 or bf16. On a CUDA device, the activations (default bf16); on the CPU, what the
+    /// convolutions multiply (default fp32; bf16 needs AVX512_BF16, and PyTorch then runs under CPU
+    /// autocast).
     #[arg(long)]
     precision: Option<String>,
     /// Channels of the stem and first stage (default: the arch's, 64).
@@ -115,15 +118,25 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let (device, runtime) = crate::open_device(&a.device)?;
-    let precision: Option<swav_train::config::Precision> = match a.precision.as_deref() {
+fn parse_precision(name: Option<&str>) -> anyhow::Result<Option<swav_train::config::Precision>> {
+    Ok(match name {
         None => None,
         Some("fp32") => Some(swav_train::config::Precision::Fp32),
         Some("bf16") => Some(swav_train::config::Precision::Bf16),
         Some(other) => anyhow::bail!("--precision must be fp32 or bf16, not `{other}`"),
-    };
+    })
+}
+
+/// What the CPU's convolutions multiply for `--precision name` (refused where bf16 has no hardware).
+pub fn cpu_precision(name: &str) -> anyhow::Result<MulPrecision> {
+    Ok(swav_train::trainer::cpu_products(parse_precision(Some(name))?, Device::Cpu)?)
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let (device, runtime) = crate::open_device(&a.device)?;
+    let precision = parse_precision(a.precision.as_deref())?;
     let activations = swav_train::trainer::activation_dtype(precision, device)?;
+    let products = swav_train::trainer::cpu_products(precision, device)?;
     let conv: swav_tensor::ops::winograd::ConvAlgorithm = a.conv.parse().map_err(anyhow::Error::msg)?;
     let s = setup(&a)?;
     let cfg = ModelConfig {
@@ -176,7 +189,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         s.batch,
         match &runtime {
             Some(rt) => format!("{device} ({}, {activations:?} activations)", rt.backend().describe()),
-            None => "cpu".to_string(),
+            None => format!("cpu ({} products)", products.name()),
         },
         a.conv
     );
@@ -185,13 +198,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         super::print_peak();
     }
     let mut state = SwavState::new(SwavModel::new(cfg, 0)?, Lars::new(0.9, 1e-6, 0.001, false));
+    state.model.set_conv_precision(products);
     if conv == swav_tensor::ops::winograd::ConvAlgorithm::Measured && !device.is_cuda() {
         let t0 = Instant::now();
         let mut geoms = Vec::new();
         for &(n, size) in &s.crops {
             geoms.extend(state.model.conv_geometries(n * s.batch, size, size)?);
         }
-        let (plan, measured) = swav_tensor::ops::conv_plan::measure(&geoms)?;
+        let (plan, measured) = swav_tensor::ops::conv_plan::measure(&geoms, products)?;
         println!("measured convolution plan ({:.1} s):", t0.elapsed().as_secs_f64());
         for m in &measured {
             let s = m.shape;
@@ -255,6 +269,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             if let Device::Cuda(i) = device {
                 let precision = if activations == swav_tensor::DType::Bf16 { "bf16" } else { "fp32" };
                 cmd.args(["--device", &format!("cuda:{i}"), "--precision", precision]);
+            } else if products == MulPrecision::Bf16 {
+                cmd.args(["--precision", "bf16"]);
             }
             Some((py, cmd))
         }
