@@ -6,6 +6,7 @@ use swav_tensor::ops::batchnorm::{
     batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, BnParams, Fused,
 };
 use swav_tensor::ops::conv::{conv2d_backward, conv2d_forward, ConvParams};
+use swav_tensor::ops::conv_plan::ConvKernel;
 use swav_tensor::ops::elementwise::{add_forward, relu_backward, relu_forward};
 use swav_tensor::ops::linear::{linear_backward, linear_forward};
 use swav_tensor::ops::normalize::{l2_normalize_backward, l2_normalize_forward};
@@ -257,47 +258,69 @@ fn rounded(t: &Tensor) -> Tensor {
     Tensor::from_vec(t.shape(), t.as_slice().iter().map(|&v| round_bf16(v)).collect()).unwrap()
 }
 
+fn relative(got: &Tensor, want: &Tensor) -> f64 {
+    let num: f64 = got.as_slice().iter().zip(want.as_slice()).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    let den: f64 = want.as_slice().iter().map(|&b| (b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Forward, data gradient and weight gradient of one convolution.
+fn conv_passes(x: &Tensor, w: &Tensor, dy: &Tensor, p: ConvParams) -> [Tensor; 3] {
+    let y = conv2d_forward(x, w, p).unwrap();
+    let mut dw = Tensor::zeros(w.shape(), Default::default());
+    let dx = conv2d_backward(x, w, dy, p, &mut dw, true).unwrap().unwrap();
+    [y, dx, dw]
+}
+
 #[test]
 fn bf16_convolutions_are_the_f32_convolutions_of_the_rounded_factors() {
     // Every im2col product path: tiles, a whole-matrix product (late-stage shape), pointwise, strided
-    // (data-gradient classes) and a first-layer-like 3-channel input; with a Winograd plan allowed,
-    // Winograd's products stay f32.
+    // (data-gradient classes) and a first-layer-like 3-channel input.
     let mut rng = Rng(7);
     let cases = [
-        (4, 12, 12, 16, 24, 3, 1, 1, ConvAlgorithm::Direct),
-        (2, 3, 3, 64, 96, 3, 1, 1, ConvAlgorithm::Direct),
-        (3, 8, 8, 24, 40, 1, 1, 0, ConvAlgorithm::Direct),
-        (2, 9, 9, 16, 32, 3, 2, 1, ConvAlgorithm::Direct),
-        (2, 14, 14, 3, 16, 7, 2, 3, ConvAlgorithm::Direct),
-        (2, 8, 8, 32, 32, 3, 1, 1, ConvAlgorithm::Auto),
+        (4, 12, 12, 16, 24, 3, 1, 1),
+        (2, 3, 3, 64, 96, 3, 1, 1),
+        (3, 8, 8, 24, 40, 1, 1, 0),
+        (2, 9, 9, 16, 32, 3, 2, 1),
+        (2, 14, 14, 3, 16, 7, 2, 3),
     ];
-    for (n, h, w, cin, cout, k, s, p, algo) in cases {
-        let name = format!("bf16 conv n{n} {h}x{w} {cin}->{cout} k{k} s{s} p{p} {algo}");
+    for (n, h, w, cin, cout, k, s, p) in cases {
+        let name = format!("bf16 conv n{n} {h}x{w} {cin}->{cout} k{k} s{s} p{p}");
         let x = rng.tensor(&[n, h, w, cin]);
         let wt = rng.tensor(&[cout, k, k, cin]);
-        let f32p = ConvParams { algo, ..ConvParams::new(s, p) };
+        let dy = rng.tensor(&conv2d_forward(&x, &wt, ConvParams::new(s, p)).unwrap().shape().to_vec());
+        let f32p = ConvParams { algo: ConvAlgorithm::Direct, ..ConvParams::new(s, p) };
         let bf16p = ConvParams { precision: MulPrecision::Bf16, ..f32p };
-        let y = conv2d_forward(&x, &wt, bf16p).unwrap();
-        let dy = rng.tensor(y.shape());
-        let mut dw = Tensor::zeros(wt.shape(), Default::default());
-        let dx = conv2d_backward(&x, &wt, &dy, bf16p, &mut dw, true).unwrap().unwrap();
-        let winograd = algo == ConvAlgorithm::Auto;
-        let (xr, wr, dyr) =
-            if winograd { (x.clone(), wt.clone(), dy.clone()) } else { (rounded(&x), rounded(&wt), rounded(&dy)) };
-        let y_ref = conv2d_forward(&xr, &wr, f32p).unwrap();
-        let mut dw_ref = Tensor::zeros(wt.shape(), Default::default());
-        let dx_ref = conv2d_backward(&xr, &wr, &dyr, f32p, &mut dw_ref, true).unwrap().unwrap();
-        let f64s = |t: &Tensor| t.as_slice().iter().map(|&v| v as f64).collect::<Vec<f64>>();
-        assert_close(&format!("{name} forward"), y.as_slice(), &f64s(&y_ref), 1e-6);
-        assert_close(&format!("{name} dx"), dx.as_slice(), &f64s(&dx_ref), 1e-6);
-        assert_close(&format!("{name} dw"), dw.as_slice(), &f64s(&dw_ref), 1e-6);
-        if !winograd {
-            // And they are not the f32 convolution: bf16 keeps 8 bits of mantissa.
-            let y32 = conv2d_forward(&x, &wt, f32p).unwrap();
-            let num: f64 = y.as_slice().iter().zip(y32.as_slice()).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
-            let den: f64 = y32.as_slice().iter().map(|&b| (b as f64).powi(2)).sum();
-            let e = (num / den).sqrt();
-            assert!(e > 1e-4 && e < 1e-2, "{name}: bf16 vs f32 forward differ by {e:.2e}");
+        let got = conv_passes(&x, &wt, &dy, bf16p);
+        let want = conv_passes(&rounded(&x), &rounded(&wt), &rounded(&dy), f32p);
+        let plain = conv_passes(&x, &wt, &dy, f32p);
+        for (i, pass) in ["forward", "dx", "dw"].iter().enumerate() {
+            let e = relative(&got[i], &want[i]);
+            assert!(e < 1e-6, "{name} {pass}: {e:.2e} from the f32 convolution of the rounded factors");
+            // And not the f32 convolution: bf16 keeps 8 bits of mantissa.
+            let e = relative(&got[i], &plain[i]);
+            assert!(e > 1e-4 && e < 1e-2, "{name} {pass}: {e:.2e} from the f32 convolution");
+        }
+    }
+}
+
+#[test]
+fn bf16_winograd_rounds_f2_products_and_keeps_f4_in_f32() {
+    let mut rng = Rng(8);
+    let x = rng.tensor(&[2, 10, 10, 32]);
+    let wt = rng.tensor(&[40, 3, 3, 32]);
+    let dy = rng.tensor(&[2, 10, 10, 40]);
+    for (kernel, bf16_level) in [(ConvKernel::WinogradF2, true), (ConvKernel::WinogradF4, false)] {
+        let f32p = ConvParams { algo: ConvAlgorithm::Only(kernel), ..ConvParams::new(1, 1) };
+        let got = conv_passes(&x, &wt, &dy, ConvParams { precision: MulPrecision::Bf16, ..f32p });
+        let want = conv_passes(&x, &wt, &dy, f32p);
+        for (i, pass) in ["forward", "dx", "dw"].iter().enumerate() {
+            let e = relative(&got[i], &want[i]);
+            if bf16_level {
+                assert!(e > 1e-4 && e < 1e-2, "{kernel} {pass}: {e:.2e} from f32");
+            } else {
+                assert_eq!(got[i].as_slice(), want[i].as_slice(), "{kernel} {pass}: not f32's bits");
+            }
         }
     }
 }

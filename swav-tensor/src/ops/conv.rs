@@ -111,8 +111,8 @@ pub struct ConvParams {
     /// Which algorithms the CPU may use (Winograd or im2col GEMM; CUDA convolutions run cuDNN and ignore
     /// it). Every choice computes the same convolution, up to float rounding.
     pub algo: ConvAlgorithm,
-    /// What the CPU's im2col and pointwise products multiply: f32, or factors rounded to bf16 with
-    /// fp32 accumulation (Winograd's products stay f32: its transforms would magnify bf16's rounding).
+    /// What the CPU's products multiply: f32, or factors rounded to bf16 with fp32 accumulation (for
+    /// Winograd F(2,3), the transformed tiles and weights; F(4,3) stays f32: [`winograd::products`]).
     pub precision: MulPrecision,
 }
 
@@ -166,7 +166,7 @@ pub fn conv2d_forward(x: &Tensor, weight: &Tensor, p: ConvParams) -> Result<Tens
     let mut y = Tensor::for_overwrite(&g.out_shape(), x.device());
     let (xs, ws) = (x.as_slice(), weight.as_slice());
     if let Some(v) = winograd::choose(&g, algo) {
-        winograd::forward(xs, ws, &g, y.as_mut_slice(), v);
+        winograd::forward(xs, ws, &g, y.as_mut_slice(), v, precision);
         return Ok(y);
     }
     let (m_total, k) = (g.out_pixels(), g.k());
@@ -224,7 +224,7 @@ pub fn conv2d_backward(
     match wino {
         Some(v) => {
             let _p = crate::profile::scope("conv weight grad");
-            winograd::weight_grad(x.as_slice(), dy.as_slice(), &g, dweight.as_mut_slice(), v)
+            winograd::weight_grad(x.as_slice(), dy.as_slice(), &g, dweight.as_mut_slice(), v, precision)
         }
         None => weight_grad(x.as_slice(), dy.as_slice(), &g, dweight.as_mut_slice(), precision),
     }
@@ -239,7 +239,7 @@ pub fn conv2d_backward(
     };
     if let Some(v) = wino {
         let _p = crate::profile::scope("conv data grad");
-        winograd::data_grad(dy.as_slice(), weight.as_slice(), &g, dx.as_mut_slice(), v);
+        winograd::data_grad(dy.as_slice(), weight.as_slice(), &g, dx.as_mut_slice(), v, precision);
     } else if g.is_pointwise() {
         let _p = crate::profile::scope("conv data grad");
         let out = MatMut::new(dx.as_mut_slice(), g.out_pixels(), g.cin);
@@ -297,7 +297,10 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], precision: M
         }
         // Every chunk may hold its whole im2col matrix at once: within the budget of one.
         let whole = weights_outweigh_tiles(end - start, tile, k, g.cout) && m_total * k <= WHOLE_MAX_VALUES;
-        if !g.is_pointwise() && threads == Threads::Pool && whole {
+        // Serial chunks take it too in bf16: that kernel adds into the gradient once per 256 rows, so
+        // short tiles send the whole `cout x k` gradient through memory again and again (2.2x slower
+        // weight gradient on 4x4 maps of 512 channels; the fp32 GEMM measured no gain from it).
+        if !g.is_pointwise() && whole && (threads == Threads::Pool || precision == MulPrecision::Bf16) {
             let col = im2col_rows(x, g, start, end - start);
             let dyt = MatRef::new(&dy[start * g.cout..end * g.cout], end - start, g.cout).t();
             matmul_in(precision, MatMut::new(acc, g.cout, k), dyt, MatRef::new(&col, end - start, k), false, threads);

@@ -27,7 +27,7 @@ use swav_core::simd_fn;
 use super::conv::ConvGeom;
 use super::conv_plan::{ConvKernel, ConvPlan, ConvShape};
 use super::scratch::{with_scratch, SharedMut};
-use crate::matmul::{matmul, MatMut, MatRef, Threads};
+use crate::matmul::{matmul_in, MatMut, MatRef, MulPrecision, Threads};
 
 /// Transform matrices of one F(m x m, 3 x 3) variant (row-major).
 pub struct Variant {
@@ -438,20 +438,33 @@ pub(super) fn add_parts_into(acc: &mut [f32], parts: Vec<Vec<f32>>) {
     }
 }
 
+/// What variant `v`'s products multiply when the convolution asks for `precision`: F(4,3) keeps f32
+/// whatever is asked, because its transforms magnify bf16's rounding about tenfold (relative error of
+/// 3x3 convolutions against f64, 64 to 512 channels: bf16 im2col 2.1e-3 to 2.3e-3, bf16 F(2,3) 3.3e-3
+/// to 4.2e-3, bf16 F(4,3) 1.5e-2 to 3.0e-2; f32 F(4,3) 1e-6 to 5e-6).
+pub fn products(v: &Variant, precision: MulPrecision) -> MulPrecision {
+    if v.m == 4 {
+        MulPrecision::F32
+    } else {
+        precision
+    }
+}
+
 /// `y = conv3x3(x, w)` (stride 1, padding 1, OHWI weight) by Winograd; `y` is fully overwritten.
-pub fn forward(x: &[f32], w: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant) {
+pub fn forward(x: &[f32], w: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant, precision: MulPrecision) {
+    let precision = products(v, precision);
     let planes = weight_planes(w, g.cin, g.cout, false);
     let u = transform_weights(&planes, g.cin * g.cout, v);
     crate::alloc::give(planes);
-    forward_transformed(x, &u, g, y, v);
+    forward_transformed(x, &u, g, y, v, precision);
     crate::alloc::give(u);
 }
 
 /// The forward with the weights already transformed (`u`: `a^2` matrices `cin x cout`).
-fn forward_transformed(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant) {
+fn forward_transformed(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant, precision: MulPrecision) {
     match schedule(v, g.cin, g.cout, tiles(g, v).total) {
-        Schedule::Blocks => forward_blocks(x, u, g, y, v),
-        Schedule::Positions => forward_positions(x, u, g, y, v),
+        Schedule::Blocks => forward_blocks(x, u, g, y, v, precision),
+        Schedule::Positions => forward_positions(x, u, g, y, v, precision),
     }
 }
 
@@ -469,7 +482,7 @@ fn transform_all_inputs(x: &[f32], g: &ConvGeom, v: &Variant, t: &Tiles) -> Vec<
 }
 
 /// The `Positions` schedule of the forward: all input tiles, one GEMM per position, all output tiles.
-fn forward_positions(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant) {
+fn forward_positions(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant, precision: MulPrecision) {
     let t = tiles(g, v);
     let (a2, cin, cout) = (v.a * v.a, g.cin, g.cout);
     let vbuf = transform_all_inputs(x, g, v, &t);
@@ -478,7 +491,14 @@ fn forward_positions(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Vari
         // Position p of every tile: rows `a^2 * c` values apart in the tile-major buffers.
         let vm = MatRef::strided(&vbuf[p * cin..], t.total, cin, (a2 * cin) as isize, 1);
         let um = MatRef::new(&u[p * cin * cout..(p + 1) * cin * cout], cin, cout);
-        matmul(MatMut::strided(&mut mbuf[p * cout..], t.total, cout, a2 * cout), vm, um, false, Threads::Pool);
+        matmul_in(
+            precision,
+            MatMut::strided(&mut mbuf[p * cout..], t.total, cout, a2 * cout),
+            vm,
+            um,
+            false,
+            Threads::Pool,
+        );
     }
     crate::alloc::give(vbuf);
     let y_ptr = SharedMut(y.as_mut_ptr());
@@ -493,7 +513,7 @@ fn forward_positions(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Vari
 }
 
 /// The `Blocks` schedule of the forward.
-fn forward_blocks(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant) {
+fn forward_blocks(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant, precision: MulPrecision) {
     let t = tiles(g, v);
     let (a2, cin, cout) = (v.a * v.a, g.cin, g.cout);
     let tb = block_tiles(v, cin, cout, t.total);
@@ -511,7 +531,8 @@ fn forward_blocks(x: &[f32], u: &[f32], g: &ConvGeom, y: &mut [f32], v: &Variant
             for p in 0..a2 {
                 let vm = MatRef::new(&vbuf[p * n * cin..(p + 1) * n * cin], n, cin);
                 let um = MatRef::new(&u[p * cin * cout..(p + 1) * cin * cout], cin, cout);
-                matmul(
+                matmul_in(
+                    precision,
                     MatMut::new(&mut mbuf[p * n * cout..(p + 1) * n * cout], n, cout),
                     vm,
                     um,
@@ -585,27 +606,35 @@ unsafe fn output_tile(
 
 /// `dx` of a 3x3 stride-1 padding-1 convolution: the forward convolution of `dy` with the kernel
 /// rotated by 180 degrees and its channels swapped. `dx` is fully overwritten.
-pub fn data_grad(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32], v: &Variant) {
+pub fn data_grad(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32], v: &Variant, precision: MulPrecision) {
+    let precision = products(v, precision);
     let planes = weight_planes(w, g.cin, g.cout, true);
     let u = transform_weights(&planes, g.cin * g.cout, v);
     crate::alloc::give(planes);
     let back = ConvGeom { h: g.oh, w: g.ow, cin: g.cout, cout: g.cin, oh: g.h, ow: g.w, ..*g };
-    forward_transformed(dy, &u, &back, dx, v);
+    forward_transformed(dy, &u, &back, dx, v, precision);
     crate::alloc::give(u);
 }
 
 /// Accumulates the weight gradient (OHWI) of a 3x3 stride-1 padding-1 convolution into `dw`.
-pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], v: &Variant) {
+pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32], v: &Variant, precision: MulPrecision) {
+    let precision = products(v, precision);
     let du = match schedule(v, g.cin, g.cout, tiles(g, v).total) {
-        Schedule::Blocks => transformed_weight_grad_blocks(x, dy, g, v),
-        Schedule::Positions => transformed_weight_grad_positions(x, dy, g, v),
+        Schedule::Blocks => transformed_weight_grad_blocks(x, dy, g, v, precision),
+        Schedule::Positions => transformed_weight_grad_positions(x, dy, g, v, precision),
     };
     add_weight_grad(&du, g, dw, v);
     crate::alloc::give(du);
 }
 
 /// `dU[p] = V[p]^T . dM[p]` over all tiles, one GEMM of the whole depth per position.
-fn transformed_weight_grad_positions(x: &[f32], dy: &[f32], g: &ConvGeom, v: &Variant) -> Vec<f32> {
+fn transformed_weight_grad_positions(
+    x: &[f32],
+    dy: &[f32],
+    g: &ConvGeom,
+    v: &Variant,
+    precision: MulPrecision,
+) -> Vec<f32> {
     let t = tiles(g, v);
     let (a2, cin, cout) = (v.a * v.a, g.cin, g.cout);
     let vbuf = transform_all_inputs(x, g, v, &t);
@@ -620,7 +649,14 @@ fn transformed_weight_grad_positions(x: &[f32], dy: &[f32], g: &ConvGeom, v: &Va
     for p in 0..a2 {
         let vt = MatRef::strided(&vbuf[p * cin..], t.total, cin, (a2 * cin) as isize, 1).t();
         let dm = MatRef::strided(&dmbuf[p * cout..], t.total, cout, (a2 * cout) as isize, 1);
-        matmul(MatMut::new(&mut du[p * cin * cout..(p + 1) * cin * cout], cin, cout), vt, dm, false, Threads::Pool);
+        matmul_in(
+            precision,
+            MatMut::new(&mut du[p * cin * cout..(p + 1) * cin * cout], cin, cout),
+            vt,
+            dm,
+            false,
+            Threads::Pool,
+        );
     }
     crate::alloc::give(vbuf);
     crate::alloc::give(dmbuf);
@@ -628,7 +664,13 @@ fn transformed_weight_grad_positions(x: &[f32], dy: &[f32], g: &ConvGeom, v: &Va
 }
 
 /// `dU[p]` summed over blocks of tiles: partial sums per fixed chunk of blocks, added in order.
-fn transformed_weight_grad_blocks(x: &[f32], dy: &[f32], g: &ConvGeom, v: &Variant) -> Vec<f32> {
+fn transformed_weight_grad_blocks(
+    x: &[f32],
+    dy: &[f32],
+    g: &ConvGeom,
+    v: &Variant,
+    precision: MulPrecision,
+) -> Vec<f32> {
     let t = tiles(g, v);
     let (a2, cin, cout) = (v.a * v.a, g.cin, g.cout);
     let tb = block_tiles(v, cin, cout, t.total);
@@ -659,7 +701,8 @@ fn transformed_weight_grad_blocks(x: &[f32], dy: &[f32], g: &ConvGeom, v: &Varia
                     for p in 0..a2 {
                         let vt = MatRef::new(&vbuf[p * n * cin..(p + 1) * n * cin], n, cin).t();
                         let dm = MatRef::new(&dmbuf[p * n * cout..(p + 1) * n * cout], n, cout);
-                        matmul(
+                        matmul_in(
+                            precision,
                             MatMut::new(&mut du[p * cin * cout..(p + 1) * cin * cout], cin, cout),
                             vt,
                             dm,
@@ -800,10 +843,11 @@ mod tests {
             for v in [&F2, &F4] {
                 let u = transform_weights(&weight_planes(&wt, cin, cout, false), cin * cout, v);
                 let (mut y1, mut y2) = (vec![0.0; dy.len()], vec![0.0; dy.len()]);
-                forward_blocks(&x, &u, &g, &mut y1, v);
-                forward_positions(&x, &u, &g, &mut y2, v);
-                let du1 = transformed_weight_grad_blocks(&x, &dy, &g, v);
-                let du2 = transformed_weight_grad_positions(&x, &dy, &g, v);
+                let f32p = MulPrecision::F32;
+                forward_blocks(&x, &u, &g, &mut y1, v, f32p);
+                forward_positions(&x, &u, &g, &mut y2, v, f32p);
+                let du1 = transformed_weight_grad_blocks(&x, &dy, &g, v, f32p);
+                let du2 = transformed_weight_grad_positions(&x, &dy, &g, v, f32p);
                 for (name, a, b) in [("forward", &y1, &y2), ("weight gradient", &du1, &du2)] {
                     let scale = a.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
                     for (p, q) in a.iter().zip(b.iter()) {
@@ -834,7 +878,7 @@ mod tests {
             let x: Vec<f32> = (0..v.m * v.m).map(|i| (i as f32 * 0.37).sin()).collect();
             let w: Vec<f32> = (0..9).map(|i| (i as f32 * 0.91).cos()).collect();
             let mut y = vec![0.0; v.m * v.m];
-            forward(&x, &w, &g, &mut y, v);
+            forward(&x, &w, &g, &mut y, v, MulPrecision::F32);
             for oy in 0..v.m {
                 for ox in 0..v.m {
                     let mut want = 0.0f64;
