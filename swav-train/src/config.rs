@@ -95,10 +95,12 @@ pub struct TrainConfig {
     /// step 0. Recorded so that the run says where it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
-    /// Storage of the activations on a CUDA device: `bf16` (mixed precision like PyTorch's autocast:
-    /// convolutions, batch norms and pools in bf16 with fp32 accumulation; pooled features, head,
-    /// scores, loss and Sinkhorn in fp32; fp32 master weights) or `fp32`. Absent: bf16 on CUDA; the CPU
-    /// engine computes in fp32 only.
+    /// Precision. On a CUDA device, the storage of the activations: `bf16` (mixed precision like
+    /// PyTorch's autocast: convolutions, batch norms and pools in bf16 with fp32 accumulation; pooled
+    /// features, head, scores, loss and Sinkhorn in fp32; fp32 master weights) or `fp32`; absent: bf16.
+    /// On the CPU, what the convolutions multiply: `bf16` rounds their factors (im2col, and Winograd
+    /// F(2,3)'s transformed tiles) to bf16 with fp32 sums, only where the CPU has AVX512_BF16; absent or
+    /// `fp32`: fp32. Recorded, so a resume computes the same bits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<Precision>,
     /// With `init`: take only the backbone (`conv1`, `bn1`, `layer*`); the head and prototypes start
@@ -107,13 +109,14 @@ pub struct TrainConfig {
     pub init_backbone_only: bool,
 }
 
-/// How activations are stored on a CUDA device (see `TrainConfig::precision`).
+/// Training precision (see `TrainConfig::precision`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// fp32 everywhere.
     Fp32,
-    /// bf16 activations, fp32 accumulation and master weights.
+    /// On CUDA, bf16 activations with fp32 accumulation and master weights; on the CPU, bf16 factors of
+    /// the convolutions' products with fp32 sums.
     Bf16,
 }
 
