@@ -288,7 +288,7 @@ fn bf16_convolutions_are_the_f32_convolutions_of_the_rounded_factors() {
         let name = format!("bf16 conv n{n} {h}x{w} {cin}->{cout} k{k} s{s} p{p}");
         let x = rng.tensor(&[n, h, w, cin]);
         let wt = rng.tensor(&[cout, k, k, cin]);
-        let dy = rng.tensor(&conv2d_forward(&x, &wt, ConvParams::new(s, p)).unwrap().shape().to_vec());
+        let dy = rng.tensor(conv2d_forward(&x, &wt, ConvParams::new(s, p)).unwrap().shape());
         let f32p = ConvParams { algo: ConvAlgorithm::Direct, ..ConvParams::new(s, p) };
         let bf16p = ConvParams { precision: MulPrecision::Bf16, ..f32p };
         let got = conv_passes(&x, &wt, &dy, bf16p);
