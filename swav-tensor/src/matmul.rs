@@ -8,7 +8,7 @@ use gemm::Parallelism;
 
 mod bf16;
 
-pub use bf16::{bf16_hardware, matmul_bf16, round_bf16};
+pub use bf16::{bf16_bits, bf16_hardware, matmul_bf16, round_bf16};
 
 /// What a product multiplies: the f32 factors as they are, or the factors rounded to bfloat16 with
 /// fp32 accumulation (twice the products per cycle on CPUs with AVX512_BF16; see [`matmul_bf16`]).

@@ -31,11 +31,17 @@ impl Rng {
     }
 }
 
-fn assert_close(name: &str, got: &[f32], want: &[f64], rel: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
+/// `|got - want| / |want|` over the whole vectors.
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum::<f64>().sqrt();
     let den: f64 = want.iter().map(|w| w * w).sum::<f64>().sqrt().max(1e-30);
-    assert!(num / den < rel, "{name}: relative error {:.3e} >= {rel:.1e}", num / den);
+    num / den
+}
+
+fn assert_close(name: &str, got: &[f32], want: &[f64], rel: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let e = rel_err(got, want);
+    assert!(e < rel, "{name}: relative error {e:.3e} >= {rel:.1e}");
 }
 
 fn dot(a: &Tensor, b: &[f32]) -> f64 {
@@ -259,9 +265,8 @@ fn rounded(t: &Tensor) -> Tensor {
 }
 
 fn relative(got: &Tensor, want: &Tensor) -> f64 {
-    let num: f64 = got.as_slice().iter().zip(want.as_slice()).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
-    let den: f64 = want.as_slice().iter().map(|&b| (b as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
+    assert_eq!(got.len(), want.len());
+    rel_err(got.as_slice(), &want.as_slice().iter().map(|&v| v as f64).collect::<Vec<f64>>())
 }
 
 /// Forward, data gradient and weight gradient of one convolution.

@@ -130,14 +130,12 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// `v` rounded to the nearest bf16 (ties to even), as bits.
+/// `v` rounded to the nearest bf16 (ties to even), as bits; every NaN the canonical one.
 fn bf16_bits(v: f32) -> u16 {
     if v.is_nan() {
         return 0x7fc0;
     }
-    let bits = v.to_bits();
-    let round = 0x7fff + ((bits >> 16) & 1);
-    ((bits + round) >> 16) as u16
+    crate::matmul::bf16_bits(v)
 }
 
 /// Checks that `group_size` is a valid subgroup size of `world` ranks.

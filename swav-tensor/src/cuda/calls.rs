@@ -264,9 +264,7 @@ pub fn swav_round_bf16(v: f32) -> f32 {
     if !v.is_finite() {
         return v;
     }
-    let bits = v.to_bits();
-    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000;
-    f32::from_bits(rounded)
+    crate::matmul::round_bf16(v)
 }
 
 /// One cuBLAS `gemm_ex` call, column-major: `C (m x n) = alpha op(A) op(B) + beta C`, `op(A)` is

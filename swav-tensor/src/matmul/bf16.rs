@@ -21,18 +21,19 @@ use super::{matmul, MatMut, MatRef, Threads};
 /// `x` rounded to the nearest bfloat16 (ties to even), as an f32. NaNs stay NaNs.
 #[inline(always)]
 pub fn round_bf16(x: f32) -> f32 {
-    f32::from_bits(bf16_bits(x) << 16)
+    f32::from_bits(u32::from(bf16_bits(x)) << 16)
 }
 
-/// The bfloat16 nearest `x` (ties to even), as its 16 bits in the low half of a word.
+/// The bfloat16 nearest `x` (ties to even), as its bits; a NaN becomes a quiet NaN of the same sign
+/// and leading payload, as `vcvtne2ps2bf16` makes it.
 #[inline(always)]
-fn bf16_bits(x: f32) -> u32 {
+pub fn bf16_bits(x: f32) -> u16 {
     let u = x.to_bits();
     if (u & 0x7fff_ffff) > 0x7f80_0000 {
         // A NaN: keep it one (quiet) whatever its payload's low bits.
-        return (u >> 16) | 0x40;
+        return ((u >> 16) | 0x40) as u16;
     }
-    (u + 0x7fff + ((u >> 16) & 1)) >> 16
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
 }
 
 /// Whether this thread's products run on `vdpbf16ps` (AVX512_BF16, within the thread's instruction
@@ -232,7 +233,7 @@ mod x86 {
                 } else {
                     let even = v.data[lane * v.ls + kk * v.ks];
                     let odd = if kk + 1 < v.k { v.data[lane * v.ls + (kk + 1) * v.ks] } else { 0.0 };
-                    bf16_bits(even) | (bf16_bits(odd) << 16)
+                    u32::from(bf16_bits(even)) | (u32::from(bf16_bits(odd)) << 16)
                 };
             }
         }
